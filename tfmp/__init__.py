@@ -1,0 +1,44 @@
+"""tfmp: mixed-precision training for TensorFlow and Keras 3.
+
+Every public name is exported here.
+"""
+
+from tfmp._tf_check import require_tensorflow as _require_tensorflow
+
+_require_tensorflow()
+
+import os as _os
+
+# tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
+_os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+from tfmp.hardware import AUTO_RULES, HardwareInfo, detect_hardware, recommend_policy
+from tfmp.policy import (
+    ACCEPTED_NAMES,
+    ENV_VAR,
+    POLICIES,
+    PolicyChoice,
+    global_policy_name,
+    parse_precision,
+    policy_scope,
+    resolve_policy,
+    set_policy,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACCEPTED_NAMES",
+    "AUTO_RULES",
+    "ENV_VAR",
+    "HardwareInfo",
+    "POLICIES",
+    "PolicyChoice",
+    "detect_hardware",
+    "global_policy_name",
+    "parse_precision",
+    "policy_scope",
+    "recommend_policy",
+    "resolve_policy",
+    "set_policy",
+]
