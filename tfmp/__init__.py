@@ -12,6 +12,7 @@ import os as _os
 # tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from tfmp.loss_scale import DynamicLossScaleOptimizer
 from tfmp.hardware import AUTO_RULES, HardwareInfo, detect_hardware, recommend_policy
 from tfmp.policy import (
     ACCEPTED_NAMES,
@@ -25,20 +26,26 @@ from tfmp.policy import (
     set_policy,
 )
 
+from tfmp.wrapping import get_unscaled_gradients, parse_loss_scale, wrap_optimizer
+
 __version__ = "0.1.0"
 
 __all__ = [
     "ACCEPTED_NAMES",
+    "DynamicLossScaleOptimizer",
     "AUTO_RULES",
     "ENV_VAR",
     "HardwareInfo",
     "POLICIES",
     "PolicyChoice",
     "detect_hardware",
+    "get_unscaled_gradients",
     "global_policy_name",
+    "parse_loss_scale",
     "parse_precision",
     "policy_scope",
     "recommend_policy",
     "resolve_policy",
     "set_policy",
+    "wrap_optimizer",
 ]

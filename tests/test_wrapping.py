@@ -1,0 +1,99 @@
+"""wrap_optimizer and parse_loss_scale."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfmp
+from tfmp import DynamicLossScaleOptimizer as DLSO
+
+
+def test_fp16_gets_dynamic_scaling_with_args():
+    inner = keras.optimizers.Adam()
+    opt = tfmp.wrap_optimizer(inner, "fp16", min_scale=8.0, growth_interval=100)
+    assert isinstance(opt, DLSO) and opt.inner_optimizer is inner
+    assert (opt.dynamic, opt.min_scale, opt.growth_interval) == (True, 8.0, 100)
+    assert tfmp.wrap_optimizer(opt) is opt
+    assert tfmp.wrap_optimizer(opt, "bf16") is opt  # idempotent whatever is asked
+
+
+def test_fixed_number_gives_fixed_scale():
+    opt = tfmp.wrap_optimizer("sgd", "mixed_float16", loss_scale=128)
+    assert isinstance(opt, DLSO) and isinstance(opt.inner_optimizer, keras.optimizers.SGD)
+    assert (opt.dynamic, opt.initial_scale, opt.min_scale, opt.max_scale) == (False, 128.0, 128.0, 128.0)
+    assert tfmp.wrap_optimizer("sgd", "fp16", loss_scale="0.5").initial_scale == 0.5
+
+
+def test_follows_global_policy_by_default():
+    keras.config.set_dtype_policy("mixed_float16")
+    assert isinstance(tfmp.wrap_optimizer(keras.optimizers.SGD()), DLSO)
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    sgd = keras.optimizers.SGD()
+    assert tfmp.wrap_optimizer(sgd) is sgd
+
+
+@pytest.mark.parametrize("policy", ["bf16", "mixed_bfloat16", "float32", "fp32"])
+def test_bf16_and_fp32_unchanged_unless_guard(policy):
+    sgd = keras.optimizers.SGD()
+    assert tfmp.wrap_optimizer(sgd, policy) is sgd
+    guarded = tfmp.wrap_optimizer(sgd, policy, guard=True)
+    assert isinstance(guarded, DLSO)
+    assert (guarded.dynamic, guarded.initial_scale) == (False, 1.0)
+
+
+def test_auto_policy_resolves(monkeypatch):
+    monkeypatch.setenv("TFMP_PRECISION", "fp16")
+    assert isinstance(tfmp.wrap_optimizer("adam", "auto"), DLSO)
+
+
+def test_stock_loss_scale_optimizer_is_converted():
+    stock = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(), initial_scale=512.0,
+                                                dynamic_growth_steps=10)
+    opt = tfmp.wrap_optimizer(stock, "fp16")
+    assert isinstance(opt, DLSO) and opt.inner_optimizer is stock.inner_optimizer
+    assert (opt.initial_scale, opt.growth_interval) == (512.0, 10)
+    stock.build([keras.Variable(np.ones(2, "float32"))])
+    with pytest.raises(ValueError, match="already been built"):
+        tfmp.wrap_optimizer(stock, "fp16")
+
+
+@pytest.mark.parametrize("bad", ["static", "-1", 0, -4.0, float("inf"), float("nan"), None, True])
+def test_bad_loss_scale_is_named(bad):
+    with pytest.raises(ValueError, match="loss_scale=.*'dynamic' or a positive number"):
+        tfmp.wrap_optimizer("sgd", "fp16", loss_scale=bad)
+
+
+def test_bad_policy_and_scale_args():
+    with pytest.raises(ValueError, match="accepted"):
+        tfmp.wrap_optimizer("sgd", "fp8")
+    with pytest.raises(ValueError, match="min_scale=0"):
+        tfmp.wrap_optimizer("sgd", "fp16", min_scale=0)
+
+
+def test_guard_keeps_bf16_weights_finite_where_keras_writes_nan():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x = np.random.RandomState(0).rand(64, 4).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    x[3, 0] = np.nan
+    finite = {}
+    for guard in (False, True):
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4),
+                                  keras.layers.Dense(1, dtype="float32")])
+        opt = tfmp.wrap_optimizer(keras.optimizers.SGD(0.01), guard=guard)
+        model.compile(opt, "mse")
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        finite[guard] = all(np.isfinite(w).all() for w in model.get_weights())
+        if guard:
+            assert int(opt.skipped_steps.numpy()) == 2
+    assert finite == {False: False, True: True}
+
+
+def test_get_unscaled_gradients_plain_optimizer_is_identity():
+    g = [tf.ones(2), None]
+    assert tfmp.get_unscaled_gradients(keras.optimizers.SGD(), g) == g
+    opt = DLSO(keras.optimizers.SGD(), initial_scale=4.0)
+    out = tfmp.get_unscaled_gradients(opt, [tf.fill((2,), 8.0), None])
+    np.testing.assert_array_equal(out[0].numpy(), [2.0, 2.0])
+    assert out[1] is None
