@@ -12,7 +12,11 @@ import os as _os
 # tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+from tfmp import layers
+from tfmp.audits import AuditReport, Finding, audit
+from tfmp.enforce import enforce_float32
 from tfmp.loss_scale import DynamicLossScaleOptimizer
+from tfmp.prepare import AuditError, prepare
 from tfmp.hardware import AUTO_RULES, HardwareInfo, detect_hardware, recommend_policy
 from tfmp.policy import (
     ACCEPTED_NAMES,
@@ -32,18 +36,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACCEPTED_NAMES",
+    "AuditError",
+    "AuditReport",
+    "Finding",
     "DynamicLossScaleOptimizer",
     "AUTO_RULES",
     "ENV_VAR",
     "HardwareInfo",
     "POLICIES",
     "PolicyChoice",
+    "audit",
     "detect_hardware",
+    "enforce_float32",
     "get_unscaled_gradients",
     "global_policy_name",
     "parse_loss_scale",
     "parse_precision",
+    "layers",
     "policy_scope",
+    "prepare",
     "recommend_policy",
     "resolve_policy",
     "set_policy",

@@ -1,0 +1,106 @@
+"""enforce_float32 on Sequential, Functional, nested and subclassed models."""
+
+import keras
+import numpy as np
+import pytest
+
+import tfmp
+
+X = np.random.RandomState(0).rand(8, 12).astype("float32")
+
+
+def _policies(model):
+    from tfmp.enforce import iter_layers
+    return {path: layer.dtype_policy.name for path, layer in iter_layers(model)}
+
+
+def _check_clone(original, fixed, atol):
+    assert fixed is not original
+    for a, b in zip(original.get_weights(), fixed.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for o in keras.tree.flatten(fixed.outputs):
+        assert o.dtype == "float32"
+    new = keras.tree.flatten(fixed.predict(X, verbose=0))
+    old = keras.tree.flatten(original.predict(X, verbose=0))
+    for a, b in zip(old, new):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(a, "float32"), b, atol=atol)
+
+
+def test_sequential():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = keras.Sequential([
+        keras.Input((12,)), keras.layers.Dense(16), keras.layers.LayerNormalization(),
+        keras.layers.Dense(4), keras.layers.Softmax(),
+    ])
+    before = _policies(model)
+    fixed = tfmp.enforce_float32(model)
+    assert _policies(model) == before  # original untouched
+    assert [l.dtype_policy.name for l in fixed.layers] == [
+        "mixed_bfloat16", "float32", "mixed_bfloat16", "float32"]
+    _check_clone(model, fixed, atol=2e-2)
+
+
+def test_functional_two_outputs_and_options():
+    keras.config.set_dtype_policy("mixed_float16")
+    inputs = keras.Input((12,))
+    h = keras.layers.Dense(16, name="body")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    a = keras.layers.Dense(3, activation="softmax", name="head_a")(h)
+    b = keras.layers.Dense(1, name="head_b")(h)
+    model = keras.Model(inputs, [a, b])
+    fixed = tfmp.enforce_float32(model)
+    assert {l.name: l.dtype_policy.name for l in fixed.layers
+            if not isinstance(l, keras.layers.InputLayer)} == {
+        "body": "mixed_float16", "bn": "float32", "head_a": "float32", "head_b": "float32"}
+    _check_clone(model, fixed, atol=2e-2)
+
+    only_extra = tfmp.enforce_float32(model, outputs=False, normalization=False,
+                                      softmax=False, extra_layers=["body"])
+    assert only_extra.get_layer("body").dtype_policy.name == "float32"
+    assert only_extra.get_layer("head_b").dtype_policy.name == "mixed_float16"
+    by_class = tfmp.enforce_float32(model, outputs=False, extra_layers=[keras.layers.Dense])
+    assert by_class.get_layer("head_b").dtype_policy.name == "float32"
+
+
+def test_nested_model_output():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    backbone = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16),
+                                 keras.layers.LayerNormalization(name="ln")], name="backbone")
+    head = keras.Sequential([keras.Input((16,)), keras.layers.Dense(5, name="logits")], name="head")
+    inputs = keras.Input((12,))
+    model = keras.Model(inputs, head(backbone(inputs)))
+    fixed = tfmp.enforce_float32(model)
+    assert fixed.get_layer("backbone").get_layer("ln").dtype_policy.name == "float32"
+    assert fixed.get_layer("head").get_layer("logits").dtype_policy.name == "float32"
+    assert model.get_layer("head").get_layer("logits").dtype_policy.name == "mixed_bfloat16"
+    _check_clone(model, fixed, atol=2e-2)
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(8)
+        self.norm = keras.layers.LayerNormalization()
+        self.out = keras.layers.Dense(2, activation="softmax")
+
+    def call(self, x):
+        return self.out(self.norm(self.dense(x)))
+
+
+def test_subclassed_model_gets_a_clear_error():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = Subclassed()
+    model(X)
+    with pytest.raises(ValueError) as err:
+        tfmp.enforce_float32(model)
+    message = str(err.value)
+    assert "subclassed" in message and "tfmp.layers" in message
+    assert model.norm.name in message and model.out.name in message  # what would change
+    assert model.dense.name + "," not in message
+
+
+def test_unbuilt_model_error():
+    model = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="not built"):
+        tfmp.enforce_float32(model)

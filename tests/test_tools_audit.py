@@ -1,0 +1,68 @@
+"""tools/audit.py end to end, in subprocesses."""
+
+import os
+import subprocess
+import sys
+
+import keras
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tool(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "tools.audit", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("audit")
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    good = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                             keras.layers.Dense(3, activation="softmax", dtype="float32")])
+    bad = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                            keras.layers.Dense(3, activation="softmax")])
+    bad.compile("adam", "sparse_categorical_crossentropy")
+    good.save(d / "good.keras")
+    bad.save(d / "bad.keras")
+    (d / "junk.keras").write_text("not a model")
+    keras.config.set_dtype_policy("float32")
+    return d
+
+
+def test_good_file(files):
+    proc = run_tool(f"--model_path={files / 'good.keras'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "no findings" in proc.stdout
+
+
+def test_bad_file_and_fix(files):
+    proc = run_tool(f"--model_path={files / 'bad.keras'}")
+    assert proc.returncode == 1
+    assert "output-not" not in proc.stdout and "model output 0 is bfloat16" in proc.stdout
+
+    out = files / "fixed.keras"
+    proc = run_tool(f"--model_path={files / 'bad.keras'}", "--fix", f"--output_path={out}")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out}" in proc.stdout
+    assert run_tool(f"--model_path={out}", "--json").returncode == 0
+    fixed = keras.models.load_model(out)
+    assert fixed.outputs[0].dtype == "float32"
+    assert fixed.compiled  # the compile config was carried over
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--model_path=/nonexistent/m.keras"], "--model_path='/nonexistent/m.keras' does not exist"),
+    (["--model_path={d}/junk.keras"], "is not a loadable .keras model"),
+    (["--model_path={d}"], "is not a readable file"),
+    (["--model_path={d}/bad.keras", "--fix"], "--fix needs --output_path"),
+    (["--model_path={d}/bad.keras", "--fix", "--output_path={d}/x.h5"], "must end with .keras"),
+    (["--model_path={d}/bad.keras", "--fix", "--output_path=/no/dir/x.keras"], "does not exist"),
+])
+def test_bad_input_is_one_line(files, args, fragment):
+    proc = run_tool(*[a.format(d=files) for a in args])
+    assert proc.returncode != 0
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr

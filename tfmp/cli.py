@@ -1,0 +1,68 @@
+"""Helpers for tfmp's absl binaries: one clear line and a non-zero exit on bad input."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from typing import Callable, NoReturn, Sequence
+
+from absl import app
+
+EXIT_FINDINGS = 1
+EXIT_BAD_INPUT = 2
+
+
+class ToolError(Exception):
+    """Bad input to a binary: printed as one line, exit code 2."""
+
+
+def fail(message: str) -> NoReturn:
+    raise ToolError(message)
+
+
+def run(main: Callable[[Sequence[str]], int]) -> None:
+    """`absl.app.run(main)`, turning `ToolError` into one line on stderr and exit 2."""
+
+    def wrapped(argv: Sequence[str]) -> int:
+        if len(argv) > 1:
+            fail(f"unexpected positional arguments {list(argv[1:])}; all options are --flags")
+        try:
+            return main(argv)
+        except ToolError as e:
+            sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {e}\n")
+            return EXIT_BAD_INPUT
+
+    app.run(wrapped)
+
+
+def load_keras_model(path: str):
+    """Loads a `.keras` file, or fails with one line naming the path and the problem."""
+    import keras
+
+    import tfmp  # noqa: F401  (registers tfmp's layers and optimizer)
+
+    if not os.path.exists(path):
+        fail(f"--model_path={path!r} does not exist")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        fail(f"--model_path={path!r} is not a readable file")
+    try:
+        return keras.models.load_model(path)
+    except Exception as e:  # noqa: BLE001 (Keras raises many kinds)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"--model_path={path!r} is not a loadable .keras model ({type(e).__name__}: {first})")
+
+
+def save_keras_model_atomically(model, path: str) -> None:
+    """Saves to a temporary file beside `path`, then renames: never a half-written file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        fail(f"--output_path={path!r}: directory {directory!r} does not exist")
+    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=directory)
+    os.close(fd)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

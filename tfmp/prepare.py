@@ -1,0 +1,90 @@
+"""`tfmp.prepare`: the one call that makes a model and optimizer mixed-precision ready."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import keras
+from absl import logging
+
+from tfmp.audits import AuditReport, audit
+from tfmp.enforce import (
+    enforce_float32,
+    float32_selector,
+    is_plain_model,
+    iter_layers,
+    rebuild_under_policy,
+)
+from tfmp.hardware import HardwareInfo, detect_hardware
+from tfmp.policy import FLOAT32, set_policy
+from tfmp.wrapping import LossScale, wrap_optimizer
+
+
+class AuditError(ValueError):
+    """`tfmp.prepare` found errors; `.report` holds the full `AuditReport`."""
+
+    def __init__(self, report: AuditReport) -> None:
+        self.report = report
+        super().__init__(
+            "tfmp.prepare: the model is not mixed-precision safe:\n" + str(report)
+        )
+
+
+def _built_under_float32(model: keras.Model) -> bool:
+    return all(layer.dtype_policy.name == FLOAT32 for _, layer in iter_layers(model))
+
+
+def prepare(
+    model: keras.Model,
+    optimizer: Union[str, keras.optimizers.Optimizer],
+    precision: str = "auto",
+    *,
+    loss_scale: LossScale = "dynamic",
+    guard: bool = False,
+    hardware: Optional[HardwareInfo] = None,
+    **scale_args: Any,
+) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    """Sets the policy, fixes the model, wraps the optimizer and audits the result.
+
+    1. `tfmp.set_policy(precision)`.
+    2. If `model` was built entirely in float32 and the policy is mixed, it is
+       rebuilt under the mixed policy with its weights copied (the float32 ->
+       mixed conversion of a pretrained model); otherwise outputs, softmax and
+       normalization layers are put in float32 (`tfmp.enforce_float32`).
+    3. `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=..., **scale_args)`.
+    4. `tfmp.audit`: raises on errors.
+
+    Args:
+        model: A built Sequential or Functional model. A subclassed model is
+            only audited (build it with `tfmp.layers`).
+        optimizer: A Keras optimizer or its name.
+        precision: Any name `tfmp.set_policy` accepts (default `auto`).
+        loss_scale, guard, **scale_args: See `tfmp.wrap_optimizer`.
+        hardware: The hardware to decide and audit for; detected when omitted.
+
+    Returns:
+        `(model, optimizer)`: compile and fit these. The input model is unchanged.
+
+    Raises:
+        AuditError: the prepared model still has audit errors (a `ValueError`).
+        ValueError: a bad precision name or optimizer argument.
+
+    Example:
+    >>> model, opt = tfmp.prepare(model, keras.optimizers.Adam(1e-3), "auto")
+    >>> model.compile(opt, "sparse_categorical_crossentropy")
+    """
+    hw = hardware if hardware is not None else detect_hardware()
+    policy = set_policy(precision, hw)
+    if is_plain_model(model):
+        if policy != FLOAT32 and _built_under_float32(model):
+            logging.info("tfmp.prepare: rebuilding the float32 model under %s", policy)
+            model = rebuild_under_policy(model, policy, float32_selector(model))
+        else:
+            model = enforce_float32(model)
+    opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
+    report = audit(model, opt, hw)
+    if not report.ok:
+        raise AuditError(report)
+    for finding in report.warnings:
+        logging.warning("tfmp.prepare: %s: %s (%s)", finding.path, finding.problem, finding.fix)
+    return model, opt

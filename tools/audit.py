@@ -1,0 +1,62 @@
+"""Audits a saved Keras model for mixed-precision problems.
+
+  python -m tools.audit --model_path=m.keras            # report; exit 1 on errors
+  python -m tools.audit --model_path=m.keras --json     # the report as JSON
+  python -m tools.audit --model_path=m.keras --fix --output_path=fixed.keras
+"""
+
+import json
+from typing import Sequence
+
+from absl import flags
+
+from tfmp import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_path", None, "The .keras model to audit.", required=True)
+flags.DEFINE_bool("fix", False, "Write a copy with float32 outputs, softmax and norms.")
+flags.DEFINE_string("output_path", None, "Where --fix writes the fixed model (.keras).")
+flags.DEFINE_bool("json", False, "Print the report as JSON instead of a table.")
+
+flags.register_validator(
+    "output_path", lambda p: p is None or p.endswith(".keras"),
+    message="--output_path must end with .keras",
+)
+flags.register_multi_flags_validator(
+    ["fix", "output_path"], lambda f: not f["fix"] or bool(f["output_path"]),
+    message="--fix needs --output_path=FILE.keras",
+)
+
+
+def _print(report) -> None:
+    print(json.dumps(report.to_dict(), indent=2) if FLAGS.json else report)
+
+
+def main(argv: Sequence[str]) -> int:
+    model = cli.load_keras_model(FLAGS.model_path)
+    import keras
+
+    import tfmp
+    from tfmp.audits import model_policy
+
+    keras.config.set_dtype_policy(model_policy(model))
+    report = tfmp.audit(model)
+    _print(report)
+    if not FLAGS.fix:
+        return 0 if report.ok else cli.EXIT_FINDINGS
+    try:
+        fixed = tfmp.enforce_float32(model)
+    except ValueError as e:
+        cli.fail(str(e).splitlines()[0])
+    compile_config = model.get_compile_config() if model.compiled else None
+    if compile_config:
+        fixed.compile_from_config(compile_config)
+    cli.save_keras_model_atomically(fixed, FLAGS.output_path)
+    fixed_report = tfmp.audit(fixed, getattr(fixed, "optimizer", None))
+    print(f"\nwrote {FLAGS.output_path}; audit of the fixed model:")
+    _print(fixed_report)
+    return 0 if fixed_report.ok else cli.EXIT_FINDINGS
+
+
+if __name__ == "__main__":
+    cli.run(main)
