@@ -12,7 +12,8 @@ import os as _os
 # tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tfmp import layers
+from tfmp import callbacks, layers
+from tfmp.callbacks import NonFiniteError
 from tfmp.audits import AuditReport, Finding, audit
 from tfmp.enforce import enforce_float32
 from tfmp.loss_scale import DynamicLossScaleOptimizer
@@ -43,9 +44,11 @@ __all__ = [
     "AUTO_RULES",
     "ENV_VAR",
     "HardwareInfo",
+    "NonFiniteError",
     "POLICIES",
     "PolicyChoice",
     "audit",
+    "callbacks",
     "detect_hardware",
     "enforce_float32",
     "get_unscaled_gradients",

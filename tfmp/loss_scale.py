@@ -149,6 +149,14 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.max_scale = float(max_scale)
         self.hysteresis = int(hysteresis)
         self.dynamic = dynamic
+        # Created here rather than in build(): scale_loss() may be traced before
+        # the first apply() builds the optimizer (custom loops).
+        with keras.name_scope(self.name, caller=self):
+            # float32 and SUM: every replica's count is added up across replicas.
+            self.nonfinite_losses = keras.Variable(
+                0.0, name="nonfinite_losses", dtype="float32", trainable=False,
+                aggregation="sum",
+            )
 
     @tracking.no_automatic_dependency_tracking
     def build(self, var_list: Sequence[keras.Variable]) -> None:
@@ -180,6 +188,18 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         if not 0 <= index < len(self._trainable_variables):
             return None
         return self._trainable_variables[index].path
+
+    def scale_loss(self, loss):
+        """Multiplies `loss` by the scale; counts non-finite losses in `nonfinite_losses`.
+
+        `nonfinite_losses` counts (replica, step) pairs whose unscaled loss was
+        NaN or inf: bad data or divergence, which no loss scale can fix.
+        """
+        bad = ops.logical_not(ops.all(ops.isfinite(loss)))
+        # The tf.Variable's own assign_add all-reduces the increment under SUM
+        # aggregation (keras.Variable.assign_add would sum the new values).
+        self.nonfinite_losses.value.assign_add(ops.cast(bad, "float32"))
+        return super().scale_loss(loss)
 
     # ------------------------------------------------------------------ apply
 
