@@ -31,6 +31,7 @@ from tfmp.policy import (
     set_policy,
 )
 
+from tfmp.strategy import STRATEGIES, get_strategy, parse_strategy, split_cpu
 from tfmp.wrapping import get_unscaled_gradients, parse_loss_scale, wrap_optimizer
 
 __version__ = "0.1.0"
@@ -46,20 +47,24 @@ __all__ = [
     "HardwareInfo",
     "NonFiniteError",
     "POLICIES",
+    "STRATEGIES",
     "PolicyChoice",
     "audit",
     "callbacks",
     "detect_hardware",
     "enforce_float32",
     "get_unscaled_gradients",
+    "get_strategy",
     "global_policy_name",
     "parse_loss_scale",
     "parse_precision",
+    "parse_strategy",
     "layers",
     "policy_scope",
     "prepare",
     "recommend_policy",
     "resolve_policy",
     "set_policy",
+    "split_cpu",
     "wrap_optimizer",
 ]

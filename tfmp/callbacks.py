@@ -187,6 +187,7 @@ class LossScaleMonitor(_CountersCallback):
             "overflow_steps_skipped": overflow,
             "overflow_share": overflow / steps if steps else 0.0,
             "steps": steps,
+            "start_step": start.steps,
             "nan_losses": nan_losses,
         }
         s = self.summary

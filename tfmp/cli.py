@@ -14,24 +14,28 @@ EXIT_BAD_INPUT = 2
 
 
 class ToolError(Exception):
-    """Bad input to a binary: printed as one line, exit code 2."""
+    """Printed as one line; the binary exits with `code` (2: bad input)."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
 
 
-def fail(message: str) -> NoReturn:
-    raise ToolError(message)
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    raise ToolError(message, code)
 
 
 def run(main: Callable[[Sequence[str]], int]) -> None:
     """`absl.app.run(main)`, turning `ToolError` into one line on stderr and exit 2."""
 
     def wrapped(argv: Sequence[str]) -> int:
-        if len(argv) > 1:
-            fail(f"unexpected positional arguments {list(argv[1:])}; all options are --flags")
         try:
+            if len(argv) > 1:
+                fail(f"unexpected positional arguments {list(argv[1:])}; all options are --flags")
             return main(argv)
         except ToolError as e:
             sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {e}\n")
-            return EXIT_BAD_INPUT
+            return e.code
 
     app.run(wrapped)
 
@@ -41,6 +45,11 @@ def load_keras_model(path: str):
     import keras
 
     import tfmp  # noqa: F401  (registers tfmp's layers and optimizer)
+
+    try:  # the reference models' layers, when run from a checkout
+        import models  # noqa: F401
+    except ImportError:
+        pass
 
     if not os.path.exists(path):
         fail(f"--model_path={path!r} does not exist")

@@ -191,7 +191,9 @@ def detect_hardware(
     >>> print(hw.recommended_policy, "-", hw.reason)
     """
     cpu_features = read_cpu_features(cpuinfo_path)
-    tpus = tf.config.list_logical_devices("TPU")
+    # Physical devices: listing logical ones would initialize TensorFlow's devices
+    # (too early to split the CPU afterwards); TPUs show up once initialized.
+    tpus = tf.config.list_physical_devices("TPU")
     if tpus or isinstance(strategy, tf.distribute.TPUStrategy):
         names = tuple(d.name for d in tpus)
         return HardwareInfo("tpu", names, (), cpu_features)

@@ -93,13 +93,48 @@ class StableSoftmax(keras.layers.Layer):
         x = ops.cast(inputs, "float32")
         if mask is not None:
             x = ops.where(ops.cast(mask, "bool"), x, ops.full_like(x, -1e9))
-        return ops.cast(ops.softmax(x, axis=self.axis), self.output_dtype or "float32")
+        axis = self.axis
+        if isinstance(axis, (tuple, list)):
+            axis = tuple(axis)
+            probs = ops.exp(x - ops.logsumexp(x, axis=axis, keepdims=True))
+        else:
+            probs = ops.softmax(x, axis=axis)
+        return ops.cast(probs, self.output_dtype or "float32")
 
     def compute_output_spec(self, inputs, mask=None):
         return keras.KerasTensor(inputs.shape, dtype=self.output_dtype or "float32")
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "axis": self.axis, "output_dtype": self.output_dtype}
+
+
+@keras.saving.register_keras_serializable(package=_PACKAGE)
+class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
+    """`MultiHeadAttention` whose attention softmax is computed in float32.
+
+    Same arguments as `keras.layers.MultiHeadAttention` (flash attention is not
+    used: the scores are materialized so their softmax can run in float32).
+    Projections stay in the compute dtype.
+    """
+
+    def _build_attention(self, rank: int) -> None:
+        super()._build_attention(rank)
+        stock = self._softmax
+        self._tracker.untrack(stock)  # the stock Softmax is no longer a sublayer
+        self._softmax = StableSoftmax(axis=stock.axis, output_dtype=self.compute_dtype,
+                                      name="stable_softmax")
+
+    def _compute_attention(self, query, key, value, attention_mask=None, training=None,
+                           return_attention_scores=False, use_causal_mask=False):
+        # Asking for the scores selects Keras' explicit path, which calls self._softmax.
+        flash, self._flash_attention = self._flash_attention, False
+        try:
+            return super()._compute_attention(
+                query, key, value, attention_mask=attention_mask, training=training,
+                return_attention_scores=True, use_causal_mask=use_causal_mask,
+            )
+        finally:
+            self._flash_attention = flash
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -174,8 +174,9 @@ def set_policy(name: str = AUTO, hardware: Optional[HardwareInfo] = None) -> str
     choice = resolve_policy(name, hw)
     for message in trap_warnings(choice.name, hw):
         _warn_once(message)
+    if keras.config.dtype_policy().name != choice.name:
+        logging.info("tfmp: precision policy %s (%s)", choice.name, choice.reason)
     keras.config.set_dtype_policy(choice.name)
-    logging.info("tfmp: precision policy %s (%s)", choice.name, choice.reason)
     return choice.name
 
 

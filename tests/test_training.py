@@ -1,0 +1,64 @@
+"""tfmp.training in-process: the tfds path through mock data, outputs, remat, summaries."""
+
+import functools
+import json
+import os
+import warnings
+
+import keras
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import models
+from tfmp import data, training
+from tfmp.training import TrainConfig
+
+
+def test_tfds_mock_data_end_to_end(tmp_path):
+    config = TrainConfig(model="cnn", dataset="mnist", precision="bf16", epochs=2,
+                         steps_per_epoch=3, batch_size=16, model_dir=str(tmp_path))
+    build = functools.partial(models.get("cnn")[0], width=8)
+    with tfds.testing.mock_data(num_examples=128):
+        d = data.load("mnist", "image", 16)
+        summary = training.train(config, build, d, tf.distribute.get_strategy())
+    assert summary["dataset"] == "mnist" and summary["policy"] == "mixed_bfloat16"
+    assert summary["epochs_completed"] == [0, 1] and summary["stopped_by_nan"] is False
+    assert set(summary["eval_metrics"]) == {"accuracy", "loss"}
+    on_disk = json.loads((tmp_path / training.SUMMARY).read_text())
+    assert on_disk["flags"]["dataset"] == "mnist" and on_disk["samples_per_sec"] > 0
+    assert on_disk["loss_scale"] == {"loss_scale_start": 1.0, "loss_scale_end": 1.0,
+                                     "loss_scale_min": 1.0}
+    loaded = keras.models.load_model(tmp_path / training.FINAL_MODEL)
+    assert loaded.outputs[0].dtype == "float32"
+    assert os.listdir(tmp_path / training.TENSORBOARD)
+    assert not (tmp_path / training.BACKUP).exists()  # finished: the backup is gone
+    text = training.human_summary(summary)
+    assert "mixed_bfloat16" in text and "samples/s" in text and "eval_accuracy" in text
+
+
+def test_remat_marks_layers():
+    config = TrainConfig(model="mlp", remat=True, precision="fp32")
+    d = data.synthetic("vector", 32, train_examples=64, eval_examples=32)
+    model, _ = training._build_compiled(config, models.get("mlp")[0], d, "float32")
+    dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
+    assert dense and all(l._remat_mode.mode == "activations" for l in dense)
+    plain, _ = training._build_compiled(TrainConfig(), models.get("mlp")[0], d, "float32")
+    assert all(l._remat_mode is None for l in plain.layers)
+
+
+def test_nan_stop_keeps_backup_and_writes_summary(tmp_path):
+    config = TrainConfig(model="mlp", precision="fp16", epochs=3, steps_per_epoch=4,
+                         batch_size=16, model_dir=str(tmp_path))
+    d = data.synthetic("vector", 16, train_examples=64, eval_examples=16)
+    bad = d.train.map(lambda x, y: (x * float("nan"), y))
+    clean_then_bad = d.train.take(4).concatenate(bad)
+    d = data.Data(clean_then_bad, d.eval, d.input_shape, d.num_classes, None, 64, "poisoned")
+    with warnings.catch_warnings():  # fp16 on a CPU: the trap warning
+        warnings.simplefilter("ignore")
+        with pytest.raises(training.TrainingStopped, match="nonfinite loss at epoch 1"):
+            training.train(config, models.get("mlp")[0], d, tf.distribute.get_strategy())
+    summary = json.loads((tmp_path / training.SUMMARY).read_text())
+    assert summary["stopped_by_nan"] and summary["nan_events"][0]["kind"] == "nonfinite_loss"
+    assert (tmp_path / training.BACKUP / "latest.weights.h5").exists()
+    assert not (tmp_path / training.FINAL_MODEL).exists()

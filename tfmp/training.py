@@ -1,0 +1,209 @@
+"""The training job behind `python -m tools.train`: config in, model and summary out."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+import time
+from typing import Any, Callable, Optional
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tfmp import callbacks as tfmp_callbacks
+from tfmp.data import Data
+from tfmp.hardware import detect_hardware
+from tfmp.monitoring import NAN_KEY, SCALE_KEY, SKIPPED_KEY
+from tfmp.policy import PolicyChoice, resolve_policy, set_policy
+from tfmp.prepare import prepare
+
+BACKUP, TENSORBOARD, FINAL_MODEL, SUMMARY = "backup", "tensorboard", "model.keras", "summary.json"
+COUNTERS = (SCALE_KEY, SKIPPED_KEY, NAN_KEY)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run is parameterized by (the binary's flags)."""
+
+    model: str = "mlp"
+    dataset: str = "synthetic"
+    data_dir: Optional[str] = None
+    precision: str = "auto"
+    loss_scale: str = "dynamic"
+    initial_scale: Optional[float] = None
+    growth_interval: Optional[int] = None
+    min_scale: Optional[float] = None
+    strategy: str = "auto"
+    tpu: Optional[str] = None
+    num_cpu_devices: int = 1
+    batch_size: int = 128
+    epochs: int = 3
+    steps_per_epoch: Optional[int] = None
+    learning_rate: float = 1e-3
+    grad_accum_steps: int = 1
+    remat: bool = False
+    jit_compile: bool = False
+    seed: int = 0
+    nan_policy: str = "stop"
+    model_dir: Optional[str] = None
+
+    def scale_args(self) -> dict[str, Any]:
+        args = {"initial_scale": self.initial_scale, "growth_interval": self.growth_interval,
+                "min_scale": self.min_scale}
+        return {k: v for k, v in args.items() if v is not None}
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a NaN event; the summary and the backup were kept."""
+
+
+def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(suffix=".json", dir=directory)
+    with os.fdopen(fd, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+class _Throughput(keras.callbacks.Callback):
+    """Samples per second over the epochs after the first (which includes tracing)."""
+
+    def __init__(self, global_batch: int) -> None:
+        super().__init__()
+        self.global_batch = global_batch
+        self.epoch_times: list[tuple[float, int]] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps = batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_times.append((time.perf_counter() - self._start, self._steps))
+
+    def samples_per_sec(self) -> float:
+        steady = self.epoch_times[1:] or self.epoch_times
+        seconds = sum(t for t, _ in steady)
+        return sum(n for _, n in steady) * self.global_batch / seconds if seconds else 0.0
+
+
+def _callbacks(config: TrainConfig, throughput: _Throughput) -> tuple[list, Any, Any]:
+    monitor = tfmp_callbacks.LossScaleMonitor()
+    callbacks: list[keras.callbacks.Callback] = [monitor]
+    protect = []
+    if config.model_dir:
+        backup = keras.callbacks.BackupAndRestore(
+            os.path.join(config.model_dir, BACKUP), double_checkpoint=True)
+        protect.append(backup)
+        callbacks += [backup, keras.callbacks.TensorBoard(
+            os.path.join(config.model_dir, TENSORBOARD), update_freq="epoch")]
+    nan = tfmp_callbacks.NanMonitor(config.nan_policy, protect=protect)
+    # The backup restores first, so the monitors start from the restored state.
+    return protect + [nan] + [c for c in callbacks if c not in protect] + [throughput], monitor, nan
+
+
+def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
+                    policy: str) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    accum = config.grad_accum_steps if config.grad_accum_steps > 1 else None
+    optimizer = keras.optimizers.Adam(config.learning_rate, gradient_accumulation_steps=accum)
+    # "activations": Keras 3.15 on TensorFlow cannot remat whole layers in graph mode
+    # (tf.recompute_grad rejects the keyword arguments layers are called with).
+    remat = keras.RematScope(mode="activations") if config.remat else contextlib.nullcontext()
+    with remat:
+        keras.utils.set_random_seed(config.seed)
+        model = build_model(**data.model_kwargs())
+        # guard=True: under bf16/fp32 too, a non-finite step is skipped, never applied.
+        model, optimizer = prepare(model, optimizer, policy, loss_scale=config.loss_scale,
+                                   guard=True, **config.scale_args())
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=config.jit_compile)
+    return model, optimizer
+
+
+def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
+          strategy: tf.distribute.Strategy) -> dict[str, Any]:
+    """Trains a reference model and returns the run's summary (also `summary.json`).
+
+    With `model_dir`: `BackupAndRestore` (a rerun of the same command resumes
+    after the last completed epoch, optimizer and loss scale included),
+    TensorBoard logs, the final `model.keras` and `summary.json`.
+
+    Raises:
+        TrainingStopped: `NanMonitor` stopped training (`nan_policy="stop"`).
+        tfmp.NonFiniteError: `nan_policy="raise"` and a NaN event happened.
+    """
+    hardware = detect_hardware(strategy)
+    choice: PolicyChoice = resolve_policy(config.precision, hardware)
+    policy = set_policy(choice.name, hardware)
+    replicas = strategy.num_replicas_in_sync
+    steps = config.steps_per_epoch or max(data.train_examples // config.batch_size, 1)
+    with strategy.scope():
+        model, optimizer = _build_compiled(config, build_model, data, policy)
+    throughput = _Throughput(config.batch_size)
+    callbacks, monitor, nan = _callbacks(config, throughput)
+    if config.model_dir:
+        os.makedirs(config.model_dir, exist_ok=True)
+    history = model.fit(data.train, epochs=config.epochs, steps_per_epoch=steps,
+                        callbacks=callbacks, verbose=2)
+    stopped = nan.stopped_event is not None
+    evaluation = {} if stopped else {
+        k: v for k, v in model.evaluate(data.eval, verbose=0, return_dict=True).items()
+        if k not in COUNTERS}
+    epochs_run = history.epoch
+    summary = {
+        "flags": dataclasses.asdict(config),
+        "policy": policy, "policy_reason": choice.reason, "policy_source": choice.source,
+        "hardware": hardware.describe().splitlines(),
+        "strategy": type(strategy).__name__, "replicas": replicas,
+        "dataset": data.name, "steps_per_epoch": steps,
+        "resumed_from_epoch": epochs_run[0] if epochs_run and epochs_run[0] > 0 else None,
+        "epochs_completed": epochs_run,
+        "samples_per_sec": round(throughput.samples_per_sec(), 1),
+        "final_train_metrics": {k: v[-1] for k, v in history.history.items() if v},
+        "eval_metrics": evaluation,
+        "loss_scale": {k: monitor.summary.get(k) for k in
+                       ("loss_scale_start", "loss_scale_end", "loss_scale_min")},
+        "start_step": monitor.summary.get("start_step"),
+        "overflow_steps_skipped": monitor.summary.get("overflow_steps_skipped"),
+        "nan_losses": monitor.summary.get("nan_losses"),
+        "nan_events": [dataclasses.asdict(e) for e in nan.events],
+        "stopped_by_nan": stopped,
+    }
+    if config.model_dir:
+        if not stopped:
+            path = os.path.join(config.model_dir, FINAL_MODEL)
+            tmp = path + ".tmp.keras"
+            model.save(tmp)
+            os.replace(tmp, path)
+        write_json_atomically(os.path.join(config.model_dir, SUMMARY), summary)
+    if stopped:
+        raise TrainingStopped(nan.stopped_event.message())
+    return summary
+
+
+def human_summary(summary: dict[str, Any]) -> str:
+    """The summary's facts as a few lines for the terminal."""
+    scale = summary["loss_scale"]
+    metrics = {**summary["final_train_metrics"],
+               **{f"eval_{k}": v for k, v in summary["eval_metrics"].items()}}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                      if isinstance(v, (int, float)) and k not in COUNTERS)
+    resumed = summary["resumed_from_epoch"]
+    return "\n".join([
+        "=== tfmp training summary ===",
+        f"model {summary['flags']['model']} on {summary['dataset']}, "
+        f"{summary['strategy']} x{summary['replicas']}",
+        f"precision {summary['policy']} ({summary['policy_source']}: {summary['policy_reason']})",
+        f"epochs {summary['epochs_completed']}" + (f" (resumed at epoch {resumed})" if resumed else ""),
+        f"throughput {summary['samples_per_sec']} samples/s (epochs after the first)",
+        f"metrics: {shown}",
+        f"loss scale start={scale['loss_scale_start']:g} end={scale['loss_scale_end']:g} "
+        f"min={scale['loss_scale_min']:g}; overflow steps skipped="
+        f"{summary['overflow_steps_skipped']}; NaN losses={summary['nan_losses']}; "
+        f"NaN events={len(summary['nan_events'])}",
+    ])
