@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Callable, Optional
@@ -149,7 +150,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     if config.model_dir:
         os.makedirs(config.model_dir, exist_ok=True)
     history = model.fit(data.train, epochs=config.epochs, steps_per_epoch=steps,
-                        callbacks=callbacks, verbose=2)
+                        callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
     stopped = nan.stopped_event is not None
     evaluation = {} if stopped else {
         k: v for k, v in model.evaluate(data.eval, verbose=0, return_dict=True).items()
