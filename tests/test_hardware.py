@@ -1,5 +1,7 @@
 """The auto table, driven by fake HardwareInfo values, and real detection."""
 
+import dataclasses
+
 import pytest
 
 import tfmp
@@ -36,7 +38,7 @@ def test_auto_table(hw, expected):
 
 def test_hardware_info_is_frozen_and_validated():
     hw = HardwareInfo("cpu")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         hw.accelerator = "gpu"  # type: ignore[misc]
     with pytest.raises(ValueError, match="'npu'"):
         HardwareInfo("npu")
@@ -63,8 +65,7 @@ def test_detect_hardware_on_this_machine():
     assert hw.recommended_policy in text and hw.reason in text
 
 
-def test_detect_hardware_with_tpu_strategy_type(tmp_path):
-    # Without a TPU we cannot build a TPUStrategy; the cpuinfo path is honoured.
+def test_detect_hardware_reads_the_given_cpuinfo(tmp_path):
     (tmp_path / "cpuinfo").write_text("flags : avx512_fp16\n")
     hw = tfmp.detect_hardware(cpuinfo_path=str(tmp_path / "cpuinfo"))
     assert hw.cpu_features == {"avx512_fp16"}

@@ -13,7 +13,6 @@ from typing import Any, Callable, Optional
 
 import keras
 import tensorflow as tf
-from absl import logging
 
 from tfmp import callbacks as tfmp_callbacks
 from tfmp.data import Data
