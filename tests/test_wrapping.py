@@ -28,6 +28,11 @@ def test_fixed_number_gives_fixed_scale():
 def test_follows_global_policy_by_default():
     keras.config.set_dtype_policy("mixed_float16")
     assert isinstance(tfmp.wrap_optimizer(keras.optimizers.SGD()), DLSO)
+    keras.config.set_dtype_policy("float16")  # pure float16 computes in float16 too
+    assert isinstance(tfmp.wrap_optimizer(keras.optimizers.SGD()), DLSO)
+    keras.config.set_dtype_policy("float64")
+    sgd64 = keras.optimizers.SGD()
+    assert tfmp.wrap_optimizer(sgd64) is sgd64
     keras.config.set_dtype_policy("mixed_bfloat16")
     sgd = keras.optimizers.SGD()
     assert tfmp.wrap_optimizer(sgd) is sgd

@@ -9,7 +9,7 @@ import keras
 from absl import logging
 
 from tfmp.loss_scale import DynamicLossScaleOptimizer
-from tfmp.policy import MIXED_FLOAT16, global_policy_name, parse_precision, resolve_policy
+from tfmp.policy import MIXED_BFLOAT16, MIXED_FLOAT16, parse_precision, resolve_policy
 
 LossScale = Union[str, float, int]
 
@@ -73,7 +73,11 @@ def wrap_optimizer(
     if isinstance(optimizer, DynamicLossScaleOptimizer):
         return optimizer
     fixed = parse_loss_scale(loss_scale)
-    name = global_policy_name() if policy is None else parse_precision(policy)
+    if policy is None:
+        compute = keras.config.dtype_policy().compute_dtype  # any Keras policy, even "float64"
+        name = {"float16": MIXED_FLOAT16, "bfloat16": MIXED_BFLOAT16}.get(compute, compute)
+    else:
+        name = parse_precision(policy)
     if name == "auto":
         name = resolve_policy(name).name
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
