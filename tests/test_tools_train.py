@@ -71,6 +71,8 @@ def test_fp16_accumulation_remat_and_model_garden_flags(tmp_path):
     (["--dataset=no_such_dataset"], "unknown dataset 'no_such_dataset'", 2),
     (["--dataset=mnist", "--data_dir={tmp}"], "'mnist' is not prepared in data_dir=", 2),
     (["--strategy=tpu"], "No TPU found at tpu='local'", 2),
+    (["--jit_compile", "--strategy=mirrored", "--num_cpu_devices=2"],
+     "--jit_compile with MirroredStrategy over 2 replicas fails in Keras 3.15", 2),
     (["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=7"],
      "--batch_size=7 is not divisible by the 2 replicas", 2),
 ])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Optional
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -161,7 +162,8 @@ def from_tfds(name: str, kind: str, batch_size: int, data_dir: Optional[str] = N
         raise DatasetError(f"dataset {name!r} has {what}, which a {kind!r}-input model cannot "
                            "take (transformer: text; mlp, cnn: images)")
     if is_text:
-        vectorizer = _vectorizer()
+        vectorizer = keras.layers.TextVectorization(max_tokens=VOCAB,
+                                                    output_sequence_length=SEQ_LEN)
         vectorizer.adapt(train.map(lambda t, _: t).take(TEXT_SAMPLE_FOR_VOCAB).batch(256))
         fn = lambda t, y: (tf.cast(vectorizer(t), tf.int32), y)  # noqa: E731
     else:
@@ -175,12 +177,6 @@ def from_tfds(name: str, kind: str, batch_size: int, data_dir: Optional[str] = N
         examples = info.splits["train"].num_examples
     return Data(_batch(train, batch_size, True, seed), _batch(ev, batch_size, False, seed),
                 input_shape, classes, VOCAB if is_text else None, examples, name)
-
-
-def _vectorizer():
-    import keras
-
-    return keras.layers.TextVectorization(max_tokens=VOCAB, output_sequence_length=SEQ_LEN)
 
 
 def load(dataset: str, kind: str, batch_size: int, data_dir: Optional[str] = None,

@@ -57,6 +57,26 @@ class TrainConfig:
         return {k: v for k, v in args.items() if v is not None}
 
 
+class ConfigError(ValueError):
+    """A combination of settings known not to work."""
+
+
+def check_config(config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
+    """Rejects combinations Keras 3.15 cannot run, before anything is built.
+
+    Raises:
+        ConfigError: `jit_compile` with a multi-replica MirroredStrategy (a graph
+            execution error on CPU in every precision; keras#21366 on GPU).
+    """
+    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if config.jit_compile and isinstance(strategy, mirrored) and strategy.num_replicas_in_sync > 1:
+        raise ConfigError(
+            f"--jit_compile with {type(strategy).__name__} over {strategy.num_replicas_in_sync} "
+            "replicas fails in Keras 3.15 (graph execution error on CPU in every precision; "
+            "keras-team/keras#21366 with loss scaling on GPU): drop --jit_compile or use one device"
+        )
+
+
 class TrainingStopped(RuntimeError):
     """Training stopped on a NaN event; the summary and the backup were kept."""
 
@@ -137,6 +157,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         TrainingStopped: `NanMonitor` stopped training (`nan_policy="stop"`).
         tfmp.NonFiniteError: `nan_policy="raise"` and a NaN event happened.
     """
+    check_config(config, strategy)
     hardware = detect_hardware(strategy)
     choice: PolicyChoice = resolve_policy(config.precision, hardware)
     policy = set_policy(choice.name, hardware)

@@ -107,7 +107,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         data = tfmp_data.load(config.dataset, kind, config.batch_size, config.data_dir, config.seed)
         summary = training.train(config, build, data, strategy)
-    except (tfmp_data.DatasetError, tfmp.AuditError) as e:
+    except (tfmp_data.DatasetError, tfmp.AuditError, training.ConfigError) as e:
         cli.fail(str(e).splitlines()[0])
     except (training.TrainingStopped, tfmp.NonFiniteError) as e:
         kept = f" (backup kept in {FLAGS.model_dir}; rerun to resume)" if FLAGS.model_dir else ""
