@@ -71,12 +71,14 @@ def test_fp16_accumulation_remat_and_model_garden_flags(tmp_path):
     (["--dataset=no_such_dataset"], "unknown dataset 'no_such_dataset'", 2),
     (["--dataset=mnist", "--data_dir={tmp}"], "'mnist' is not prepared in data_dir=", 2),
     (["--strategy=tpu"], "No TPU found at tpu='local'", 2),
+    (["--model_dir={tmp}/file"], "--model_dir must be a directory", 1),
     (["--jit_compile", "--strategy=mirrored", "--num_cpu_devices=2"],
      "--jit_compile with MirroredStrategy over 2 replicas fails in Keras 3.15", 2),
     (["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=7"],
      "--batch_size=7 is not divisible by the 2 replicas", 2),
 ])
 def test_bad_input_is_one_line(tmp_path, args, fragment, code):
+    (tmp_path / "file").write_text("not a directory")
     proc = train(*[a.format(tmp=tmp_path) for a in args])
     assert proc.returncode == code
     assert fragment in proc.stderr

@@ -8,6 +8,7 @@
 Re-running a command with the same --model_dir resumes after the last completed epoch.
 """
 
+import os
 from typing import Sequence
 
 from absl import flags
@@ -44,6 +45,11 @@ flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_enum("nan_policy", "stop", NAN_POLICIES, "What NanMonitor does on divergence.")
 flags.DEFINE_string("model_dir", None, "Backups, TensorBoard logs, model.keras and summary.json.")
+
+
+flags.register_validator(
+    "model_dir", lambda d: d is None or not os.path.exists(d) or os.path.isdir(d),
+    message="--model_dir must be a directory (it exists and is not one)")
 
 
 def _alias(name: str, alias: str, default: str) -> str:
