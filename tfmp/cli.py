@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 from typing import Callable, NoReturn, Sequence
 
 from absl import app
@@ -63,15 +62,10 @@ def load_keras_model(path: str):
 
 
 def save_keras_model_atomically(model, path: str) -> None:
-    """Saves to a temporary file beside `path`, then renames: never a half-written file."""
+    """Saves through a temporary file and a rename; one line if the directory is missing."""
+    from tfmp.training import save_model_atomically
+
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         fail(f"--output_path={path!r}: directory {directory!r} does not exist")
-    fd, tmp = tempfile.mkstemp(suffix=".keras", dir=directory)
-    os.close(fd)
-    try:
-        model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_model_atomically(model, path)

@@ -81,12 +81,31 @@ class TrainingStopped(RuntimeError):
     """Training stopped on a NaN event; the summary and the backup were kept."""
 
 
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str):
+    """Yields a temporary path beside `path`, renamed over it only if the block succeeds.
+
+    A killed or failing writer never leaves a half-written file at `path`.
+    """
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(suffix=".json", dir=directory)
-    with os.fdopen(fd, "w") as f:
+    with atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+
+
+def save_model_atomically(model: keras.Model, path: str) -> None:
+    """`model.save(path)` through a temporary `.keras` file and a rename."""
+    with atomic_path(path, ".keras") as tmp:
+        model.save(tmp)
 
 
 class _Throughput(keras.callbacks.Callback):
@@ -197,10 +216,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     }
     if config.model_dir:
         if not stopped:
-            path = os.path.join(config.model_dir, FINAL_MODEL)
-            tmp = path + ".tmp.keras"
-            model.save(tmp)
-            os.replace(tmp, path)
+            save_model_atomically(model, os.path.join(config.model_dir, FINAL_MODEL))
         write_json_atomically(os.path.join(config.model_dir, SUMMARY), summary)
     if stopped:
         raise TrainingStopped(nan.stopped_event.message())
