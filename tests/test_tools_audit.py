@@ -7,6 +7,8 @@ import sys
 import keras
 import pytest
 
+import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

@@ -10,6 +10,8 @@ import time
 import keras
 import pytest
 
+import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
