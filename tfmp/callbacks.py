@@ -28,9 +28,9 @@ from tfmp.monitoring import (
     diagnose,
     first_nonfinite_variable,
     is_finite_number,
-    precision_policy,
     read_scale_state,
 )
+from tfmp.policy import global_policy_name
 
 NAN_POLICIES = ("skip", "stop", "raise")
 
@@ -77,11 +77,6 @@ class _CountersCallback(keras.callbacks.Callback):
         current = {k: float(logs[k]) for k in self._last if logs and k in logs}
         previous, self._last = self._last, {**self._last, **current}
         return previous
-
-    @property
-    def _dynamic(self) -> bool:
-        opt = self.model.optimizer
-        return isinstance(opt, keras.optimizers.LossScaleOptimizer) and getattr(opt, "dynamic", True)
 
 
 class LossScaleMonitor(_CountersCallback):
@@ -145,7 +140,7 @@ class LossScaleMonitor(_CountersCallback):
             return
         while self._backoffs and self._backoffs[0] <= self._step - self.backoff_window:
             self._backoffs.popleft()
-        if self._dynamic:
+        if self._begin_state.dynamic:
             self._check_warnings(scale)
         if self._writer is not None:
             with self._writer.as_default(step=self._step):
@@ -180,7 +175,7 @@ class LossScaleMonitor(_CountersCallback):
                    if start.skipped_steps != UNKNOWN else 0)
         overflow = max(skipped - max(nan_losses, 0), 0)
         self.summary = {
-            "policy": precision_policy(),
+            "policy": global_policy_name(),
             "loss_scale_start": start.scale,
             "loss_scale_end": end.scale,
             "loss_scale_min": min(self._min_scale, end.scale),
@@ -255,8 +250,6 @@ class NanMonitor(_CountersCallback):
         self._consecutive = self._pinned = 0
         self._epoch = 0
         self.stopped_event = None
-        opt = self.model.optimizer
-        self._floor = float(getattr(opt, "min_scale", 0.0)) if self._dynamic else 0.0
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         logs = logs or {}
@@ -268,7 +261,8 @@ class NanMonitor(_CountersCallback):
             nan_loss = "loss" in logs and not is_finite_number(logs["loss"])
         skipped = int(max(now[SKIPPED_KEY] - prev[SKIPPED_KEY], 0))
         # Overflowed *at* the floor: the scale was already there before this step.
-        at_min = self._dynamic and max(prev[SCALE_KEY], now[SCALE_KEY]) <= self._floor
+        state = self._begin_state
+        at_min = state.dynamic and max(prev[SCALE_KEY], now[SCALE_KEY]) <= state.min_scale
         kind = None
         if nan_loss:
             self._consecutive += 1
@@ -288,8 +282,8 @@ class NanMonitor(_CountersCallback):
 
     def _event(self, kind: str, batch: int, logs: dict) -> NanEvent:
         variable = first_nonfinite_variable(self.model.optimizer)
-        cause, fix = diagnose(kind, policy=precision_policy(), variable=variable,
-                              min_scale=self._floor, count=self._pinned)
+        cause, fix = diagnose(kind, policy=global_policy_name(), variable=variable,
+                              min_scale=self._begin_state.min_scale, count=self._pinned)
         loss = logs.get("loss")
         return NanEvent(kind, self._epoch, batch, self._step,
                         None if loss is None else float(loss), self._last[SCALE_KEY],

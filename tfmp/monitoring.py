@@ -57,8 +57,11 @@ def read_scale_state(optimizer: Optional[keras.optimizers.Optimizer]) -> ScaleSt
             steps, bad = _fetch([steps_var, optimizer.nonfinite_losses])
         return ScaleState(scale, int(skipped), int(steps + skipped), int(bad),
                           optimizer.dynamic, optimizer.min_scale)
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer) and optimizer.built:
-        scale, steps = _fetch([optimizer.dynamic_scale, steps_var])
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):  # stock Keras
+        if optimizer.built:
+            scale, steps = _fetch([optimizer.dynamic_scale, steps_var])
+        else:
+            scale, (steps,) = optimizer.initial_scale, _fetch([steps_var])
         return ScaleState(scale, UNKNOWN, int(steps), UNKNOWN, True, 0.0)
     (steps,) = _fetch([steps_var])
     return ScaleState(1.0, 0, int(steps), UNKNOWN, False, 0.0)
@@ -122,10 +125,6 @@ def attach_scale_counters(model: keras.Model) -> None:
 def first_nonfinite_variable(optimizer: Optional[keras.optimizers.Optimizer]) -> Optional[str]:
     """The variable path a `DynamicLossScaleOptimizer` recorded at its last skip."""
     return getattr(optimizer, "first_nonfinite_variable", None)
-
-
-def precision_policy() -> str:
-    return keras.config.dtype_policy().name
 
 
 def is_finite_number(value: Any) -> bool:
