@@ -161,8 +161,8 @@ def _check_sizes(path: str, layer: keras.layers.Layer, ctx: "_Context") -> None:
 
 
 def _check_optimizer(model: keras.Model, optimizer: Any, ctx: "_Context") -> None:
-    uses_fp16 = any(l.compute_dtype == "float16" for _, l in iter_layers(model))
-    uses_half = uses_fp16 or any(l.compute_dtype in HALF_DTYPES for _, l in iter_layers(model))
+    uses_fp16 = "float16" in ctx.compute_dtypes
+    uses_half = bool(ctx.compute_dtypes & set(HALF_DTYPES))
     scaling = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
     if optimizer is None:
         if uses_fp16:
@@ -192,6 +192,7 @@ class _Context:
     policy: str
     hardware: HardwareInfo
     align: int
+    compute_dtypes: set[str]  # of every layer, nested ones included
     findings: list[Finding] = dataclasses.field(default_factory=list)
 
     def add(self, *args: str) -> None:
@@ -225,15 +226,13 @@ def audit(
     hw = hardware if hardware is not None else detect_hardware()
     policy = global_policy_name()
     align = {"tpu": 128, "gpu": 8}.get(hw.accelerator, 0)
-    ctx = _Context(policy, hw, align)
+    ctx = _Context(policy, hw, align, {l.compute_dtype for _, l in iter_layers(model)})
     for check in CHECKS:
         check(model, ctx)
     if optimizer is None:
         optimizer = getattr(model, "optimizer", None)
     _check_optimizer(model, optimizer, ctx)
-    if hw.accelerator == "tpu" and any(
-        l.compute_dtype == "float16" for _, l in iter_layers(model)
-    ):
+    if hw.accelerator == "tpu" and "float16" in ctx.compute_dtypes:
         ctx.add("fp16-on-tpu", "error", "<model>",
                 "float16 layers on TPU: TPUs pair bfloat16 with float32, not float16",
                 "use mixed_bfloat16 (tfmp.set_policy('bf16'))")

@@ -55,9 +55,7 @@ def is_softmax(layer: keras.layers.Layer) -> bool:
 
 def is_plain_model(layer: keras.layers.Layer) -> bool:
     """True for Sequential and Functional models (the ones Keras can clone)."""
-    return isinstance(layer, keras.Model) and isinstance(
-        layer, (keras.Sequential, keras.src.models.functional.Functional)
-    )
+    return isinstance(layer, (keras.Sequential, keras.src.models.functional.Functional))
 
 
 def iter_layers(
