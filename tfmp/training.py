@@ -16,7 +16,7 @@ import tensorflow as tf
 
 from tfmp import callbacks as tfmp_callbacks
 from tfmp.data import Data
-from tfmp.hardware import detect_hardware
+from tfmp.hardware import HardwareInfo, detect_hardware
 from tfmp.monitoring import NAN_KEY, SCALE_KEY, SKIPPED_KEY
 from tfmp.policy import PolicyChoice, resolve_policy, set_policy
 from tfmp.prepare import prepare
@@ -147,7 +147,8 @@ def _callbacks(config: TrainConfig, throughput: _Throughput) -> tuple[list, Any,
 
 
 def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
-                    policy: str) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+                    policy: str, hardware: Optional[HardwareInfo] = None,
+                    ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     accum = config.grad_accum_steps if config.grad_accum_steps > 1 else None
     optimizer = keras.optimizers.Adam(config.learning_rate, gradient_accumulation_steps=accum)
     # "activations": Keras 3.15 on TensorFlow cannot remat whole layers in graph mode
@@ -158,7 +159,7 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
         model = build_model(**data.model_kwargs())
         # guard=True: under bf16/fp32 too, a non-finite step is skipped, never applied.
         model, optimizer = prepare(model, optimizer, policy, loss_scale=config.loss_scale,
-                                   guard=True, **config.scale_args())
+                                   guard=True, hardware=hardware, **config.scale_args())
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=config.jit_compile)
     return model, optimizer
@@ -183,7 +184,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     replicas = strategy.num_replicas_in_sync
     steps = config.steps_per_epoch or max(data.train_examples // config.batch_size, 1)
     with strategy.scope():
-        model, optimizer = _build_compiled(config, build_model, data, policy)
+        model, optimizer = _build_compiled(config, build_model, data, policy, hardware)
     throughput = _Throughput(config.batch_size)
     callbacks, monitor, nan = _callbacks(config, throughput)
     if config.model_dir:
