@@ -1,7 +1,9 @@
-"""DynamicLossScaleOptimizer: scale rules, counters, fit, custom loops, XLA,
-MirroredStrategy, gradient accumulation, EMA / weight decay and resume."""
+"""DynamicLossScaleOptimizer: scale rules, counters, fit, custom loops, XLA, EMA /
+weight decay, resume, drop-in compatibility with the stock class, float32 range.
+(MirroredStrategy and gradient accumulation: test_distributed.py.)"""
 
 import math
+import re
 
 import keras
 import numpy as np
@@ -11,39 +13,7 @@ import tensorflow as tf
 import tfmp
 from tfmp import DynamicLossScaleOptimizer as DLSO
 
-INF = float("inf")
-
-
-def _vars():
-    return [keras.Variable(np.ones((2,), "float32"), name="a"),
-            keras.Variable(np.ones((3,), "float32"), name="b")]
-
-
-def _step(opt, variables, bad=None):
-    """One apply; `bad` is the index of the variable whose gradient is inf."""
-    grads = [tf.ones(v.shape) for v in variables]
-    if bad is not None:
-        grads[bad] = tf.constant([1.0] + [INF] * (variables[bad].shape[0] - 1))
-    opt.apply(grads, variables)
-
-
-def _state(opt):
-    return (opt.loss_scale, int(opt.skipped_steps.numpy()), int(opt.step_counter.numpy()))
-
-
-def make_model(seed=1, out_dtype="float32"):
-    keras.utils.set_random_seed(seed)
-    return keras.Sequential([
-        keras.Input((8,)),
-        keras.layers.Dense(16, activation="relu"),
-        keras.layers.Dense(1, dtype=out_dtype),
-    ])
-
-
-def make_data(n=256, seed=0):
-    rng = np.random.RandomState(seed)
-    x = rng.rand(n, 8).astype("float32")
-    return x, x.sum(axis=1, keepdims=True)
+from helpers import INF, _state, _step, _vars, make_data, make_model
 
 
 # ----------------------------------------------------------------- arguments
@@ -72,6 +42,84 @@ def make_data(n=256, seed=0):
 def test_bad_arguments_are_named(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment.replace("(", r"\(").replace(")", r"\)")):
         DLSO(keras.optimizers.SGD(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"initial_scale": 2.0**-130, "min_scale": 2.0**-134}, "initial_scale=7.34"),
+    ({"min_scale": 2.0**-134}, "min_scale=4.59"),
+    ({"initial_scale": 1e39}, "initial_scale=1e+39"),
+    ({"max_scale": 1e39}, "max_scale=1e+39"),
+])
+def test_scales_outside_float32_normal_range_are_rejected(kwargs, fragment):
+    with pytest.raises(ValueError, match=f"float32's normal range.*{re.escape(fragment)}"):
+        DLSO(keras.optimizers.SGD(), **kwargs)
+
+
+def test_a_scale_that_reads_zero_never_applies_a_step():
+    # The scale the issue describes: flushed to 0.0 by the CPU. Scaled gradients are
+    # finite zeros; the decision on the unscaled ones (0/0 = NaN) must skip.
+    v = _vars()
+    opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=1.0, dynamic=False)
+    opt.build(v)
+    opt.dynamic_scale.assign(0.0)
+    opt.apply([tf.zeros((2,)), tf.zeros((3,))], v)
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert all(np.array_equal(w.numpy(), np.ones(w.shape)) for w in v)
+
+
+def test_unscaling_that_overflows_is_skipped():
+    tiny = tfmp.loss_scale.FLOAT32_MIN_NORMAL  # accepted: the smallest normal scale
+    v = _vars()
+    opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=tiny, dynamic=False)
+    assert opt.min_scale == tiny
+    opt.apply([tf.fill((2,), 100.0), tf.ones((3,))], v)  # 100 / 1.2e-38 = inf
+    assert int(opt.skipped_steps.numpy()) == 1
+    assert opt.first_nonfinite_variable == v[0].path
+    np.testing.assert_array_equal(v[0].numpy(), [1.0, 1.0])
+
+
+def test_first_nonfinite_variable_names_the_variable_passed():
+    v = _vars()
+    opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=8.0)
+    opt.build(v)
+    opt.apply([tf.constant([1.0, INF, 1.0])], [v[1]])  # a custom loop applying a subset
+    assert opt.first_nonfinite_variable == v[1].path
+
+
+# ------------------------------------------------- drop-in for the stock class
+
+def test_stock_positional_arguments_and_names():
+    opt = DLSO(keras.optimizers.SGD(), 1024.0, 100, "lso")
+    assert (opt.initial_scale, opt.growth_interval, opt.dynamic_growth_steps, opt.name) == (
+        1024.0, 100, 100, "lso")
+    assert DLSO(keras.optimizers.SGD(), dynamic_growth_steps=7).growth_interval == 7
+    assert DLSO(keras.optimizers.SGD(), growth_interval=7, dynamic_growth_steps=7).growth_interval == 7
+    with pytest.raises(ValueError, match="growth_interval=50, dynamic_growth_steps=100"):
+        DLSO(keras.optimizers.SGD(), growth_interval=50, dynamic_growth_steps=100)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"initial_scale": 0.5}, {"initial_scale": 2.0**30}, {"dynamic_growth_steps": 1},
+    {"use_ema": False, "gradient_accumulation_steps": None, "clipnorm": None},
+])
+def test_every_stock_config_loads_with_the_same_meaning(kwargs):
+    stock = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.1), **kwargs)
+    config = keras.optimizers.serialize(stock)["config"]
+    opt = DLSO.from_config(config)
+    assert (opt.initial_scale, opt.growth_interval) == (stock.initial_scale,
+                                                        stock.dynamic_growth_steps)
+    assert opt.min_scale <= opt.initial_scale <= opt.max_scale
+    again = DLSO.from_config(opt.get_config())
+    assert again.get_config() == opt.get_config()
+
+
+@pytest.mark.parametrize("kwargs", [{"use_ema": True}, {"clipnorm": 1.0}, {"bogus": 1}])
+def test_stock_rejections_are_kept(kwargs):
+    with pytest.raises(ValueError) as stock:
+        keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(), **kwargs)
+    with pytest.raises(ValueError) as ours:
+        DLSO(keras.optimizers.SGD(), **kwargs)
+    assert str(ours.value) == str(stock.value)
 
 
 def test_rejects_double_wrapping_and_non_optimizers():
@@ -260,92 +308,6 @@ def test_ema_and_weight_decay_match_stock():
         weights.append(model.get_weights())
     for a, b in zip(*weights):
         np.testing.assert_array_equal(a, b)
-
-
-# -------------------------------------------------- gradient accumulation
-
-def _fit_weights(strategy, accum, batch, epochs=2, scale_opt=True):
-    x, y = make_data(128)
-    with strategy.scope():
-        model = make_model()
-        inner = keras.optimizers.SGD(0.05, gradient_accumulation_steps=accum)
-        opt = DLSO(inner, initial_scale=1024.0) if scale_opt else inner
-        model.compile(opt, "mse")
-    model.fit(x, y, epochs=epochs, batch_size=batch, verbose=0, shuffle=False)
-    return model, opt
-
-
-def _mirrored():
-    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-
-
-@pytest.mark.parametrize("strategy_fn", [tf.distribute.get_strategy, _mirrored],
-                         ids=["one_device", "mirrored"])
-def test_accumulation_matches_one_large_batch(strategy_fn):
-    big, _ = _fit_weights(tf.distribute.get_strategy(), None, 32)
-    acc, opt = _fit_weights(strategy_fn(), 4, 8)
-    assert int(opt.inner_optimizer.iterations.numpy()) == 2 * 128 // 32
-    for a, b in zip(big.get_weights(), acc.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6)
-
-
-def test_mirrored_fp16_with_accumulation_trains():
-    keras.config.set_dtype_policy("mixed_float16")
-    x, y = make_data()
-    with _mirrored().scope():
-        model = make_model()
-        opt = DLSO(keras.optimizers.Adam(1e-2, gradient_accumulation_steps=2))
-        model.compile(opt, "mse")
-    hist = model.fit(x, y, epochs=4, batch_size=16, verbose=0)
-    assert hist.history["loss"][-1] < hist.history["loss"][0] * 0.5
-    assert all(np.isfinite(w).all() for w in model.get_weights())
-
-
-# -------------------------------------------------------- MirroredStrategy
-
-def test_mirrored_one_scale_and_every_replica_skips():
-    keras.config.set_dtype_policy("mixed_float16")
-    x, y = make_data(64)
-    # Global batch 16 -> 8 per replica: sample 13 lands on the second replica only
-    # (stock Keras reads the first replica's finite flag and would apply NaN).
-    x[13, 0] = np.nan
-    with _mirrored().scope():
-        model = make_model()
-        opt = DLSO(keras.optimizers.SGD(0.01), initial_scale=64.0, growth_interval=2)
-        model.compile(opt, "mse")
-    model.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False)
-    assert int(opt.skipped_steps.numpy()) == 2
-    assert opt.first_nonfinite_variable == model.weights[0].path
-    for var in model.weights + opt.variables:
-        copies = [c.numpy() for c in var.value.values]
-        assert len(copies) == 2
-        np.testing.assert_array_equal(copies[0], copies[1], err_msg=var.path)
-        assert np.isfinite(copies[0]).all(), var.path
-    # 8 steps, skips at steps 1 and 5 (-> 32), regrowth after 2 clean steps (-> 64).
-    assert opt.loss_scale == 64.0
-
-
-def test_mirrored_first_nonfinite_variable_from_any_replica():
-    strategy = _mirrored()
-    with strategy.scope():
-        v = _vars()
-        opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=8.0)
-        opt.build(v)
-
-    @tf.function
-    def step():
-        def replica_fn():
-            replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-            g_b = tf.ones((3,)) / (1.0 - tf.cast(replica, tf.float32))  # inf on replica 1
-            opt.apply([tf.ones((2,)), g_b], v)
-
-        strategy.run(replica_fn)
-
-    step()
-    assert int(opt.skipped_steps.numpy()) == 1
-    assert opt.first_nonfinite_variable == v[1].path
-    assert opt.loss_scale == 4.0
-    np.testing.assert_array_equal(v[0].numpy(), [1.0, 1.0])
 
 
 # ----------------------------------------------------------- custom loops

@@ -12,12 +12,13 @@ import os as _os
 # tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tfmp import callbacks, layers
+from tfmp import callbacks, layers, state_guard
 from tfmp.callbacks import NonFiniteError
 from tfmp.audits import AuditReport, Finding, audit
 from tfmp.enforce import enforce_float32
 from tfmp.loss_scale import DynamicLossScaleOptimizer
 from tfmp.prepare import AuditError, prepare
+from tfmp.state_guard import guard_model_state
 from tfmp.hardware import AUTO_RULES, HardwareInfo, detect_hardware, recommend_policy
 from tfmp.policy import (
     ACCEPTED_NAMES,
@@ -56,6 +57,7 @@ __all__ = [
     "get_unscaled_gradients",
     "get_strategy",
     "global_policy_name",
+    "guard_model_state",
     "parse_loss_scale",
     "parse_precision",
     "parse_strategy",

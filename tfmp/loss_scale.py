@@ -14,11 +14,22 @@ import numbers
 from typing import Any, Optional, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 from keras.src.utils import tracking  # the decorator Keras uses on LossScaleOptimizer.build
 
+from tfmp.distributed import any_replica, check_merge_call_free, cross_replica_apply, update_step
+
 _INT = "int"
+# Scales are float32 variables: below the smallest normal float32 TensorFlow
+# flushes them to 0 on CPU (the scale would read 0.0 and unscaling would
+# divide by zero), above the largest they are inf.
+FLOAT32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # ~1.18e-38
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # ~3.4e38
+DEFAULT_GROWTH_INTERVAL = 2000
+DEFAULT_MIN_SCALE = 1.0
+DEFAULT_MAX_SCALE = 2.0**24
 
 
 def _check_number(name: str, value: Any, *, integer: bool = False) -> None:
@@ -28,6 +39,30 @@ def _check_number(name: str, value: Any, *, integer: bool = False) -> None:
         ok = float(value).is_integer()
     if not ok or not math.isfinite(value) or value <= 0:
         raise ValueError(f"`{name}` must be {kind}; got {name}={value!r}.")
+
+
+def _check_scale(name: str, value: float) -> None:
+    _check_number(name, value)
+    if not FLOAT32_MIN_NORMAL <= value <= FLOAT32_MAX:
+        raise ValueError(
+            f"`{name}` must lie within float32's normal range [{FLOAT32_MIN_NORMAL:.4g}, "
+            f"{FLOAT32_MAX:.4g}] (smaller scales are flushed to 0 and larger ones are inf); "
+            f"got {name}={value!r}."
+        )
+
+
+def default_scale_bounds(initial_scale: float, min_scale: Optional[float],
+                         max_scale: Optional[float]) -> tuple[float, float]:
+    """`(min_scale, max_scale)` with defaults filled in.
+
+    The floor defaults to 1 and the ceiling to 2**24, widened to `initial_scale`
+    when it lies outside them, so that every scale stock Keras accepts is accepted.
+    """
+    if min_scale is None:
+        min_scale = min(DEFAULT_MIN_SCALE, initial_scale)
+    if max_scale is None:
+        max_scale = max(DEFAULT_MAX_SCALE, initial_scale)
+    return min_scale, max_scale
 
 
 def validate_scale_args(
@@ -40,13 +75,10 @@ def validate_scale_args(
     hysteresis: int,
 ) -> None:
     """Raises `ValueError` naming the first argument that is out of range."""
-    for name, value in (
-        ("initial_scale", initial_scale),
-        ("growth_factor", growth_factor),
-        ("backoff_factor", backoff_factor),
-        ("min_scale", min_scale),
-        ("max_scale", max_scale),
-    ):
+    for name, value in (("initial_scale", initial_scale), ("min_scale", min_scale),
+                        ("max_scale", max_scale)):
+        _check_scale(name, value)
+    for name, value in (("growth_factor", growth_factor), ("backoff_factor", backoff_factor)):
         _check_number(name, value)
     _check_number("growth_interval", growth_interval, integer=True)
     _check_number("hysteresis", hysteresis, integer=True)
@@ -63,39 +95,64 @@ def validate_scale_args(
         )
 
 
+def _one_of(name: str, value: Any, alias: str, alias_value: Any, default: Any) -> Any:
+    """tfmp's argument `name` or its stock Keras spelling `alias`; both only if equal."""
+    if value is not None and alias_value is not None and value != alias_value:
+        raise ValueError(
+            f"`{name}` and `{alias}` (its stock Keras name) disagree: "
+            f"{name}={value!r}, {alias}={alias_value!r}; give one of them."
+        )
+    for candidate in (value, alias_value):
+        if candidate is not None:
+            return candidate
+    return default
+
+
 @keras.saving.register_keras_serializable(package="tfmp")
 class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     """A loss-scale optimizer with a floor, a ceiling, hysteresis and counters.
 
-    On a step whose gradients are all finite, the gradients are divided by the
-    scale and passed to the inner optimizer; after `growth_interval` such steps
-    in a row the scale is multiplied by `growth_factor` (never above
-    `max_scale`). On a step with any non-finite gradient (on any replica) no
-    variable is updated, `skipped_steps` grows by one, and after `hysteresis`
-    such steps the scale is multiplied by `backoff_factor` (never below
-    `min_scale`). As in Megatron and DeepSpeed, once the hysteresis budget is
-    used up every further overflow backs off until the scale next grows, which
-    refills it.
+    A drop-in for `keras.optimizers.LossScaleOptimizer`: the same positional
+    arguments (`inner_optimizer, initial_scale, dynamic_growth_steps, name`),
+    the same keyword arguments and the same saved config; `dynamic=False` is
+    accepted (a fixed scale) where stock Keras rejects it.
+
+    Gradients are unscaled first and the decision is made on the unscaled
+    gradients. On a step whose gradients are all finite they are passed to the
+    inner optimizer; after `growth_interval` such updates in a row the scale is
+    multiplied by `growth_factor` (never above `max_scale`). On a step with
+    any non-finite gradient (on any replica) no variable is updated,
+    `skipped_steps` grows by one, and after `hysteresis` such steps the scale
+    is multiplied by `backoff_factor` (never below `min_scale`). As in
+    Megatron and DeepSpeed, once the hysteresis budget is used up every
+    further overflow backs off until the scale next grows, which refills it.
 
     Args:
         inner_optimizer: The `keras.optimizers.Optimizer` to wrap. Put
             `gradient_accumulation_steps`, `use_ema`, `weight_decay` and clipping
             on it.
         initial_scale: Starting loss scale.
-        growth_factor: Multiplier (> 1) applied after `growth_interval` clean steps.
+        dynamic_growth_steps: Stock Keras' name for `growth_interval`.
+        name: Optimizer name.
+        growth_interval: Clean optimizer updates in a row before the scale
+            grows (under gradient accumulation: updates, not micro-batches).
+            Default 2000.
+        growth_factor: Multiplier (> 1) applied after `growth_interval` clean updates.
         backoff_factor: Multiplier in (0, 1) applied on overflow.
-        growth_interval: Clean steps in a row before the scale grows.
-        min_scale: The scale never goes below this (no collapse to 0).
-        max_scale: The scale never goes above this.
+        min_scale: The scale never goes below this (no collapse to 0). Default
+            1, or `initial_scale` if that is lower.
+        max_scale: The scale never goes above this. Default 2**24, or
+            `initial_scale` if that is higher. Every scale must lie within
+            float32's normal range.
         hysteresis: Non-finite steps tolerated before backing off (1 = back off
             on the first, like Keras and PyTorch).
         dynamic: If False the scale stays at `initial_scale`; non-finite steps
             are still skipped and counted (a NaN guard, for bf16 and float32
             use `initial_scale=1.0`).
-        name: Optimizer name.
 
     Raises:
-        ValueError: An argument is out of range; the message names it and its value.
+        ValueError: An argument is out of range, or `growth_interval` and
+            `dynamic_growth_steps` disagree; the message names them and their values.
 
     Example:
     >>> opt = tfmp.DynamicLossScaleOptimizer(keras.optimizers.Adam(), min_scale=1.0)
@@ -108,14 +165,16 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self,
         inner_optimizer: keras.optimizers.Optimizer,
         initial_scale: float = 2.0**15,
+        dynamic_growth_steps: Optional[int] = None,
+        name: Optional[str] = None,
+        *,
+        growth_interval: Optional[int] = None,
         growth_factor: float = 2.0,
         backoff_factor: float = 0.5,
-        growth_interval: int = 2000,
-        min_scale: float = 1.0,
-        max_scale: float = 2.0**24,
+        min_scale: Optional[float] = None,
+        max_scale: Optional[float] = None,
         hysteresis: int = 1,
         dynamic: bool = True,
-        name: Optional[str] = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(inner_optimizer, keras.optimizers.Optimizer):
@@ -131,6 +190,10 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             )
         if not isinstance(dynamic, bool):
             raise ValueError(f"`dynamic` must be True or False; got dynamic={dynamic!r}.")
+        growth_interval = _one_of("growth_interval", growth_interval, "dynamic_growth_steps",
+                                  dynamic_growth_steps, DEFAULT_GROWTH_INTERVAL)
+        _check_scale("initial_scale", initial_scale)
+        min_scale, max_scale = default_scale_bounds(initial_scale, min_scale, max_scale)
         validate_scale_args(
             initial_scale, growth_factor, backoff_factor, growth_interval,
             min_scale, max_scale, hysteresis,
@@ -150,12 +213,12 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.hysteresis = int(hysteresis)
         self.dynamic = dynamic
         # Created here rather than in build(): scale_loss() may be traced before
-        # the first apply() builds the optimizer (custom loops).
+        # the first apply() builds the optimizer (custom loops). Counts steps:
+        # the flag is all-reduced, and only the first replica's update is kept.
         with keras.name_scope(self.name, caller=self):
-            # float32 and SUM: every replica's count is added up across replicas.
             self.nonfinite_losses = keras.Variable(
                 0.0, name="nonfinite_losses", dtype="float32", trainable=False,
-                aggregation="sum",
+                aggregation="only_first_replica",
             )
 
     @tracking.no_automatic_dependency_tracking
@@ -192,12 +255,11 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def scale_loss(self, loss):
         """Multiplies `loss` by the scale; counts non-finite losses in `nonfinite_losses`.
 
-        `nonfinite_losses` counts (replica, step) pairs whose unscaled loss was
-        NaN or inf: bad data or divergence, which no loss scale can fix.
+        `nonfinite_losses` counts steps whose unscaled loss was NaN or inf on
+        any replica: bad data or divergence, which no loss scale can fix.
         """
-        bad = ops.logical_not(ops.all(ops.isfinite(loss)))
-        # The tf.Variable's own assign_add all-reduces the increment under SUM
-        # aggregation (keras.Variable.assign_add would sum the new values).
+        bad = any_replica(ops.logical_not(ops.all(ops.isfinite(loss))))
+        # ONLY_FIRST_REPLICA: every replica adds the same all-reduced flag once.
         self.nonfinite_losses.value.assign_add(ops.cast(bad, "float32"))
         return super().scale_loss(loss)
 
@@ -229,62 +291,76 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             self.built = True
         if tf.distribute.in_cross_replica_context():
             raise ValueError("apply() must be called in a replica context.")
+        if unscale:
+            grads = self._unscale(grads, trainable_variables)
+        # The decision is made on the *unscaled* gradients: a scale that reads 0
+        # (or overflows the division) can never let a non-finite update through.
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            check_merge_call_free(self)
             ops.cond(
                 self.check_finite(grads),
-                lambda: self._finite_step(grads, trainable_variables, unscale),
-                lambda: self._skip_step(self._first_nonfinite(grads)),
+                lambda: self._finite_step(grads, trainable_variables),
+                lambda: self._skip_step(self._first_nonfinite(grads, trainable_variables)),
             )
         else:
             tf.distribute.get_replica_context().merge_call(
-                self._cross_replica_apply, args=(grads, trainable_variables, unscale)
+                cross_replica_apply, args=(self, grads, trainable_variables)
             )
 
-    def _finite_step(self, grads, trainable_variables, unscale: bool) -> None:
-        self._apply_inner(grads, trainable_variables, unscale)
-        self._after_finite_step()
+    def _finite_step(self, grads, trainable_variables) -> None:
+        update = update_step(self)  # read before the inner optimizer counts this step
+        self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
+        self._after_finite_step(update)
 
     def _unscale(self, grads, trainable_variables):
         scale = self.dynamic_scale
         tvs = trainable_variables or self._trainable_variables
         return [
-            g if g is None or self._overwrite_variable_with_gradient(v) else g / scale
+            g if g is None or self._overwrite_variable_with_gradient(v)
+            else ops.divide(g, scale)
             for g, v in zip(grads, tvs)
         ]
 
-    def _apply_inner(self, grads, trainable_variables, unscale: bool) -> None:
-        if unscale:
-            grads = self._unscale(grads, trainable_variables)
-        self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
+    def _after_finite_step(self, update) -> None:
+        """Growth bookkeeping after an applied micro-batch.
 
-    def _after_finite_step(self) -> None:
-        """Growth bookkeeping after an applied step."""
+        `update` is True when the step updated the weights: under gradient
+        accumulation `growth_interval` counts optimizer updates, not micro-batches.
+        """
+        counter = self.step_counter + ops.cast(update, self.step_counter.dtype)
         if not self.dynamic:
-            self.step_counter.assign_add(1)
+            self.step_counter.assign(counter)
             return
-        grow = self.step_counter >= self.growth_interval - 1
+        grow = ops.logical_and(update, counter >= self.growth_interval)
         grown = ops.minimum(self.dynamic_scale * self.growth_factor, self.max_scale)
         self.dynamic_scale.assign(ops.where(grow, grown, self.dynamic_scale))
-        self.step_counter.assign(ops.where(grow, 0, self.step_counter + 1))
+        self.step_counter.assign(ops.where(grow, 0, counter))
         self.hysteresis_left.assign(
             ops.where(grow, self.hysteresis, self.hysteresis_left)
         )
 
-    def _first_nonfinite(self, grads) -> tf.Tensor:
-        """Index of the first non-finite gradient (only traced on the skip branch)."""
+    def _first_nonfinite(self, grads, trainable_variables=None) -> tf.Tensor:
+        """Index (in the built variable list) of the first non-finite gradient.
+
+        Traced on the skip branch only. `len(built list)` means none here.
+        """
+        tvs = trainable_variables or self._trainable_variables
         bad = [
             ops.logical_not(ops.all(ops.isfinite(g))) if g is not None else False
             for g in grads
         ]
-        # A trailing sentinel makes "no bad gradient here" index len(grads).
-        bad = ops.cast(ops.convert_to_tensor(bad + [True]), "int32")
-        return ops.cast(ops.argmax(bad), self.first_nonfinite_index.dtype)
+        # A trailing sentinel makes "no bad gradient here" the largest index.
+        first = ops.argmax(ops.cast(ops.convert_to_tensor(bad + [True]), "int32"))
+        positions = [self._get_variable_index(v) for v in tvs]
+        positions.append(len(self._trainable_variables))
+        return ops.take(ops.convert_to_tensor(positions, "int32"), first)
 
     def _skip_step(self, first_bad) -> None:
         """Counts a skipped step and backs off the scale (after hysteresis)."""
         self.skipped_steps.assign_add(1)
         steps = ops.cast(self.inner_optimizer._iterations, self.skipped_steps.dtype)
         self.last_skipped_step.assign(steps + self.skipped_steps)
+        first_bad = ops.cast(first_bad, self.first_nonfinite_index.dtype)
         none_bad = first_bad >= len(self._trainable_variables)
         self.first_nonfinite_index.assign(ops.where(none_bad, -1, first_bad))
         self.step_counter.assign(0)
@@ -295,90 +371,14 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.dynamic_scale.assign(ops.where(left <= 0, backed_off, self.dynamic_scale))
         self.hysteresis_left.assign(ops.maximum(left, 0))
 
-    # ------------------------------------------------------ tf.distribute path
-
-    def _cross_replica_apply(self, distribution, grads, trainable_variables, unscale):
-        """Runs in cross-replica context (MirroredStrategy and friends).
-
-        Overflow is all-reduced, so every replica skips when any replica saw a
-        non-finite gradient; the branch is taken in cross-replica context
-        because branches that call `merge_call` cannot live in a replica-context
-        `cond`.
-        """
-        each = distribution.extended.call_for_each_replica
-        bad = each(
-            lambda g: ops.cast(ops.logical_not(self.check_finite(g)), "float32"),
-            args=(grads,),
-        )
-        finite = ops.equal(
-            distribution.reduce(tf.distribute.ReduceOp.SUM, bad, axis=None), 0.0
-        )
-
-        def apply_fn():
-            self._distributed_inner_apply(distribution, grads, trainable_variables, unscale)
-            self._after_finite_step()
-
-        def skip_fn():
-            per_replica = each(self._first_nonfinite, args=(grads,))
-            local = distribution.experimental_local_results(per_replica)
-            self._skip_step(ops.min(ops.stack(local)))  # first over local replicas
-
-        ops.cond(finite, apply_fn, skip_fn)
-
-    def _distributed_inner_apply(self, distribution, grads, trainable_variables, unscale):
-        each = distribution.extended.call_for_each_replica
-        inner = self.inner_optimizer
-        steps = inner.gradient_accumulation_steps
-        if not steps:
-            each(self._apply_inner, args=(grads, trainable_variables, unscale))
-            return
-
-        # Keras' accumulation puts merge_call inside a replica-context cond,
-        # which MirroredStrategy rejects: take the branch here instead.
-        def update():
-            inner.gradient_accumulation_steps = None  # seen while tracing only
-            try:
-                each(self._apply_accumulated, args=(grads, trainable_variables, unscale, steps))
-            finally:
-                inner.gradient_accumulation_steps = steps
-
-        def accumulate():
-            each(self._accumulate, args=(grads, trainable_variables, unscale))
-
-        ops.cond((inner._iterations + 1) % steps == 0, update, accumulate)
-
-    def _accumulators(self, trainable_variables):
-        inner = self.inner_optimizer
-        tvs = trainable_variables or self._trainable_variables
-        return [inner._accumulated_gradients[inner._get_variable_index(v)] for v in tvs]
-
-    def _apply_accumulated(self, grads, trainable_variables, unscale, steps):
-        if unscale:
-            grads = self._unscale(grads, trainable_variables)
-        accs = self._accumulators(trainable_variables)
-        averaged = [None if g is None else (g + a) / steps for g, a in zip(grads, accs)]
-        self.inner_optimizer.apply(averaged, trainable_variables=trainable_variables)
-        self.inner_optimizer._backend_reset_gradient_accumulators()
-
-    def _accumulate(self, grads, trainable_variables, unscale):
-        if unscale:
-            grads = self._unscale(grads, trainable_variables)
-        pairs = [(g, a) for g, a in zip(grads, self._accumulators(trainable_variables))
-                 if g is not None]
-        self.inner_optimizer._backend_increment_gradient_accumulators(
-            [g for g, _ in pairs], [a for _, a in pairs]
-        )
-        self.inner_optimizer._iterations.assign_add(1)
-
     # ---------------------------------------------------------------- config
 
     def get_config(self) -> dict[str, Any]:
+        """Stock Keras' config (`dynamic_growth_steps` is `growth_interval`) plus tfmp's."""
         config = super().get_config()
-        config.pop("dynamic_growth_steps")
         config.update(
             growth_factor=self.growth_factor,
             backoff_factor=self.backoff_factor,
-            growth_interval=self.growth_interval,
             min_scale=self.min_scale,
             max_scale=self.max_scale,
             hysteresis=self.hysteresis,

@@ -17,6 +17,7 @@ from tfmp.enforce import (
 )
 from tfmp.hardware import HardwareInfo, detect_hardware
 from tfmp.policy import FLOAT32, set_policy
+from tfmp.state_guard import guard_model_state
 from tfmp.wrapping import LossScale, wrap_optimizer
 
 
@@ -87,4 +88,4 @@ def prepare(
         raise AuditError(report)
     for finding in report.warnings:
         logging.warning("tfmp.prepare: %s: %s (%s)", finding.path, finding.problem, finding.fix)
-    return model, opt
+    return guard_model_state(model), opt

@@ -1,0 +1,51 @@
+"""Small models, data and optimizer steps shared by the loss-scaling tests."""
+
+import functools
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+INF = float("inf")
+
+
+def _vars():
+    return [keras.Variable(np.ones((2,), "float32"), name="a"),
+            keras.Variable(np.ones((3,), "float32"), name="b")]
+
+
+def _step(opt, variables, bad=None):
+    """One apply; `bad` is the index of the variable whose gradient is inf."""
+    grads = [tf.ones(v.shape) for v in variables]
+    if bad is not None:
+        grads[bad] = tf.constant([1.0] + [INF] * (variables[bad].shape[0] - 1))
+    opt.apply(grads, variables)
+
+
+def _state(opt):
+    return (opt.loss_scale, int(opt.skipped_steps.numpy()), int(opt.step_counter.numpy()))
+
+
+def make_model(seed=1, out_dtype="float32"):
+    keras.utils.set_random_seed(seed)
+    return keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(1, dtype=out_dtype),
+    ])
+
+
+def make_data(n=256, seed=0):
+    rng = np.random.RandomState(seed)
+    x = rng.rand(n, 8).astype("float32")
+    return x, x.sum(axis=1, keepdims=True)
+
+
+@functools.lru_cache(maxsize=None)
+def mirrored():
+    """One MirroredStrategy over the two logical CPUs, shared by the tests.
+
+    Several instances in one process hand out the same collective instance keys,
+    and a custom loop's all-reduce can then meet another model's of another shape.
+    """
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
