@@ -243,6 +243,59 @@ def test_backup_and_restore_resume_after_stop(tmp_path):
     assert not os.path.exists(backup_dir)  # a clean finish deletes it as usual
 
 
+class _Interrupt(keras.callbacks.Callback):
+    def on_train_batch_begin(self, batch, logs=None):
+        if self.model._tfmp_epoch == 1 and batch == 1:
+            raise RuntimeError("interrupted")
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model._tfmp_epoch = epoch
+
+
+@pytest.mark.parametrize("monitors_first", [True, False], ids=["monitors_first", "backup_first"])
+def test_resume_reads_the_restored_state_in_any_callback_order(tmp_path, monitors_first):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x, y = make_data(64)
+    clean = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    bad_y = y.copy()
+    bad_y[:16] = np.nan
+    # Epoch 0: a NaN batch (a NaN loss, skipped) and an overflow; epoch 1: interrupted.
+    epoch0 = tf.data.Dataset.from_tensor_slices((x, bad_y)).batch(16)
+    backup_dir = str(tmp_path / "backup")
+
+    def run(data, epochs, extra=(), spikes=()):
+        model = make_model(spikes=spikes)
+        model.compile(tfmp.wrap_optimizer(keras.optimizers.Adam(1e-2), guard=True), "mse")
+        monitors = [LossScaleMonitor(), NanMonitor("skip")]
+        backup = keras.callbacks.BackupAndRestore(backup_dir)
+        rec = Recorder()
+        order = monitors + [backup] if monitors_first else [backup] + monitors
+        model.fit(data, epochs=epochs, steps_per_epoch=4, verbose=0,
+                  callbacks=[*order, rec, *extra])
+        return model, monitors, rec
+
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(epoch0.concatenate(clean.repeat()), 3, [_Interrupt()], spikes={2})
+    model, (scale_monitor, nan_monitor), rec = run(clean.repeat(), 3)
+    assert not nan_monitor.events  # no phantom NaN loss at the first batch
+    s = scale_monitor.summary
+    assert s["start_step"] == 4 and s["steps"] == 8  # epochs 1 and 2 after the restore
+    assert s["nan_losses"] == 0 and s["overflow_steps_skipped"] == 0
+    assert rec.batches[0]["skipped_steps"] == 2 and rec.batches[0]["nan_losses"] == 1
+
+
+def test_counters_print_as_whole_numbers(capsys):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x, y = make_data(32)
+    model = make_model()
+    model.compile(tfmp.wrap_optimizer(keras.optimizers.Adam(1e-2), guard=True), "mse")
+    model.fit(x, y, epochs=1, batch_size=16, verbose=2,
+              callbacks=[LossScaleMonitor(), NanMonitor()])
+    out = capsys.readouterr().out
+    assert "loss_scale: 1 - nan_losses: 0 - skipped_steps: 0" in out
+    assert "e+00" not in out
+
+
 def _fit_with_monitors(model, x, y):
     rec, nan = Recorder(), NanMonitor("stop")
     hist = model.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False,
@@ -294,6 +347,7 @@ def test_any_optimizer():
     (lambda: NanMonitor(patience=0), "patience=0"),
     (lambda: LossScaleMonitor(log_every=0), "log_every=0"),
     (lambda: LossScaleMonitor(warn_below=float("nan")), "warn_below=nan"),
+    (lambda: LossScaleMonitor(warn_below="100"), "warn_below='100'"),
 ])
 def test_bad_arguments(make, fragment):
     with pytest.raises(ValueError, match=fragment):

@@ -104,3 +104,37 @@ def test_unbuilt_model_error():
     model = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="not built"):
         tfmp.enforce_float32(model)
+
+
+def _ops_model():
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(8)(inp)
+    h = keras.ops.relu(keras.ops.add(h, inp))  # recorded as operations, not layers
+    out = keras.ops.softmax(keras.layers.Dense(3)(h))  # the model ends in an op
+    return keras.Model(inp, out)
+
+
+def test_functional_models_with_keras_ops_between_layers():
+    model = _ops_model()
+    assert {"Add", "Relu"} <= {type(op).__name__ for op in model.operations}
+    prepared, _ = tfmp.prepare(model, "adam", "bf16")
+    assert prepared.outputs[0].dtype == "float32"  # the op's output got a float32 cast
+    assert tfmp.audit(prepared).ok
+    fixed = tfmp.enforce_float32(model)
+    assert fixed.outputs[0].dtype == "float32"
+    x = np.random.RandomState(0).rand(4, 8).astype("float32")
+    np.testing.assert_allclose(prepared(x), model(x), atol=2e-2)  # bfloat16 rounding
+
+
+def test_a_model_we_did_not_write_mobilenet_v3():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None,
+                                                classes=4, include_preprocessing=False)
+    assert any(not isinstance(op, keras.layers.Layer) for op in model.operations)
+    prepared, opt = tfmp.prepare(model, keras.optimizers.SGD(1e-3), "bf16")
+    report = tfmp.audit(prepared, opt)
+    assert report.ok and prepared.outputs[0].dtype == "float32"
+    for a, b in zip(model.get_weights(), prepared.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")
+    np.testing.assert_allclose(prepared(x), model(x), atol=5e-2)

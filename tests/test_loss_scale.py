@@ -263,7 +263,7 @@ def test_keras_saving_round_trips_config_and_state(tmp_path):
     assert new.get_config() == opt.get_config()
     assert type(new.inner_optimizer) is keras.optimizers.Adam
     for name in ("dynamic_scale", "step_counter", "skipped_steps", "last_skipped_step",
-                 "first_nonfinite_index", "hysteresis_left"):
+                 "first_nonfinite_index", "hysteresis_left", "nonfinite_losses"):
         assert getattr(new, name).numpy() == getattr(opt, name).numpy(), name
     # Variable paths lose the model-name prefix on load; the variable is the same.
     assert opt.first_nonfinite_variable == "sequential/dense/kernel"

@@ -53,10 +53,47 @@ def test_prepare_float32_keeps_model_and_only_enforces():
     assert tfmp.global_policy_name() == "mixed_bfloat16"
 
 
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
 def test_prepare_raises_on_audit_errors():
-    keras.config.set_dtype_policy("float16")  # pure float16 variables: cannot be fixed here
-    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8), keras.layers.Dense(2)])
+    keras.config.set_dtype_policy("float16")  # pure float16 variables
+    model = _Subclassed()  # subclassed: cannot be rebuilt, only audited
+    model(np.zeros((1, 16), "float32"))
     with pytest.raises(tfmp.AuditError) as err:
         tfmp.prepare(model, "adam", "fp16", hardware=GPU)
-    assert "variable-not-float32" in err.value.report.codes()
+    codes = err.value.report.codes()
+    assert {"variable-not-float32", "optimizer-slot-not-float32"} <= codes  # slots predicted
     assert "float16" in str(err.value)
+
+
+def test_a_pure_float16_model_is_rebuilt_with_float32_variables():
+    keras.config.set_dtype_policy("float16")
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8), keras.layers.Dense(2)])
+    prepared, _ = tfmp.prepare(model, "adam", "fp16", hardware=GPU)
+    assert all(v.dtype == "float32" for v in prepared.weights)
+    for a, b in zip(model.get_weights(), prepared.get_weights()):
+        np.testing.assert_array_equal(a.astype("float32"), b)
+
+
+@pytest.mark.parametrize("source, target, compute", [
+    ("mixed_bfloat16", "fp32", "float32"), ("mixed_float16", "bf16", "bfloat16"),
+    ("mixed_bfloat16", "fp16", "float16"),
+])
+def test_a_mixed_model_is_rebuilt_under_the_policy_asked_for(source, target, compute):
+    keras.config.set_dtype_policy(source)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="hidden"),
+                              keras.layers.Dense(2, name="out")])
+    prepared, _ = tfmp.prepare(model, "adam", target, hardware=GPU)
+    assert prepared.get_layer("hidden").compute_dtype == compute  # not left in 16 bits
+    assert prepared.outputs[0].dtype == "float32"
+    assert "policy-mismatch" not in tfmp.audit(prepared).codes()
+    for a, b in zip(model.get_weights(), prepared.get_weights()):
+        np.testing.assert_array_equal(a, b)

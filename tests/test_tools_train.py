@@ -136,4 +136,4 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert s["resumed_from_epoch"] == 2 and s["epochs_completed"] == [2, 3, 4]
     assert s["start_step"] == saved_step
     assert s["loss_scale"]["loss_scale_start"] == saved_scale > 1024.0
-    assert "resumed at epoch 2" in again.stdout
+    assert "epochs 3-5 of 5 (resumed after epoch 2)" in again.stdout

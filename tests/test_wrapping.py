@@ -1,5 +1,7 @@
 """wrap_optimizer and parse_loss_scale."""
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -15,7 +17,21 @@ def test_fp16_gets_dynamic_scaling_with_args():
     assert isinstance(opt, DLSO) and opt.inner_optimizer is inner
     assert (opt.dynamic, opt.min_scale, opt.growth_interval) == (True, 8.0, 100)
     assert tfmp.wrap_optimizer(opt) is opt
-    assert tfmp.wrap_optimizer(opt, "bf16") is opt  # idempotent whatever is asked
+    assert tfmp.wrap_optimizer(opt, "fp16", min_scale=8.0) is opt  # idempotent when it matches
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"policy": "bf16"}, "policy 'mixed_bfloat16' needs no loss scaling, but the optimizer "
+                         "scales dynamically from 32768"),
+    ({"policy": "fp16", "loss_scale": 128}, "loss_scale=128 asks for a fixed scale, but the "
+                                            "optimizer has a dynamic scale 32768"),
+    ({"min_scale": 4.0}, "min_scale=4.0 but the optimizer has min_scale=8.0"),
+    ({"growth_interval": 7}, "growth_interval=7 but the optimizer has growth_interval=100"),
+])
+def test_an_existing_optimizer_that_conflicts_with_the_request_raises(kwargs, fragment):
+    opt = tfmp.wrap_optimizer(keras.optimizers.Adam(), "fp16", min_scale=8.0, growth_interval=100)
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        tfmp.wrap_optimizer(opt, **kwargs)
 
 
 def test_fixed_number_gives_fixed_scale():

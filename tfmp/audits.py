@@ -180,6 +180,15 @@ def _check_optimizer(model: keras.Model, optimizer: Any, ctx: "_Context") -> Non
                 "dynamic loss scaling but no float16 layer "
                 f"({'bfloat16' if uses_half else 'float32'}): wasted work",
                 "drop the LossScaleOptimizer (or tfmp.wrap_optimizer(..., guard=True) for a NaN guard)")
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    half = [v for v in model.trainable_variables if _dtype(v) in HALF_DTYPES]
+    if not getattr(inner, "built", True) and half:
+        # Not built yet: its slots will copy the dtype of the variables they mirror.
+        ctx.add("optimizer-slot-not-float32", "error", "<optimizer>",
+                f"the optimizer will create its slots in {_dtype(half[0])} like the "
+                f"{len(half)} 16-bit variable(s) they mirror (first: {half[0].path}): it will run "
+                "in 16 bits",
+                "build model and optimizer under a mixed_* policy (float32 variables)")
     for var in getattr(optimizer, "variables", []):
         if _dtype(var) in HALF_DTYPES:
             ctx.add("optimizer-slot-not-float32", "error", var.path,

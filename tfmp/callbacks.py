@@ -24,13 +24,16 @@ from tfmp.monitoring import (
     SKIPPED_KEY,
     UNKNOWN,
     NanEvent,
+    ScaleState,
     attach_scale_counters,
     diagnose,
     first_nonfinite_variable,
     is_finite_number,
     read_scale_state,
+    readable_counters,
 )
 from tfmp.policy import global_policy_name
+from tfmp.state_guard import guard_model_state
 
 NAN_POLICIES = ("skip", "stop", "raise")
 
@@ -54,25 +57,47 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 class _CountersCallback(keras.callbacks.Callback):
-    """Attaches the counters metric and tracks the global step on the host."""
+    """Attaches the counters metric and tracks the global step on the host.
+
+    The starting state is read when the first epoch begins, after every
+    callback's `on_train_begin`: a `BackupAndRestore` listed after the monitor
+    has restored the optimizer by then, so the list order does not matter.
+    """
 
     def set_model(self, model: keras.Model) -> None:
         super().set_model(model)
         attach_scale_counters(model)
+        guard_model_state(model)
 
     def on_train_begin(self, logs=None) -> None:
+        self._begin_state: Optional[ScaleState] = None
+        self._epoch = 0
+
+    def _ensure_started(self) -> None:
+        if self._begin_state is not None:
+            return
         self._begin_state = read_scale_state(self.model.optimizer)  # once per fit
         self._step = self._epoch_step = self._begin_state.steps
         self._last = {SCALE_KEY: self._begin_state.scale,
                       SKIPPED_KEY: max(self._begin_state.skipped_steps, 0),
                       NAN_KEY: max(self._begin_state.nonfinite_losses, 0)}
+        self._started()
+
+    def _started(self) -> None:
+        """Hook: the starting state has just been read."""
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
+        self._ensure_started()
         self._epoch = epoch
         self._epoch_step = self._step
 
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        readable_counters(logs)
+
     def _advance(self, batch: int, logs: Optional[dict]) -> dict[str, float]:
         """Updates the global step; returns the counters in `logs` (last known if absent)."""
+        self._ensure_started()
+        readable_counters(logs)
         self._step = self._epoch_step + batch + 1
         current = {k: float(logs[k]) for k in self._last if logs and k in logs}
         previous, self._last = self._last, {**self._last, **current}
@@ -108,7 +133,7 @@ class LossScaleMonitor(_CountersCallback):
                  tensorboard_dir: Optional[str] = None, backoff_window: int = 200,
                  backoff_warn: int = 3) -> None:
         super().__init__()
-        if not is_finite_number(warn_below) or warn_below < 0:
+        if not is_finite_number(warn_below) or isinstance(warn_below, str) or warn_below < 0:
             raise ValueError(f"`warn_below` must be a number >= 0; got warn_below={warn_below!r}.")
         for name, value in (("log_every", log_every), ("backoff_window", backoff_window),
                             ("backoff_warn", backoff_warn)):
@@ -122,12 +147,14 @@ class LossScaleMonitor(_CountersCallback):
 
     def on_train_begin(self, logs=None) -> None:
         super().on_train_begin(logs)
-        self._min_scale = self._last[SCALE_KEY]
         self._backoffs: collections.deque[int] = collections.deque()
         self._low_warned = self._backoff_warned = False
         self._calls = 0
         self._writer = (tf.summary.create_file_writer(self.tensorboard_dir)
                         if self.tensorboard_dir else None)
+
+    def _started(self) -> None:
+        self._min_scale = self._last[SCALE_KEY]
 
     def on_train_batch_end(self, batch, logs=None) -> None:
         previous = self._advance(batch, logs)
@@ -166,6 +193,7 @@ class LossScaleMonitor(_CountersCallback):
             self._backoff_warned = False
 
     def on_train_end(self, logs=None) -> None:
+        self._ensure_started()
         end = read_scale_state(self.model.optimizer)
         start = self._begin_state
         steps = max(end.steps - start.steps, 0)
@@ -248,7 +276,6 @@ class NanMonitor(_CountersCallback):
         self._patched = []
         super().on_train_begin(logs)
         self._consecutive = self._pinned = 0
-        self._epoch = 0
         self.stopped_event = None
 
     def on_train_batch_end(self, batch, logs=None) -> None:

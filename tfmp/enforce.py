@@ -6,7 +6,7 @@ The original model is never modified; weights are copied to the clone.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import keras
 
@@ -124,6 +124,10 @@ def clone_with_dtypes(
         )
 
     def clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if not isinstance(layer, keras.layers.Layer):
+            # A `keras.ops` call recorded in a functional graph (`Add`, `Multiply`,
+            # ...): stateless, it computes in its inputs' dtype. Reused as it is.
+            return layer
         if isinstance(layer, keras.Model):  # a plain model is recursed into by Keras
             raise _needs_clone_error(layer, chosen)
         config = layer.get_config()
@@ -135,6 +139,32 @@ def clone_with_dtypes(
     clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     clone.set_weights(model.get_weights())
     return clone
+
+
+def _is_half(tensor: Any) -> bool:
+    return keras.backend.standardize_dtype(tensor.dtype) in HALF_DTYPES
+
+
+def cast_op_outputs(model: keras.Model) -> keras.Model:
+    """Ends each 16-bit output that a `keras.ops` call produces with `Float32Output`.
+
+    A layer's dtype can be set to float32; an op's cannot (it computes in its
+    inputs' dtype), so such outputs get a cast layer. Other models come back as they are.
+    """
+    if isinstance(model, keras.Sequential) or not is_plain_model(model):
+        return model
+    flat = keras.tree.flatten(model.outputs)
+    if not any(_is_half(t) and not isinstance(t._keras_history.operation, keras.layers.Layer)
+               for t in flat):
+        return model
+
+    def cast(tensor):
+        if _is_half(tensor) and not isinstance(tensor._keras_history.operation, keras.layers.Layer):
+            return tfmp_layers.Float32Output()(tensor)
+        return tensor
+
+    structure = getattr(model, "_outputs_struct", model.outputs)
+    return keras.Model(model.inputs, keras.tree.map_structure(cast, structure), name=model.name)
 
 
 def float32_selector(
@@ -194,23 +224,27 @@ def enforce_float32(
         model, outputs=outputs, normalization=normalization, softmax=softmax,
         extra_layers=extra_layers,
     )
-    return clone_with_dtypes(model, lambda l: "float32" if chosen(l) else None, chosen)
+    clone = clone_with_dtypes(model, lambda l: "float32" if chosen(l) else None, chosen)
+    return cast_op_outputs(clone) if outputs else clone
 
 
 def rebuild_under_policy(
-    model: keras.Model, policy: str, chosen: Callable[[keras.layers.Layer], bool]
+    model: keras.Model, source: str, policy: str, chosen: Callable[[keras.layers.Layer], bool]
 ) -> keras.Model:
-    """Clones a model built under float32 so its layers use `policy`.
+    """Clones a model built under the `source` policy so that it computes under `policy`.
 
     Layers selected by `chosen`, and tfmp's float32-by-construction layers,
-    are float32; every other float32 layer takes `policy`. Weights are copied.
+    are float32; every other layer built with `source` takes `policy`; layers
+    given another dtype on purpose keep it. Weights are copied (bit for bit:
+    variables are float32 under every policy). Works in every direction:
+    float32 -> mixed, mixed -> float32, mixed_bfloat16 -> mixed_float16.
     """
 
     def dtype_for(layer: keras.layers.Layer) -> Optional[str]:
         if chosen(layer) or isinstance(layer, FLOAT32_BY_CONSTRUCTION):
             return "float32"
-        if layer.dtype_policy.name == "float32":
+        if layer.dtype_policy.name == source:
             return policy
         return None
 
-    return clone_with_dtypes(model, dtype_for, chosen)
+    return cast_op_outputs(clone_with_dtypes(model, dtype_for, chosen))

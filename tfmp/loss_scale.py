@@ -41,7 +41,7 @@ def _check_number(name: str, value: Any, *, integer: bool = False) -> None:
         raise ValueError(f"`{name}` must be {kind}; got {name}={value!r}.")
 
 
-def _check_scale(name: str, value: float) -> None:
+def check_scale(name: str, value: float) -> None:
     _check_number(name, value)
     if not FLOAT32_MIN_NORMAL <= value <= FLOAT32_MAX:
         raise ValueError(
@@ -77,7 +77,7 @@ def validate_scale_args(
     """Raises `ValueError` naming the first argument that is out of range."""
     for name, value in (("initial_scale", initial_scale), ("min_scale", min_scale),
                         ("max_scale", max_scale)):
-        _check_scale(name, value)
+        check_scale(name, value)
     for name, value in (("growth_factor", growth_factor), ("backoff_factor", backoff_factor)):
         _check_number(name, value)
     _check_number("growth_interval", growth_interval, integer=True)
@@ -192,7 +192,7 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             raise ValueError(f"`dynamic` must be True or False; got dynamic={dynamic!r}.")
         growth_interval = _one_of("growth_interval", growth_interval, "dynamic_growth_steps",
                                   dynamic_growth_steps, DEFAULT_GROWTH_INTERVAL)
-        _check_scale("initial_scale", initial_scale)
+        check_scale("initial_scale", initial_scale)
         min_scale, max_scale = default_scale_bounds(initial_scale, min_scale, max_scale)
         validate_scale_args(
             initial_scale, growth_factor, backoff_factor, growth_interval,

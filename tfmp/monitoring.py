@@ -76,6 +76,30 @@ def _fetch(variables: list[Any]) -> list[float]:
 SCALE_KEY, SKIPPED_KEY, NAN_KEY = "loss_scale", "skipped_steps", "nan_losses"
 
 
+class Shown(float):
+    """A counter in the logs: a float to Keras, written as a person would write it.
+
+    Keras' progress bar prints every log value with `.4f` / `.4e`
+    (`skipped_steps: 0.0000e+00`); this float formats itself with `g`
+    (`skipped_steps: 0`, `loss_scale: 1024`), also after the progress bar
+    divides it by its count.
+    """
+
+    def __format__(self, spec: str) -> str:
+        return format(float(self), "g")
+
+    def __truediv__(self, other: Any) -> "Shown":
+        return Shown(float(self) / other)
+
+
+def readable_counters(logs: Optional[dict]) -> None:
+    """Makes the counters in `logs` print as whole numbers (in place)."""
+    if logs:
+        for key in (SCALE_KEY, SKIPPED_KEY, NAN_KEY):
+            if key in logs and is_finite_number(logs[key]):
+                logs[key] = Shown(float(logs[key]))
+
+
 def scale_counters(optimizer: Optional[keras.optimizers.Optimizer]) -> dict[str, Any]:
     """The counters to report, as tensors, read inside the train step (float32)."""
     if isinstance(optimizer, DynamicLossScaleOptimizer) and optimizer.built:

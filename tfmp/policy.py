@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import os
 import warnings
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Union
 
 import keras
 from absl import logging
@@ -151,13 +151,15 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def set_policy(name: str = AUTO, hardware: Optional[HardwareInfo] = None) -> str:
+def set_policy(name: Union[str, PolicyChoice] = AUTO,
+               hardware: Optional[HardwareInfo] = None) -> str:
     """Sets Keras' global dtype policy.
 
     Args:
         name: `auto` (default), `mixed_float16` (`fp16`, `float16`),
             `mixed_bfloat16` (`bf16`, `bfloat16`) or `float32` (`fp32`).
-            `auto` follows `TFMP_PRECISION` if set, else the hardware.
+            `auto` follows `TFMP_PRECISION` if set, else the hardware. A
+            `PolicyChoice` from `resolve_policy` is set as it is (its reason logged).
         hardware: The hardware to decide for; detected when omitted.
 
     Returns:
@@ -171,7 +173,7 @@ def set_policy(name: str = AUTO, hardware: Optional[HardwareInfo] = None) -> str
     'mixed_bfloat16'
     """
     hw = hardware if hardware is not None else detect_hardware()
-    choice = resolve_policy(name, hw)
+    choice = name if isinstance(name, PolicyChoice) else resolve_policy(name, hw)
     for message in trap_warnings(choice.name, hw):
         _warn_once(message)
     if keras.config.dtype_policy().name != choice.name:

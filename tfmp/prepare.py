@@ -7,16 +7,15 @@ from typing import Any, Optional, Union
 import keras
 from absl import logging
 
-from tfmp.audits import AuditReport, audit
+from tfmp.audits import AuditReport, audit, model_policy
 from tfmp.enforce import (
     enforce_float32,
     float32_selector,
     is_plain_model,
-    iter_layers,
     rebuild_under_policy,
 )
 from tfmp.hardware import HardwareInfo, detect_hardware
-from tfmp.policy import FLOAT32, set_policy
+from tfmp.policy import set_policy
 from tfmp.state_guard import guard_model_state
 from tfmp.wrapping import LossScale, wrap_optimizer
 
@@ -29,10 +28,6 @@ class AuditError(ValueError):
         super().__init__(
             "tfmp.prepare: the model is not mixed-precision safe:\n" + str(report)
         )
-
-
-def _built_under_float32(model: keras.Model) -> bool:
-    return all(layer.dtype_policy.name == FLOAT32 for _, layer in iter_layers(model))
 
 
 def prepare(
@@ -48,10 +43,11 @@ def prepare(
     """Sets the policy, fixes the model, wraps the optimizer and audits the result.
 
     1. `tfmp.set_policy(precision)`.
-    2. If `model` was built entirely in float32 and the policy is mixed, it is
-       rebuilt under the mixed policy with its weights copied (the float32 ->
-       mixed conversion of a pretrained model); otherwise outputs, softmax and
-       normalization layers are put in float32 (`tfmp.enforce_float32`).
+    2. If `model` was built under another policy (a pretrained float32 model
+       going mixed, or a mixed model going float32 or to the other 16-bit
+       type), it is rebuilt under the new policy with its weights copied;
+       otherwise outputs, softmax and normalization layers are put in
+       float32 (`tfmp.enforce_float32`). Never half converted.
     3. `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=..., **scale_args)`.
     4. `tfmp.audit`: raises on errors.
 
@@ -77,9 +73,10 @@ def prepare(
     hw = hardware if hardware is not None else detect_hardware()
     policy = set_policy(precision, hw)
     if is_plain_model(model):
-        if policy != FLOAT32 and _built_under_float32(model):
-            logging.info("tfmp.prepare: rebuilding the float32 model under %s", policy)
-            model = rebuild_under_policy(model, policy, float32_selector(model))
+        source = model_policy(model)
+        if source != policy:
+            logging.info("tfmp.prepare: rebuilding the %s model under %s", source, policy)
+            model = rebuild_under_policy(model, source, policy, float32_selector(model))
         else:
             model = enforce_float32(model)
     opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)

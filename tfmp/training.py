@@ -180,7 +180,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     check_config(config, strategy)
     hardware = detect_hardware(strategy)
     choice: PolicyChoice = resolve_policy(config.precision, hardware)
-    policy = set_policy(choice.name, hardware)
+    policy = set_policy(choice, hardware)  # logs the choice's own reason
     replicas = strategy.num_replicas_in_sync
     steps = config.steps_per_epoch or max(data.train_examples // config.batch_size, 1)
     with strategy.scope():
@@ -224,6 +224,15 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     return summary
 
 
+def _epochs_line(completed: list[int], total: int, resumed: Optional[int]) -> str:
+    """`epochs 1-3 of 3`, counted from 1 as a person counts them."""
+    if not completed:
+        return f"epochs none of {total} run"
+    first, last = completed[0] + 1, completed[-1] + 1
+    span = f"{first}" if first == last else f"{first}-{last}"
+    return f"epochs {span} of {total}" + (f" (resumed after epoch {resumed})" if resumed else "")
+
+
 def human_summary(summary: dict[str, Any]) -> str:
     """The summary's facts as a few lines for the terminal."""
     scale = summary["loss_scale"]
@@ -237,7 +246,7 @@ def human_summary(summary: dict[str, Any]) -> str:
         f"model {summary['flags']['model']} on {summary['dataset']}, "
         f"{summary['strategy']} x{summary['replicas']}",
         f"precision {summary['policy']} ({summary['policy_source']}: {summary['policy_reason']})",
-        f"epochs {summary['epochs_completed']}" + (f" (resumed at epoch {resumed})" if resumed else ""),
+        _epochs_line(summary["epochs_completed"], summary["flags"]["epochs"], resumed),
         f"throughput {summary['samples_per_sec']} samples/s (epochs after the first)",
         f"metrics: {shown}",
         f"loss scale start={scale['loss_scale_start']:g} end={scale['loss_scale_end']:g} "

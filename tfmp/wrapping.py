@@ -59,20 +59,24 @@ def wrap_optimizer(
     Returns:
         A `DynamicLossScaleOptimizer` under mixed_float16 (or with `guard=True`),
         else `optimizer` itself. Idempotent: a `DynamicLossScaleOptimizer` is
-        returned as it is; a stock, unbuilt Keras `LossScaleOptimizer` is converted.
+        returned as it is when it matches the request; a stock, unbuilt Keras
+        `LossScaleOptimizer` is converted.
 
     Raises:
-        ValueError: bad `policy`, `loss_scale` or scale arguments, or a stock
-            LossScaleOptimizer that was already used (its state would be lost).
+        ValueError: bad `policy`, `loss_scale` or scale arguments, a stock
+            LossScaleOptimizer that was already used (its state would be lost),
+            or a `DynamicLossScaleOptimizer` that does not match the request
+            (another policy's scaling, another fixed scale, other scale arguments).
 
     Example:
     >>> opt = tfmp.wrap_optimizer(keras.optimizers.Adam(1e-3), "fp16", min_scale=8.0)
     >>> tfmp.wrap_optimizer(opt) is opt
     True
     """
-    if isinstance(optimizer, DynamicLossScaleOptimizer):
-        return optimizer
     fixed = parse_loss_scale(loss_scale)
+    if isinstance(optimizer, DynamicLossScaleOptimizer):
+        _check_matches(optimizer, policy, fixed, guard, scale_args)
+        return optimizer
     if policy is None:
         compute = keras.config.dtype_policy().compute_dtype  # any Keras policy, even "float64"
         name = {"float16": MIXED_FLOAT16, "bfloat16": MIXED_BFLOAT16}.get(compute, compute)
@@ -108,6 +112,32 @@ def wrap_optimizer(
             ", ".join(sorted(scale_args)), name,
         )
     return optimizer
+
+
+def _check_matches(optimizer: DynamicLossScaleOptimizer, policy: Optional[str],
+                   fixed: Optional[float], guard: bool, scale_args: dict[str, Any]) -> None:
+    """Raises if an existing `DynamicLossScaleOptimizer` is not what the call asks for."""
+    conflicts = []
+    if policy is not None:
+        name = parse_precision(policy)
+        name = resolve_policy(name).name if name == "auto" else name
+        if name != MIXED_FLOAT16 and optimizer.dynamic:
+            conflicts.append(f"policy {name!r} needs no loss scaling, but the optimizer scales "
+                             f"dynamically from {optimizer.initial_scale:g}")
+    if fixed is not None and (optimizer.dynamic or optimizer.initial_scale != fixed):
+        conflicts.append(f"loss_scale={fixed:g} asks for a fixed scale, but the optimizer has "
+                         f"{'a dynamic' if optimizer.dynamic else 'a fixed'} scale "
+                         f"{optimizer.initial_scale:g}")
+    config = optimizer.get_config()
+    config["growth_interval"] = optimizer.growth_interval
+    for key, value in sorted(scale_args.items()):
+        if key in config and config[key] != value:
+            conflicts.append(f"{key}={value!r} but the optimizer has {key}={config[key]!r}")
+    if conflicts:
+        raise ValueError(
+            "wrap_optimizer: the DynamicLossScaleOptimizer given does not match the request: "
+            + "; ".join(conflicts) + ". Pass its inner_optimizer to wrap it anew."
+        )
 
 
 def get_unscaled_gradients(

@@ -8,6 +8,7 @@
 Re-running a command with the same --model_dir resumes after the last completed epoch.
 """
 
+import math
 import os
 from typing import Sequence
 
@@ -25,12 +26,14 @@ PRECISIONS = ("auto", "mixed_float16", "fp16", "float16", "mixed_bfloat16", "bf1
 flags.DEFINE_enum("model", "mlp", MODELS, "Reference model.")
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
-flags.DEFINE_enum("precision", None, PRECISIONS, "Precision policy (default auto).")
-flags.DEFINE_enum("dtype", None, ("fp16", "bf16", "fp32"), "Model Garden alias of --precision.")
+flags.DEFINE_enum("precision", None, PRECISIONS, "Precision policy (default auto; any case).",
+                  case_sensitive=False)
+flags.DEFINE_enum("dtype", None, ("fp16", "bf16", "fp32"), "Model Garden alias of --precision.",
+                  case_sensitive=False)
 flags.DEFINE_string("loss_scale", "dynamic", "'dynamic' or a positive number (float16 only).")
 flags.DEFINE_float("initial_scale", None, "Initial loss scale (float16).")
 flags.DEFINE_integer("growth_interval", None, "Clean steps before the loss scale grows.")
-flags.DEFINE_float("min_scale", None, "Floor of the loss scale.")
+flags.DEFINE_float("min_scale", None, "Floor of the loss scale (default 1).")
 flags.DEFINE_enum("strategy", None, STRATEGIES, "Distribution strategy (default auto).")
 flags.DEFINE_enum("distribution_strategy", None, STRATEGIES, "Model Garden alias of --strategy.")
 flags.DEFINE_string("tpu", None, "TPU address, or 'local' on a TPU VM.")
@@ -65,21 +68,48 @@ def _same(a: str, b: str) -> bool:
     return tfmp.parse_precision(a) == tfmp.parse_precision(b)
 
 
-def _validate() -> None:
+def _validate(precision: str, strategy_name: str) -> None:
+    """Every flag (and TFMP_PRECISION) checked before anything is built: one line, exit 2."""
     import tfmp
+    from tfmp import loss_scale
 
     try:
         tfmp.parse_loss_scale(FLAGS.loss_scale)
     except ValueError as e:
         cli.fail(f"--{e}")
-    if FLAGS.learning_rate <= 0:
-        cli.fail(f"--learning_rate={FLAGS.learning_rate} must be > 0")
-    for name in ("initial_scale", "min_scale"):
-        value = getattr(FLAGS, name)
-        if value is not None and not value > 0:
-            cli.fail(f"--{name}={value} must be a positive number")
+    env = os.environ.get(tfmp.ENV_VAR, "").strip()
+    if precision == "auto" and env:
+        try:
+            tfmp.parse_precision(env)
+        except ValueError as e:
+            cli.fail(f"environment variable {tfmp.ENV_VAR}={env!r}: {e}")
+    if not math.isfinite(FLAGS.learning_rate) or FLAGS.learning_rate <= 0:
+        cli.fail(f"--learning_rate={FLAGS.learning_rate} must be a positive finite number")
     if FLAGS.growth_interval is not None and FLAGS.growth_interval < 1:
         cli.fail(f"--growth_interval={FLAGS.growth_interval} must be a positive integer")
+    for name in ("initial_scale", "min_scale"):
+        value = getattr(FLAGS, name)
+        if value is not None:
+            try:
+                loss_scale.check_scale(name, value)
+            except ValueError as e:
+                cli.fail(f"--{name}={value:g} must be a positive number within float32's "
+                         f"normal range ({str(e).split('range ')[1].split(' (')[0]})")
+    initial = FLAGS.initial_scale if FLAGS.initial_scale is not None else 2.0**15
+    floor = FLAGS.min_scale if FLAGS.min_scale is not None else loss_scale.DEFAULT_MIN_SCALE
+    if initial < floor:
+        which = ("--initial_scale" if FLAGS.min_scale is None else
+                 "--min_scale" if FLAGS.initial_scale is None else "--initial_scale")
+        cli.fail(f"{which}: --initial_scale={initial:g}{_default(FLAGS.initial_scale)} is below "
+                 f"--min_scale={floor:g}{_default(FLAGS.min_scale)}; the loss scale starts "
+                 "at or above its floor")
+    if FLAGS.tpu and strategy_name not in ("tpu", "auto"):
+        cli.fail(f"--tpu={FLAGS.tpu} is only used with --strategy=tpu (or auto); "
+                 f"got --strategy={strategy_name}")
+
+
+def _default(value) -> str:
+    return " (its default)" if value is None else ""
 
 
 def main(argv: Sequence[str]) -> int:
@@ -91,7 +121,7 @@ def main(argv: Sequence[str]) -> int:
 
     import models
 
-    _validate()
+    _validate(precision, strategy_name)
     try:
         if FLAGS.num_cpu_devices > 1:
             tfmp.split_cpu(FLAGS.num_cpu_devices)
