@@ -60,7 +60,8 @@ def test_detect_hardware_on_this_machine():
     assert hw.accelerator == "cpu"  # no GPU or TPU in CI
     assert hw.devices and all("CPU" in d for d in hw.devices)
     assert hw.cpu_features == read_cpu_features()
-    assert hw.recommended_policy in tfmp.POLICIES
+    bf16 = bool(hw.cpu_features & {"amx_bf16", "avx512_bf16"})
+    assert hw.recommended_policy == ("mixed_bfloat16" if bf16 else "float32")
     text = hw.describe()
     assert hw.recommended_policy in text and hw.reason in text
 

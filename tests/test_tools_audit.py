@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import keras
+import numpy as np
 import pytest
 
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
@@ -65,6 +66,57 @@ def test_bad_file_and_fix(files):
 ])
 def test_bad_input_is_one_line(files, args, fragment):
     proc = run_tool(*[a.format(d=files) for a in args])
-    assert proc.returncode != 0
+    assert proc.returncode == 2
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+SUBCLASSED = """
+import keras
+
+
+@keras.saving.register_keras_serializable(package="test")
+class Tiny(keras.Model):
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.dense = keras.layers.Dense(3, activation="softmax")
+
+    def call(self, x):
+        return self.dense(x)
+"""
+
+
+def test_fix_on_a_subclassed_model_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "tiny_model.py").write_text(SUBCLASSED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import tiny_model
+
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = tiny_model.Tiny()
+    model(np.zeros((1, 8), "float32"))
+    model.save(tmp_path / "sub.keras")
+    # The binary, in a child process that imports the model's class first (as a user's
+    # launcher script would: tools.audit has no flag to import custom classes).
+    code = ("import runpy, sys, tiny_model\n"
+            f"sys.argv = ['audit', '--model_path={tmp_path / 'sub.keras'}', '--fix', "
+            f"'--output_path={tmp_path / 'out.keras'}']\n"
+            "runpy.run_module('tools.audit', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"),
+                          timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "Cannot clone 'Tiny': it is a subclassed model" in proc.stderr
+    assert not (tmp_path / "out.keras").exists()
+
+
+def test_a_fixed_model_that_still_has_errors_exits_1(tmp_path):
+    keras.config.set_dtype_policy("float16")  # 16-bit variables: --fix cannot change them
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                              keras.layers.Dense(3, activation="softmax")])
+    model.save(tmp_path / "f16.keras")
+    out = tmp_path / "fixed.keras"
+    proc = run_tool(f"--model_path={tmp_path / 'f16.keras'}", "--fix", f"--output_path={out}")
+    assert proc.returncode == 1, proc.stderr
+    assert f"wrote {out}" in proc.stdout
+    fixed_part = proc.stdout.split("audit of the fixed model:")[1]
+    assert "variable is float16" in fixed_part and "model output 0" not in fixed_part

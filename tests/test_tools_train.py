@@ -13,12 +13,16 @@ import pytest
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def train(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "tools.train", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
+def env(**extra):
+    """The environment now (conftest removed TFMP_PRECISION), not at import time."""
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **extra)
+
+
+def train(*args, timeout=300, **extra_env):
+    return subprocess.run([sys.executable, "-m", "tools.train", *args], cwd=ROOT,
+                          env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
 
 
 def summary(model_dir):
@@ -38,7 +42,7 @@ def test_default_run_no_flags():
 
 
 @pytest.mark.parametrize("args, strategy, replicas", [
-    (["--strategy=default"], "_DefaultDistributionStrategy", 1),
+    (["--strategy=default", "--precision=BF16"], "_DefaultDistributionStrategy", 1),
     (["--strategy=one_device"], "OneDeviceStrategy", 1),
     (["--distribution_strategy=mirrored", "--num_cpu_devices=2"], "MirroredStrategy", 2),
     (["--strategy=multi_worker_mirrored"], "CollectiveAllReduceStrategy", 1),  # MWMS class
@@ -48,6 +52,7 @@ def test_strategies(tmp_path, args, strategy, replicas):
     assert proc.returncode == 0, proc.stderr[-2000:]
     s = summary(tmp_path)
     assert (s["strategy"], s["replicas"]) == (strategy, replicas)
+    assert s["policy"] == "mixed_bfloat16"  # --precision=BF16 (any case) or auto here
     assert s["final_train_metrics"]["loss"] < 2.3  # below chance-level cross-entropy
 
 
@@ -60,9 +65,13 @@ def test_fp16_accumulation_remat_and_model_garden_flags(tmp_path):
     assert s["policy"] == "mixed_float16" and s["policy_source"] == "explicit"
     assert s["flags"]["grad_accum_steps"] == 2 and s["flags"]["remat"] is True
     assert s["loss_scale"]["loss_scale_start"] == 256.0
-    assert s["loss_scale"]["loss_scale_end"] > 256.0  # grew every 5 clean steps
     model = keras.models.load_model(os.path.join(tmp_path, "model.keras"))
-    assert model.optimizer.growth_interval == 5
+    opt = model.optimizer
+    assert opt.growth_interval == 5 and int(opt.skipped_steps.numpy()) == 0
+    # 40 micro-batches, 20 optimizer updates: the scale grew every 5 updates, 4 times.
+    assert int(opt.inner_optimizer._iterations.numpy()) == 40  # micro-batches
+    assert int(opt.inner_optimizer.iterations.numpy()) == 20  # optimizer updates
+    assert s["loss_scale"]["loss_scale_end"] == 256.0 * 2**4
 
 
 @pytest.mark.parametrize("args, fragment, code", [
@@ -78,6 +87,16 @@ def test_fp16_accumulation_remat_and_model_garden_flags(tmp_path):
      "--jit_compile with MirroredStrategy over 2 replicas fails in Keras 3.15", 2),
     (["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=7"],
      "--batch_size=7 is not divisible by the 2 replicas", 2),
+    (["--dtype=fp16", "--initial_scale=0.5"],
+     "--initial_scale: --initial_scale=0.5 is below --min_scale=1 (its default)", 2),
+    (["--dtype=fp16", "--min_scale=65536"],
+     "--min_scale: --initial_scale=32768 (its default) is below --min_scale=65536", 2),
+    (["--min_scale=1e-40"], "--min_scale=1e-40 must be a positive number within float32's "
+                            "normal range", 2),
+    (["--learning_rate=nan"], "--learning_rate=nan must be a positive finite number", 2),
+    (["--tpu=foo", "--strategy=one_device"],
+     "--tpu=foo is only used with --strategy=tpu (or auto); got --strategy=one_device", 2),
+    (["extra"], "unexpected positional arguments ['extra']", 2),
 ])
 def test_bad_input_is_one_line(tmp_path, args, fragment, code):
     (tmp_path / "file").write_text("not a directory")
@@ -85,6 +104,36 @@ def test_bad_input_is_one_line(tmp_path, args, fragment, code):
     assert proc.returncode == code
     assert fragment in proc.stderr
     assert "Traceback" not in proc.stderr
+    assert len([l for l in proc.stderr.splitlines() if "error:" in l]) == 1
+
+
+def test_bad_tfmp_precision_in_the_environment_is_one_line():
+    proc = train("--epochs=1", TFMP_PRECISION="fp17")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "environment variable TFMP_PRECISION='fp17': Unknown precision 'fp17'" in proc.stderr
+
+
+def test_tfds_dataset_of_the_wrong_kind_is_one_line():
+    # The binary itself, run in a child process with tensorflow-datasets' mock data.
+    code = ("import runpy, sys, tensorflow_datasets as tfds\n"
+            "sys.argv = ['train', '--dataset=imdb_reviews', '--model=cnn']\n"
+            "with tfds.testing.mock_data(num_examples=16):\n"
+            "    runpy.run_module('tools.train', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "dataset 'imdb_reviews' has text" in proc.stderr
+
+
+def test_nan_stop_exits_1_and_keeps_the_backup(tmp_path):
+    proc = train("--learning_rate=1e30", "--epochs=2", "--steps_per_epoch=20",
+                 f"--model_dir={tmp_path}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "training stopped on a NaN event (backup kept in" in proc.stderr
+    assert "nonfinite loss" in proc.stderr and "lower the learning rate" in proc.stderr
+    s = summary(tmp_path)
+    assert s["stopped_by_nan"] and s["nan_events"][0]["kind"] == "nonfinite_loss"
+    assert not os.path.exists(os.path.join(tmp_path, "model.keras"))
 
 
 def _metadata_epoch(backup):
@@ -96,10 +145,10 @@ def _metadata_epoch(backup):
 
 
 def test_sigkill_mid_epoch_then_resume(tmp_path):
-    args = ["--dtype=fp16", "--initial_scale=1024", "--growth_interval=50", "--epochs=5",
-            "--steps_per_epoch=300", "--batch_size=64", f"--model_dir={tmp_path}"]
+    args = ["--dtype=bf16", "--epochs=5", "--steps_per_epoch=300", "--batch_size=64",
+            f"--model_dir={tmp_path}"]
     backup = os.path.join(tmp_path, "backup")
-    proc = subprocess.Popen([sys.executable, "-m", "tools.train", *args], cwd=ROOT, env=ENV,
+    proc = subprocess.Popen([sys.executable, "-m", "tools.train", *args], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         seen = {}
@@ -121,12 +170,12 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     # What the backup holds: the weights file includes the optimizer's variables.
     from tfmp import data, training
     import models
-    config = training.TrainConfig(precision="fp16", batch_size=64)
+    config = training.TrainConfig(precision="bf16", batch_size=64)
     d = data.synthetic("vector", 64)
-    model, opt = training._build_compiled(config, models.get("mlp")[0], d, "mixed_float16")
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model, opt = training._build_compiled(config, models.get("mlp")[0], d, "mixed_bfloat16")
     opt.build(model.trainable_variables)
     model.load_weights(os.path.join(backup, "latest.weights.h5"))
-    saved_scale = float(opt.dynamic_scale.numpy())
     saved_step = int(opt.inner_optimizer._iterations.numpy()) + int(opt.skipped_steps.numpy())
     assert saved_step == 600
 
@@ -134,6 +183,5 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     s = summary(tmp_path)
     assert s["resumed_from_epoch"] == 2 and s["epochs_completed"] == [2, 3, 4]
-    assert s["start_step"] == saved_step
-    assert s["loss_scale"]["loss_scale_start"] == saved_scale > 1024.0
+    assert s["start_step"] == saved_step  # optimizer state restored, not restarted
     assert "epochs 3-5 of 5 (resumed after epoch 2)" in again.stdout

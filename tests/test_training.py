@@ -42,14 +42,26 @@ def test_tfds_mock_data_end_to_end(tmp_path):
     assert "mixed_bfloat16" in text and "samples/s" in text and "eval_accuracy" in text
 
 
-def test_remat_marks_layers():
-    config = TrainConfig(model="mlp", remat=True, precision="fp32")
+def test_remat_recomputes_the_layers_calls(monkeypatch):
+    calls = []
+    original = keras.layers.Layer.rematerialized_call
+
+    def counting(self, layer_call, *args, **kwargs):
+        calls.append(self.name)
+        return original(self, layer_call, *args, **kwargs)
+
+    monkeypatch.setattr(keras.layers.Layer, "rematerialized_call", counting)
     d = data.synthetic("vector", 32, train_examples=64, eval_examples=32)
-    model, _ = training._build_compiled(config, models.get("mlp")[0], d, "float32")
-    dense = [l for l in model.layers if isinstance(l, keras.layers.Dense)]
-    assert dense and all(l._remat_mode.mode == "activations" for l in dense)
-    plain, _ = training._build_compiled(TrainConfig(), models.get("mlp")[0], d, "float32")
-    assert all(l._remat_mode is None for l in plain.layers)
+    for remat in (True, False):
+        calls.clear()
+        config = TrainConfig(model="mlp", remat=remat, precision="fp32")
+        model, _ = training._build_compiled(config, models.get("mlp")[0], d, "float32")
+        model.fit(d.train, epochs=1, steps_per_epoch=1, verbose=0)
+        dense = {l.name for l in model.layers if isinstance(l, keras.layers.Dense)}
+        if remat:  # every Dense layer's call went through the rematerialized path
+            assert dense <= set(calls)
+        else:
+            assert not calls
 
 
 def test_nan_stop_keeps_backup_and_writes_summary(tmp_path):

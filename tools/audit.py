@@ -18,14 +18,6 @@ flags.DEFINE_bool("fix", False, "Write a copy with float32 outputs, softmax and 
 flags.DEFINE_string("output_path", None, "Where --fix writes the fixed model (.keras).")
 flags.DEFINE_bool("json", False, "Print the report as JSON instead of a table.")
 
-flags.register_validator(
-    "output_path", lambda p: p is None or p.endswith(".keras"),
-    message="--output_path must end with .keras",
-)
-flags.register_multi_flags_validator(
-    ["fix", "output_path"], lambda f: not f["fix"] or bool(f["output_path"]),
-    message="--fix needs --output_path=FILE.keras",
-)
 
 
 def _print(report) -> None:
@@ -33,6 +25,10 @@ def _print(report) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
+    if FLAGS.fix and not FLAGS.output_path:
+        cli.fail("--fix needs --output_path=FILE.keras")
+    if FLAGS.output_path is not None and not FLAGS.output_path.endswith(".keras"):
+        cli.fail(f"--output_path={FLAGS.output_path!r} must end with .keras")
     model = cli.load_keras_model(FLAGS.model_path)
     import keras
 
