@@ -74,12 +74,19 @@ def test_mirrored_one_scale_and_every_replica_skips():
     assert opt.loss_scale == 64.0
 
 
-def test_mirrored_first_nonfinite_variable_from_any_replica():
-    strategy = _mirrored()
+def _built(strategy, accumulation=None):
+    """Two variables and a built optimizer (SGD, initial scale 8) under `strategy`."""
     with strategy.scope():
         v = _vars()
-        opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=8.0)
+        inner = keras.optimizers.SGD(0.1, gradient_accumulation_steps=accumulation)
+        opt = DLSO(inner, initial_scale=8.0)
         opt.build(v)
+    return v, opt
+
+
+def test_mirrored_first_nonfinite_variable_from_any_replica():
+    strategy = _mirrored()
+    v, opt = _built(strategy)
 
     @tf.function
     def step():
@@ -97,8 +104,6 @@ def test_mirrored_first_nonfinite_variable_from_any_replica():
     np.testing.assert_array_equal(v[0].numpy(), [1.0, 1.0])
 
 
-
-
 def _no_merge_call_mirrored():
     # What TensorFlow itself does in its strategy tests (strategy_combinations.py) to get
     # the merge_call-free path that an all-GPU MirroredStrategy takes under XLA.
@@ -109,10 +114,7 @@ def _no_merge_call_mirrored():
 
 def test_without_merge_call_several_replicas_are_refused_in_one_line():
     strategy = _no_merge_call_mirrored()
-    with strategy.scope():
-        v = _vars()
-        opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=8.0)
-        opt.build(v)
+    v, opt = _built(strategy)
 
     @tf.function
     def step():
@@ -152,11 +154,8 @@ def test_growth_interval_counts_optimizer_updates_under_accumulation():
 
 def test_growth_counts_updates_under_mirrored_accumulation():
     strategy = _mirrored()
-    with strategy.scope():
-        v = _vars()
-        opt = DLSO(keras.optimizers.SGD(0.1, gradient_accumulation_steps=2), initial_scale=8.0,
-                   growth_interval=2)
-        opt.build(v)
+    v, opt = _built(strategy, accumulation=2)
+    opt.growth_interval = 2
 
     @tf.function
     def step():
