@@ -43,9 +43,11 @@ def make_data(n=256, seed=0):
 
 @functools.lru_cache(maxsize=None)
 def mirrored():
-    """One MirroredStrategy over the two logical CPUs, shared by the tests.
+    """One MirroredStrategy over the two logical CPUs, shared by every test that trains.
 
-    Several instances in one process hand out the same collective instance keys,
-    and a custom loop's all-reduce can then meet another model's of another shape.
+    Several instances in one process hand out the same collective instance keys
+    (TF 2.21), and an all-reduce of one model can then meet another model's of
+    another shape ("Shape mismatch in the collective instance"). Tests that train
+    under MirroredStrategy use this one.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

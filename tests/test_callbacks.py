@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tfmp
+from helpers import mirrored
 from tfmp.callbacks import LossScaleMonitor, NanMonitor
 
 
@@ -306,7 +307,7 @@ def _fit_with_monitors(model, x, y):
 def test_mirrored_strategy():
     keras.config.set_dtype_policy("mixed_float16")
     x, y = make_data(128)
-    with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
+    with mirrored().scope():
         model = make_model(spikes={3})
         compile_fp16(model)
     hist, rec, nan = _fit_with_monitors(model, x, y)
