@@ -39,6 +39,12 @@ def test_default_run_no_flags():
     assert "=== tfmp training summary ===" in out and "model mlp on synthetic" in out
     accuracy = float(out.split("eval_accuracy=")[1].split(",")[0])
     assert accuracy > 0.5  # 10 classes: chance is 0.1
+    # What a person reads: counters as whole numbers, the auto reason, epochs from 1.
+    assert "loss_scale: 1 - nan_losses: 0 - skipped_steps: 0" in out and "e+00" not in out
+    assert "epochs 1-3 of 3" in out
+    assert "asked for explicitly" not in proc.stderr
+    hw = tfmp.detect_hardware()
+    assert f"precision policy {hw.recommended_policy} ({hw.reason})" in proc.stderr
 
 
 @pytest.mark.parametrize("args, strategy, replicas", [

@@ -40,7 +40,7 @@ def any_replica(flag: Any) -> Any:
     return total > 0.0
 
 
-def check_merge_call_free(optimizer: "DynamicLossScaleOptimizer") -> None:
+def check_merge_call_free() -> None:
     """Refuses several replicas where TensorFlow turned `merge_call` off.
 
     That happens for MirroredStrategy / MultiWorkerMirroredStrategy over GPUs
@@ -122,20 +122,20 @@ def _distributed_inner_apply(distribution, optimizer, grads, trainable_variables
     ops.cond(update_step(optimizer), update, accumulate)
 
 
-def _accumulators(inner, grads, trainable_variables):
+def _accumulators(inner, trainable_variables):
     tvs = trainable_variables or inner._trainable_variables
     return [inner._accumulated_gradients[inner._get_variable_index(v)] for v in tvs]
 
 
 def _apply_accumulated(inner, grads, trainable_variables, steps) -> None:
-    accs = _accumulators(inner, grads, trainable_variables)
+    accs = _accumulators(inner, trainable_variables)
     averaged = [None if g is None else (g + a) / steps for g, a in zip(grads, accs)]
     inner.apply(averaged, trainable_variables=trainable_variables)
     inner._backend_reset_gradient_accumulators()
 
 
 def _accumulate(inner, grads, trainable_variables) -> None:
-    pairs = [(g, a) for g, a in zip(grads, _accumulators(inner, grads, trainable_variables))
+    pairs = [(g, a) for g, a in zip(grads, _accumulators(inner, trainable_variables))
              if g is not None]
     inner._backend_increment_gradient_accumulators([g for g, _ in pairs],
                                                    [a for _, a in pairs])

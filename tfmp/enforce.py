@@ -141,8 +141,10 @@ def clone_with_dtypes(
     return clone
 
 
-def _is_half(tensor: Any) -> bool:
-    return keras.backend.standardize_dtype(tensor.dtype) in HALF_DTYPES
+def _half_op_output(tensor: Any) -> bool:
+    """A 16-bit tensor produced by a `keras.ops` call rather than a layer."""
+    half = keras.backend.standardize_dtype(tensor.dtype) in HALF_DTYPES
+    return half and not isinstance(tensor._keras_history.operation, keras.layers.Layer)
 
 
 def cast_op_outputs(model: keras.Model) -> keras.Model:
@@ -153,15 +155,11 @@ def cast_op_outputs(model: keras.Model) -> keras.Model:
     """
     if isinstance(model, keras.Sequential) or not is_plain_model(model):
         return model
-    flat = keras.tree.flatten(model.outputs)
-    if not any(_is_half(t) and not isinstance(t._keras_history.operation, keras.layers.Layer)
-               for t in flat):
+    if not any(_half_op_output(t) for t in keras.tree.flatten(model.outputs)):
         return model
 
     def cast(tensor):
-        if _is_half(tensor) and not isinstance(tensor._keras_history.operation, keras.layers.Layer):
-            return tfmp_layers.Float32Output()(tensor)
-        return tensor
+        return tfmp_layers.Float32Output()(tensor) if _half_op_output(tensor) else tensor
 
     structure = getattr(model, "_outputs_struct", model.outputs)
     return keras.Model(model.inputs, keras.tree.map_structure(cast, structure), name=model.name)

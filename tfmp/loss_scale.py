@@ -27,6 +27,7 @@ _INT = "int"
 # divide by zero), above the largest they are inf.
 FLOAT32_MIN_NORMAL = float(np.finfo(np.float32).tiny)  # ~1.18e-38
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # ~3.4e38
+DEFAULT_INITIAL_SCALE = 2.0**15
 DEFAULT_GROWTH_INTERVAL = 2000
 DEFAULT_MIN_SCALE = 1.0
 DEFAULT_MAX_SCALE = 2.0**24
@@ -164,7 +165,7 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     def __init__(
         self,
         inner_optimizer: keras.optimizers.Optimizer,
-        initial_scale: float = 2.0**15,
+        initial_scale: float = DEFAULT_INITIAL_SCALE,
         dynamic_growth_steps: Optional[int] = None,
         name: Optional[str] = None,
         *,
@@ -296,7 +297,7 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         # The decision is made on the *unscaled* gradients: a scale that reads 0
         # (or overflows the division) can never let a non-finite update through.
         if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            check_merge_call_free(self)
+            check_merge_call_free()
             ops.cond(
                 self.check_finite(grads),
                 lambda: self._finite_step(grads, trainable_variables),

@@ -74,16 +74,10 @@ def wrap_optimizer(
     True
     """
     fixed = parse_loss_scale(loss_scale)
+    name = _policy_name(policy)
     if isinstance(optimizer, DynamicLossScaleOptimizer):
-        _check_matches(optimizer, policy, fixed, guard, scale_args)
+        _check_matches(optimizer, name if policy is not None else None, fixed, scale_args)
         return optimizer
-    if policy is None:
-        compute = keras.config.dtype_policy().compute_dtype  # any Keras policy, even "float64"
-        name = {"float16": MIXED_FLOAT16, "bfloat16": MIXED_BFLOAT16}.get(compute, compute)
-    else:
-        name = parse_precision(policy)
-    if name == "auto":
-        name = resolve_policy(name).name
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         if optimizer.built:
             raise ValueError(
@@ -114,16 +108,25 @@ def wrap_optimizer(
     return optimizer
 
 
+def _policy_name(policy: Optional[str]) -> str:
+    """The canonical policy asked for; Keras' global one (any, even float64) if None."""
+    if policy is None:
+        compute = keras.config.dtype_policy().compute_dtype
+        return {"float16": MIXED_FLOAT16, "bfloat16": MIXED_BFLOAT16}.get(compute, compute)
+    name = parse_precision(policy)
+    return resolve_policy(name).name if name == "auto" else name
+
+
 def _check_matches(optimizer: DynamicLossScaleOptimizer, policy: Optional[str],
-                   fixed: Optional[float], guard: bool, scale_args: dict[str, Any]) -> None:
-    """Raises if an existing `DynamicLossScaleOptimizer` is not what the call asks for."""
+                   fixed: Optional[float], scale_args: dict[str, Any]) -> None:
+    """Raises if an existing `DynamicLossScaleOptimizer` is not what the call asks for.
+
+    `policy` is the canonical policy the call named (None if it named none).
+    """
     conflicts = []
-    if policy is not None:
-        name = parse_precision(policy)
-        name = resolve_policy(name).name if name == "auto" else name
-        if name != MIXED_FLOAT16 and optimizer.dynamic:
-            conflicts.append(f"policy {name!r} needs no loss scaling, but the optimizer scales "
-                             f"dynamically from {optimizer.initial_scale:g}")
+    if policy is not None and policy != MIXED_FLOAT16 and optimizer.dynamic:
+        conflicts.append(f"policy {policy!r} needs no loss scaling, but the optimizer scales "
+                         f"dynamically from {optimizer.initial_scale:g}")
     if fixed is not None and (optimizer.dynamic or optimizer.initial_scale != fixed):
         conflicts.append(f"loss_scale={fixed:g} asks for a fixed scale, but the optimizer has "
                          f"{'a dynamic' if optimizer.dynamic else 'a fixed'} scale "
@@ -131,7 +134,9 @@ def _check_matches(optimizer: DynamicLossScaleOptimizer, policy: Optional[str],
     config = optimizer.get_config()
     config["growth_interval"] = optimizer.growth_interval
     for key, value in sorted(scale_args.items()):
-        if key in config and config[key] != value:
+        if key not in config:
+            conflicts.append(f"{key!r} is not an argument of DynamicLossScaleOptimizer")
+        elif config[key] != value:
             conflicts.append(f"{key}={value!r} but the optimizer has {key}={config[key]!r}")
     if conflicts:
         raise ValueError(

@@ -87,25 +87,26 @@ def _validate(precision: str, strategy_name: str) -> None:
         cli.fail(f"--learning_rate={FLAGS.learning_rate} must be a positive finite number")
     if FLAGS.growth_interval is not None and FLAGS.growth_interval < 1:
         cli.fail(f"--growth_interval={FLAGS.growth_interval} must be a positive integer")
+    low, high = loss_scale.FLOAT32_MIN_NORMAL, loss_scale.FLOAT32_MAX
     for name in ("initial_scale", "min_scale"):
         value = getattr(FLAGS, name)
-        if value is not None:
-            try:
-                loss_scale.check_scale(name, value)
-            except ValueError as e:
-                cli.fail(f"--{name}={value:g} must be a positive number within float32's "
-                         f"normal range ({str(e).split('range ')[1].split(' (')[0]})")
-    initial = FLAGS.initial_scale if FLAGS.initial_scale is not None else 2.0**15
-    floor = FLAGS.min_scale if FLAGS.min_scale is not None else loss_scale.DEFAULT_MIN_SCALE
+        if value is not None and not low <= value <= high:
+            cli.fail(f"--{name}={value:g} must be a positive number within float32's normal "
+                     f"range [{low:.4g}, {high:.4g}]")
+    initial = _or(FLAGS.initial_scale, loss_scale.DEFAULT_INITIAL_SCALE)
+    floor = _or(FLAGS.min_scale, loss_scale.DEFAULT_MIN_SCALE)
     if initial < floor:
-        which = ("--initial_scale" if FLAGS.min_scale is None else
-                 "--min_scale" if FLAGS.initial_scale is None else "--initial_scale")
+        which = "--min_scale" if FLAGS.initial_scale is None else "--initial_scale"
         cli.fail(f"{which}: --initial_scale={initial:g}{_default(FLAGS.initial_scale)} is below "
                  f"--min_scale={floor:g}{_default(FLAGS.min_scale)}; the loss scale starts "
                  "at or above its floor")
     if FLAGS.tpu and strategy_name not in ("tpu", "auto"):
         cli.fail(f"--tpu={FLAGS.tpu} is only used with --strategy=tpu (or auto); "
                  f"got --strategy={strategy_name}")
+
+
+def _or(value, default):
+    return default if value is None else value
 
 
 def _default(value) -> str:
