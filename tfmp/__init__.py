@@ -15,6 +15,7 @@ _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 from tfmp import callbacks, layers, state_guard
 from tfmp.callbacks import NonFiniteError
 from tfmp.audits import AuditReport, Finding, audit
+from tfmp.compare import Comparison, compare_precision
 from tfmp.enforce import enforce_float32
 from tfmp.loss_scale import DynamicLossScaleOptimizer
 from tfmp.prepare import AuditError, prepare
@@ -52,6 +53,8 @@ __all__ = [
     "PolicyChoice",
     "audit",
     "callbacks",
+    "Comparison",
+    "compare_precision",
     "detect_hardware",
     "enforce_float32",
     "get_unscaled_gradients",

@@ -1,0 +1,105 @@
+"""Trains a model under float32 and mixed policies side by side and compares them.
+
+  python -m tools.compare                                  # mlp, synthetic task, float32 vs auto
+  python -m tools.compare --model=cnn --policies=fp32,bf16,fp16 --steps=100
+  python -m tools.compare --model_path=runs/mlp/model.keras --policies=fp32,bf16
+  python -m tools.compare --tolerance=0.02 --output_dir=runs/compare
+
+Writes compare.json and compare.png (loss per policy over the steps, and the loss
+scale) to --output_dir. Exit code 0: every policy within the tolerance; 1: one
+was not; 2: bad input.
+"""
+
+import math
+import os
+from typing import Sequence
+
+from absl import flags
+
+from tfmp import cli
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", None, ("mlp", "cnn", "transformer"),
+                  "Reference model (default mlp); or give --model_path.")
+flags.DEFINE_string("model_path", None, "A saved .keras model to compare instead.")
+flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+flags.DEFINE_list("policies", ["float32", "auto"],
+                  "Comma-separated policies; the first is the baseline.")
+flags.DEFINE_integer("steps", 50, "Training steps per policy.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
+flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
+flags.DEFINE_float("tolerance", 0.05, "Largest relative loss gap to the baseline that passes.")
+flags.DEFINE_integer("seed", 0, "Seed for the initial weights and the data.")
+flags.DEFINE_string("output_dir", "compare", "Where compare.json and compare.png go.")
+
+JSON_NAME, PNG_NAME = "compare.json", "compare.png"
+
+
+def _input_kind(model) -> str:
+    """The synthetic task whose inputs fit a saved model's first input."""
+    from tfmp import data
+
+    spec = model.inputs[0]
+    kind = ("tokens" if "int" in str(spec.dtype) else
+            "image" if len(spec.shape) == 4 else "vector")
+    x, _, _ = data.synthetic_arrays(kind, 1, 0)
+    if tuple(spec.shape[1:]) != x.shape[1:]:
+        cli.fail(f"--model_path={FLAGS.model_path!r} takes inputs of shape {tuple(spec.shape[1:])}; "
+                 f"the {kind} task of --dataset=synthetic has {x.shape[1:]}: give a --dataset "
+                 "that fits the model")
+    return kind
+
+
+def _validate() -> None:
+    if FLAGS.model and FLAGS.model_path:
+        cli.fail("give --model or --model_path, not both")
+    if not math.isfinite(FLAGS.learning_rate) or FLAGS.learning_rate <= 0:
+        cli.fail(f"--learning_rate={FLAGS.learning_rate} must be a positive finite number")
+    if os.path.exists(FLAGS.output_dir) and not os.path.isdir(FLAGS.output_dir):
+        cli.fail(f"--output_dir={FLAGS.output_dir!r} exists and is not a directory")
+
+
+def main(argv: Sequence[str]) -> int:
+    _validate()
+    import functools
+
+    import keras
+
+    import tfmp
+    from tfmp import compare, data, training
+
+    import models
+
+    loss = None
+    if FLAGS.model_path:
+        saved = cli.load_keras_model(FLAGS.model_path)
+        kind = _input_kind(saved)
+        build = lambda: saved  # noqa: E731  (prepare copies it for every policy)
+        loss = getattr(saved, "loss", None) or None
+    else:
+        builder, kind = models.get(FLAGS.model or "mlp")
+    try:
+        d = data.load(FLAGS.dataset, kind, FLAGS.batch_size, FLAGS.data_dir, FLAGS.seed)
+        if not FLAGS.model_path:
+            build = functools.partial(builder, **d.model_kwargs())
+        result = compare.compare_precision(
+            build, d.train, policies=FLAGS.policies, steps=FLAGS.steps, seed=FLAGS.seed,
+            loss=loss, optimizer=lambda: keras.optimizers.Adam(FLAGS.learning_rate),
+            tolerance=FLAGS.tolerance, eval_data=d.eval, metrics=["accuracy"])
+    except (data.DatasetError, tfmp.AuditError, ValueError) as e:  # compare_precision's checks
+        cli.fail(str(e).splitlines()[0])
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    json_path = os.path.join(FLAGS.output_dir, JSON_NAME)
+    training.write_json_atomically(json_path, result.to_dict())
+    print(result)
+    try:
+        compare.plot_comparison(result, os.path.join(FLAGS.output_dir, PNG_NAME))
+        print(f"wrote {json_path} and {os.path.join(FLAGS.output_dir, PNG_NAME)}")
+    except ImportError as e:
+        print(f"wrote {json_path}; no plot: {e}")
+    return 0 if result.ok else cli.EXIT_FINDINGS
+
+
+if __name__ == "__main__":
+    cli.run(main)
