@@ -11,10 +11,11 @@ ratios.
 """
 
 import statistics
-import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from absl import app, flags
+
+from benchmarks import interleave
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("rounds", 30, "Measured rounds (one block per arm each).")
@@ -49,16 +50,6 @@ def main(argv: Sequence[str]) -> None:
         model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
 
-    class BlockTimer(keras.callbacks.Callback):
-        def on_train_begin(self, logs=None):
-            self.first = None
-
-        def on_train_batch_end(self, batch, logs=None):
-            now = time.perf_counter()
-            if self.first is None:
-                self.first = now
-            self.per_step = (now - self.first) / max(batch, 1)
-
     rng = np.random.RandomState(0)
     x = rng.rand(FLAGS.batch_size * 8, 784).astype("float32")
     y = rng.randint(0, 10, len(x))
@@ -66,23 +57,20 @@ def main(argv: Sequence[str]) -> None:
     plain, monitored = build(), build()
     monitors = [tfmp.callbacks.LossScaleMonitor(), tfmp.callbacks.NanMonitor("stop")]
 
-    def block(with_monitors: bool) -> float:
-        timer = BlockTimer()
-        model = monitored if with_monitors else plain
-        callbacks = [timer] + (monitors if with_monitors and not FLAGS.calibrate else [])
-        model.fit(data, epochs=1, steps_per_epoch=FLAGS.block + 1, verbose=0, callbacks=callbacks)
-        return timer.per_step
+    def block(with_monitors: bool) -> Callable[[], float]:
+        def run() -> float:
+            timer = interleave.BlockTimer()
+            model = monitored if with_monitors else plain
+            callbacks = [timer] + (monitors if with_monitors and not FLAGS.calibrate else [])
+            model.fit(data, epochs=1, steps_per_epoch=FLAGS.block + 1, verbose=0,
+                      callbacks=callbacks)
+            return timer.per_step
+        return run
 
-    on, off = [], []
-    for i in range(FLAGS.warmup + FLAGS.rounds):
-        order = (True, False) if i % 2 else (False, True)
-        times = {arm: block(arm) for arm in order}
-        if i >= FLAGS.warmup:
-            on.append(times[True])
-            off.append(times[False])
-    ratios = [a / b for a, b in zip(on, off)]
-    med = statistics.median(ratios)
-    q = statistics.quantiles(ratios, n=4)
+    times = interleave.interleaved({"plain": block(False), "monitored": block(True)},
+                                   FLAGS.rounds, FLAGS.warmup)
+    on, off = times["monitored"], times["plain"]
+    med, q1, q3 = interleave.ratio_summary(on, off)
     if FLAGS.calibrate:
         print("CALIBRATION (A/A): neither arm has monitors")
     print(f"policy={policy} optimizer={type(monitored.optimizer).__name__} "
@@ -90,7 +78,7 @@ def main(argv: Sequence[str]) -> None:
     print(f"median step time, plain fit:          {1e3 * statistics.median(off):.3f} ms")
     print(f"median step time, with both monitors: {1e3 * statistics.median(on):.3f} ms")
     print(f"median per-round ratio (monitors/plain): {med:.4f} (overhead {100 * (med - 1):+.2f}%; "
-          f"quartiles {q[0]:.4f} .. {q[2]:.4f})")
+          f"quartiles {q1:.4f} .. {q3:.4f})")
 
 
 if __name__ == "__main__":

@@ -78,6 +78,25 @@ def test_unscaling_that_overflows_is_skipped():
     np.testing.assert_array_equal(v[0].numpy(), [1.0, 1.0])
 
 
+@pytest.mark.parametrize("values, finite", [
+    ([1.0, 2.0, 3.0], True),
+    ([1.0, math.nan, 3.0], False),
+    ([math.inf, -math.inf, 1.0], False),  # they cancel to NaN, not to a finite number
+    ([-math.inf, 1.0, 1.0], False),
+])
+def test_fused_finiteness_check(values, finite):
+    opt = DLSO(keras.optimizers.SGD())
+    grads = [tf.constant(values), tf.ones((2, 2)), None]
+    assert bool(opt.check_finite(grads)) is finite
+
+
+def test_fused_check_sums_16_bit_gradients_in_float32():
+    opt = DLSO(keras.optimizers.SGD())
+    big = tf.fill((100,), tf.constant(60000.0, tf.float16))  # finite; its float16 sum is not
+    assert bool(opt.check_finite([big]))
+    assert not bool(opt.check_finite([tf.constant([1.0, math.inf], tf.bfloat16)]))
+
+
 def test_first_nonfinite_variable_names_the_variable_passed():
     v = _vars()
     opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=8.0)

@@ -308,6 +308,22 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 cross_replica_apply, args=(self, grads, trainable_variables)
             )
 
+    def check_finite(self, grads) -> Any:
+        """True if every gradient is finite: one sum per gradient, one test.
+
+        NaN and inf propagate through a sum (+inf and -inf give NaN), so the
+        sum of the gradients' sums is finite exactly when they are, up to a
+        float32 sum overflowing (elements around 1e32 and above, a broken step
+        in any precision). DeepSpeed checks overflow the same way; stock Keras
+        builds a boolean tensor per gradient, which cost this check ~5% of a
+        small model's step here. 16-bit gradients are summed in float32.
+        """
+        sums = [ops.sum(ops.cast(g, "float32") if g.dtype in (tf.float16, tf.bfloat16) else g)
+                for g in grads if g is not None]
+        if not sums:
+            return ops.convert_to_tensor(True)
+        return ops.isfinite(ops.sum(ops.stack(sums)))
+
     def _finite_step(self, grads, trainable_variables) -> None:
         update = update_step(self)  # read before the inner optimizer counts this step
         self.inner_optimizer.apply(grads, trainable_variables=trainable_variables)
