@@ -11,28 +11,21 @@ ratios.
 """
 
 import statistics
-from typing import Callable, Sequence
+from typing import Sequence
 
 from absl import app, flags
 
 from benchmarks import interleave
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("rounds", 30, "Measured rounds (one block per arm each).")
-flags.DEFINE_integer("block", 50, "Steps per block.")
-flags.DEFINE_integer("warmup", 3, "Unmeasured rounds first.")
-flags.DEFINE_integer("batch_size", 256, "Batch size.")
+interleave.define_flags(rounds=30, block=50, batch_size=256)
 flags.DEFINE_integer("width", 1024, "Hidden width of the MLP (784 -> width -> width -> 10).")
-flags.DEFINE_string("precision", "bf16", "Precision policy (tfmp.set_policy names).")
 flags.DEFINE_bool("calibrate", False, "A/A run: the second model gets no monitors either, "
                   "to see the method's own bias and spread.")
 
 
 def main(argv: Sequence[str]) -> None:
     import keras
-    import numpy as np
-    import tensorflow as tf
-
     import tfmp
 
     policy = tfmp.set_policy(FLAGS.precision)
@@ -50,25 +43,14 @@ def main(argv: Sequence[str]) -> None:
         model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
 
-    rng = np.random.RandomState(0)
-    x = rng.rand(FLAGS.batch_size * 8, 784).astype("float32")
-    y = rng.randint(0, 10, len(x))
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(FLAGS.batch_size).repeat().prefetch(2)
+    data = interleave.random_batches(784, FLAGS.batch_size)
     plain, monitored = build(), build()
     monitors = [tfmp.callbacks.LossScaleMonitor(), tfmp.callbacks.NanMonitor("stop")]
-
-    def block(with_monitors: bool) -> Callable[[], float]:
-        def run() -> float:
-            timer = interleave.BlockTimer()
-            model = monitored if with_monitors else plain
-            callbacks = [timer] + (monitors if with_monitors and not FLAGS.calibrate else [])
-            model.fit(data, epochs=1, steps_per_epoch=FLAGS.block + 1, verbose=0,
-                      callbacks=callbacks)
-            return timer.per_step
-        return run
-
-    times = interleave.interleaved({"plain": block(False), "monitored": block(True)},
-                                   FLAGS.rounds, FLAGS.warmup)
+    clock = interleave.CLOCKS[FLAGS.clock]
+    blocks = {"plain": interleave.fit_block(plain, data, FLAGS.block, clock),
+              "monitored": interleave.fit_block(monitored, data, FLAGS.block, clock,
+                                                [] if FLAGS.calibrate else monitors)}
+    times = interleave.interleaved(blocks, FLAGS.rounds, FLAGS.warmup)
     on, off = times["monitored"], times["plain"]
     med, q1, q3 = interleave.ratio_summary(on, off)
     if FLAGS.calibrate:

@@ -11,9 +11,28 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import keras
+from absl import flags
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def define_flags(*, rounds: int, block: int, batch_size: int) -> None:
+    """The flags every interleaved benchmark takes, with its own defaults.
+
+    `--rounds`, `--block`, `--warmup`, `--batch_size`, `--precision` and `--clock`
+    (`wall`: perf_counter; `cpu`: process CPU seconds, immune to the machine's stalls).
+    """
+    flags.DEFINE_integer("rounds", rounds, "Measured rounds (one block per arm each).")
+    flags.DEFINE_integer("block", block, "Steps per block.")
+    flags.DEFINE_integer("warmup", 3, "Unmeasured rounds first.")
+    flags.DEFINE_integer("batch_size", batch_size, "Batch size.")
+    flags.DEFINE_string("precision", "bf16", "Precision policy (tfmp.set_policy names).")
+    flags.DEFINE_enum("clock", "wall", tuple(CLOCKS), "wall: perf_counter; cpu: process CPU "
+                      "seconds (immune to the machine's stalls).")
 
 
 class BlockTimer(keras.callbacks.Callback):
@@ -37,6 +56,30 @@ class BlockTimer(keras.callbacks.Callback):
         if self.first is None:
             self.first = now
         self.per_step = (now - self.first) / max(batch, 1)
+
+
+def random_batches(features: int, batch_size: int, classes: int = 10) -> Any:
+    """An endless `tf.data` pipeline over 8 batches of random vectors and labels."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.RandomState(0)
+    x = rng.rand(batch_size * 8, features).astype("float32")
+    y = rng.randint(0, classes, len(x))
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(batch_size).repeat().prefetch(2)
+
+
+def fit_block(model: keras.Model, data: Any, steps: int, clock: Callable[[], float],
+              callbacks: Sequence[keras.callbacks.Callback] = ()) -> Callable[[], float]:
+    """A block for `interleaved`: `steps` steps of `model.fit`, returning seconds per step."""
+
+    def run() -> float:
+        timer = BlockTimer(clock)
+        model.fit(data, epochs=1, steps_per_epoch=steps + 1, verbose=0,
+                  callbacks=[timer, *callbacks])
+        return timer.per_step
+
+    return run
 
 
 def interleaved(blocks: dict[str, Callable[[], float]], rounds: int,
