@@ -50,6 +50,7 @@ def prepare(
        float32 (`tfmp.enforce_float32`). Never half converted.
     3. `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=..., **scale_args)`.
     4. `tfmp.audit`: raises on errors.
+    5. `tfmp.guard_model_state(model)`.
 
     Args:
         model: A built Sequential or Functional model. A subclassed model is
@@ -60,7 +61,10 @@ def prepare(
         hardware: The hardware to decide and audit for; detected when omitted.
 
     Returns:
-        `(model, optimizer)`: compile and fit these. The input model is unchanged.
+        `(model, optimizer)`: compile and fit these. The model's train step is
+        guarded (`tfmp.guard_model_state`: a skipped step changes no state). A
+        Sequential or Functional input model is left unchanged (a copy is
+        returned); a subclassed one is returned itself, with that guard.
 
     Raises:
         AuditError: the prepared model still has audit errors (a `ValueError`).
