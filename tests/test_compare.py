@@ -128,7 +128,8 @@ def test_tool_on_a_saved_model_and_a_failing_verdict(tmp_path):
 @pytest.mark.parametrize("args, fragment", [
     (["--policies=fp32,fp17"], "Unknown precision 'fp17'"),  # the library's check, one line
     (["--model=mlp", "--model_path=x.keras"], "give --model or --model_path, not both"),
-    (["--model_path={tmp}/cnn.keras"], "takes inputs of shape (8, 8, 3)"),
+    (["--model_path={tmp}/cnn.keras"], "the model takes inputs of shape (8, 8, 3); dataset "
+                                       "'synthetic' has (32, 32, 3)"),
 ])
 def test_tool_bad_input_is_one_line(tmp_path, args, fragment):
     models.get("cnn")[0](input_shape=(8, 8, 3), width=8, stages=1).save(tmp_path / "cnn.keras")

@@ -76,6 +76,23 @@ def synthetic_arrays(kind: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarr
     raise ValueError(f"Unknown input kind {kind!r}; accepted: {', '.join(INPUT_KINDS)}.")
 
 
+def input_kind(model: Any) -> str:
+    """The kind of input a model's first input takes: `tokens` (integers), `image` (rank 4)
+    or `vector`, for a model whose own builder is not at hand (a saved `.keras` file)."""
+    spec = model.inputs[0]
+    if "int" in str(spec.dtype):
+        return "tokens"
+    return "image" if len(spec.shape) == 4 else "vector"
+
+
+def check_fits(model: Any, data: "Data") -> None:
+    """Raises `DatasetError` when `data`'s examples do not have the model's input shape."""
+    expected = tuple(model.inputs[0].shape[1:])
+    if tuple(data.input_shape) != expected:
+        raise DatasetError(f"the model takes inputs of shape {expected}; dataset {data.name!r} "
+                           f"has {tuple(data.input_shape)}: give a dataset that fits the model")
+
+
 def _batch(ds: tf.data.Dataset, batch_size: int, train: bool, seed: int) -> tf.data.Dataset:
     if train:
         ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True).repeat()

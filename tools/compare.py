@@ -36,21 +36,6 @@ flags.DEFINE_string("output_dir", "compare", "Where compare.json and compare.png
 JSON_NAME, PNG_NAME = "compare.json", "compare.png"
 
 
-def _input_kind(model) -> str:
-    """The synthetic task whose inputs fit a saved model's first input."""
-    from tfmp import data
-
-    spec = model.inputs[0]
-    kind = ("tokens" if "int" in str(spec.dtype) else
-            "image" if len(spec.shape) == 4 else "vector")
-    x, _, _ = data.synthetic_arrays(kind, 1, 0)
-    if tuple(spec.shape[1:]) != x.shape[1:]:
-        cli.fail(f"--model_path={FLAGS.model_path!r} takes inputs of shape {tuple(spec.shape[1:])}; "
-                 f"the {kind} task of --dataset=synthetic has {x.shape[1:]}: give a --dataset "
-                 "that fits the model")
-    return kind
-
-
 def _validate() -> None:
     if FLAGS.model and FLAGS.model_path:
         cli.fail("give --model or --model_path, not both")
@@ -74,14 +59,16 @@ def main(argv: Sequence[str]) -> int:
     loss = None
     if FLAGS.model_path:
         saved = cli.load_keras_model(FLAGS.model_path)
-        kind = _input_kind(saved)
+        kind = data.input_kind(saved)
         build = lambda: saved  # noqa: E731  (prepare copies it for every policy)
         loss = getattr(saved, "loss", None) or None
     else:
         builder, kind = models.get(FLAGS.model or "mlp")
     try:
         d = data.load(FLAGS.dataset, kind, FLAGS.batch_size, FLAGS.data_dir, FLAGS.seed)
-        if not FLAGS.model_path:
+        if FLAGS.model_path:
+            data.check_fits(saved, d)
+        else:
             build = functools.partial(builder, **d.model_kwargs())
         result = compare.compare_precision(
             build, d.train, policies=FLAGS.policies, steps=FLAGS.steps, seed=FLAGS.seed,
