@@ -1,6 +1,5 @@
 """tfmp.compare_precision and tools/compare.py (in subprocesses)."""
 
-import functools
 import json
 import os
 import subprocess
@@ -8,11 +7,9 @@ import sys
 import warnings
 
 import keras
-import numpy as np
 import pytest
 
 import models
-import tfmp
 from tfmp import data
 from tfmp.compare import compare_precision
 

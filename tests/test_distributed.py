@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import tfmp
 from tfmp import DynamicLossScaleOptimizer as DLSO
-from helpers import INF, _vars, make_data, make_model, mirrored
+from helpers import _vars, make_data, make_model, mirrored
 
 
 # -------------------------------------------------- gradient accumulation

@@ -3,7 +3,6 @@
 import functools
 import glob
 import json
-import os
 import warnings
 
 import keras
