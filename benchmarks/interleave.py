@@ -9,7 +9,6 @@ baseline, and the median ratio with its quartiles is what to quote.
 
 from __future__ import annotations
 
-import statistics
 import time
 from typing import Any, Callable, Sequence
 
@@ -102,6 +101,7 @@ def interleaved(blocks: dict[str, Callable[[], float]], rounds: int,
 
 def ratio_summary(numerator: Sequence[float], denominator: Sequence[float]) -> tuple[float, ...]:
     """Median and quartiles of the per-round ratios `numerator[i] / denominator[i]`."""
-    ratios = [a / b for a, b in zip(numerator, denominator)]
-    q1, median, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return statistics.median(ratios), q1, q3
+    from tfmp.compare import quartiles  # the same statistics compare_precision reports
+
+    q1, median, q3 = quartiles([a / b for a, b in zip(numerator, denominator)])
+    return median, q1, q3

@@ -120,7 +120,8 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
+    """25%, 50% and 75% quantiles of the finite `values` (inclusive method); NaN if none."""
     finite = [v for v in values if math.isfinite(v)]
     if not finite:
         return (math.nan,) * 3
@@ -192,9 +193,9 @@ def _verdict(base: _Arm, arm: _Arm, tolerance: float) -> Verdict:
     gaps = [abs(a - b) / max(abs(b), 1e-12) if math.isfinite(a) else math.inf
             for a, b in zip(arm.losses, base.losses)]
     gap = max(gaps)
-    norm_ratio = _quartiles([a / b for a, b in zip(arm.norms, base.norms)
+    norm_ratio = quartiles([a / b for a, b in zip(arm.norms, base.norms)
                              if math.isfinite(a) and math.isfinite(b) and b > 0])
-    speed = _quartiles([b / a for a, b in zip(arm.seconds[WARMUP_STEPS:],
+    speed = quartiles([b / a for a, b in zip(arm.seconds[WARMUP_STEPS:],
                                               base.seconds[WARMUP_STEPS:])])
     if not all(math.isfinite(v) for v in arm.losses):
         first = next(i for i, v in enumerate(arm.losses) if not math.isfinite(v))
