@@ -12,7 +12,7 @@ import os as _os
 # tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tfmp import callbacks, layers, state_guard
+from tfmp import callbacks, islands, layers, state_guard
 from tfmp.callbacks import NonFiniteError
 from tfmp.audits import AuditReport, Finding, audit
 from tfmp.compare import Comparison, compare_precision
@@ -33,6 +33,7 @@ from tfmp.policy import (
     set_policy,
 )
 
+from tfmp.tune import TuneResult, tune
 from tfmp.strategy import STRATEGIES, get_strategy, parse_strategy, split_cpu
 from tfmp.wrapping import get_unscaled_gradients, parse_loss_scale, wrap_optimizer
 
@@ -64,6 +65,7 @@ __all__ = [
     "parse_loss_scale",
     "parse_precision",
     "parse_strategy",
+    "islands",
     "layers",
     "policy_scope",
     "prepare",
@@ -71,5 +73,7 @@ __all__ = [
     "resolve_policy",
     "set_policy",
     "split_cpu",
+    "tune",
+    "TuneResult",
     "wrap_optimizer",
 ]

@@ -15,6 +15,7 @@ from tfmp.enforce import (
     rebuild_under_policy,
 )
 from tfmp.hardware import HardwareInfo, detect_hardware
+from tfmp.islands import apply_islands
 from tfmp.policy import set_policy
 from tfmp.state_guard import guard_model_state
 from tfmp.wrapping import LossScale, wrap_optimizer
@@ -37,6 +38,7 @@ def prepare(
     *,
     loss_scale: LossScale = "dynamic",
     guard: bool = False,
+    float32_islands: bool = True,
     hardware: Optional[HardwareInfo] = None,
     **scale_args: Any,
 ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
@@ -48,6 +50,9 @@ def prepare(
        type), it is rebuilt under the new policy with its weights copied;
        otherwise outputs, softmax and normalization layers are put in
        float32 (`tfmp.enforce_float32`). Never half converted.
+       Activations known to be slower in 16 bits on this hardware (GELU on a
+       CPU under bfloat16: `tfmp.islands.ISLANDS`) are computed in float32
+       and cast back.
     3. `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=..., **scale_args)`.
     4. `tfmp.audit`: raises on errors.
     5. `tfmp.guard_model_state(model)`.
@@ -58,6 +63,8 @@ def prepare(
         optimizer: A Keras optimizer or its name.
         precision: Any name `tfmp.set_policy` accepts (default `auto`).
         loss_scale, guard, **scale_args: See `tfmp.wrap_optimizer`.
+        float32_islands: Apply `tfmp.islands.ISLANDS` (Sequential and Functional
+            models; default True).
         hardware: The hardware to decide and audit for; detected when omitted.
 
     Returns:
@@ -83,6 +90,9 @@ def prepare(
             model = rebuild_under_policy(model, source, policy, float32_selector(model))
         else:
             model = enforce_float32(model)
+        if float32_islands:  # `model` is the copy made above: ours to change
+            for change in apply_islands(model, policy, hw):
+                logging.info("tfmp.prepare: float32 island %s", change)
     opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
     report = audit(model, opt, hw)
     if not report.ok:

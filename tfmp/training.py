@@ -20,8 +20,10 @@ from tfmp.hardware import HardwareInfo, detect_hardware
 from tfmp.monitoring import NAN_KEY, SCALE_KEY, SKIPPED_KEY
 from tfmp.policy import PolicyChoice, resolve_policy, set_policy
 from tfmp.prepare import prepare
+from tfmp.tune import tune
 
 BACKUP, TENSORBOARD, FINAL_MODEL, SUMMARY = "backup", "tensorboard", "model.keras", "summary.json"
+TUNED = "tune.json"  # the policy --precision=tune chose, kept so that a resumed run keeps it
 COUNTERS = (SCALE_KEY, SKIPPED_KEY, NAN_KEY)
 
 
@@ -48,6 +50,7 @@ class TrainConfig:
     remat: bool = False
     jit_compile: bool = False
     seed: int = 0
+    tune_steps: int = 20
     nan_policy: str = "stop"
     model_dir: Optional[str] = None
 
@@ -168,6 +171,31 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
     return model, optimizer
 
 
+def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
+                   hardware: HardwareInfo) -> tuple[PolicyChoice, Optional[dict[str, Any]]]:
+    """`resolve_policy`, or with `precision="tune"` a measured choice (`tfmp.tune`).
+
+    The tuned choice is written to `model_dir/tune.json`; a rerun that finds it
+    (a resumed run) keeps that policy instead of measuring again.
+    """
+    if config.precision != "tune":
+        return resolve_policy(config.precision, hardware), None
+    saved = os.path.join(config.model_dir, TUNED) if config.model_dir else None
+    if saved and os.path.exists(saved):
+        with open(saved) as f:
+            tuned = json.load(f)
+        return PolicyChoice(tuned["policy"], f"kept from {saved}: {tuned['reason']}", "tune"), tuned
+    keras.utils.set_random_seed(config.seed)
+    result = tune(lambda: build_model(**data.model_kwargs()), data.train,
+                  steps=config.tune_steps, seed=config.seed, hardware=hardware,
+                  optimizer=lambda: keras.optimizers.Adam(config.learning_rate))
+    tuned = result.to_dict()
+    if saved:
+        os.makedirs(config.model_dir, exist_ok=True)
+        write_json_atomically(saved, tuned)
+    return PolicyChoice(result.policy, result.reason, "tune"), tuned
+
+
 def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
           strategy: tf.distribute.Strategy) -> dict[str, Any]:
     """Trains a reference model and returns the run's summary (also `summary.json`).
@@ -182,7 +210,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     """
     check_config(config, strategy)
     hardware = detect_hardware(strategy)
-    choice: PolicyChoice = resolve_policy(config.precision, hardware)
+    choice, tuned = _choose_policy(config, build_model, data, hardware)
     policy = set_policy(choice, hardware)  # logs the choice's own reason
     replicas = strategy.num_replicas_in_sync
     steps = config.steps_per_epoch or max(data.train_examples // config.batch_size, 1)
@@ -217,6 +245,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         "nan_losses": monitor.summary.get("nan_losses"),
         "nan_events": [dataclasses.asdict(e) for e in nan.events],
         "stopped_by_nan": stopped,
+        "tune": tuned,
     }
     if config.model_dir:
         if not stopped:

@@ -20,14 +20,17 @@ FLAGS = flags.FLAGS
 MODELS = ("mlp", "cnn", "transformer")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu", "off")
 NAN_POLICIES = ("skip", "stop", "raise")
-PRECISIONS = ("auto", "mixed_float16", "fp16", "float16", "mixed_bfloat16", "bf16", "bfloat16",
+PRECISIONS = ("auto", "tune", "mixed_float16", "fp16", "float16", "mixed_bfloat16", "bf16", "bfloat16",
               "float32", "fp32")
 
 flags.DEFINE_enum("model", "mlp", MODELS, "Reference model.")
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
-flags.DEFINE_enum("precision", None, PRECISIONS, "Precision policy (default auto; any case).",
-                  case_sensitive=False)
+flags.DEFINE_enum("precision", None, PRECISIONS, "Precision policy (default auto; any case). "
+                  "tune: time float32 and each 16-bit policy on this model and batch first "
+                  "(tfmp.tune) and train with the fastest that passes.", case_sensitive=False)
+flags.DEFINE_integer("tune_steps", 20, "Steps per policy that --precision=tune measures.",
+                     lower_bound=3)
 flags.DEFINE_enum("dtype", None, ("fp16", "bf16", "fp32"), "Model Garden alias of --precision.",
                   case_sensitive=False)
 flags.DEFINE_string("loss_scale", "dynamic", "'dynamic' or a positive number (float16 only).")
@@ -65,7 +68,7 @@ def _alias(name: str, alias: str, default: str) -> str:
 def _same(a: str, b: str) -> bool:
     import tfmp
 
-    return tfmp.parse_precision(a) == tfmp.parse_precision(b)
+    return "tune" not in (a, b) and tfmp.parse_precision(a) == tfmp.parse_precision(b)
 
 
 def _validate(precision: str, strategy_name: str) -> None:
@@ -136,7 +139,8 @@ def main(argv: Sequence[str]) -> int:
         **{f: getattr(FLAGS, f) for f in (
             "model", "dataset", "data_dir", "loss_scale", "initial_scale", "growth_interval",
             "min_scale", "tpu", "num_cpu_devices", "batch_size", "epochs", "steps_per_epoch",
-            "learning_rate", "grad_accum_steps", "remat", "jit_compile", "seed", "nan_policy",
+            "learning_rate", "grad_accum_steps", "remat", "jit_compile", "seed", "tune_steps",
+            "nan_policy",
             "model_dir")},
         "precision": precision, "strategy": strategy_name,
     })
