@@ -6,6 +6,8 @@ import keras
 
 from tfmp import layers as tfmp_layers
 
+# `--size=large` (tools/bench): width 64, wide enough for 16-bit matmul units to pay.
+LARGE = dict(width=64)
 INPUT_KIND = "image"
 
 

@@ -6,6 +6,8 @@ import keras
 
 from tfmp import layers as tfmp_layers
 
+# `--size=large` (tools/bench): hidden 1024, wide enough for 16-bit matmul units to pay.
+LARGE = dict(hidden=(1024, 1024))
 INPUT_KIND = "vector"
 
 

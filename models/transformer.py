@@ -7,6 +7,8 @@ from keras import ops
 
 from tfmp import layers as tfmp_layers
 
+# `--size=large` (tools/bench): dim 256, wide enough for 16-bit matmul units to pay.
+LARGE = dict(dim=256)
 INPUT_KIND = "tokens"
 
 

@@ -1,6 +1,9 @@
 """Small models, data and optimizer steps shared by the loss-scaling tests."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -51,3 +54,13 @@ def mirrored():
     under MirroredStrategy use this one.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tool(tool, *args, timeout=300, **extra_env):
+    """`python -m tools.<tool> args...` from the checkout, TF's C++ logging quiet."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
+    return subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)

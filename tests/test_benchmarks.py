@@ -1,6 +1,10 @@
-"""benchmarks/interleave.py: the rotation and the ratio summary every benchmark relies on."""
+"""benchmarks/: the interleaved rotation, the ratio summary, and tools/bench end to end."""
+
+import json
 
 import pytest
+
+import helpers
 
 from benchmarks import interleave
 
@@ -26,3 +30,50 @@ def test_ratio_summary_is_the_median_of_per_round_ratios():
     # A drift that hits both arms of a round alike cancels out of the ratio.
     median, _, _ = interleave.ratio_summary([1.0, 2.0, 4.0], [2.0, 4.0, 8.0])
     assert median == pytest.approx(0.5)
+
+
+def test_activation_bytes_halve_under_bfloat16_except_float32_layers():
+    import keras
+
+    import models
+    from benchmarks import bench
+
+    def mlp(policy):
+        keras.config.set_dtype_policy(policy)
+        model = models.get("mlp")[0](hidden=(32, 32))
+        keras.config.set_dtype_policy("float32")
+        return model
+
+    f32, bf16 = bench.activation_bytes(mlp("float32"), 4), bench.activation_bytes(mlp("mixed_bfloat16"), 4)
+    # input 64 (float32 in both), hidden 32 + 32 (float32: 4 bytes, bf16: 2), logits 10 (float32)
+    assert f32 == 4 * 4 * (64 + 32 + 32 + 10)
+    assert bf16 == 4 * (4 * 64 + 2 * (32 + 32) + 4 * 10)
+
+
+def test_tool_end_to_end_with_a_process_per_variant(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = helpers.run_tool("bench", "--models=mlp", "--sizes=default", "--batch_size=32",
+                            "--variants=keras_fp16,tf_rewrite,tfmp_auto_guarded", "--rounds=2",
+                            "--warmup=1", "--block_seconds=0.02", f"--output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in report["rows"]}
+    assert list(rows) == ["float32", "keras_fp16", "tf_rewrite", "tfmp_auto_guarded"]
+    assert rows["keras_fp16"]["note"].startswith("skipped: mixed_float16 on a CPU-only host")
+    assert rows["tf_rewrite"]["policy"] == "float32 + rewrite"
+    assert rows["tfmp_auto_guarded"]["policy"] == "mixed_bfloat16"  # this CPU has avx512_bf16
+    assert rows["float32"]["speed_wall"] == [1.0, 1.0, 1.0]
+    for r in (rows["float32"], rows["tf_rewrite"], rows["tfmp_auto_guarded"]):
+        assert r["speed_wall"][1] > 0 and r["speed_cpu"][1] > 0 and r["peak_rss"] > 100e6
+        assert r["steps_per_block"] >= 3
+    assert rows["tfmp_auto_guarded"]["activation_bytes_vs_float32"] < 1.0
+    assert "| mlp | default | tfmp_auto_guarded | mixed_bfloat16 |" in proc.stdout
+    assert "--variants=keras_fp16,tf_rewrite,tfmp_auto_guarded" in report["command"]
+
+
+def test_tool_bad_variant_is_one_line(tmp_path):
+    proc = helpers.run_tool("bench", "--variants=float32,fp8", f"--output={tmp_path}/b.json")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "bench.py: error: --variants=float32,fp8: fp8 not accepted; accepted: float32, "
+        "keras_bf16, keras_fp16, tf_rewrite, tfmp_auto, tfmp_auto_guarded")

@@ -1,19 +1,15 @@
 """tfmp.compare_precision and tools/compare.py (in subprocesses)."""
 
 import json
-import os
-import subprocess
-import sys
 import warnings
 
 import keras
 import pytest
 
+import helpers
 import models
 from tfmp import data
 from tfmp.compare import compare_precision
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
 
 
@@ -95,9 +91,7 @@ def test_bad_arguments(task, kwargs, fragment):
 
 
 def run_tool(*args):
-    return subprocess.run([sys.executable, "-m", "tools.compare", *args], cwd=ROOT,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
-                          capture_output=True, text=True, timeout=300)
+    return helpers.run_tool("compare", *args)
 
 
 def test_tool_end_to_end(tmp_path):

@@ -8,15 +8,13 @@ import keras
 import numpy as np
 import pytest
 
+import helpers
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import ROOT
 
 
 def run_tool(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "tools.audit", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return helpers.run_tool("audit", *args)
 
 
 @pytest.fixture(scope="module")

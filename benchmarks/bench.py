@@ -1,0 +1,270 @@
+"""The throughput and memory benchmark behind `python -m tools.bench`.
+
+Every variant of a model trains in a fresh process of its own (spawned), so that
+its peak resident set is its own and TensorFlow's graph rewrite (a process-wide
+option) is on in its process only. The processes wait on a pipe; the parent asks
+them in turn for one block of `model.fit` steps (`interleave.interleaved`: the
+order rotates every round, warm-up rounds dropped), so the variants are timed
+side by side in short blocks, never two at once, and each round gives a ratio to
+float32. Quoted: the median ratio and its quartiles, by wall clock and by process
+CPU time (immune to the machine's stalls).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import multiprocessing
+import resource
+import statistics
+from typing import Any, Callable, Optional, Sequence
+
+from benchmarks import interleave
+
+BASELINE = "float32"
+VARIANTS: dict[str, str] = {
+    BASELINE: "Keras, float32",
+    "keras_bf16": "Keras, global policy mixed_bfloat16, plain Adam",
+    "keras_fp16": "Keras, mixed_float16 with keras.optimizers.LossScaleOptimizer",
+    "tf_rewrite": "float32 model under TF's auto_mixed_precision_onednn_bfloat16 graph rewrite",
+    "tfmp_auto": "tfmp.prepare(model, Adam, 'auto'): policy from the hardware, float32 islands",
+    "tfmp_auto_guarded": "as tfmp_auto plus guard=True, LossScaleMonitor and NanMonitor "
+                         "(what tools/train runs)",
+}
+REWRITE_OPTION = "auto_mixed_precision_onednn_bfloat16"
+READY_TIMEOUT = 900.0  # seconds a worker may take to import, build and warm up
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One variant of one model at one size, as a worker process builds it."""
+
+    model: str
+    size: str
+    variant: str
+    batch_size: int
+    block_seconds: float
+    seed: int = 0
+
+
+def skip_reason(variant: str, hardware: Any) -> Optional[str]:
+    """Why a variant is not run on `hardware` (float16 where it is a trap), else None."""
+    from tfmp.policy import trap_warnings
+
+    if variant == "keras_fp16":
+        traps = trap_warnings("mixed_float16", hardware)
+        if traps:
+            return "skipped: " + traps[0].split(":")[0]
+    return None
+
+
+def activation_bytes(model: Any, batch_size: int) -> int:
+    """Bytes of every layer's and op's outputs for one batch (what backprop keeps, roughly)."""
+    import keras
+    import numpy as np
+
+    total = 0
+    for op in model.operations:
+        for tensor in keras.tree.flatten(op.output):
+            count = int(np.prod([d for d in tensor.shape[1:]], dtype=np.int64)) * batch_size
+            total += count * np.dtype(keras.backend.standardize_dtype(tensor.dtype)).itemsize
+    return total
+
+
+def _build(spec: Spec) -> tuple[Any, list, str]:
+    """The compiled model, its callbacks and the policy it computes in."""
+    import keras
+    import tensorflow as tf
+
+    import models
+    import tfmp
+
+    build = models.get(spec.model)[0]
+    kwargs = models.size_kwargs(spec.model, spec.size)
+    optimizer = keras.optimizers.Adam(1e-3)
+    callbacks: list = []
+    keras.utils.set_random_seed(spec.seed)
+    if spec.variant.startswith("tfmp_auto"):
+        guarded = spec.variant == "tfmp_auto_guarded"
+        model, optimizer = tfmp.prepare(build(**kwargs), optimizer, "auto", guard=guarded)
+        if guarded:
+            callbacks = [tfmp.callbacks.LossScaleMonitor(), tfmp.callbacks.NanMonitor()]
+    else:
+        policy = {"keras_bf16": "mixed_bfloat16", "keras_fp16": "mixed_float16"}.get(
+            spec.variant, "float32")
+        if spec.variant == "tf_rewrite":
+            tf.config.optimizer.set_experimental_options({REWRITE_OPTION: True})
+        keras.config.set_dtype_policy(policy)
+        model = build(**kwargs)
+        if policy == "mixed_float16":
+            optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    policy = keras.config.dtype_policy().name
+    if spec.variant == "tf_rewrite":
+        policy += " + rewrite"
+    return model, callbacks, policy
+
+
+def _data(spec: Spec, model: Any) -> Any:
+    import tensorflow as tf
+
+    from tfmp import data
+
+    x, y, _ = data.synthetic_arrays(data.input_kind(model), spec.batch_size * 8, spec.seed)
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(spec.batch_size).repeat().prefetch(2)
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def worker(conn: Any, spec: Spec) -> None:
+    """A variant's process: builds, warms up, then runs one block per `"run"` it receives.
+
+    Sends `("ready", info)` (or `("error", line)`), then `(wall, cpu)` seconds per
+    step for each `"run"`, and its peak resident set in bytes on `"stop"`.
+    """
+    try:
+        import time
+        import warnings
+
+        warnings.filterwarnings("ignore", message=".*shuffle=True.*")  # fit on a tf.data pipeline
+        import tfmp  # noqa: F401  (imported before the baseline resident set is read)
+
+        imported = _peak_rss()
+        model, callbacks, policy = _build(spec)
+        data = _data(spec, model)
+        timers = [interleave.BlockTimer(time.perf_counter), interleave.BlockTimer(time.process_time)]
+        model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)  # tracing, warm-up
+
+        def block(steps: int) -> tuple[float, float]:
+            model.fit(data, epochs=1, steps_per_epoch=steps + 1, verbose=0,
+                      callbacks=[*timers, *callbacks])
+            return timers[0].per_step, timers[1].per_step
+
+        per_step = block(3)[0]
+        steps = max(3, min(500, math.ceil(spec.block_seconds / max(per_step, 1e-6))))
+        conn.send(("ready", {"policy": policy, "steps_per_block": steps,
+                             "activation_bytes": None if "rewrite" in policy
+                             else activation_bytes(model, spec.batch_size),
+                             "imported_rss": imported}))
+    except Exception as e:  # reported by the parent as one line
+        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        return
+    while conn.recv() == "run":
+        conn.send(block(steps))
+    conn.send(_peak_rss())
+
+
+class _Worker:
+    def __init__(self, context: Any, spec: Spec) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=worker, args=(child, spec), daemon=True)
+        self.process.start()
+        self.cpu: list[float] = []
+
+    def ready(self) -> tuple[str, Any]:
+        if not self.conn.poll(READY_TIMEOUT):
+            return "error", f"not ready within {READY_TIMEOUT:g} s"
+        return self.conn.recv()
+
+    def block(self) -> float:
+        self.conn.send("run")
+        wall, cpu = self.conn.recv()
+        self.cpu.append(cpu)
+        return wall
+
+    def stop(self) -> int:
+        self.conn.send("stop")
+        rss = self.conn.recv()
+        self.process.join(30)
+        return rss
+
+    def kill(self) -> None:
+        if self.process.is_alive():
+            self.process.kill()
+        self.process.join(30)
+
+
+def _median_and_quartiles(values: Sequence[float], base: Sequence[float]) -> list[float]:
+    """Speed ratios per round (`base / value`: above 1 is faster than the baseline)."""
+    return list(interleave.ratio_summary(base, values))
+
+
+def bench_model(model: str, size: str, variants: Sequence[str], *, batch_size: int,
+                rounds: int, warmup: int, block_seconds: float, hardware: Any,
+                progress: Callable[[], None] = lambda: None) -> list[dict[str, Any]]:
+    """One row per variant of `model` at `size`: speed and memory relative to float32.
+
+    float32 is always run (it is the baseline). Raises RuntimeError when float32
+    itself fails; another variant that fails gets its error in its row's note.
+    """
+    names = [BASELINE, *[v for v in variants if v != BASELINE]]
+    rows = {v: {"model": model, "size": size, "variant": v, "batch_size": batch_size,
+                "note": skip_reason(v, hardware)} for v in names}
+    context = multiprocessing.get_context("spawn")
+    workers = {v: _Worker(context, Spec(model, size, v, batch_size, block_seconds))
+               for v in names if rows[v]["note"] is None}
+    try:
+        for v, w in list(workers.items()):
+            status, info = w.ready()
+            if status == "error":
+                if v == BASELINE:
+                    raise RuntimeError(f"{model} ({size}) float32 failed: {info}")
+                rows[v]["note"] = f"failed: {info}"
+                w.kill()
+                del workers[v]
+            else:
+                rows[v].update(info)
+
+        def timed(w: _Worker) -> Callable[[], float]:
+            def run() -> float:
+                seconds = w.block()
+                progress()
+                return seconds
+            return run
+
+        wall = interleave.interleaved({v: timed(w) for v, w in workers.items()}, rounds, warmup)
+        for v, w in workers.items():
+            rows[v]["step_ms"] = 1e3 * statistics.median(wall[v])
+            rows[v]["speed_wall"] = _median_and_quartiles(wall[v], wall[BASELINE])
+            rows[v]["speed_cpu"] = _median_and_quartiles(w.cpu[warmup:],
+                                                         workers[BASELINE].cpu[warmup:])
+            rows[v]["peak_rss"] = w.stop()
+    finally:
+        for w in workers.values():
+            w.kill()
+    return [_with_memory_ratios(rows[v], rows[BASELINE]) for v in names]
+
+
+def _with_memory_ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    if "peak_rss" not in row:
+        return row
+    row["training_rss"] = row["peak_rss"] - row["imported_rss"]
+    for key in ("peak_rss", "training_rss", "activation_bytes"):
+        ok = row.get(key) is not None and base.get(key)
+        row[f"{key}_vs_float32"] = row[key] / base[key] if ok else None
+    return row
+
+
+def _ratio(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows as a Markdown table (speeds above 1: faster than float32)."""
+    header = ("model", "size", "variant", "policy", "speed vs float32 (wall, q1-q3)",
+              "speed (CPU time)", "step ms", "peak RSS", "RSS above import", "activations")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        if "speed_wall" not in r:
+            cells = (r["model"], r["size"], r["variant"], r.get("policy", "-"), r["note"],
+                     *("",) * 5)
+        else:
+            med, q1, q3 = r["speed_wall"]
+            cells = (r["model"], r["size"], r["variant"], r["policy"],
+                     f"{med:.2f}x ({q1:.2f}-{q3:.2f})", _ratio(r["speed_cpu"][0]),
+                     f"{r['step_ms']:.1f}", _ratio(r["peak_rss_vs_float32"]),
+                     _ratio(r["training_rss_vs_float32"]), _ratio(r["activation_bytes_vs_float32"]))
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
