@@ -262,7 +262,12 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         bad = any_replica(ops.logical_not(ops.all(ops.isfinite(loss))))
         # ONLY_FIRST_REPLICA: every replica adds the same all-reduced flag once.
         self.nonfinite_losses.value.assign_add(ops.cast(bad, "float32"))
-        return super().scale_loss(loss)
+        return loss if self._unit_scale else super().scale_loss(loss)
+
+    @property
+    def _unit_scale(self) -> bool:
+        """A fixed scale of 1 (the NaN guard under bf16 / float32): nothing to multiply or divide."""
+        return not self.dynamic and self.initial_scale == 1.0
 
     # ------------------------------------------------------------------ apply
 
@@ -292,7 +297,7 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             self.built = True
         if tf.distribute.in_cross_replica_context():
             raise ValueError("apply() must be called in a replica context.")
-        if unscale:
+        if unscale and not self._unit_scale:
             grads = self._unscale(grads, trainable_variables)
         # The decision is made on the *unscaled* gradients: a scale that reads 0
         # (or overflows the division) can never let a non-finite update through.
