@@ -58,8 +58,9 @@ def test_scales_outside_float32_normal_range_are_rejected(kwargs, fragment):
 def test_a_scale_that_reads_zero_never_applies_a_step():
     # The scale the issue describes: flushed to 0.0 by the CPU. Scaled gradients are
     # finite zeros; the decision on the unscaled ones (0/0 = NaN) must skip.
+    # (A fixed scale of 1, the guard, neither multiplies nor divides: not this case.)
     v = _vars()
-    opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=1.0, dynamic=False)
+    opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=2.0, dynamic=False)
     opt.build(v)
     opt.dynamic_scale.assign(0.0)
     opt.apply([tf.zeros((2,)), tf.zeros((3,))], v)
