@@ -64,3 +64,44 @@ def run_tool(tool, *args, timeout=300, **extra_env):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
     return subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+_CASES_DRIVER = """
+import contextlib, io, json, sys
+from absl import flags
+import importlib
+tool = importlib.import_module("tools." + sys.argv[1])  # its flags are defined once
+from tfmp import cli
+results = []
+for argv in json.loads(sys.argv[2]):
+    flags.FLAGS.unparse_flags()  # every case starts from the defaults
+    sys.argv = [sys.argv[1] + ".py", *argv]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            cli.run(tool.main)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    results.append([code, err.getvalue()])
+sys.argv = sys.argv[:1]
+print("CASES=" + json.dumps(results))
+"""
+
+
+def run_tool_cases(tool, cases, timeout=300, **extra_env):
+    """Runs `tools.<tool>` once per argument list, all in one child process.
+
+    Each case goes through the binary's own entry point (`cli.run(main)`, absl
+    flag parsing included) from default flag values; TensorFlow is imported
+    once instead of once per case. For cases that end before anything is
+    built (bad input). Returns `[(exit_code, stderr), ...]`.
+    """
+    import json
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
+    proc = subprocess.run([sys.executable, "-c", _CASES_DRIVER, tool, json.dumps(cases)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("CASES=")]
+    assert proc.returncode == 0 and line, proc.stderr[-3000:]
+    return [tuple(r) for r in json.loads(line[0][len("CASES="):])]

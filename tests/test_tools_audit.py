@@ -54,19 +54,29 @@ def test_bad_file_and_fix(files):
     assert fixed.compiled  # the compile config was carried over
 
 
-@pytest.mark.parametrize("args, fragment", [
+BAD_INPUT = [
     (["--model_path=/nonexistent/m.keras"], "--model_path='/nonexistent/m.keras' does not exist"),
     (["--model_path={d}/junk.keras"], "is not a loadable .keras model"),
     (["--model_path={d}"], "is not a readable file"),
     (["--model_path={d}/bad.keras", "--fix"], "--fix needs --output_path"),
     (["--model_path={d}/bad.keras", "--fix", "--output_path={d}/x.h5"], "must end with .keras"),
     (["--model_path={d}/bad.keras", "--fix", "--output_path=/no/dir/x.keras"], "does not exist"),
-])
-def test_bad_input_is_one_line(files, args, fragment):
-    proc = run_tool(*[a.format(d=files) for a in args])
-    assert proc.returncode == 2
-    assert fragment in proc.stderr
-    assert "Traceback" not in proc.stderr
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(files):
+    # every case through the binary, in one child process
+    return helpers.run_tool_cases("audit", [[a.format(d=files) for a in args]
+                                            for args, _ in BAD_INPUT])
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_is_one_line(bad_input_runs, case):
+    code, stderr = bad_input_runs[case]
+    assert code == 2, stderr
+    assert BAD_INPUT[case][1] in stderr
+    assert "Traceback" not in stderr
 
 
 SUBCLASSED = """

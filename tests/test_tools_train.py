@@ -10,6 +10,8 @@ import time
 import keras
 import pytest
 
+import helpers
+
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,7 +82,7 @@ def test_fp16_accumulation_remat_and_model_garden_flags(tmp_path):
     assert s["loss_scale"]["loss_scale_end"] == 256.0 * 2**4
 
 
-@pytest.mark.parametrize("args, fragment, code", [
+BAD_INPUT = [
     (["--precision=fp8"], "flag --precision=fp8: value should be one of", 1),
     (["--batch_size=0"], "flag --batch_size=0: 0 is not a positive integer", 1),
     (["--loss_scale=-3"], "--loss_scale='-3' is not accepted; use 'dynamic' or a positive", 2),
@@ -103,14 +105,28 @@ def test_fp16_accumulation_remat_and_model_garden_flags(tmp_path):
     (["--tpu=foo", "--strategy=one_device"],
      "--tpu=foo is only used with --strategy=tpu (or auto); got --strategy=one_device", 2),
     (["extra"], "unexpected positional arguments ['extra']", 2),
-])
-def test_bad_input_is_one_line(tmp_path, args, fragment, code):
-    (tmp_path / "file").write_text("not a directory")
-    proc = train(*[a.format(tmp=tmp_path) for a in args])
-    assert proc.returncode == code
-    assert fragment in proc.stderr
-    assert "Traceback" not in proc.stderr
-    assert len([l for l in proc.stderr.splitlines() if "error:" in l]) == 1
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "file").write_text("not a directory")
+    # MirroredStrategy cases first: the CPU is split before anything initializes TensorFlow.
+    order = sorted(range(len(BAD_INPUT)), key=lambda i: "--num_cpu_devices=2" not in BAD_INPUT[i][0])
+    runs = helpers.run_tool_cases("train", [[a.format(tmp=tmp) for a in BAD_INPUT[i][0]]
+                                            for i in order])
+    return {i: run for i, run in zip(order, runs)}
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[" ".join(a) for a, _, _ in BAD_INPUT])
+def test_bad_input_is_one_line(bad_input_runs, case):
+    _, fragment, code = BAD_INPUT[case]
+    returncode, stderr = bad_input_runs[case]
+    assert returncode == code, stderr
+    assert fragment in stderr
+    assert "Traceback" not in stderr
+    assert len([l for l in stderr.splitlines() if "error:" in l]) == 1
 
 
 def test_bad_tfmp_precision_in_the_environment_is_one_line():
