@@ -73,7 +73,10 @@ import importlib
 tool = importlib.import_module("tools." + sys.argv[1])  # its flags are defined once
 from tfmp import cli
 results = []
-for argv in json.loads(sys.argv[2]):
+import os
+for case in json.loads(sys.argv[2]):
+    argv, env = (case, {}) if isinstance(case, list) else (case["argv"], case["env"])
+    os.environ.update(env)
     flags.FLAGS.unparse_flags()  # every case starts from the defaults
     sys.argv = [sys.argv[1] + ".py", *argv]
     err = io.StringIO()
@@ -84,6 +87,8 @@ for argv in json.loads(sys.argv[2]):
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
     results.append([code, err.getvalue()])
+    for key in env:
+        del os.environ[key]
 sys.argv = sys.argv[:1]
 print("CASES=" + json.dumps(results))
 """
@@ -91,6 +96,8 @@ print("CASES=" + json.dumps(results))
 
 def run_tool_cases(tool, cases, timeout=300, **extra_env):
     """Runs `tools.<tool>` once per argument list, all in one child process.
+
+    A case is an argument list, or `{"argv": [...], "env": {...}}` (variables set for that case).
 
     Each case goes through the binary's own entry point (`cli.run(main)`, absl
     flag parsing included) from default flag values; TensorFlow is imported

@@ -12,7 +12,7 @@ import os as _os
 # tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tfmp import callbacks, islands, layers, state_guard
+from tfmp import callbacks, cluster, islands, launch, layers, state_guard
 from tfmp.callbacks import NonFiniteError
 from tfmp.audits import AuditReport, Finding, audit
 from tfmp.compare import Comparison, compare_precision
@@ -65,7 +65,9 @@ __all__ = [
     "parse_loss_scale",
     "parse_precision",
     "parse_strategy",
+    "cluster",
     "islands",
+    "launch",
     "layers",
     "policy_scope",
     "prepare",

@@ -24,12 +24,15 @@ def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     raise ToolError(message, code)
 
 
-def run(main: Callable[[Sequence[str]], int]) -> None:
-    """`absl.app.run(main)`, turning `ToolError` into one line on stderr and exit 2."""
+def run(main: Callable[[Sequence[str]], int], positional: bool = False) -> None:
+    """`absl.app.run(main)`, turning `ToolError` into one line on stderr and exit 2.
+
+    Positional arguments are refused unless `positional` (the arguments after `--`).
+    """
 
     def wrapped(argv: Sequence[str]) -> int:
         try:
-            if len(argv) > 1:
+            if len(argv) > 1 and not positional:
                 fail(f"unexpected positional arguments {list(argv[1:])}; all options are --flags")
             return main(argv)
         except ToolError as e:

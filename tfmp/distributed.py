@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import tensorflow as tf
@@ -140,3 +141,124 @@ def _accumulate(inner, grads, trainable_variables) -> None:
     inner._backend_increment_gradient_accumulators([g for g, _ in pairs],
                                                    [a for _, a in pairs])
     inner._iterations.assign_add(1)
+
+
+# ------------------------------------------------------- multi-worker model.fit
+
+FIX_ENV = "TFMP_MULTI_WORKER_FIX"  # "off": leave Keras as it is (to see upstream's failure)
+
+
+def in_multi_worker_mode(strategy: Optional[tf.distribute.Strategy] = None) -> bool:
+    """True under a MultiWorkerMirroredStrategy whose cluster has more than one worker."""
+    strategy = strategy or tf.distribute.get_strategy()
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())
+
+
+class _ReduceProbe(tf.distribute.MultiWorkerMirroredStrategy):
+    """Stands in for a multi-worker strategy to see what Keras' log reduction asks of it.
+
+    Never initialized: no cluster, no collective is touched; `reduce` only records.
+    """
+
+    def __init__(self) -> None:  # noqa: D107  (deliberately not calling the base class)
+        self.calls: list[tuple[Any, Any, int]] = []
+
+    @property
+    def extended(self):
+        return self
+
+    def _in_multi_worker_mode(self) -> bool:
+        return True
+
+    def reduce(self, reduce_op, value, axis=None):
+        self.calls.append((reduce_op, axis, value.shape.rank))
+        return value
+
+
+def keras_reduces_scalar_logs_along_axis_0() -> Optional[bool]:
+    """Whether the installed Keras reduces a scalar train-step log along axis 0 under
+    several workers (keras#20585's second failure). None if that cannot be probed."""
+    try:
+        from keras.src.backend.tensorflow.trainer import reduce_per_replica
+
+        probe = _ReduceProbe()
+        reduce_per_replica({"loss": tf.constant(1.0)}, probe, reduction="auto")
+    except Exception:  # noqa: BLE001  (Keras' internals moved: nothing to patch against)
+        return None
+    return any(axis == 0 and rank == 0 for _, axis, rank in probe.calls)
+
+
+def check_multi_worker_optimizer(optimizer: Any) -> None:
+    """Refuses gradient accumulation across several workers (one line).
+
+    Measured on two local workers (bf16, 2 micro-batches): the weights drift
+    from one process trained on the same global batches (0.01 after 6 updates),
+    so it is refused rather than trained wrong.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if in_multi_worker_mode() and getattr(inner, "gradient_accumulation_steps", None):
+        raise ValueError(
+            "gradient accumulation across several workers is not supported yet (its result "
+            "differs from one process on the same batches): use gradient_accumulation_steps="
+            "None (--grad_accum_steps=1) and a larger global batch")
+
+
+def _local_value(value: Any, strategy: tf.distribute.Strategy) -> Any:
+    if isinstance(value, tf.distribute.DistributedValues):
+        return strategy.experimental_local_results(value)[0]
+    return value
+
+
+def enable_multi_worker_fit(model: Any, strategy: Optional[tf.distribute.Strategy] = None,
+                            ) -> list[str]:
+    """Lets Keras 3 `model.fit` / `evaluate` run under a multi-worker strategy.
+
+    Keras 3.15 fails there before the first step (keras-team/keras#20585):
+    1. the model is built from one batch that Keras all-reduces eagerly, which a
+       collective strategy cannot do: here one local replica's batch is used
+       (only its shapes and dtypes matter). Keras' own build is tried first, so
+       this steps aside as soon as Keras stops failing;
+    2. the step's scalar logs are reduced along axis 0: here the train and test
+       steps return them with a leading axis of 1, which that reduction removes.
+       Applied only when a probe of Keras' reduction shows the failure.
+
+    Only `model` is changed (instance attributes); nothing outside a multi-worker
+    cluster, and nothing with `TFMP_MULTI_WORKER_FIX=off`.
+
+    Returns:
+        The names of the fixes applied (empty: none needed).
+    """
+    strategy = strategy or model.distribute_strategy
+    if not in_multi_worker_mode(strategy) or os.environ.get(FIX_ENV, "").lower() == "off":
+        return []
+    import keras
+
+    applied = ["symbolic_build"]
+    stock_build = model._maybe_symbolic_build
+
+    def maybe_symbolic_build(iterator=None, data_batch=None):
+        try:
+            return stock_build(iterator=iterator, data_batch=data_batch)
+        except ValueError as e:
+            if iterator is None or "PerReplica" not in str(e):
+                raise
+        for _, _, it in iterator:
+            batch = keras.tree.map_structure(lambda v: _local_value(v, strategy), next(it))
+            break
+        with strategy.scope():
+            model._symbolic_build(data_batch=batch)
+
+    model._maybe_symbolic_build = maybe_symbolic_build
+    if keras_reduces_scalar_logs_along_axis_0():
+        applied.append("scalar_logs")
+        for name in ("train_step", "test_step"):
+            model_step = getattr(model, name)
+
+            def step(data, model_step=model_step):
+                return keras.tree.map_structure(
+                    lambda t: ops.expand_dims(t, 0) if getattr(t, "shape", None) == () else t,
+                    model_step(data))
+
+            setattr(model, name, step)
+    return applied

@@ -8,6 +8,7 @@ import keras
 from absl import logging
 
 from tfmp.audits import AuditReport, audit, model_policy
+from tfmp.distributed import check_multi_worker_optimizer, enable_multi_worker_fit
 from tfmp.enforce import (
     enforce_float32,
     float32_selector,
@@ -56,6 +57,9 @@ def prepare(
     3. `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=..., **scale_args)`.
     4. `tfmp.audit`: raises on errors.
     5. `tfmp.guard_model_state(model)`.
+    6. Under a MultiWorkerMirroredStrategy with several workers,
+       `tfmp.distributed.enable_multi_worker_fit(model)`: Keras 3.15's `fit`
+       fails there otherwise (keras-team/keras#20585).
 
     Args:
         model: A built Sequential or Functional model. A subclassed model is
@@ -75,7 +79,8 @@ def prepare(
 
     Raises:
         AuditError: the prepared model still has audit errors (a `ValueError`).
-        ValueError: a bad precision name or optimizer argument.
+        ValueError: a bad precision name or optimizer argument, or gradient
+            accumulation across several workers (not supported yet).
 
     Example:
     >>> model, opt = tfmp.prepare(model, keras.optimizers.Adam(1e-3), "auto")
@@ -94,9 +99,13 @@ def prepare(
             for change in apply_islands(model, policy, hw):
                 logging.info("tfmp.prepare: float32 island %s", change)
     opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
+    check_multi_worker_optimizer(opt)
     report = audit(model, opt, hw)
     if not report.ok:
         raise AuditError(report)
     for finding in report.warnings:
         logging.warning("tfmp.prepare: %s: %s (%s)", finding.path, finding.problem, finding.fix)
-    return guard_model_state(model), opt
+    model = guard_model_state(model)
+    for fix in enable_multi_worker_fit(model):
+        logging.info("tfmp.prepare: multi-worker fit fix %s applied", fix)
+    return model, opt

@@ -7,6 +7,7 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
+from tfmp import cluster
 from tfmp.hardware import HardwareInfo, detect_hardware
 
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu")
@@ -79,7 +80,8 @@ def choose_strategy(hardware: HardwareInfo, tpu: Optional[str] = None) -> str:
     return "one_device"
 
 
-def get_strategy(name: str = "auto", tpu: Optional[str] = None) -> tf.distribute.Strategy:
+def get_strategy(name: str = "auto", tpu: Optional[str] = None,
+                 cluster_timeout: float = cluster.DEFAULT_TIMEOUT) -> tf.distribute.Strategy:
     """Builds a `tf.distribute.Strategy` from its name.
 
     Args:
@@ -89,12 +91,15 @@ def get_strategy(name: str = "auto", tpu: Optional[str] = None) -> tf.distribute
             `multi_worker_mirrored` (cluster from `TF_CONFIG`) or `tpu`.
             Model Garden's `off` means `default`.
         tpu: TPU address, or `local` on a TPU VM (the default for `tpu`).
+        cluster_timeout: `multi_worker_mirrored`: seconds to wait for every worker
+            (`tfmp.cluster.connect`: one line and exit code 2 after that).
 
     Returns:
         The strategy; build and compile the model under `strategy.scope()`.
 
     Raises:
-        ValueError: unknown name, or `tpu` requested and no TPU reachable (one line).
+        ValueError: unknown name, `tpu` requested and no TPU reachable, a bad
+            `TF_CONFIG` or a port in use (one line).
 
     Example:
     >>> strategy = tfmp.get_strategy("mirrored")
@@ -114,4 +119,4 @@ def get_strategy(name: str = "auto", tpu: Optional[str] = None) -> tf.distribute
     if name == "mirrored":
         devices = _gpus() or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
-    return tf.distribute.MultiWorkerMirroredStrategy()
+    return cluster.connect(cluster_timeout)

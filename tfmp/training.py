@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -15,7 +16,9 @@ import keras
 import tensorflow as tf
 
 from tfmp import callbacks as tfmp_callbacks
+from tfmp.cluster import WriteDirs, read_tf_config, write_dirs
 from tfmp.data import Data
+from tfmp.distributed import in_multi_worker_mode
 from tfmp.hardware import HardwareInfo, detect_hardware
 from tfmp.monitoring import NAN_KEY, SCALE_KEY, SKIPPED_KEY
 from tfmp.policy import PolicyChoice, resolve_policy, set_policy
@@ -137,16 +140,16 @@ class _Throughput(keras.callbacks.Callback):
         return sum(n for _, n in steady) * self.global_batch / seconds if seconds else 0.0
 
 
-def _callbacks(config: TrainConfig, throughput: _Throughput) -> tuple[list, Any, Any]:
+def _callbacks(config: TrainConfig, throughput: _Throughput,
+               dirs: Optional[WriteDirs]) -> tuple[list, Any, Any]:
     monitor = tfmp_callbacks.LossScaleMonitor()
     callbacks: list[keras.callbacks.Callback] = [monitor]
     protect = []
-    if config.model_dir:
-        backup = keras.callbacks.BackupAndRestore(
-            os.path.join(config.model_dir, BACKUP), double_checkpoint=True)
+    if dirs:
+        backup = keras.callbacks.BackupAndRestore(dirs.backup_dir, double_checkpoint=True)
         protect.append(backup)
         callbacks += [backup, keras.callbacks.TensorBoard(
-            os.path.join(config.model_dir, TENSORBOARD), update_freq="epoch")]
+            os.path.join(dirs.model_dir, TENSORBOARD), update_freq="epoch")]
     nan = tfmp_callbacks.NanMonitor(config.nan_policy, protect=protect)
     # The backup restores first, so the monitors start from the restored state.
     return protect + [nan] + [c for c in callbacks if c not in protect] + [throughput], monitor, nan
@@ -209,6 +212,10 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         tfmp.NonFiniteError: `nan_policy="raise"` and a NaN event happened.
     """
     check_config(config, strategy)
+    cluster = read_tf_config() if in_multi_worker_mode(strategy) else None
+    if cluster and config.precision == "tune":
+        raise ConfigError("--precision=tune measures on one process; every worker of a cluster "
+                          "must train with the same policy: tune on one machine, then pass it")
     hardware = detect_hardware(strategy)
     choice, tuned = _choose_policy(config, build_model, data, hardware)
     policy = set_policy(choice, hardware)  # logs the choice's own reason
@@ -217,7 +224,8 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     with strategy.scope():
         model, optimizer = _build_compiled(config, build_model, data, policy, hardware)
     throughput = _Throughput(config.batch_size)
-    callbacks, monitor, nan = _callbacks(config, throughput)
+    dirs = write_dirs(config.model_dir, BACKUP, cluster) if config.model_dir else None
+    callbacks, monitor, nan = _callbacks(config, throughput, dirs)
     if config.model_dir:
         os.makedirs(config.model_dir, exist_ok=True)
     history = model.fit(data.train, epochs=config.epochs, steps_per_epoch=steps,
@@ -232,6 +240,9 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         "policy": policy, "policy_reason": choice.reason, "policy_source": choice.source,
         "hardware": hardware.describe().splitlines(),
         "strategy": type(strategy).__name__, "replicas": replicas,
+        "cluster": None if cluster is None else {
+            "workers": cluster.num_workers, "task": cluster.name, "replicas": replicas,
+            "global_batch": config.batch_size},
         "dataset": data.name, "steps_per_epoch": steps,
         "resumed_from_epoch": epochs_run[0] if epochs_run and epochs_run[0] > 0 else None,
         "epochs_completed": epochs_run,
@@ -247,10 +258,12 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         "stopped_by_nan": stopped,
         "tune": tuned,
     }
-    if config.model_dir:
+    if dirs:  # every worker saves (TensorFlow's guide); only the chief's files stay
         if not stopped:
-            save_model_atomically(model, os.path.join(config.model_dir, FINAL_MODEL))
-        write_json_atomically(os.path.join(config.model_dir, SUMMARY), summary)
+            save_model_atomically(model, os.path.join(dirs.model_dir, FINAL_MODEL))
+        write_json_atomically(os.path.join(dirs.model_dir, SUMMARY), summary)
+        if dirs.temporary:
+            shutil.rmtree(dirs.model_dir, ignore_errors=True)
     if stopped:
         raise TrainingStopped(nan.stopped_event.message())
     return summary
@@ -276,7 +289,10 @@ def human_summary(summary: dict[str, Any]) -> str:
     return "\n".join([
         "=== tfmp training summary ===",
         f"model {summary['flags']['model']} on {summary['dataset']}, "
-        f"{summary['strategy']} x{summary['replicas']}",
+        f"{summary['strategy']} x{summary['replicas']}" + (
+            "" if not summary.get("cluster") else
+            f" ({summary['cluster']['workers']} workers, this is {summary['cluster']['task']}, "
+            f"global batch {summary['cluster']['global_batch']})"),
         f"precision {summary['policy']} ({summary['policy_source']}: {summary['policy_reason']})",
         _epochs_line(summary["epochs_completed"], summary["flags"]["epochs"], resumed),
         f"throughput {summary['samples_per_sec']} samples/s (epochs after the first)",

@@ -40,6 +40,8 @@ flags.DEFINE_float("min_scale", None, "Floor of the loss scale (default 1).")
 flags.DEFINE_enum("strategy", None, STRATEGIES, "Distribution strategy (default auto).")
 flags.DEFINE_enum("distribution_strategy", None, STRATEGIES, "Model Garden alias of --strategy.")
 flags.DEFINE_string("tpu", None, "TPU address, or 'local' on a TPU VM.")
+flags.DEFINE_float("cluster_timeout", 120.0, "multi_worker_mirrored: seconds to wait for every "
+                   "worker in TF_CONFIG before giving up (exit 2).")
 flags.DEFINE_integer("num_cpu_devices", 1, "Split the CPU into N logical devices.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
 flags.DEFINE_integer("epochs", 3, "Epochs.", lower_bound=1)
@@ -103,6 +105,18 @@ def _validate(precision: str, strategy_name: str) -> None:
         cli.fail(f"{which}: --initial_scale={initial:g}{_default(FLAGS.initial_scale)} is below "
                  f"--min_scale={floor:g}{_default(FLAGS.min_scale)}; the loss scale starts "
                  "at or above its floor")
+    if tfmp.parse_strategy(strategy_name) == "multi_worker_mirrored":
+        try:
+            cluster = tfmp.cluster.read_tf_config()
+        except ValueError as e:
+            cli.fail(str(e))
+        if cluster and cluster.num_workers > 1 and FLAGS.grad_accum_steps > 1:
+            cli.fail(f"--grad_accum_steps={FLAGS.grad_accum_steps} across {cluster.num_workers} "
+                     "workers is not supported yet (it differs from one process on the same "
+                     "batches); use 1 and a larger --batch_size")
+        if cluster and cluster.num_workers > 1 and precision == "tune":
+            cli.fail("--precision=tune measures on one process; every worker must train with the "
+                     "same policy: tune on one machine, then pass that policy")
     if FLAGS.tpu and strategy_name not in ("tpu", "auto"):
         cli.fail(f"--tpu={FLAGS.tpu} is only used with --strategy=tpu (or auto); "
                  f"got --strategy={strategy_name}")
@@ -129,7 +143,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         if FLAGS.num_cpu_devices > 1:
             tfmp.split_cpu(FLAGS.num_cpu_devices)
-        strategy = tfmp.get_strategy(strategy_name, FLAGS.tpu)
+        strategy = tfmp.get_strategy(strategy_name, FLAGS.tpu, FLAGS.cluster_timeout)
     except ValueError as e:
         cli.fail(str(e))
     if FLAGS.batch_size % strategy.num_replicas_in_sync:
