@@ -264,6 +264,10 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         write_json_atomically(os.path.join(dirs.model_dir, SUMMARY), summary)
         if dirs.temporary:
             shutil.rmtree(dirs.model_dir, ignore_errors=True)
+            worker_dir = os.path.dirname(dirs.backup_dir)  # model_dir/workers/<i>, empty when done
+            with contextlib.suppress(OSError):
+                os.rmdir(worker_dir)
+                os.rmdir(os.path.dirname(worker_dir))
     if stopped:
         raise TrainingStopped(nan.stopped_event.message())
     return summary
