@@ -6,7 +6,7 @@ tfmp.prepare, trained with plain `model.fit`. Each worker reads its own data
 large enough that its float16 gradients overflow (the other worker's are clean).
 Writes its final state to OUT/worker<i>.json.
 
-  python tests/multi_worker_job.py OUT PRECISION [inject] [accum] [fail1]
+  python tests/multi_worker_job.py OUT PRECISION [inject] [accum] [single] [fail1]
 """
 
 import json
@@ -21,10 +21,11 @@ import tfmp
 from tfmp import cluster
 
 out, precision, *options = sys.argv[1:]
-index = cluster.read_tf_config().task_index
+single = "single" in options  # one process, no cluster: both workers' rows in each batch
+index = 0 if single else cluster.read_tf_config().task_index
 if "fail1" in options and index == 1:
     sys.exit(3)
-strategy = cluster.connect(60)
+strategy = tf.distribute.get_strategy() if single else cluster.connect(60)
 with strategy.scope():
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
@@ -43,10 +44,13 @@ def pipeline(x):
 
 
 x = np.random.RandomState(index).rand(128, 8).astype("float32")
+if single:  # step k of the cluster: rows 16k..16k+16 of worker 0's data, then of worker 1's
+    other = np.random.RandomState(1).rand(128, 8).astype("float32")
+    x = np.stack([x.reshape(8, 16, 8), other.reshape(8, 16, 8)], 1).reshape(256, 8)
 first = x.copy()
 if "inject" in options and index == 1:
     first[64:80] *= 300.0  # one step of this worker: scaled gradients beyond float16's 65504
-data = pipeline(first).concatenate(pipeline(x).repeat())  # 32 rows: 16 per worker per step
+data = pipeline(first).concatenate(pipeline(x).repeat())  # 32 rows: 16 per worker and step
 history = model.fit(data, epochs=3, steps_per_epoch=4, verbose=0)
 with open(os.path.join(out, f"worker{index}.json"), "w") as f:
     json.dump({"loss": history.history["loss"], "loss_scale": opt.loss_scale,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import tensorflow as tf
 
@@ -93,7 +94,6 @@ def test_binary_bad_cluster_input_is_one_line():
         {"argv": mw, "env": {"TF_CONFIG": "{not json"}},
         {"argv": mw, "env": {"TF_CONFIG": launch.tf_config([1, 2], 0).replace('"index": 0',
                                                                              '"index": 5')}},
-        {"argv": [*mw, "--grad_accum_steps=2"], "env": {"TF_CONFIG": launch.tf_config([1, 2], 1)}},
         {"argv": [*mw, "--precision=tune"], "env": {"TF_CONFIG": launch.tf_config([1, 2], 1)}},
         {"argv": mw, "env": {"TF_CONFIG": launch.tf_config([port, port + 1], 0)}},  # in use
     ]
@@ -101,7 +101,6 @@ def test_binary_bad_cluster_input_is_one_line():
     busy.close()
     for (code, stderr), fragment in zip(runs, [
             "TF_CONFIG is not valid JSON", "TF_CONFIG task index 5 is outside the cluster",
-            "--grad_accum_steps=2 across 2 workers is not supported yet",
             "--precision=tune measures on one process",
             f"worker:0 cannot listen on 127.0.0.1:{port}: the port is in use"]):
         assert code == 2 and "Traceback" not in stderr, stderr
@@ -124,9 +123,19 @@ def test_launcher_stops_the_others_when_one_fails(tmp_path):
     assert "launch_local: worker 1 failed (exit code 3); stopping the others" in out
 
 
-def test_gradient_accumulation_across_workers_is_refused(tmp_path):
-    # Measured: it drifts from one process on the same global batches (see
-    # tfmp.distributed.check_multi_worker_optimizer), so it is refused, not trained wrong.
+def test_bf16_accumulation_on_two_workers_matches_one_process_on_the_same_batches(tmp_path):
     code, out = _two_workers(tmp_path, "bf16", "accum")
-    assert code != 0
-    assert "gradient accumulation across several workers is not supported yet" in out
+    assert code == 0, out[-3000:]
+    single = tmp_path / "single"
+    single.mkdir()
+    proc = subprocess.run([sys.executable, JOB, str(single), "bf16", "accum", "single"],
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    w0, w1 = (json.loads((tmp_path / f"worker{i}.json").read_text()) for i in (0, 1))
+    one = json.loads((single / "worker0.json").read_text())
+    assert w0["weights"] == w1["weights"] and w0["skipped_steps"] == 0
+    assert w0["iterations"] == one["iterations"] == 6  # 12 micro-batches, 2 per update
+    for a, b in zip(w0["weights"], one["weights"]):  # bfloat16 sums in another order: 1e-4
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(w0["loss"], one["loss"], rtol=1e-4)

@@ -111,11 +111,7 @@ def _distributed_inner_apply(distribution, optimizer, grads, trainable_variables
     # Keras' accumulation puts merge_call inside a replica-context cond,
     # which MirroredStrategy rejects: take the branch here instead.
     def update():
-        inner.gradient_accumulation_steps = None  # seen while tracing only
-        try:
-            each(_apply_accumulated, args=(inner, grads, trainable_variables, steps))
-        finally:
-            inner.gradient_accumulation_steps = steps
+        each(_apply_accumulated, args=(inner, grads, trainable_variables, steps))
 
     def accumulate():
         each(_accumulate, args=(inner, grads, trainable_variables))
@@ -129,10 +125,21 @@ def _accumulators(inner, trainable_variables):
 
 
 def _apply_accumulated(inner, grads, trainable_variables, steps) -> None:
-    accs = _accumulators(inner, trainable_variables)
-    averaged = [None if g is None else (g + a) / steps for g, a in zip(grads, accs)]
-    inner.apply(averaged, trainable_variables=trainable_variables)
+    """The update branch of Keras' own accumulation (`BaseOptimizer._backend_apply_gradients`),
+    without its replica-context `cond`. Accumulation stays on meanwhile, so that
+    `inner.iterations` counts updates, as Adam's bias correction and learning-rate
+    schedules expect (it would count micro-batches with accumulation turned off)."""
+    tvs = inner._trainable_variables if trainable_variables is None else trainable_variables
+    pairs = [(g, v) for g, v in zip(grads, tvs) if g is not None]  # as apply() filters them
+    grads, tvs = [g for g, _ in pairs], [v for _, v in pairs]
+    accs = _accumulators(inner, tvs)
+    averaged = inner._clip_gradients([(g + a) / steps for g, a in zip(grads, accs)])
+    inner._apply_weight_decay(tvs)
+    inner._backend_update_step(averaged, tvs, inner.learning_rate)
     inner._backend_reset_gradient_accumulators()
+    if inner.use_ema:
+        inner._update_model_variables_moving_average(inner._trainable_variables)
+    inner._iterations.assign_add(1)
 
 
 def _accumulate(inner, grads, trainable_variables) -> None:
@@ -187,21 +194,6 @@ def keras_reduces_scalar_logs_along_axis_0() -> Optional[bool]:
     except Exception:  # noqa: BLE001  (Keras' internals moved: nothing to patch against)
         return None
     return any(axis == 0 and rank == 0 for _, axis, rank in probe.calls)
-
-
-def check_multi_worker_optimizer(optimizer: Any) -> None:
-    """Refuses gradient accumulation across several workers (one line).
-
-    Measured on two local workers (bf16, 2 micro-batches): the weights drift
-    from one process trained on the same global batches (0.01 after 6 updates),
-    so it is refused rather than trained wrong.
-    """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if in_multi_worker_mode() and getattr(inner, "gradient_accumulation_steps", None):
-        raise ValueError(
-            "gradient accumulation across several workers is not supported yet (its result "
-            "differs from one process on the same batches): use gradient_accumulation_steps="
-            "None (--grad_accum_steps=1) and a larger global batch")
 
 
 def _local_value(value: Any, strategy: tf.distribute.Strategy) -> Any:

@@ -8,7 +8,7 @@ import keras
 from absl import logging
 
 from tfmp.audits import AuditReport, audit, model_policy
-from tfmp.distributed import check_multi_worker_optimizer, enable_multi_worker_fit
+from tfmp.distributed import enable_multi_worker_fit
 from tfmp.enforce import (
     enforce_float32,
     float32_selector,
@@ -79,8 +79,7 @@ def prepare(
 
     Raises:
         AuditError: the prepared model still has audit errors (a `ValueError`).
-        ValueError: a bad precision name or optimizer argument, or gradient
-            accumulation across several workers (not supported yet).
+        ValueError: a bad precision name or optimizer argument.
 
     Example:
     >>> model, opt = tfmp.prepare(model, keras.optimizers.Adam(1e-3), "auto")
@@ -99,7 +98,6 @@ def prepare(
             for change in apply_islands(model, policy, hw):
                 logging.info("tfmp.prepare: float32 island %s", change)
     opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
-    check_multi_worker_optimizer(opt)
     report = audit(model, opt, hw)
     if not report.ok:
         raise AuditError(report)

@@ -110,10 +110,6 @@ def _validate(precision: str, strategy_name: str) -> None:
             cluster = tfmp.cluster.read_tf_config()
         except ValueError as e:
             cli.fail(str(e))
-        if cluster and cluster.num_workers > 1 and FLAGS.grad_accum_steps > 1:
-            cli.fail(f"--grad_accum_steps={FLAGS.grad_accum_steps} across {cluster.num_workers} "
-                     "workers is not supported yet (it differs from one process on the same "
-                     "batches); use 1 and a larger --batch_size")
         if cluster and cluster.num_workers > 1 and precision == "tune":
             cli.fail("--precision=tune measures on one process; every worker must train with the "
                      "same policy: tune on one machine, then pass that policy")
