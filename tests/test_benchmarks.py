@@ -53,22 +53,21 @@ def test_activation_bytes_halve_under_bfloat16_except_float32_layers():
 def test_tool_end_to_end_with_a_process_per_variant(tmp_path):
     out = tmp_path / "bench.json"
     proc = helpers.run_tool("bench", "--models=mlp", "--sizes=default", "--batch_size=32",
-                            "--variants=keras_fp16,tf_rewrite,tfmp_auto_guarded", "--rounds=2",
+                            "--variants=keras_fp16,tfmp_auto_guarded", "--rounds=2",
                             "--warmup=1", "--block_seconds=0.02", f"--output={out}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(out.read_text())
     rows = {r["variant"]: r for r in report["rows"]}
-    assert list(rows) == ["float32", "keras_fp16", "tf_rewrite", "tfmp_auto_guarded"]
+    assert list(rows) == ["float32", "keras_fp16", "tfmp_auto_guarded"]
     assert rows["keras_fp16"]["note"].startswith("skipped: mixed_float16 on a CPU-only host")
-    assert rows["tf_rewrite"]["policy"] == "float32 + rewrite"
     assert rows["tfmp_auto_guarded"]["policy"] == "mixed_bfloat16"  # this CPU has avx512_bf16
     assert rows["float32"]["speed_wall"] == [1.0, 1.0, 1.0]
-    for r in (rows["float32"], rows["tf_rewrite"], rows["tfmp_auto_guarded"]):
+    for r in (rows["float32"], rows["tfmp_auto_guarded"]):
         assert r["speed_wall"][1] > 0 and r["speed_cpu"][1] > 0 and r["peak_rss"] > 100e6
         assert r["steps_per_block"] >= 3
     assert rows["tfmp_auto_guarded"]["activation_bytes_vs_float32"] < 1.0
     assert "| mlp | default | tfmp_auto_guarded | mixed_bfloat16 |" in proc.stdout
-    assert "--variants=keras_fp16,tf_rewrite,tfmp_auto_guarded" in report["command"]
+    assert "--variants=keras_fp16,tfmp_auto_guarded" in report["command"]
 
 
 def test_tool_bad_variant_is_one_line(tmp_path):

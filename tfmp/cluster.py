@@ -7,8 +7,8 @@ and says in one line what is wrong; `connect` builds the
 `MultiWorkerMirroredStrategy` and gives up after a timeout instead of waiting
 forever for a worker that never comes; `write_dirs` follows TensorFlow's
 multi-worker guide: the chief writes to the real directory, the other workers
-to temporary ones (their backups persist, per worker, so that a restarted
-cluster resumes).
+to temporary ones, and every worker restores from the chief's backup
+(`ChiefBackupAndRestore`), so a restarted cluster resumes in step.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from typing import Mapping, Optional
 
+import keras
 import tensorflow as tf
 
 ENV = "TF_CONFIG"
@@ -142,10 +143,19 @@ def connect(timeout: float = DEFAULT_TIMEOUT) -> tf.distribute.MultiWorkerMirror
 
 @dataclasses.dataclass(frozen=True)
 class WriteDirs:
-    """Where one task writes: `model_dir` is real on the chief, temporary elsewhere."""
+    """Where one task writes, and where it restores a backup from.
+
+    Attributes:
+        model_dir: The run's directory on the chief; a temporary one elsewhere.
+        backup_dir: Where this task's `BackupAndRestore` saves.
+        restore_dir: Where it restores from: the chief's backup on every task, so
+            that every worker of a restarted cluster resumes from the same epoch.
+        temporary: `model_dir` is temporary (delete it when done).
+    """
 
     model_dir: str
     backup_dir: str
+    restore_dir: str
     temporary: bool
 
 
@@ -153,12 +163,32 @@ def write_dirs(model_dir: str, backup_name: str, cluster: Optional[Cluster]) -> 
     """The directories a task writes to (TensorFlow's multi-worker guide).
 
     The chief (or a single process) writes to `model_dir`; another worker writes
-    its final model, logs and summary to a temporary directory (delete it after),
-    and keeps its backup in `model_dir/workers/<index>/<backup_name>` so that a
-    restarted cluster resumes on every worker.
+    its final model, logs, summary and backup to a temporary directory (delete it
+    after) and restores from the chief's backup.
     """
+    backup = os.path.join(model_dir, backup_name)
     if cluster is None or cluster.is_chief:
-        return WriteDirs(model_dir, os.path.join(model_dir, backup_name), False)
+        return WriteDirs(model_dir, backup, backup, False)
     scratch = tempfile.mkdtemp(prefix=f"tfmp-{cluster.task_type}{cluster.task_index}-")
-    backup = os.path.join(model_dir, "workers", str(cluster.task_index), backup_name)
-    return WriteDirs(scratch, backup, True)
+    return WriteDirs(scratch, os.path.join(scratch, backup_name), backup, True)
+
+
+class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` for a non-chief worker: saves to its own (temporary)
+    directory, restores from the chief's backup.
+
+    Each worker saving and restoring its own backup can leave workers at
+    different epochs after a crash (the chief's file written, another worker's
+    not yet); restoring everyone from the chief's keeps them in step.
+    """
+
+    def __init__(self, backup_dir: str, restore_dir: str, **kwargs) -> None:
+        super().__init__(backup_dir, **kwargs)
+        self._restore = keras.callbacks.BackupAndRestore(restore_dir, **kwargs)
+
+    def set_model(self, model) -> None:
+        super().set_model(model)
+        self._restore.set_model(model)
+
+    def on_train_begin(self, logs=None) -> None:
+        self._restore.on_train_begin(logs)

@@ -16,7 +16,7 @@ import keras
 import tensorflow as tf
 
 from tfmp import callbacks as tfmp_callbacks
-from tfmp.cluster import WriteDirs, read_tf_config, write_dirs
+from tfmp.cluster import ChiefBackupAndRestore, WriteDirs, read_tf_config, write_dirs
 from tfmp.data import Data
 from tfmp.distributed import in_multi_worker_mode
 from tfmp.hardware import HardwareInfo, detect_hardware
@@ -146,7 +146,9 @@ def _callbacks(config: TrainConfig, throughput: _Throughput,
     callbacks: list[keras.callbacks.Callback] = [monitor]
     protect = []
     if dirs:
-        backup = keras.callbacks.BackupAndRestore(dirs.backup_dir, double_checkpoint=True)
+        backup = (keras.callbacks.BackupAndRestore(dirs.backup_dir, double_checkpoint=True)
+                  if dirs.restore_dir == dirs.backup_dir else
+                  ChiefBackupAndRestore(dirs.backup_dir, dirs.restore_dir, double_checkpoint=True))
         protect.append(backup)
         callbacks += [backup, keras.callbacks.TensorBoard(
             os.path.join(dirs.model_dir, TENSORBOARD), update_freq="epoch")]
@@ -264,10 +266,6 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         write_json_atomically(os.path.join(dirs.model_dir, SUMMARY), summary)
         if dirs.temporary:
             shutil.rmtree(dirs.model_dir, ignore_errors=True)
-            worker_dir = os.path.dirname(dirs.backup_dir)  # model_dir/workers/<i>, empty when done
-            with contextlib.suppress(OSError):
-                os.rmdir(worker_dir)
-                os.rmdir(os.path.dirname(worker_dir))
     if stopped:
         raise TrainingStopped(nan.stopped_event.message())
     return summary

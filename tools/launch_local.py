@@ -21,6 +21,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_workers", 2, "Worker processes to start.", lower_bound=1)
 flags.DEFINE_integer("port", None, "First port of the workers (consecutive); default: free ports.")
 flags.DEFINE_string("module", "tools.train", "Module each worker runs with `python -m`.")
+flags.DEFINE_float("stop_grace", 5.0, "Seconds between SIGTERM and SIGKILL when stopping workers.",
+                   lower_bound=0.0)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -28,7 +30,7 @@ def main(argv: Sequence[str]) -> int:
 
     try:
         return launch.launch([sys.executable, "-m", FLAGS.module, *argv[1:]], FLAGS.num_workers,
-                             port=FLAGS.port)
+                             port=FLAGS.port, stop_grace=FLAGS.stop_grace)
     except ValueError as e:
         cli.fail(str(e))
 
