@@ -65,3 +65,17 @@ def test_tfds_text_for_transformer_and_kind_mismatch():
             data.load("imdb_reviews", "image", 8)
         with pytest.raises(data.DatasetError, match="has images"):
             data.load("mnist", "tokens", 8)
+
+
+def test_shuffled_passes_depend_on_seed_and_pass_only():
+    # Keras makes several iterators over a training set; a resumed run skips what it
+    # trained on. Both only line up when the order is a function of (seed, pass).
+    ds = tf.data.Dataset.range(10)
+    passes = data.shuffled_passes(ds, seed=3)
+    first = list(passes.take(30).as_numpy_iterator())
+    assert list(passes.take(30).as_numpy_iterator()) == first  # a second iterator: same order
+    assert list(passes.skip(17).take(13).as_numpy_iterator()) == first[17:]
+    for k in range(3):  # every pass is a permutation of the data, and they differ
+        assert sorted(first[10 * k:10 * k + 10]) == list(range(10))
+    assert first[:10] != first[10:20] and first[:10] != list(range(10))
+    assert list(data.shuffled_passes(ds, seed=4).take(10).as_numpy_iterator()) != first[:10]

@@ -93,9 +93,35 @@ def check_fits(model: Any, data: "Data") -> None:
                            f"has {tuple(data.input_shape)}: give a dataset that fits the model")
 
 
+SHUFFLE_BLOCK = 4096
+
+
+def shuffled_passes(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
+    """Endless passes over `ds`, each shuffled in blocks of `SHUFFLE_BLOCK` examples.
+
+    The order of pass p, block b is drawn from `(seed, p, b)` alone (stateless), never
+    from how many iterators were made before: `shuffle(reshuffle_each_iteration=True)`
+    carries its seeds over from one iterator of a dataset to the next, and Keras makes
+    more than one. So a resumed run that skips the batches it already trained on sees
+    exactly the batches an uninterrupted run sees.
+    """
+
+    def one_pass(p):
+        def shuffle_block(b, block):
+            n = tf.shape(tf.nest.flatten(block)[0])[0]
+            key = tf.stack([tf.constant(seed, tf.int64), p * 1_000_003 + b])
+            order = tf.random.experimental.stateless_shuffle(tf.range(n), seed=key)
+            return tf.data.Dataset.from_tensor_slices(
+                tf.nest.map_structure(lambda t: tf.gather(t, order), block))
+
+        return ds.batch(SHUFFLE_BLOCK).enumerate().flat_map(shuffle_block)
+
+    return tf.data.Dataset.counter().flat_map(one_pass)
+
+
 def _batch(ds: tf.data.Dataset, batch_size: int, train: bool, seed: int) -> tf.data.Dataset:
     if train:
-        ds = ds.shuffle(4096, seed=seed, reshuffle_each_iteration=True).repeat()
+        ds = shuffled_passes(ds, seed)
     # drop_remainder: static shapes (TPU) and even splits across replicas.
     return ds.batch(batch_size, drop_remainder=train).prefetch(tf.data.AUTOTUNE)
 

@@ -176,6 +176,20 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
     return model, optimizer
 
 
+def backup_epoch(backup_dir: str) -> int:
+    """Epochs completed according to a `BackupAndRestore` directory (0 if none).
+
+    Read the way Keras restores: `training_metadata.json`, else its `.bkp` copy.
+    """
+    for name in ("training_metadata.json", "training_metadata.json.bkp"):
+        try:
+            with open(os.path.join(backup_dir, name)) as f:
+                return int(json.load(f)["epoch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return 0
+
+
 def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
                    hardware: HardwareInfo) -> tuple[PolicyChoice, Optional[dict[str, Any]]]:
     """`resolve_policy`, or with `precision="tune"` a measured choice (`tfmp.tune`).
@@ -230,7 +244,11 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     callbacks, monitor, nan = _callbacks(config, throughput, dirs)
     if config.model_dir:
         os.makedirs(config.model_dir, exist_ok=True)
-    history = model.fit(data.train, epochs=config.epochs, steps_per_epoch=steps,
+    # Keras restores the weights, not the input iterator: a resumed run skips the
+    # batches the restored epochs trained on (tfmp.data's order is seeded per pass).
+    done = backup_epoch(dirs.restore_dir) if dirs else 0
+    train_data = data.train.skip(done * steps) if done else data.train
+    history = model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps,
                         callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
     stopped = nan.stopped_event is not None
     evaluation = {} if stopped else {
