@@ -79,22 +79,22 @@ for case in json.loads(sys.argv[2]):
     os.environ.update(env)
     flags.FLAGS.unparse_flags()  # every case starts from the defaults
     sys.argv = [sys.argv[1] + ".py", *argv]
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
             cli.run(tool.main)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
-    results.append([code, err.getvalue()])
+    results.append([code, err.getvalue(), out.getvalue()])
     for key in env:
         del os.environ[key]
 sys.argv = sys.argv[:1]
-print("CASES=" + json.dumps(results))
+sys.stdout.write("CASES=" + json.dumps(results) + "\\n")
 """
 
 
-def run_tool_cases(tool, cases, timeout=300, **extra_env):
+def run_tool_cases(tool, cases, timeout=300, stdout=False, **extra_env):
     """Runs `tools.<tool>` once per argument list, all in one child process.
 
     A case is an argument list, or `{"argv": [...], "env": {...}}` (variables set for that case).
@@ -102,13 +102,15 @@ def run_tool_cases(tool, cases, timeout=300, **extra_env):
     Each case goes through the binary's own entry point (`cli.run(main)`, absl
     flag parsing included) from default flag values; TensorFlow is imported
     once instead of once per case. For cases that end before anything is
-    built (bad input). Returns `[(exit_code, stderr), ...]`.
+    built (bad input), or for several runs of a binary in a row. Returns
+    `[(exit_code, stderr), ...]`, or `[(exit_code, stderr, stdout), ...]` with `stdout=True`.
     """
     import json
 
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
+    env = {k: v for k, v in os.environ.items() if k != "TFMP_PRECISION"}  # cases set their own
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
     proc = subprocess.run([sys.executable, "-c", _CASES_DRIVER, tool, json.dumps(cases)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     line = [l for l in proc.stdout.splitlines() if l.startswith("CASES=")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
-    return [tuple(r) for r in json.loads(line[0][len("CASES="):])]
+    return [tuple(r) if stdout else tuple(r[:2]) for r in json.loads(line[0][len("CASES="):])]

@@ -33,22 +33,35 @@ def files(tmp_path_factory):
     return d
 
 
-def test_good_file(files):
-    proc = run_tool(f"--model_path={files / 'good.keras'}")
-    assert proc.returncode == 0, proc.stderr
-    assert "no findings" in proc.stdout
+@pytest.fixture(scope="module")
+def runs(files):
+    """Good file, bad file, --fix, and the fixed file: four runs of the binary, one child process."""
+    fixed = files / "fixed.keras"
+    codes = helpers.run_tool_cases("audit", [
+        [f"--model_path={files / 'good.keras'}"],
+        [f"--model_path={files / 'bad.keras'}"],
+        [f"--model_path={files / 'bad.keras'}", "--fix", f"--output_path={fixed}"],
+        [f"--model_path={fixed}", "--json"],
+    ], stdout=True)
+    return dict(zip(("good", "bad", "fix", "fixed"), codes))
 
 
-def test_bad_file_and_fix(files):
-    proc = run_tool(f"--model_path={files / 'bad.keras'}")
-    assert proc.returncode == 1
-    assert "output-not" not in proc.stdout and "model output 0 is bfloat16" in proc.stdout
+def test_good_file(runs):
+    code, stderr, stdout = runs["good"]
+    assert code == 0, stderr
+    assert "no findings" in stdout
+
+
+def test_bad_file_and_fix(files, runs):
+    code, _, stdout = runs["bad"]
+    assert code == 1
+    assert "output-not" not in stdout and "model output 0 is bfloat16" in stdout
 
     out = files / "fixed.keras"
-    proc = run_tool(f"--model_path={files / 'bad.keras'}", "--fix", f"--output_path={out}")
-    assert proc.returncode == 0, proc.stderr
-    assert f"wrote {out}" in proc.stdout
-    assert run_tool(f"--model_path={out}", "--json").returncode == 0
+    code, stderr, stdout = runs["fix"]
+    assert code == 0, stderr
+    assert f"wrote {out}" in stdout
+    assert runs["fixed"][0] == 0
     fixed = keras.models.load_model(out)
     assert fixed.outputs[0].dtype == "float32"
     assert fixed.compiled  # the compile config was carried over
