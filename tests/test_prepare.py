@@ -97,3 +97,25 @@ def test_a_mixed_model_is_rebuilt_under_the_policy_asked_for(source, target, com
     assert "policy-mismatch" not in tfmp.audit(prepared).codes()
     for a, b in zip(model.get_weights(), prepared.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_convert_policy_round_trip_keeps_weights_bit_identical_and_outputs_float32():
+    import models
+
+    keras.utils.set_random_seed(5)
+    original = models.get("cnn")[0](input_shape=(8, 8, 3), width=8, stages=1)  # BatchNorm inside
+    weights = original.get_weights()
+    model = original
+    for policy in ("bf16", "mixed_float16", "float32"):
+        model = tfmp.convert_policy(model, policy)
+        canonical = tfmp.parse_precision(policy)
+        assert all(o.dtype == "float32" for o in model.outputs), policy
+        convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+        assert {l.dtype_policy.name for l in convs} == {canonical}, policy
+        norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+        assert {l.dtype_policy.name for l in norms} == {"float32"}, policy
+        for a, b in zip(weights, model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert original.layers[1].dtype_policy.name == "float32"  # the input model is untouched
+    with pytest.raises(ValueError, match="Unknown precision 'fp8'"):
+        tfmp.convert_policy(model, "fp8")

@@ -18,7 +18,7 @@ from tfmp.audits import AuditReport, Finding, audit
 from tfmp.compare import Comparison, compare_precision
 from tfmp.enforce import enforce_float32
 from tfmp.loss_scale import DynamicLossScaleOptimizer
-from tfmp.prepare import AuditError, prepare
+from tfmp.prepare import AuditError, convert_policy, prepare
 from tfmp.state_guard import guard_model_state
 from tfmp.hardware import AUTO_RULES, HardwareInfo, detect_hardware, recommend_policy
 from tfmp.policy import (
@@ -56,6 +56,7 @@ __all__ = [
     "callbacks",
     "Comparison",
     "compare_precision",
+    "convert_policy",
     "detect_hardware",
     "enforce_float32",
     "get_unscaled_gradients",

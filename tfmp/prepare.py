@@ -17,7 +17,7 @@ from tfmp.enforce import (
 )
 from tfmp.hardware import HardwareInfo, detect_hardware
 from tfmp.islands import apply_islands
-from tfmp.policy import set_policy
+from tfmp.policy import resolve_policy, set_policy
 from tfmp.state_guard import guard_model_state
 from tfmp.wrapping import LossScale, wrap_optimizer
 
@@ -30,6 +30,42 @@ class AuditError(ValueError):
         super().__init__(
             "tfmp.prepare: the model is not mixed-precision safe:\n" + str(report)
         )
+
+
+def convert_policy(model: keras.Model, policy: str) -> keras.Model:
+    """`model` rebuilt to compute under another dtype policy, weights copied bit for bit.
+
+    Outputs, normalization and softmax layers (and tfmp's float32 layers) stay in
+    float32; every other layer built under the model's policy takes `policy`;
+    layers given another dtype on purpose keep it. Variables are float32 under
+    every policy, so round trips (float32 -> mixed_bfloat16 -> mixed_float16 ->
+    float32) leave the weights bit-identical. The input model is not changed, and
+    Keras' global policy is not touched. `tfmp.prepare` converts through this.
+
+    Args:
+        model: A built Sequential or Functional model.
+        policy: `float32`, `mixed_float16` or `mixed_bfloat16` (any spelling
+            `tfmp.parse_precision` accepts; `auto` resolves from the hardware).
+
+    Returns:
+        A new model (also when the policy is already the model's: then only its
+        float32 layers are enforced).
+
+    Raises:
+        ValueError: a bad policy name, or a subclassed or unbuilt model.
+
+    Example:
+    >>> f32 = tfmp.convert_policy(keras.models.load_model("mixed.keras"), "float32")
+    """
+    target = resolve_policy(policy).name
+    if not is_plain_model(model):
+        raise ValueError(f"convert_policy needs a Sequential or Functional model; "
+                         f"{type(model).__name__!r} is subclassed (build it under the policy instead)")
+    source = model_policy(model)
+    if source == target:
+        return enforce_float32(model)
+    logging.info("tfmp: rebuilding the %s model under %s", source, target)
+    return rebuild_under_policy(model, source, target, float32_selector(model))
 
 
 def prepare(
@@ -88,12 +124,7 @@ def prepare(
     hw = hardware if hardware is not None else detect_hardware()
     policy = set_policy(precision, hw)
     if is_plain_model(model):
-        source = model_policy(model)
-        if source != policy:
-            logging.info("tfmp.prepare: rebuilding the %s model under %s", source, policy)
-            model = rebuild_under_policy(model, source, policy, float32_selector(model))
-        else:
-            model = enforce_float32(model)
+        model = convert_policy(model, policy)
         if float32_islands:  # `model` is the copy made above: ours to change
             for change in apply_islands(model, policy, hw):
                 logging.info("tfmp.prepare: float32 island %s", change)
