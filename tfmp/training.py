@@ -16,7 +16,8 @@ import keras
 import tensorflow as tf
 
 from tfmp import callbacks as tfmp_callbacks
-from tfmp.cluster import ChiefBackupAndRestore, WriteDirs, read_tf_config, write_dirs
+from tfmp.cluster import (ChiefBackupAndRestore, Cluster, WriteDirs, read_tf_config,
+                          write_dirs)
 from tfmp.data import Data
 from tfmp.distributed import in_multi_worker_mode
 from tfmp.hardware import HardwareInfo, detect_hardware
@@ -176,6 +177,18 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
     return model, optimizer
 
 
+def check_cluster_config(precision: str, cluster: Optional[Cluster]) -> None:
+    """Rejects what cannot run across the workers of a cluster, before connecting.
+
+    Raises:
+        ConfigError: `precision="tune"` with several workers (each would measure on its own
+            and might choose another policy).
+    """
+    if cluster is not None and cluster.num_workers > 1 and precision == "tune":
+        raise ConfigError("--precision=tune measures on one process; every worker of a cluster "
+                          "must train with the same policy: tune on one machine, then pass it")
+
+
 def backup_epoch(backup_dir: str) -> int:
     """Epochs completed according to a `BackupAndRestore` directory (0 if none).
 
@@ -229,9 +242,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     """
     check_config(config, strategy)
     cluster = read_tf_config() if in_multi_worker_mode(strategy) else None
-    if cluster and config.precision == "tune":
-        raise ConfigError("--precision=tune measures on one process; every worker of a cluster "
-                          "must train with the same policy: tune on one machine, then pass it")
+    check_cluster_config(config.precision, cluster)
     hardware = detect_hardware(strategy)
     choice, tuned = _choose_policy(config, build_model, data, hardware)
     policy = set_policy(choice, hardware)  # logs the choice's own reason

@@ -41,7 +41,7 @@ flags.DEFINE_enum("strategy", None, STRATEGIES, "Distribution strategy (default 
 flags.DEFINE_enum("distribution_strategy", None, STRATEGIES, "Model Garden alias of --strategy.")
 flags.DEFINE_string("tpu", None, "TPU address, or 'local' on a TPU VM.")
 flags.DEFINE_float("cluster_timeout", 120.0, "multi_worker_mirrored: seconds to wait for every "
-                   "worker in TF_CONFIG before giving up (exit 2).")
+                   "worker in TF_CONFIG before giving up (one line, then the worker is killed).")
 flags.DEFINE_integer("num_cpu_devices", 1, "Split the CPU into N logical devices.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
 flags.DEFINE_integer("epochs", 3, "Epochs.", lower_bound=1)
@@ -106,13 +106,12 @@ def _validate(precision: str, strategy_name: str) -> None:
                  f"--min_scale={floor:g}{_default(FLAGS.min_scale)}; the loss scale starts "
                  "at or above its floor")
     if tfmp.parse_strategy(strategy_name) == "multi_worker_mirrored":
-        try:
-            cluster = tfmp.cluster.read_tf_config()
-        except ValueError as e:
+        from tfmp import training
+
+        try:  # before connecting: the connection waits for every worker
+            training.check_cluster_config(precision, tfmp.cluster.read_tf_config())
+        except ValueError as e:  # a bad TF_CONFIG, or training.ConfigError
             cli.fail(str(e))
-        if cluster and cluster.num_workers > 1 and precision == "tune":
-            cli.fail("--precision=tune measures on one process; every worker must train with the "
-                     "same policy: tune on one machine, then pass that policy")
     if FLAGS.tpu and strategy_name not in ("tpu", "auto"):
         cli.fail(f"--tpu={FLAGS.tpu} is only used with --strategy=tpu (or auto); "
                  f"got --strategy={strategy_name}")
