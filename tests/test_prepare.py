@@ -119,3 +119,19 @@ def test_convert_policy_round_trip_keeps_weights_bit_identical_and_outputs_float
     assert original.layers[1].dtype_policy.name == "float32"  # the input model is untouched
     with pytest.raises(ValueError, match="Unknown precision 'fp8'"):
         tfmp.convert_policy(model, "fp8")
+
+
+@pytest.mark.parametrize("built_under, target", [("mixed_bfloat16", "float32"),
+                                                 ("float32", "mixed_bfloat16")])
+def test_convert_policy_reaches_sublayers_a_custom_layer_makes(built_under, target):
+    """The transformer's embedding layer makes two Embeddings in `__init__`: they
+    follow the target policy whatever the global policy is (it stays as it was)."""
+    import models
+
+    keras.config.set_dtype_policy(built_under)
+    model = models.get("transformer")[0](input_shape=(8,), vocab_size=50, dim=8, heads=2, depth=1)
+    converted = tfmp.convert_policy(model, target)
+    embed = converted.get_layer("embed")
+    assert {l.dtype_policy.name for l in (embed, embed.tokens, embed.positions)} == {target}
+    assert keras.config.dtype_policy().name == built_under
+    keras.config.set_dtype_policy("float32")

@@ -134,7 +134,14 @@ def clone_with_dtypes(
         dtype = dtype_for(layer)
         if dtype is not None:
             config["dtype"] = dtype
-        return type(layer).from_config(config)
+        # Sublayers a custom layer creates in `__init__` without a dtype take the
+        # global policy: make it the layer's own while the layer is made.
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(dtype or layer.dtype_policy)
+        try:
+            return type(layer).from_config(config)
+        finally:
+            keras.config.set_dtype_policy(previous)
 
     clone = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
     clone.set_weights(model.get_weights())
