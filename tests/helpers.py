@@ -70,7 +70,8 @@ _CASES_DRIVER = """
 import contextlib, io, json, sys
 from absl import flags
 import importlib
-tool = importlib.import_module("tools." + sys.argv[1])  # its flags are defined once
+name = sys.argv[1]
+tool = importlib.import_module("tools." + name)  # its flags are defined once
 from tfmp import cli
 results = []
 import os
@@ -78,7 +79,7 @@ for case in json.loads(sys.argv[2]):
     argv, env = (case, {}) if isinstance(case, list) else (case["argv"], case["env"])
     os.environ.update(env)
     flags.FLAGS.unparse_flags()  # every case starts from the defaults
-    sys.argv = [sys.argv[1] + ".py", *argv]
+    sys.argv = [name + ".py", *argv]
     err, out = io.StringIO(), io.StringIO()
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         try:
