@@ -12,11 +12,12 @@ import os as _os
 # tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tfmp import callbacks, cluster, islands, launch, layers, state_guard
+from tfmp import callbacks, cluster, islands, launch, layers, litert, state_guard
 from tfmp.callbacks import NonFiniteError
 from tfmp.audits import AuditReport, Finding, audit
 from tfmp.compare import Comparison, compare_precision
 from tfmp.enforce import enforce_float32
+from tfmp.export import ExportError, ExportReport, export
 from tfmp.loss_scale import DynamicLossScaleOptimizer
 from tfmp.prepare import AuditError, convert_policy, prepare
 from tfmp.state_guard import guard_model_state
@@ -59,6 +60,9 @@ __all__ = [
     "convert_policy",
     "detect_hardware",
     "enforce_float32",
+    "export",
+    "ExportError",
+    "ExportReport",
     "get_unscaled_gradients",
     "get_strategy",
     "global_policy_name",
@@ -70,6 +74,7 @@ __all__ = [
     "islands",
     "launch",
     "layers",
+    "litert",
     "policy_scope",
     "prepare",
     "recommend_policy",

@@ -1,0 +1,372 @@
+"""`tfmp.export`: a trained Keras model to a quantized LiteRT (TFLite) file, with an accuracy report.
+
+The usual way to deploy a model trained in mixed precision: quantize it after
+training (float16 weights, or int8 calibrated on a representative dataset) and
+check on held-out data that accuracy held. LiteRT's kernels compute in float32
+or int8, not bfloat16, so the model is first rebuilt in float32
+(`tfmp.convert_policy`, weights bit-identical: variables are float32 under every
+policy); tfmp's float32 layers and islands stay in the graph. Conversion goes
+through Keras' own `model.export(format="litert")` with TensorFlow's converter
+settings for each mode, restricted to LiteRT's builtin ops (no TF Select ops,
+which LiteRT's standard runtime cannot run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import statistics
+import time
+from typing import Any, Iterable, Optional, Union
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging as absl_logging
+
+from tfmp.audits import model_policy
+from tfmp.compare import quartiles
+from tfmp.litert import Runner
+from tfmp.prepare import convert_policy
+from tfmp.training import atomic_path
+
+QUANTIZATIONS = ("float16", "dynamic_int8", "full_int8")
+CALIBRATION_BATCH = 32  # examples per batch when calibration data is one array
+
+
+class ExportError(ValueError):
+    """A model or input that cannot be exported; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportReport:
+    """What one export produced and how it compares with the Keras model.
+
+    Attributes:
+        quantization: `float16`, `dynamic_int8` or `full_int8`.
+        path: The LiteRT file written.
+        size_bytes: Its size.
+        float32_bytes: The model's weights as float32 (parameters x 4 bytes).
+        float_ops: Ops left in float32 (full_int8: no int8 kernel), by op name.
+        runtime: The interpreter evaluated with: `litert` or `tf` (tf.lite).
+        model_policy: The policy the Keras model computed under.
+        metric: Name of the metric (higher is better).
+        keras_metric, exported_metric: The metric of the Keras model as given
+            and of the exported model, on the same evaluation batches.
+        max_abs_diff: Largest |exported output - output| of the same network
+            computing in float32 (the quantization error alone).
+        output_scale: Largest |output| of that float32 network.
+        keras_ms, exported_ms: Median milliseconds per batch, measured taking
+            turns batch by batch after one warm-up batch.
+        latency_ratio: exported / Keras time per batch: median and quartiles.
+        batches, batch_size: Evaluation batches and the size of the first.
+    """
+
+    quantization: str
+    path: str
+    size_bytes: int
+    float32_bytes: int
+    float_ops: dict[str, int]
+    runtime: str
+    model_policy: str
+    metric: Optional[str] = None
+    keras_metric: Optional[float] = None
+    exported_metric: Optional[float] = None
+    max_abs_diff: Optional[float] = None
+    output_scale: Optional[float] = None
+    keras_ms: Optional[float] = None
+    exported_ms: Optional[float] = None
+    latency_ratio: Optional[tuple[float, float, float]] = None
+    batches: int = 0
+    batch_size: int = 0
+
+    @property
+    def accuracy_drop(self) -> Optional[float]:
+        """Keras metric minus exported metric (positive: the export lost accuracy)."""
+        if self.keras_metric is None or self.exported_metric is None:
+            return None
+        return self.keras_metric - self.exported_metric
+
+    @property
+    def relative_diff(self) -> Optional[float]:
+        """`max_abs_diff / output_scale`."""
+        if self.max_abs_diff is None or not self.output_scale:
+            return None
+        return self.max_abs_diff / self.output_scale
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "accuracy_drop": self.accuracy_drop,
+                "relative_diff": self.relative_diff,
+                "size_ratio": self.size_bytes / max(self.float32_bytes, 1)}
+
+
+def _one_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def float32_model(model: keras.Model) -> keras.Model:
+    """`model` itself if it computes in float32, else `tfmp.convert_policy(model, "float32")`."""
+    if model_policy(model) == "float32":
+        return model
+    try:
+        return convert_policy(model, "float32")
+    except ValueError as e:
+        raise ExportError(f"cannot rebuild the model in float32 for export: {_one_line(e)}") from None
+
+
+def _check_model(model: keras.Model) -> None:
+    if not model.built or len(model.inputs or ()) != 1 or len(model.outputs or ()) != 1:
+        n_in, n_out = len(getattr(model, "inputs", None) or ()), len(getattr(model, "outputs", None) or ())
+        raise ExportError(f"tfmp.export takes a built model with one input and one output; "
+                          f"{model.name!r} has {n_in} inputs and {n_out} outputs")
+
+
+def _inputs_of(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
+                        model: keras.Model) -> list[np.ndarray]:
+    """Up to `steps` input batches from `data`, checked against the model's input.
+
+    `data`: a `tf.data.Dataset` or iterable of batches (`x` or `(x, y)`), or one
+    array of examples (cut into batches of `CALIBRATION_BATCH`).
+
+    Raises:
+        ExportError: no batch, or a batch whose shape or kind of dtype (integer
+            ids vs floats) is not the model's input's.
+    """
+    if steps < 1:
+        raise ExportError(f"calibration_steps={steps} must be at least 1")
+    spec = model.inputs[0]
+    want = keras.backend.standardize_dtype(spec.dtype)
+    if isinstance(data, np.ndarray):
+        data = [data[i:i + CALIBRATION_BATCH] for i in range(0, len(data), CALIBRATION_BATCH)]
+    batches = []
+    for batch in data:
+        x = np.asarray(_inputs_of(batch))
+        shape_ok = x.ndim == len(spec.shape) and all(
+            d is None or d == s for d, s in zip(spec.shape[1:], x.shape[1:]))
+        kind_ok = x.dtype.kind in ("i", "u") if "int" in want else x.dtype.kind == "f"
+        if not (shape_ok and kind_ok):
+            raise ExportError(f"calibration data has batches of shape {x.shape} and dtype {x.dtype}; "
+                              f"the model takes {tuple(spec.shape)} {want}")
+        batches.append(x.astype(want))
+        if len(batches) == steps:
+            break
+    if not batches:
+        raise ExportError("calibration data is empty: full_int8 needs some of the training data")
+    return batches
+
+
+def converter_settings(quantization: str, calibration: Optional[list[np.ndarray]]) -> dict[str, Any]:
+    """TensorFlow's converter settings (for `model.export(format="litert", **settings)`)."""
+    if quantization not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantization {quantization!r}; accepted: {', '.join(QUANTIZATIONS)}")
+    settings: dict[str, Any] = {"optimizations": [tf.lite.Optimize.DEFAULT],
+                                "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
+    if quantization == "float16":
+        settings["target_spec"]["supported_types"] = [tf.float16]
+    elif quantization == "full_int8":
+        if calibration is None:
+            raise ExportError("full_int8 needs calibration data (a representative sample of "
+                              "the training inputs)")
+        settings["target_spec"]["supported_ops"] = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        settings["representative_dataset"] = lambda: ([x] for x in calibration)
+    return settings
+
+
+_NO_KERNEL = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
+_WHERE = re.compile(r'fused\["(\w+):", "([^"@]+)@')
+
+
+def _converter_error(e: Exception) -> ExportError:
+    """The converter's multi-page error as one line, naming the ops it could not convert."""
+    text = str(e)
+    missing = sorted(set(_NO_KERNEL.findall(text)))
+    if missing:
+        where = sorted({path for op, path in _WHERE.findall(text) if op in missing})
+        return ExportError(f"LiteRT has no builtin kernel for {', '.join(missing)} "
+                           f"(at {', '.join(where) or 'unknown'}): replace the op, or export "
+                           "with TensorFlow's converter and TF Select ops yourself")
+    errors = [l.strip() for l in text.splitlines() if "error:" in l]
+    return ExportError(f"the LiteRT converter failed: {(errors or [_one_line(e)])[0][:300]}")
+
+
+@contextlib.contextmanager
+def _quiet_tensorflow():
+    """TensorFlow's INFO lines about the intermediate SavedModel (assets, fingerprint) hidden."""
+    logger, verbosity = tf.get_logger(), absl_logging.get_verbosity()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        absl_logging.set_verbosity(verbosity)
+
+
+def _check_destination(path: str) -> None:
+    if not str(path).endswith(".tflite"):
+        raise ExportError(f"export path {path!r} must end with .tflite")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
+        raise ExportError(f"cannot write {path!r}: {directory!r} is not a writable directory")
+
+
+def _metric(metric: Union[str, Any]) -> keras.metrics.Metric:
+    found = keras.metrics.get(metric)
+    return found if isinstance(found, keras.metrics.Metric) else keras.metrics.MeanMetricWrapper(found)
+
+
+def _evaluate(model: keras.Model, reference: keras.Model, runner: Runner, data: Iterable[Any],
+              steps: Optional[int], metric: Union[str, Any]) -> dict[str, Any]:
+    keras_fn = tf.function(lambda x: model(x, training=False))
+    reference_fn = tf.function(lambda x: reference(x, training=False))
+    keras_metric, exported_metric = _metric(metric), _metric(metric)
+    keras_ms, exported_ms, diff, scale, batches, batch_size = [], [], 0.0, 0.0, 0, 0
+    for i, (x, y) in enumerate(data):
+        if steps is not None and i >= steps:
+            break
+        x = np.asarray(x).astype(runner.input_dtype, copy=False)
+        if i == 0:  # warm-up: traces the functions, allocates the interpreter
+            keras_fn(x), runner(x)
+            batch_size = len(x)
+        t0 = time.perf_counter()
+        out = keras_fn(x).numpy()
+        t1 = time.perf_counter()
+        exported = runner(x)
+        t2 = time.perf_counter()
+        if i > 0:
+            keras_ms.append(1e3 * (t1 - t0))
+            exported_ms.append(1e3 * (t2 - t1))
+        full = reference_fn(x).numpy()
+        diff = max(diff, float(np.abs(exported - full).max()))
+        scale = max(scale, float(np.abs(full).max()))
+        keras_metric.update_state(y, out)
+        exported_metric.update_state(y, exported)
+        batches += 1
+    if not batches:
+        raise ExportError("evaluation data is empty")
+    timed = bool(keras_ms)
+    return dict(
+        metric=keras_metric.name, keras_metric=float(keras_metric.result()),
+        exported_metric=float(exported_metric.result()), max_abs_diff=diff, output_scale=scale,
+        keras_ms=statistics.median(keras_ms) if timed else None,
+        exported_ms=statistics.median(exported_ms) if timed else None,
+        latency_ratio=quartiles([e / k for e, k in zip(exported_ms, keras_ms)]) if timed else None,
+        batches=batches, batch_size=batch_size)
+
+
+def export(
+    model: keras.Model,
+    path: str,
+    quantization: str = "float16",
+    *,
+    calibration_data: Union[np.ndarray, Iterable[Any], None] = None,
+    calibration_steps: int = 10,
+    eval_data: Optional[Iterable[Any]] = None,
+    eval_steps: Optional[int] = None,
+    metric: Union[str, Any] = "sparse_categorical_accuracy",
+    int8_only: bool = False,
+    runtime: str = "auto",
+) -> ExportReport:
+    """Writes `model` as a quantized LiteRT file (atomically) and reports on it.
+
+    Args:
+        model: A built Keras model with one input and one output, under any
+            policy (a 16-bit one is rebuilt in float32 first).
+        path: The `.tflite` file to write; its directory must exist.
+        quantization: `float16` (weights in float16), `dynamic_int8` (weights in
+            int8, activations quantized on the fly) or `full_int8` (weights and
+            activations in int8, calibrated on `calibration_data`; the model's
+            input and output stay float32 / integer ids).
+        calibration_data: full_int8 only: a `tf.data.Dataset` or iterable of
+            batches (`x` or `(x, y)`) drawn from the training data, or one
+            array of examples.
+        calibration_steps: Batches of `calibration_data` to use.
+        eval_data: Batches `(x, y)` to compare the Keras and exported models on.
+        eval_steps: Batches of `eval_data` to use (default: all).
+        metric: A Keras metric (name or object), higher is better.
+        int8_only: full_int8: refuse a model in which some ops had no int8
+            kernel and stay float32 (needed on integer-only accelerators).
+        runtime: `auto` (LiteRT if installed, else tf.lite), `litert` or `tf`.
+
+    Returns:
+        An `ExportReport` (metric, output difference and latency fields set
+        when `eval_data` is given).
+
+    Raises:
+        ExportError: a bad quantization name or destination, a model that is
+            not single-input/single-output, calibration data of the wrong shape
+            or dtype, an op LiteRT has no kernel for (named), or with
+            `int8_only` an op left in float32 (named). Nothing is written then.
+
+    Example:
+    >>> report = tfmp.export(model, "m.tflite", "full_int8", calibration_data=train_ds.take(10),
+    ...                      eval_data=eval_ds)
+    >>> report.accuracy_drop, report.size_bytes
+    """
+    converter_settings(quantization, [])  # the name, before any work
+    _check_destination(path)
+    _check_model(model)
+    calibration = (calibration_batches(calibration_data, calibration_steps, model)
+                   if quantization == "full_int8" and calibration_data is not None else None)
+    network = float32_model(model)
+    settings = converter_settings(quantization, calibration)
+    with atomic_path(path, ".tflite") as tmp:
+        try:
+            with _quiet_tensorflow():
+                network.export(tmp, format="litert", verbose=False, **settings)
+        except Exception as e:  # noqa: BLE001 (the converter raises several kinds)
+            raise _converter_error(e) from None
+        runner = Runner(tmp, runtime)
+        float_ops = dict(runner.float_ops) if quantization == "full_int8" else {}
+        if int8_only and float_ops:
+            raise ExportError("full_int8 with int8_only: no int8 kernel for " + ", ".join(
+                f"{op} (x{n})" for op, n in sorted(float_ops.items())) + "; they would stay float32")
+        size = os.path.getsize(tmp)
+    report = ExportReport(
+        quantization=quantization, path=str(path), size_bytes=size,
+        float32_bytes=4 * int(model.count_params()), float_ops=float_ops,
+        runtime=runner.runtime, model_policy=model_policy(model))
+    if eval_data is None:
+        return report
+    return dataclasses.replace(report, **_evaluate(model, network, runner, eval_data,
+                                                   eval_steps, metric))
+
+
+def _kb(n: int) -> str:
+    return f"{n / 1024:.1f} KB"
+
+
+def format_reports(reports: Iterable[ExportReport]) -> str:
+    """A markdown table: one row per export."""
+    rows = ["| export | size (vs float32 weights) | metric: Keras -> exported (drop) "
+            "| max abs diff (relative) | ms per batch: Keras / exported (ratio, quartiles) "
+            "| ops left in float32 |", "|---|---|---|---|---|---|"]
+    for r in reports:
+        size = f"{_kb(r.size_bytes)} ({r.size_bytes / max(r.float32_bytes, 1):.2f}x)"
+        metric = diff = latency = "not evaluated"
+        if r.keras_metric is not None:
+            metric = (f"{r.metric} {r.keras_metric:.4f} -> {r.exported_metric:.4f} "
+                      f"({r.accuracy_drop:+.4f})")
+            diff = f"{r.max_abs_diff:.3g} ({100 * (r.relative_diff or 0):.2g}%)"
+        if r.latency_ratio is not None:
+            lo, med, hi = r.latency_ratio
+            latency = (f"{r.keras_ms:.2f} / {r.exported_ms:.2f} ({med:.2f}x, {lo:.2f}-{hi:.2f}; "
+                       f"batch {r.batch_size}, {r.runtime})")
+        floats = ", ".join(f"{op} x{n}" for op, n in sorted(r.float_ops.items())) or "none"
+        rows.append(f"| {r.quantization} | {size} | {metric} | {diff} | {latency} | {floats} |")
+    return "\n".join(rows)
+
+
+def gate_failures(reports: Iterable[ExportReport], max_accuracy_drop: float) -> list[str]:
+    """One line per evaluated export whose accuracy drop exceeds `max_accuracy_drop`."""
+    return [f"{r.quantization}: {r.metric} {r.keras_metric:.4f} -> {r.exported_metric:.4f}, "
+            f"drop {r.accuracy_drop:.4f} > {max_accuracy_drop:g}"
+            for r in reports if r.accuracy_drop is not None and r.accuracy_drop > max_accuracy_drop]

@@ -1,0 +1,152 @@
+"""Exports a trained Keras model to quantized LiteRT files and checks that accuracy held.
+
+  python -m tools.export --model_dir=runs/mlp                    # float16, dynamic_int8, full_int8
+  python -m tools.export --model_path=m.keras --quantization=full_int8 --calibration_steps=20
+  python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=0.01   # a gate: exit 1 if exceeded
+
+Writes model_<quantization>.tflite and export.json (one report per export) to
+--output_dir (default: <model_dir>/export, or export/) and prints the table.
+Exit code 0: written (and within --max_accuracy_drop); 1: the gate failed (the
+files are written, the figures are in the message); 2: bad input, one line.
+"""
+
+import json
+import math
+import os
+from typing import Sequence
+
+from absl import flags
+
+from tfmp import cli
+from tfmp.export import QUANTIZATIONS
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model_path", None, "The .keras model to export.")
+flags.DEFINE_string("model_dir", None, "A tools/train --model_dir (its model.keras; its "
+                    "dataset, data_dir and seed are the defaults here).")
+flags.DEFINE_list("quantization", ["float16", "dynamic_int8", "full_int8"],
+                  "Comma-separated: float16, dynamic_int8, full_int8.")
+flags.DEFINE_string("output_dir", None, "Where the .tflite files and export.json go "
+                    "(default <model_dir>/export, or export).")
+flags.DEFINE_string("dataset", None, "'synthetic' or a tensorflow-datasets name "
+                    "(default: the model_dir's, else synthetic).")
+flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
+flags.DEFINE_integer("seed", None, "Data seed (default: the model_dir's, else 0).")
+flags.DEFINE_integer("batch_size", 64, "Batch size for calibration and evaluation.", lower_bound=1)
+flags.DEFINE_integer("calibration_steps", 10, "full_int8: training batches to calibrate on.",
+                     lower_bound=1)
+flags.DEFINE_string("calibration_data", None, "full_int8: a .npy array of example inputs "
+                    "to calibrate on instead of the training data.")
+flags.DEFINE_integer("eval_steps", None, "Evaluation batches (default: the whole eval split).",
+                     lower_bound=1)
+flags.DEFINE_float("max_accuracy_drop", None, "Fail (exit 1) when an export's accuracy is more "
+                   "than this below the Keras model's (0.01 = one point).")
+flags.DEFINE_bool("int8_only", False, "full_int8: fail when an op has no int8 kernel "
+                  "(integer-only accelerators) instead of leaving it in float32.")
+flags.DEFINE_enum("runtime", "auto", ("auto", "litert", "tf"),
+                  "Interpreter: LiteRT (ai-edge-litert) if installed, else tf.lite.")
+
+REPORT = "export.json"
+
+
+def _source() -> tuple[str, dict]:
+    """The model file, and the training run's flags when it comes from a --model_dir."""
+    from tfmp.training import FINAL_MODEL, SUMMARY
+
+    if bool(FLAGS.model_path) == bool(FLAGS.model_dir):
+        cli.fail("give --model_path=FILE.keras or --model_dir=DIR (written by tools/train), one of them")
+    if FLAGS.model_path:
+        return FLAGS.model_path, {}
+    if not os.path.isdir(FLAGS.model_dir):
+        cli.fail(f"--model_dir={FLAGS.model_dir!r} is not a directory")
+    path = os.path.join(FLAGS.model_dir, FINAL_MODEL)
+    if not os.path.isfile(path):
+        cli.fail(f"--model_dir={FLAGS.model_dir!r} has no {FINAL_MODEL} (tools/train writes it "
+                 "when a run ends)")
+    try:
+        with open(os.path.join(FLAGS.model_dir, SUMMARY)) as f:
+            return path, json.load(f).get("flags", {})
+    except (OSError, ValueError):
+        return path, {}
+
+
+def _validate() -> str:
+    bad = [q for q in FLAGS.quantization if q not in QUANTIZATIONS]
+    if bad or not FLAGS.quantization:
+        cli.fail(f"--quantization={','.join(FLAGS.quantization)!r}: accepted values are "
+                 f"{', '.join(QUANTIZATIONS)} (comma-separated)")
+    if FLAGS.max_accuracy_drop is not None and not math.isfinite(FLAGS.max_accuracy_drop):
+        cli.fail(f"--max_accuracy_drop={FLAGS.max_accuracy_drop} must be a finite number")
+    output_dir = FLAGS.output_dir or (os.path.join(FLAGS.model_dir, "export") if FLAGS.model_dir
+                                      else "export")
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as e:
+        cli.fail(f"--output_dir={output_dir!r} cannot be created: {e.strerror or e}")
+    if not os.access(output_dir, os.W_OK):
+        cli.fail(f"--output_dir={output_dir!r} is not writable")
+    return output_dir
+
+
+def _calibration(data, model):
+    import numpy as np
+
+    from tfmp.export import calibration_batches
+
+    if "full_int8" not in FLAGS.quantization:
+        return None
+    if FLAGS.calibration_data is None:
+        return calibration_batches(data.train, FLAGS.calibration_steps, model)
+    try:
+        with open(FLAGS.calibration_data, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                cli.fail(f"--calibration_data={FLAGS.calibration_data!r} is not a .npy file "
+                         "(np.save an array of example inputs)")
+        array = np.load(FLAGS.calibration_data, allow_pickle=False)
+    except OSError as e:
+        cli.fail(f"--calibration_data={FLAGS.calibration_data!r} cannot be read: {e.strerror or e}")
+    except ValueError as e:  # an object array (pickled): not examples
+        cli.fail(f"--calibration_data={FLAGS.calibration_data!r}: {str(e).splitlines()[0]}")
+    if array.ndim == 0:
+        cli.fail(f"--calibration_data={FLAGS.calibration_data!r} holds a scalar, not examples")
+    batches = [array[i:i + FLAGS.batch_size] for i in range(0, len(array), FLAGS.batch_size)]
+    return calibration_batches(batches, FLAGS.calibration_steps, model)
+
+
+def main(argv: Sequence[str]) -> int:
+    path, trained_with = _source()
+    output_dir = _validate()
+    model = cli.load_keras_model(path)
+    from tfmp import data, training
+    from tfmp.export import ExportError, export, format_reports, gate_failures
+
+    dataset = FLAGS.dataset or trained_with.get("dataset") or "synthetic"
+    seed = FLAGS.seed if FLAGS.seed is not None else trained_with.get("seed", 0)
+    try:
+        d = data.load(dataset, data.input_kind(model), FLAGS.batch_size,
+                      FLAGS.data_dir or trained_with.get("data_dir"), seed)
+        data.check_fits(model, d)
+        calibration = _calibration(d, model)
+        reports = [export(
+            model, os.path.join(output_dir, f"model_{q}.tflite"), q,
+            calibration_data=calibration, calibration_steps=FLAGS.calibration_steps,
+            eval_data=d.eval, eval_steps=FLAGS.eval_steps, int8_only=FLAGS.int8_only,
+            runtime=FLAGS.runtime) for q in FLAGS.quantization]
+    except (data.DatasetError, ExportError, ValueError) as e:
+        cli.fail(str(e).splitlines()[0])
+    failures = ([] if FLAGS.max_accuracy_drop is None
+                else gate_failures(reports, FLAGS.max_accuracy_drop))
+    training.write_json_atomically(os.path.join(output_dir, REPORT), {
+        "model": path, "dataset": d.name, "seed": seed, "reports": [r.to_dict() for r in reports],
+        "max_accuracy_drop": FLAGS.max_accuracy_drop, "gate_failures": failures})
+    print(format_reports(reports))
+    print(f"wrote {', '.join(os.path.basename(r.path) for r in reports)} and {REPORT} "
+          f"to {output_dir}")
+    if failures:
+        cli.fail(f"accuracy gate (--max_accuracy_drop={FLAGS.max_accuracy_drop:g}) failed: "
+                 + "; ".join(failures), code=cli.EXIT_FINDINGS)
+    return 0
+
+
+if __name__ == "__main__":
+    cli.run(main)
