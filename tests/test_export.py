@@ -85,8 +85,11 @@ CALIBRATION = np.random.RandomState(0).rand(64, 16).astype("float32")
 def test_an_op_without_an_int8_kernel_stays_float32_or_is_refused_by_name(tmp_path):
     model = _with_op(lambda x: ops.cumsum(x, axis=-1))
     path = tmp_path / "m.tflite"
-    report = tfmp.export(model, str(path), "full_int8", calibration_data=CALIBRATION)
+    labels = np.zeros(len(CALIBRATION), "int32")
+    report = tfmp.export(model, str(path), "full_int8", calibration_data=CALIBRATION,
+                         eval_data=(CALIBRATION, labels))  # arrays, in batches of 32
     assert report.float_ops == {"CUMSUM": 1}
+    assert report.batches == 2 and report.batch_size == 32 and report.relative_diff < 0.25
     path.write_bytes(b"previous export")
     with pytest.raises(ExportError, match=r"no int8 kernel for CUMSUM \(x1\)"):
         tfmp.export(model, str(path), "full_int8", calibration_data=CALIBRATION, int8_only=True)
@@ -131,3 +134,24 @@ def test_token_ids_calibrate_as_integers():
     assert [b.dtype for b in batches] == [np.dtype("int32")] and batches[0].shape == (8, 8)
     with pytest.raises(ExportError, match="dtype float32; the model takes"):
         calibration_batches(ids.astype("float32"), 10, model)
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_models_it_cannot_export_are_named(tmp_path):
+    subclassed = _Subclassed()
+    subclassed(np.ones((1, 3), "float32"))
+    a, b = keras.Input((3,)), keras.Input((3,))
+    for model, message in [(subclassed, "is a subclassed _Subclassed"),
+                           (keras.Model([a, b], keras.layers.Add()([a, b])), "has 2 inputs and 1"),
+                           (_Subclassed(), "is not built")]:
+        with pytest.raises(ExportError, match=message):
+            tfmp.export(model, str(tmp_path / "m.tflite"))
+    assert list(tmp_path.iterdir()) == []

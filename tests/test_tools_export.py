@@ -79,13 +79,15 @@ def test_a_training_run_is_exported_in_every_mode_with_its_report(runs):
     assert code == 0, stderr
     report = json.loads((run / "export" / "export.json").read_text())
     assert report["dataset"] == "synthetic" and report["gate_failures"] == []
+    assert report["model_file_bytes"] == (run / "model.keras").stat().st_size
     assert [r["quantization"] for r in report["reports"]] == ["float16", "dynamic_int8", "full_int8"]
     for r in report["reports"]:
         assert (run / "export" / f"model_{r['quantization']}.tflite").stat().st_size == r["size_bytes"]
         assert r["model_policy"] == "mixed_bfloat16" and r["batches"] == 4
         assert abs(r["accuracy_drop"]) <= 0.05 and r["exported_ms"] > 0
         assert f"| {r['quantization']} | " in stdout
-    assert "wrote model_float16.tflite, model_dynamic_int8.tflite, model_full_int8.tflite" in stdout
+    assert "KB (weights and optimizer state); wrote model_float16.tflite, " \
+        "model_dynamic_int8.tflite, model_full_int8.tflite and export.json" in stdout
 
 
 def test_the_gate_fails_with_the_figures_and_keeps_the_files(runs):

@@ -34,7 +34,7 @@ from tfmp.prepare import convert_policy
 from tfmp.training import atomic_path
 
 QUANTIZATIONS = ("float16", "dynamic_int8", "full_int8")
-CALIBRATION_BATCH = 32  # examples per batch when calibration data is one array
+ARRAY_BATCH = 32  # examples per batch when data comes as arrays
 
 
 class ExportError(ValueError):
@@ -118,10 +118,16 @@ def float32_model(model: keras.Model) -> keras.Model:
 
 
 def _check_model(model: keras.Model) -> None:
-    if not model.built or len(model.inputs or ()) != 1 or len(model.outputs or ()) != 1:
-        n_in, n_out = len(getattr(model, "inputs", None) or ()), len(getattr(model, "outputs", None) or ())
-        raise ExportError(f"tfmp.export takes a built model with one input and one output; "
-                          f"{model.name!r} has {n_in} inputs and {n_out} outputs")
+    if not model.built:
+        raise ExportError(f"model {model.name!r} is not built: call it on data or give it an Input")
+    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
+    if inputs is None or outputs is None:
+        raise ExportError(f"tfmp.export takes a Sequential or Functional model; {model.name!r} "
+                          f"is a subclassed {type(model).__name__} (export it with Keras' "
+                          "model.export(format='litert', input_signature=...) instead)")
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ExportError(f"tfmp.export takes a model with one input and one output; "
+                          f"{model.name!r} has {len(inputs)} inputs and {len(outputs)} outputs")
 
 
 def _inputs_of(batch: Any) -> Any:
@@ -133,7 +139,7 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
     """Up to `steps` input batches from `data`, checked against the model's input.
 
     `data`: a `tf.data.Dataset` or iterable of batches (`x` or `(x, y)`), or one
-    array of examples (cut into batches of `CALIBRATION_BATCH`).
+    array of examples (cut into batches of `ARRAY_BATCH`).
 
     Raises:
         ExportError: no batch, or a batch whose shape or kind of dtype (integer
@@ -144,7 +150,7 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
     spec = model.inputs[0]
     want = keras.backend.standardize_dtype(spec.dtype)
     if isinstance(data, np.ndarray):
-        data = [data[i:i + CALIBRATION_BATCH] for i in range(0, len(data), CALIBRATION_BATCH)]
+        data = [data[i:i + ARRAY_BATCH] for i in range(0, len(data), ARRAY_BATCH)]
     batches = []
     for batch in data:
         x = np.asarray(_inputs_of(batch))
@@ -289,7 +295,8 @@ def export(
             batches (`x` or `(x, y)`) drawn from the training data, or one
             array of examples.
         calibration_steps: Batches of `calibration_data` to use.
-        eval_data: Batches `(x, y)` to compare the Keras and exported models on.
+        eval_data: Batches `(x, y)` (a `tf.data.Dataset` or iterable) to compare
+            the Keras and exported models on, or a tuple of two arrays.
         eval_steps: Batches of `eval_data` to use (default: all).
         metric: A Keras metric (name or object), higher is better.
         int8_only: full_int8: refuse a model in which some ops had no int8
@@ -336,6 +343,9 @@ def export(
         runtime=runner.runtime, model_policy=model_policy(model))
     if eval_data is None:
         return report
+    if isinstance(eval_data, tuple) and all(isinstance(a, np.ndarray) for a in eval_data):
+        x, y = eval_data
+        eval_data = [(x[i:i + ARRAY_BATCH], y[i:i + ARRAY_BATCH]) for i in range(0, len(x), ARRAY_BATCH)]
     return dataclasses.replace(report, **_evaluate(model, network, runner, eval_data,
                                                    eval_steps, metric))
 

@@ -137,11 +137,12 @@ def main(argv: Sequence[str]) -> int:
     failures = ([] if FLAGS.max_accuracy_drop is None
                 else gate_failures(reports, FLAGS.max_accuracy_drop))
     training.write_json_atomically(os.path.join(output_dir, REPORT), {
-        "model": path, "dataset": d.name, "seed": seed, "reports": [r.to_dict() for r in reports],
+        "model": path, "model_file_bytes": os.path.getsize(path), "dataset": d.name, "seed": seed,
+        "reports": [r.to_dict() for r in reports],
         "max_accuracy_drop": FLAGS.max_accuracy_drop, "gate_failures": failures})
     print(format_reports(reports))
-    print(f"wrote {', '.join(os.path.basename(r.path) for r in reports)} and {REPORT} "
-          f"to {output_dir}")
+    print(f"{path}: {os.path.getsize(path) / 1024:.1f} KB (weights and optimizer state); wrote "
+          f"{', '.join(os.path.basename(r.path) for r in reports)} and {REPORT} to {output_dir}")
     if failures:
         cli.fail(f"accuracy gate (--max_accuracy_drop={FLAGS.max_accuracy_drop:g}) failed: "
                  + "; ".join(failures), code=cli.EXIT_FINDINGS)
