@@ -38,6 +38,17 @@ def make_model(seed=1, out_dtype="float32"):
     ])
 
 
+class Subclassed(keras.Model):
+    """A subclassed model (Keras cannot clone it): one Dense layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
 def make_data(n=256, seed=0):
     rng = np.random.RandomState(seed)
     x = rng.rand(n, 8).astype("float32")

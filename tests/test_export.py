@@ -7,6 +7,7 @@ import pytest
 from keras import ops
 
 import tfmp
+from tests import helpers
 from tfmp import data, islands
 from tfmp.export import QUANTIZATIONS, ExportError, calibration_batches
 from tfmp.litert import Runner
@@ -136,22 +137,13 @@ def test_token_ids_calibrate_as_integers():
         calibration_batches(ids.astype("float32"), 10, model)
 
 
-class _Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.dense = keras.layers.Dense(2)
-
-    def call(self, x):
-        return self.dense(x)
-
-
 def test_models_it_cannot_export_are_named(tmp_path):
-    subclassed = _Subclassed()
+    subclassed = helpers.Subclassed()
     subclassed(np.ones((1, 3), "float32"))
     a, b = keras.Input((3,)), keras.Input((3,))
-    for model, message in [(subclassed, "is a subclassed _Subclassed"),
+    for model, message in [(subclassed, "is a subclassed Subclassed"),
                            (keras.Model([a, b], keras.layers.Add()([a, b])), "has 2 inputs and 1"),
-                           (_Subclassed(), "is not built")]:
+                           (helpers.Subclassed(), "is not built")]:
         with pytest.raises(ExportError, match=message):
             tfmp.export(model, str(tmp_path / "m.tflite"))
     assert list(tmp_path.iterdir()) == []

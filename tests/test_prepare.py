@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import tfmp
+from tests import helpers
 from tfmp.hardware import HardwareInfo
 
 GPU = HardwareInfo("gpu", ("GPU:0",), ((8, 0),))
@@ -53,18 +54,9 @@ def test_prepare_float32_keeps_model_and_only_enforces():
     assert tfmp.global_policy_name() == "mixed_bfloat16"
 
 
-class _Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.dense = keras.layers.Dense(2)
-
-    def call(self, x):
-        return self.dense(x)
-
-
 def test_prepare_raises_on_audit_errors():
     keras.config.set_dtype_policy("float16")  # pure float16 variables
-    model = _Subclassed()  # subclassed: cannot be rebuilt, only audited
+    model = helpers.Subclassed()  # subclassed: cannot be rebuilt, only audited
     model(np.zeros((1, 16), "float32"))
     with pytest.raises(tfmp.AuditError) as err:
         tfmp.prepare(model, "adam", "fp16", hardware=GPU)
