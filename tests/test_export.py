@@ -147,3 +147,14 @@ def test_models_it_cannot_export_are_named(tmp_path):
         with pytest.raises(ExportError, match=message):
             tfmp.export(model, str(tmp_path / "m.tflite"))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluation_data_that_does_not_fit_is_one_line(tmp_path):
+    model = _with_op(ops.relu)
+    for eval_data, message in [
+            ((CALIBRATION[0], np.zeros(16)), "dtype float32; the model takes .* \\(unbatched"),
+            ([CALIBRATION[:4]], "evaluation data must be batches \\(x, y\\)")]:
+        with pytest.raises(ExportError, match=message):
+            tfmp.export(model, str(tmp_path / "m.tflite"), eval_data=[eval_data]
+                        if isinstance(eval_data, tuple) else eval_data)
+    assert list(tmp_path.iterdir()) == []  # checked before the file is put in place

@@ -134,6 +134,26 @@ def _inputs_of(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
+def checked_batch(x: Any, model: keras.Model, what: str) -> np.ndarray:
+    """`x` as an array of the model's input dtype, if its shape and kind of dtype fit.
+
+    Raises:
+        ExportError: `x` is not a batch of the model's inputs (another shape,
+            or floats for integer ids and the other way round).
+    """
+    spec = model.inputs[0]
+    want = keras.backend.standardize_dtype(spec.dtype)
+    x = np.asarray(x)
+    shape_ok = x.ndim == len(spec.shape) and all(
+        d is None or d == s for d, s in zip(spec.shape[1:], x.shape[1:]))
+    kind_ok = x.dtype.kind in ("i", "u") if "int" in want else x.dtype.kind == "f"
+    if not (shape_ok and kind_ok):
+        hint = " (unbatched examples? batch them)" if x.ndim == len(spec.shape) - 1 else ""
+        raise ExportError(f"{what} has batches of shape {x.shape} and dtype {x.dtype}; the model "
+                          f"takes {tuple(spec.shape)} {want}{hint}")
+    return x.astype(want, copy=False)
+
+
 def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
                         model: keras.Model) -> list[np.ndarray]:
     """Up to `steps` input batches from `data`, checked against the model's input.
@@ -147,20 +167,11 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
     """
     if steps < 1:
         raise ExportError(f"calibration_steps={steps} must be at least 1")
-    spec = model.inputs[0]
-    want = keras.backend.standardize_dtype(spec.dtype)
     if isinstance(data, np.ndarray):
         data = [data[i:i + ARRAY_BATCH] for i in range(0, len(data), ARRAY_BATCH)]
     batches = []
     for batch in data:
-        x = np.asarray(_inputs_of(batch))
-        shape_ok = x.ndim == len(spec.shape) and all(
-            d is None or d == s for d, s in zip(spec.shape[1:], x.shape[1:]))
-        kind_ok = x.dtype.kind in ("i", "u") if "int" in want else x.dtype.kind == "f"
-        if not (shape_ok and kind_ok):
-            raise ExportError(f"calibration data has batches of shape {x.shape} and dtype {x.dtype}; "
-                              f"the model takes {tuple(spec.shape)} {want}")
-        batches.append(x.astype(want))
+        batches.append(checked_batch(_inputs_of(batch), model, "calibration data"))
         if len(batches) == steps:
             break
     if not batches:
@@ -235,10 +246,14 @@ def _evaluate(model: keras.Model, reference: keras.Model, runner: Runner, data: 
     reference_fn = tf.function(lambda x: reference(x, training=False))
     keras_metric, exported_metric = _metric(metric), _metric(metric)
     keras_ms, exported_ms, diff, scale, batches, batch_size = [], [], 0.0, 0.0, 0, 0
-    for i, (x, y) in enumerate(data):
+    for i, batch in enumerate(data):
         if steps is not None and i >= steps:
             break
-        x = np.asarray(x).astype(runner.input_dtype, copy=False)
+        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
+            raise ExportError("evaluation data must be batches (x, y): labels are needed for "
+                              f"the metric; got {type(batch).__name__}")
+        x, y = batch[0], batch[1]  # sample weights, if any, are not used
+        x = checked_batch(x, model, "evaluation data")
         if i == 0:  # warm-up: traces the functions, allocates the interpreter
             keras_fn(x), runner(x)
             batch_size = len(x)
@@ -309,9 +324,10 @@ def export(
 
     Raises:
         ExportError: a bad quantization name or destination, a model that is
-            not single-input/single-output, calibration data of the wrong shape
-            or dtype, an op LiteRT has no kernel for (named), or with
-            `int8_only` an op left in float32 (named). Nothing is written then.
+            not single-input/single-output, calibration or evaluation data of
+            the wrong shape or dtype, an op LiteRT has no kernel for (named),
+            or with `int8_only` an op left in float32 (named). Nothing is
+            written then.
 
     Example:
     >>> report = tfmp.export(model, "m.tflite", "full_int8", calibration_data=train_ds.take(10),
@@ -336,18 +352,18 @@ def export(
         if int8_only and float_ops:
             raise ExportError("full_int8 with int8_only: no int8 kernel for " + ", ".join(
                 f"{op} (x{n})" for op, n in sorted(float_ops.items())) + "; they would stay float32")
-        size = os.path.getsize(tmp)
-    report = ExportReport(
-        quantization=quantization, path=str(path), size_bytes=size,
-        float32_bytes=4 * int(model.count_params()), float_ops=float_ops,
-        runtime=runner.runtime, model_policy=model_policy(model))
-    if eval_data is None:
-        return report
-    if isinstance(eval_data, tuple) and all(isinstance(a, np.ndarray) for a in eval_data):
-        x, y = eval_data
-        eval_data = [(x[i:i + ARRAY_BATCH], y[i:i + ARRAY_BATCH]) for i in range(0, len(x), ARRAY_BATCH)]
-    return dataclasses.replace(report, **_evaluate(model, network, runner, eval_data,
-                                                   eval_steps, metric))
+        report = ExportReport(
+            quantization=quantization, path=str(path), size_bytes=os.path.getsize(tmp),
+            float32_bytes=4 * int(model.count_params()), float_ops=float_ops,
+            runtime=runner.runtime, model_policy=model_policy(model))
+        if eval_data is not None:  # before the file is in place: bad eval data writes nothing
+            if isinstance(eval_data, tuple) and all(isinstance(a, np.ndarray) for a in eval_data):
+                x, y = eval_data
+                eval_data = [(x[i:i + ARRAY_BATCH], y[i:i + ARRAY_BATCH])
+                             for i in range(0, len(x), ARRAY_BATCH)]
+            report = dataclasses.replace(report, **_evaluate(model, network, runner, eval_data,
+                                                             eval_steps, metric))
+    return report
 
 
 def _kb(n: int) -> str:
