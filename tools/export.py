@@ -118,7 +118,8 @@ def main(argv: Sequence[str]) -> int:
     output_dir = _validate()
     model = cli.load_keras_model(path)
     from tfmp import data, training
-    from tfmp.export import ExportError, export, format_reports, gate_failures
+    from tfmp.export import ExportError, export
+    from tfmp.export_report import format_reports, gate_failures
 
     dataset = FLAGS.dataset or trained_with.get("dataset") or "synthetic"
     seed = FLAGS.seed if FLAGS.seed is not None else trained_with.get("seed", 0)
