@@ -97,10 +97,13 @@ def test_an_op_without_an_int8_kernel_stays_float32_or_is_refused_by_name(tmp_pa
     assert path.read_bytes() == b"previous export"  # not replaced by the refused model
 
 
-def test_an_op_litert_has_no_kernel_for_is_named_and_nothing_is_written(tmp_path):
+@pytest.mark.parametrize("op, message", [
+    (ops.arctan, r"LiteRT has no builtin kernel for Atan \(at .*Atan\)"),
+    (lambda x: ops.relu(ops.cast(x, "bfloat16")), r"no bfloat16 kernel for Relu \(at .*Relu\)")])
+def test_an_op_litert_has_no_kernel_for_is_named_and_nothing_is_written(tmp_path, op, message):
     path = tmp_path / "m.tflite"
-    with pytest.raises(ExportError, match=r"no builtin kernel for Atan \(at .*Atan\)") as e:
-        tfmp.export(_with_op(ops.arctan), str(path), "float16")
+    with pytest.raises(ExportError, match=message) as e:
+        tfmp.export(_with_op(op), str(path), "float16")
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
 
@@ -158,3 +161,15 @@ def test_evaluation_data_that_does_not_fit_is_one_line(tmp_path):
             tfmp.export(model, str(tmp_path / "m.tflite"), eval_data=[eval_data]
                         if isinstance(eval_data, tuple) else eval_data)
     assert list(tmp_path.iterdir()) == []  # checked before the file is put in place
+
+
+def test_a_layer_given_bfloat16_on_purpose_is_exported_in_float32(tmp_path):
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16,))
+    h = keras.layers.Dense(16, activation="relu")(inputs)
+    h = keras.layers.Dense(16, activation="relu", dtype="mixed_bfloat16", name="half")(h)
+    model = keras.Model(inputs, keras.layers.Dense(4, dtype="float32")(keras.layers.Dense(16)(h)))
+    report = tfmp.export(model, str(tmp_path / "m.tflite"), "float16",
+                         eval_data=(CALIBRATION, np.zeros(len(CALIBRATION), "int32")))
+    assert report.model_policy == "float32" and report.relative_diff < TOLERANCE["float16"]
+    assert model.get_layer("half").compute_dtype == "bfloat16"  # the model itself is untouched

@@ -3,9 +3,9 @@
 The usual way to deploy a model trained in mixed precision: quantize it after
 training (float16 weights, or int8 calibrated on a representative dataset) and
 check on held-out data that accuracy held. LiteRT's kernels compute in float32
-or int8, not bfloat16, so the model is first rebuilt in float32
-(`tfmp.convert_policy`, weights bit-identical: variables are float32 under every
-policy); tfmp's float32 layers and islands stay in the graph. Conversion goes
+or int8, not bfloat16, so the model is first rebuilt with every layer in float32
+(the clone `tfmp.convert_policy` makes, weights bit-identical: variables are
+float32 under every policy); tfmp's float32 layers and islands stay in the graph. Conversion goes
 through Keras' own `model.export(format="litert")` with TensorFlow's converter
 settings for each mode, restricted to LiteRT's builtin ops (no TF Select ops,
 which LiteRT's standard runtime cannot run).
@@ -26,10 +26,10 @@ import tensorflow as tf
 from absl import logging as absl_logging
 
 from tfmp.audits import model_policy
+from tfmp.enforce import HALF_DTYPES, clone_with_dtypes, iter_layers
 from tfmp.export_report import (ARRAY_BATCH, ExportError, ExportReport, checked_batch,
                                  evaluate)
 from tfmp.litert import Runner
-from tfmp.prepare import convert_policy
 from tfmp.training import atomic_path
 
 QUANTIZATIONS = ("float16", "dynamic_int8", "full_int8")
@@ -39,12 +39,21 @@ def _one_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
+def _half(layer: keras.layers.Layer) -> bool:
+    return layer.compute_dtype in HALF_DTYPES
+
+
 def float32_model(model: keras.Model) -> keras.Model:
-    """`model` itself if it computes in float32, else `tfmp.convert_policy(model, "float32")`."""
-    if model_policy(model) == "float32":
+    """`model` itself if every layer computes in float32, else a copy in which every layer does.
+
+    The copy is made the way `tfmp.convert_policy` makes its copies (weights
+    copied bit for bit), and also turns float32 the layers given a 16-bit
+    dtype on purpose, which a conversion leaves as they are.
+    """
+    if not any(_half(layer) for _, layer in iter_layers(model)):
         return model
     try:
-        return convert_policy(model, "float32")
+        return clone_with_dtypes(model, lambda l: "float32" if _half(l) else None, _half)
     except ValueError as e:
         raise ExportError(f"cannot rebuild the model in float32 for export: {_one_line(e)}") from None
 
@@ -117,10 +126,14 @@ def _converter_error(e: Exception) -> ExportError:
     text = str(e)
     missing = sorted(set(_NO_KERNEL.findall(text)))
     if missing:
-        where = sorted({path for op, path in _WHERE.findall(text) if op in missing})
-        return ExportError(f"LiteRT has no builtin kernel for {', '.join(missing)} "
-                           f"(at {', '.join(where) or 'unknown'}): replace the op, or export "
-                           "with TensorFlow's converter and TF Select ops yourself")
+        where = f"(at {', '.join(sorted({p for op, p in _WHERE.findall(text) if op in missing}))})"
+        if "bf16>" in text:  # the ops exist, not for bfloat16
+            return ExportError(f"LiteRT has no bfloat16 kernel for {', '.join(missing)} {where}: "
+                               "something computes in bfloat16 whatever the layers' policy (a cast "
+                               "in the model's code?); LiteRT runs float32 and int8")
+        return ExportError(f"LiteRT has no builtin kernel for {', '.join(missing)} {where}: "
+                           "replace the op, or export with TensorFlow's converter and TF Select "
+                           "ops yourself")
     errors = [l.strip() for l in text.splitlines() if "error:" in l]
     return ExportError(f"the LiteRT converter failed: {(errors or [_one_line(e)])[0][:300]}")
 
