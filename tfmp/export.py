@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import re
+import sys
 from typing import Any, Iterable, Optional, Union
 
 import keras
@@ -140,14 +141,22 @@ def _converter_error(e: Exception) -> ExportError:
 
 @contextlib.contextmanager
 def _quiet_tensorflow():
-    """TensorFlow's INFO lines about the intermediate SavedModel (assets, fingerprint) hidden."""
+    """TensorFlow's INFO lines about the intermediate SavedModel (assets, fingerprint) and
+    the quantizer's C++ `fully_quantize: 0, inference_type: ...` on stdout, hidden.
+    Errors still arrive: the converter raises them."""
     logger, verbosity = tf.get_logger(), absl_logging.get_verbosity()
     level = logger.level
     logger.setLevel(logging.WARNING)
     absl_logging.set_verbosity(absl_logging.WARNING)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 1)
     try:
         yield
     finally:
+        os.dup2(saved, 1)
+        os.close(saved)
         logger.setLevel(level)
         absl_logging.set_verbosity(verbosity)
 
