@@ -56,7 +56,7 @@ BAD = [
     (["--model_dir={d}/empty"], "--model_dir='{d}/empty' has no model.keras"),
     (["--model_dir={run}", "--model_path={d}/cumsum.keras"], "one of them"),
     (["--model_dir={run}", "--quantization=float16,int4"],
-     "--quantization='float16,int4': accepted values are float16, dynamic_int8, full_int8"),
+     "--quantization='float16,int4': accepted values are float32, float16, dynamic_int8, full_int8"),
     (["--model_dir={run}", "--max_accuracy_drop=nan"], "must be a finite number"),
     (["--model_dir={run}", "--output_dir={d}/text.npy/sub"], "cannot be created"),
     (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/narrow.npy"],
@@ -80,13 +80,14 @@ def test_a_training_run_is_exported_in_every_mode_with_its_report(runs):
     report = json.loads((run / "export" / "export.json").read_text())
     assert report["dataset"] == "synthetic" and report["gate_failures"] == []
     assert report["model_file_bytes"] == (run / "model.keras").stat().st_size
-    assert [r["quantization"] for r in report["reports"]] == ["float16", "dynamic_int8", "full_int8"]
+    assert [r["quantization"] for r in report["reports"]] == ["float32", "float16", "dynamic_int8",
+                                                              "full_int8"]
     for r in report["reports"]:
         assert (run / "export" / f"model_{r['quantization']}.tflite").stat().st_size == r["size_bytes"]
         assert r["model_policy"] == "mixed_bfloat16" and r["batches"] == 4
         assert abs(r["accuracy_drop"]) <= 0.05 and r["exported_ms"] > 0
         assert f"| {r['quantization']} | " in stdout
-    assert "KB (weights and optimizer state); wrote model_float16.tflite, " \
+    assert "KB (weights and optimizer state); wrote model_float32.tflite, model_float16.tflite, " \
         "model_dynamic_int8.tflite, model_full_int8.tflite and export.json" in stdout
 
 

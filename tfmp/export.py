@@ -33,7 +33,7 @@ from tfmp.export_report import (ARRAY_BATCH, ExportError, ExportReport, checked_
 from tfmp.litert import Runner
 from tfmp.training import atomic_path
 
-QUANTIZATIONS = ("float16", "dynamic_int8", "full_int8")
+QUANTIZATIONS = ("float32", "float16", "dynamic_int8", "full_int8")  # float32: the baseline
 
 
 def _one_line(e: BaseException) -> str:
@@ -105,8 +105,9 @@ def converter_settings(quantization: str, calibration: Optional[list[np.ndarray]
     """TensorFlow's converter settings (for `model.export(format="litert", **settings)`)."""
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"unknown quantization {quantization!r}; accepted: {', '.join(QUANTIZATIONS)}")
-    settings: dict[str, Any] = {"optimizations": [tf.lite.Optimize.DEFAULT],
-                                "target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
+    settings: dict[str, Any] = {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
+    if quantization != "float32":
+        settings["optimizations"] = [tf.lite.Optimize.DEFAULT]
     if quantization == "float16":
         settings["target_spec"]["supported_types"] = [tf.float16]
     elif quantization == "full_int8":
@@ -188,7 +189,8 @@ def export(
         model: A built Keras model with one input and one output, under any
             policy (a 16-bit one is rebuilt in float32 first).
         path: The `.tflite` file to write; its directory must exist.
-        quantization: `float16` (weights in float16), `dynamic_int8` (weights in
+        quantization: `float32` (not quantized: the baseline to compare the
+            others with), `float16` (weights in float16), `dynamic_int8` (weights in
             int8, activations quantized on the fly) or `full_int8` (weights and
             activations in int8, calibrated on `calibration_data`; the model's
             input and output stay float32 / integer ids).

@@ -1,6 +1,6 @@
 """Exports a trained Keras model to quantized LiteRT files and checks that accuracy held.
 
-  python -m tools.export --model_dir=runs/mlp                    # float16, dynamic_int8, full_int8
+  python -m tools.export --model_dir=runs/mlp       # float32 (baseline), float16, dynamic_int8, full_int8
   python -m tools.export --model_path=m.keras --quantization=full_int8 --calibration_steps=20
   python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=0.01   # a gate: exit 1 if exceeded
 
@@ -24,8 +24,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "The .keras model to export.")
 flags.DEFINE_string("model_dir", None, "A tools/train --model_dir (its model.keras; its "
                     "dataset, data_dir and seed are the defaults here).")
-flags.DEFINE_list("quantization", ["float16", "dynamic_int8", "full_int8"],
-                  "Comma-separated: float16, dynamic_int8, full_int8.")
+flags.DEFINE_list("quantization", list(QUANTIZATIONS),
+                  f"Comma-separated: {', '.join(QUANTIZATIONS)} (float32: not quantized, the "
+                  "baseline row).")
 flags.DEFINE_string("output_dir", None, "Where the .tflite files and export.json go "
                     "(default <model_dir>/export, or export).")
 flags.DEFINE_string("dataset", None, "'synthetic' or a tensorflow-datasets name "
