@@ -33,7 +33,7 @@ class ExportReport:
     """What one export produced and how it compares with the Keras model.
 
     Attributes:
-        quantization: `float16`, `dynamic_int8` or `full_int8`.
+        quantization: `float32` (not quantized), `float16`, `dynamic_int8` or `full_int8`.
         path: The LiteRT file written.
         size_bytes: Its size.
         float32_bytes: The model's weights as float32 (parameters x 4 bytes).
