@@ -33,7 +33,11 @@ def _interpreter_class(runtime: str) -> tuple[Any, str]:
                                  "pip install -e \".[litert]\"") from None
     import tensorflow as tf
 
-    return tf.lite.Interpreter, "tf"
+    interpreter = getattr(tf.lite, "Interpreter", None)  # deprecated; gone in some future TF
+    if interpreter is None:
+        raise ValueError(f"TensorFlow {tf.__version__} has no tf.lite.Interpreter: "
+                         "pip install -e \".[litert]\" (ai-edge-litert)")
+    return interpreter, "tf"
 
 
 class Runner:

@@ -143,6 +143,9 @@ def main(argv: Sequence[str]) -> int:
         "reports": [r.to_dict() for r in reports],
         "max_accuracy_drop": FLAGS.max_accuracy_drop, "gate_failures": failures})
     print(format_reports(reports))
+    if reports and reports[0].runtime == "tf" and FLAGS.runtime == "auto":
+        print("evaluated with TensorFlow's deprecated tf.lite interpreter: pip install -e "
+              "\".[litert]\" to evaluate with LiteRT's (int8 kernels differ between the two)")
     print(f"{path}: {os.path.getsize(path) / 1024:.1f} KB (weights and optimizer state); wrote "
           f"{', '.join(os.path.basename(r.path) for r in reports)} and {REPORT} to {output_dir}")
     if failures:
