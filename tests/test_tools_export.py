@@ -117,4 +117,9 @@ def test_bad_input_is_one_line(runs, case):
     assert code == 2, stderr
     assert BAD[case][1].format(d=d, run=run) in stderr
     assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
-    assert not (d / "strict").exists() or not list((d / "strict").glob("*.tflite"))
+
+
+def test_refused_exports_write_nothing(runs):
+    d, _, _ = runs
+    for refused in ("strict", "atan"):  # --int8_only with CUMSUM; Atan has no LiteRT kernel
+        assert list((d / refused).iterdir()) == []
