@@ -10,7 +10,6 @@ import tfmp
 from tests import helpers
 from tfmp import data, islands
 from tfmp.export import QUANTIZATIONS, ExportError, calibration_batches
-from tfmp.litert import Runner
 
 import models
 
@@ -59,19 +58,6 @@ def test_reference_model_exports_in_every_mode(name, tmp_path):
     # output differences above are what is checked).
     if name != "cnn":
         assert report.keras_metric > 1 / d.num_classes + 0.1, report
-
-
-def test_both_runtimes_run_the_same_file(tmp_path):
-    model, d = _trained("mlp", steps=5)
-    path = str(tmp_path / "m.tflite")
-    tfmp.export(model, path, "float16")
-    x = next(iter(d.eval))[0].numpy()
-    litert, tf_lite = Runner(path, "litert"), Runner(path, "tf")
-    assert (litert.runtime, tf_lite.runtime) == ("litert", "tf")
-    np.testing.assert_allclose(litert(x), tf_lite(x), rtol=1e-5, atol=1e-5)
-    assert litert(x[:3]).shape == (3, 10)  # the batch size can change between calls
-    with pytest.raises(ValueError, match="Unknown runtime 'onnx'"):
-        Runner(path, "onnx")
 
 
 def _with_op(op):
