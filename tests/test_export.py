@@ -159,3 +159,15 @@ def test_a_layer_given_bfloat16_on_purpose_is_exported_in_float32(tmp_path):
                          eval_data=(CALIBRATION, np.zeros(len(CALIBRATION), "int32")))
     assert report.model_policy == "float32" and report.relative_diff < TOLERANCE["float16"]
     assert model.get_layer("half").compute_dtype == "bfloat16"  # the model itself is untouched
+
+
+def test_a_tfds_dataset_calibrates_and_evaluates(tmp_path):
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=96):
+        d = data.load("mnist", "vector", 32)  # 28x28 images, flattened
+        model = models.get("mlp")[0](**d.model_kwargs(), hidden=(16,))
+        report = tfmp.export(model, str(tmp_path / "m.tflite"), "full_int8",
+                             calibration_data=d.train, calibration_steps=2, eval_data=d.eval)
+    assert report.batches == 3 and report.batch_size == 32 and 0 <= report.exported_metric <= 1
+    assert report.relative_diff <= TOLERANCE["full_int8"], report
