@@ -40,7 +40,8 @@ def runs(tmp_path_factory):
     cases = {
         "default": [f"--model_dir={run}", "--eval_steps=4", "--max_accuracy_drop=0.05"],
         "gate": [f"--model_dir={run}", "--quantization=dynamic_int8", f"--output_dir={d}/gate",
-                 "--eval_steps=4", "--max_accuracy_drop=-1"],
+                 "--eval_steps=4", "--max_accuracy_drop=-1",
+                 "--metric=sparse_top_k_categorical_accuracy"],
         "npy": [f"--model_path={run}/model.keras", "--quantization=full_int8",
                 f"--calibration_data={d}/calibration.npy", f"--output_dir={d}/npy",
                 "--eval_steps=2", "--runtime=tf"],
@@ -58,6 +59,8 @@ BAD = [
     (["--model_dir={run}", "--quantization=float16,int4"],
      "--quantization='float16,int4': accepted values are float32, float16, dynamic_int8, full_int8"),
     (["--model_dir={run}", "--max_accuracy_drop=nan"], "must be a finite number"),
+    (["--model_dir={run}", "--metric=accuracy_of_sorts"],
+     "--metric='accuracy_of_sorts' is not a Keras metric"),
     (["--model_dir={run}", "--output_dir={d}/text.npy/sub"], "cannot be created"),
     (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/narrow.npy"],
      "calibration data has batches of shape (64, 8) and dtype float32; the model takes (None, 64)"),
@@ -97,7 +100,7 @@ def test_the_gate_fails_with_the_figures_and_keeps_the_files(runs):
     assert code == 1, stderr
     line = stderr.strip()
     assert "\n" not in line and "accuracy gate (--max_accuracy_drop=-1) failed: dynamic_int8: " \
-        "sparse_categorical_accuracy " in line and " > -1" in line
+        "sparse_top_k_categorical_accuracy " in line and " > -1" in line
     report = json.loads((d / "gate" / "export.json").read_text())
     assert len(report["gate_failures"]) == 1 and (d / "gate" / "model_dynamic_int8.tflite").exists()
 

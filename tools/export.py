@@ -40,6 +40,8 @@ flags.DEFINE_string("calibration_data", None, "full_int8: a .npy array of exampl
                     "to calibrate on instead of the training data.")
 flags.DEFINE_integer("eval_steps", None, "Evaluation batches (default: the whole eval split).",
                      lower_bound=1)
+flags.DEFINE_string("metric", "sparse_categorical_accuracy", "A Keras metric, higher is better "
+                    "(binary_accuracy for one sigmoid output, ...).")
 flags.DEFINE_float("max_accuracy_drop", None, "Fail (exit 1) when an export's accuracy is more "
                    "than this below the Keras model's (0.01 = one point).")
 flags.DEFINE_bool("int8_only", False, "full_int8: fail when an op has no int8 kernel "
@@ -78,6 +80,13 @@ def _validate() -> str:
                  f"{', '.join(QUANTIZATIONS)} (comma-separated)")
     if FLAGS.max_accuracy_drop is not None and not math.isfinite(FLAGS.max_accuracy_drop):
         cli.fail(f"--max_accuracy_drop={FLAGS.max_accuracy_drop} must be a finite number")
+    import keras
+
+    try:
+        keras.metrics.get(FLAGS.metric)
+    except ValueError:
+        cli.fail(f"--metric={FLAGS.metric!r} is not a Keras metric (e.g. sparse_categorical_accuracy, "
+                 "binary_accuracy, sparse_top_k_categorical_accuracy)")
     output_dir = FLAGS.output_dir or (os.path.join(FLAGS.model_dir, "export") if FLAGS.model_dir
                                       else "export")
     try:
@@ -132,7 +141,8 @@ def main(argv: Sequence[str]) -> int:
         reports = [export(
             model, os.path.join(output_dir, f"model_{q}.tflite"), q,
             calibration_data=calibration, calibration_steps=FLAGS.calibration_steps,
-            eval_data=d.eval, eval_steps=FLAGS.eval_steps, int8_only=FLAGS.int8_only,
+            eval_data=d.eval, eval_steps=FLAGS.eval_steps, metric=FLAGS.metric,
+            int8_only=FLAGS.int8_only,
             runtime=FLAGS.runtime) for q in FLAGS.quantization]
     except (data.DatasetError, ExportError, ValueError) as e:
         cli.fail(str(e).splitlines()[0])
