@@ -77,6 +77,14 @@ def test_an_op_without_an_int8_kernel_stays_float32_or_is_refused_by_name(tmp_pa
                          eval_data=(CALIBRATION, labels))  # arrays, in batches of 32
     assert report.float_ops == {"CUMSUM": 1}
     assert report.batches == 2 and report.batch_size == 32 and report.relative_diff < 0.25
+    given = keras.metrics.SparseCategoricalAccuracy()  # an object, not a name
+    again = tfmp.export(model, str(tmp_path / "again.tflite"), "full_int8",
+                        calibration_data=CALIBRATION, eval_data=(CALIBRATION, labels + 1),
+                        metric=given)
+    # The Keras and the exported model each had a metric of their own, and the
+    # caller's object was not used up: one shared state made every drop 0.
+    assert given.count.numpy() == 0
+    assert again.keras_metric == float(np.mean(np.argmax(model(CALIBRATION), -1) == 1))
     path.write_bytes(b"previous export")
     with pytest.raises(ExportError, match=r"no int8 kernel for CUMSUM \(x1\)"):
         tfmp.export(model, str(path), "full_int8", calibration_data=CALIBRATION, int8_only=True)

@@ -111,8 +111,12 @@ def checked_batch(x: Any, model: keras.Model, what: str) -> np.ndarray:
 
 
 def _metric(metric: Union[str, Any]) -> keras.metrics.Metric:
+    """A fresh metric object: `keras.metrics.get` hands back a given object itself, and
+    the Keras and the exported model must not add to one state (nor to the caller's)."""
     found = keras.metrics.get(metric)
-    return found if isinstance(found, keras.metrics.Metric) else keras.metrics.MeanMetricWrapper(found)
+    if isinstance(found, keras.metrics.Metric):
+        return keras.metrics.deserialize(keras.metrics.serialize(found))
+    return keras.metrics.MeanMetricWrapper(found)
 
 
 def evaluate(model: keras.Model, reference: keras.Model, runner: Runner, data: Iterable[Any],
