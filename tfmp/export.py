@@ -28,8 +28,8 @@ from absl import logging as absl_logging
 
 from tfmp.audits import model_policy
 from tfmp.enforce import HALF_DTYPES, clone_with_dtypes, iter_layers
-from tfmp.export_report import (ARRAY_BATCH, ExportError, ExportReport, checked_batch,
-                                 evaluate)
+from tfmp.export_report import (ExportError, ExportReport, array_batches,
+                                 checked_batch, evaluate)
 from tfmp.litert import Runner
 from tfmp.training import atomic_path
 
@@ -81,7 +81,7 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
     """Up to `steps` input batches from `data`, checked against the model's input.
 
     `data`: a `tf.data.Dataset` or iterable of batches (`x` or `(x, y)`), or one
-    array of examples (cut into batches of `ARRAY_BATCH`).
+    array of examples (cut into batches of `export_report.ARRAY_BATCH`).
 
     Raises:
         ExportError: no batch, or a batch whose shape or kind of dtype (integer
@@ -90,7 +90,7 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
     if steps < 1:
         raise ExportError(f"calibration_steps={steps} must be at least 1")
     if isinstance(data, np.ndarray):
-        data = [data[i:i + ARRAY_BATCH] for i in range(0, len(data), ARRAY_BATCH)]
+        data = array_batches(data)
     batches = []
     for batch in data:
         batches.append(checked_batch(_inputs_of(batch), model, "calibration data"))
@@ -101,10 +101,14 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
     return batches
 
 
-def converter_settings(quantization: str, calibration: Optional[list[np.ndarray]]) -> dict[str, Any]:
-    """TensorFlow's converter settings (for `model.export(format="litert", **settings)`)."""
+def check_quantization(quantization: str) -> None:
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"unknown quantization {quantization!r}; accepted: {', '.join(QUANTIZATIONS)}")
+
+
+def converter_settings(quantization: str, calibration: Optional[list[np.ndarray]]) -> dict[str, Any]:
+    """TensorFlow's converter settings (for `model.export(format="litert", **settings)`)."""
+    check_quantization(quantization)
     settings: dict[str, Any] = {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
     if quantization != "float32":
         settings["optimizations"] = [tf.lite.Optimize.DEFAULT]
@@ -222,7 +226,7 @@ def export(
     ...                      eval_data=eval_ds)
     >>> report.accuracy_drop, report.size_bytes
     """
-    converter_settings(quantization, [])  # the name, before any work
+    check_quantization(quantization)  # before any work
     _check_destination(path)
     _check_model(model)
     calibration = (calibration_batches(calibration_data, calibration_steps, model)
@@ -246,9 +250,7 @@ def export(
             runtime=runner.runtime, model_policy=model_policy(model))
         if eval_data is not None:  # before the file is in place: bad eval data writes nothing
             if isinstance(eval_data, tuple) and all(isinstance(a, np.ndarray) for a in eval_data):
-                x, y = eval_data
-                eval_data = [(x[i:i + ARRAY_BATCH], y[i:i + ARRAY_BATCH])
-                             for i in range(0, len(x), ARRAY_BATCH)]
+                eval_data = array_batches(eval_data)
             report = dataclasses.replace(report, **evaluate(model, network, runner, eval_data,
                                                              eval_steps, metric))
     return report

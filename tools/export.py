@@ -102,6 +102,7 @@ def _calibration(data, model):
     import numpy as np
 
     from tfmp.export import calibration_batches
+    from tfmp.export_report import array_batches
 
     if "full_int8" not in FLAGS.quantization:
         return None
@@ -119,8 +120,8 @@ def _calibration(data, model):
         cli.fail(f"--calibration_data={FLAGS.calibration_data!r}: {str(e).splitlines()[0]}")
     if array.ndim == 0:
         cli.fail(f"--calibration_data={FLAGS.calibration_data!r} holds a scalar, not examples")
-    batches = [array[i:i + FLAGS.batch_size] for i in range(0, len(array), FLAGS.batch_size)]
-    return calibration_batches(batches, FLAGS.calibration_steps, model)
+    return calibration_batches(array_batches(array, FLAGS.batch_size), FLAGS.calibration_steps,
+                               model)
 
 
 def main(argv: Sequence[str]) -> int:
