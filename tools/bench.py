@@ -17,14 +17,15 @@ from typing import Sequence
 
 from absl import flags
 
+import models
+from benchmarks import bench
 from tfmp import cli
 
 FLAGS = flags.FLAGS
-MODELS = ("mlp", "cnn", "transformer")
-VARIANT_NAMES = ("float32", "keras_bf16", "keras_fp16", "tf_rewrite", "tfmp_auto",
-                 "tfmp_auto_guarded")
+MODELS = tuple(models.REGISTRY)
+VARIANT_NAMES = tuple(bench.VARIANTS)
 flags.DEFINE_list("models", list(MODELS), f"Reference models: {', '.join(MODELS)}.")
-flags.DEFINE_list("sizes", ["default", "large"], "Model sizes: default, large.")
+flags.DEFINE_list("sizes", list(models.SIZES), f"Model sizes: {', '.join(models.SIZES)}.")
 flags.DEFINE_list("variants", list(VARIANT_NAMES),
                   f"Variants (float32 always runs: it is the baseline): {', '.join(VARIANT_NAMES)}.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.", lower_bound=1)
@@ -45,7 +46,7 @@ def _check_list(name: str, accepted: Sequence[str]) -> list[str]:
 
 def main(argv: Sequence[str]) -> int:
     models_, variants = _check_list("models", MODELS), _check_list("variants", VARIANT_NAMES)
-    sizes = _check_list("sizes", ("default", "large"))
+    sizes = _check_list("sizes", models.SIZES)
     if not 0 < FLAGS.block_seconds <= 60:
         cli.fail(f"--block_seconds={FLAGS.block_seconds} must be in (0, 60]")
     directory = os.path.dirname(os.path.abspath(FLAGS.output))
@@ -56,8 +57,6 @@ def main(argv: Sequence[str]) -> int:
 
     import tfmp
     from tfmp.training import write_json_atomically
-
-    from benchmarks import bench
 
     hardware = tfmp.detect_hardware()
     names = list(dict.fromkeys([bench.BASELINE, *variants]))

@@ -16,10 +16,11 @@ from typing import Sequence
 
 from absl import flags
 
+import models
 from tfmp import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("model", None, ("mlp", "cnn", "transformer"),
+flags.DEFINE_enum("model", None, tuple(models.REGISTRY),
                   "Reference model (default mlp); or give --model_path.")
 flags.DEFINE_string("model_path", None, "A saved .keras model to compare instead.")
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
@@ -53,8 +54,6 @@ def main(argv: Sequence[str]) -> int:
 
     import tfmp
     from tfmp import compare, data, training
-
-    import models
 
     loss = None
     if FLAGS.model_path:

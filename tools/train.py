@@ -14,10 +14,11 @@ from typing import Sequence
 
 from absl import flags
 
+import models
 from tfmp import cli
 
 FLAGS = flags.FLAGS
-MODELS = ("mlp", "cnn", "transformer")
+MODELS = tuple(models.REGISTRY)
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu", "off")
 NAN_POLICIES = ("skip", "stop", "raise")
 PRECISIONS = ("auto", "tune", "mixed_float16", "fp16", "float16", "mixed_bfloat16", "bf16", "bfloat16",
@@ -131,8 +132,6 @@ def main(argv: Sequence[str]) -> int:
     import tfmp
     from tfmp import data as tfmp_data
     from tfmp import training
-
-    import models
 
     _validate(precision, strategy_name)
     try:
