@@ -138,7 +138,7 @@ def test_bf16_accumulation_on_two_workers_matches_one_process_on_the_same_batche
 def _launch_train(model_dir):
     return subprocess.Popen(
         [sys.executable, "-m", "tools.launch_local", "--num_workers=2", "--stop_grace=0.5", "--",
-         "--strategy=multi_worker_mirrored", "--dtype=bf16", "--epochs=2",
+         "--strategy=multi_worker_mirrored", "--epochs=2",  # precision: auto on this CPU
          "--steps_per_epoch=60", "--batch_size=64", f"--model_dir={model_dir}"],
         cwd=helpers.ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

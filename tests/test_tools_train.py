@@ -49,17 +49,24 @@ def test_default_run_no_flags():
     assert f"precision policy {hw.recommended_policy} ({hw.reason})" in proc.stderr
 
 
+def _auto():
+    """What `auto` resolves to on the CPU the tests run on (never assumed)."""
+    return tfmp.detect_hardware().recommended_policy
+
+
 STRATEGY_CASES = [  # MirroredStrategy first: the CPU is split before TensorFlow initializes
-    (["--distribution_strategy=mirrored", "--num_cpu_devices=2"], "MirroredStrategy", 2),
-    (["--strategy=default", "--precision=BF16"], "_DefaultDistributionStrategy", 1),
-    (["--strategy=one_device"], "OneDeviceStrategy", 1),
+    (["--distribution_strategy=mirrored", "--num_cpu_devices=2"], "MirroredStrategy", 2, None),
+    (["--strategy=default", "--precision=BF16"], "_DefaultDistributionStrategy", 1,
+     "mixed_bfloat16"),  # any case; bf16 on every CPU (the model is tiny)
+    (["--strategy=one_device"], "OneDeviceStrategy", 1, None),
 ]
 
 
-def _check_strategy_run(model_dir, strategy, replicas):
+def _check_strategy_run(model_dir, strategy, replicas, policy=None):
     s = summary(model_dir)
     assert (s["strategy"], s["replicas"]) == (strategy, replicas)
-    assert s["policy"] == "mixed_bfloat16"  # --precision=BF16 (any case) or auto here
+    assert s["policy"] == (policy or _auto())  # None: what auto picks on this CPU
+    assert s["policy_source"] == ("explicit" if policy else "auto")
     assert s["final_train_metrics"]["loss"] < 2.3  # below chance-level cross-entropy
 
 
@@ -67,10 +74,11 @@ def test_strategies(tmp_path):
     # Through the binary's entry point, one child process for the three (TensorFlow imported once).
     runs = helpers.run_tool_cases("train", [
         [*args, "--epochs=2", "--steps_per_epoch=20", f"--model_dir={tmp_path / str(i)}"]
-        for i, (args, _, _) in enumerate(STRATEGY_CASES)])
-    for i, ((code, stderr), (_, strategy, replicas)) in enumerate(zip(runs, STRATEGY_CASES)):
+        for i, (args, _, _, _) in enumerate(STRATEGY_CASES)])
+    for i, ((code, stderr), (_, strategy, replicas, policy)) in enumerate(
+            zip(runs, STRATEGY_CASES)):
         assert code == 0, stderr[-2000:]
-        _check_strategy_run(tmp_path / str(i), strategy, replicas)
+        _check_strategy_run(tmp_path / str(i), strategy, replicas, policy)
 
 
 def test_single_worker_multi_worker_strategy(tmp_path):
@@ -185,8 +193,8 @@ def _metadata_epoch(backup):
 
 
 def test_sigkill_mid_epoch_then_resume(tmp_path):
-    args = ["--dtype=bf16", "--epochs=3", "--steps_per_epoch=150", "--batch_size=64",
-            f"--model_dir={tmp_path}"]
+    # The precision auto picks on this CPU: resuming is the point here, not bfloat16.
+    args = ["--epochs=3", "--steps_per_epoch=150", "--batch_size=64", f"--model_dir={tmp_path}"]
     backup = os.path.join(tmp_path, "backup")
     proc = subprocess.Popen([sys.executable, "-m", "tools.train", *args], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -210,10 +218,10 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     # What the backup holds: the weights file includes the optimizer's variables.
     from tfmp import data, training
     import models
-    config = training.TrainConfig(precision="bf16", batch_size=64)
+    config = training.TrainConfig(batch_size=64)
     d = data.synthetic("vector", 64)
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    model, opt = training._build_compiled(config, models.get("mlp")[0], d, "mixed_bfloat16")
+    keras.config.set_dtype_policy(_auto())
+    model, opt = training._build_compiled(config, models.get("mlp")[0], d, _auto())
     opt.build(model.trainable_variables)
     model.load_weights(os.path.join(backup, "latest.weights.h5"))
     saved_step = int(opt.inner_optimizer._iterations.numpy()) + int(opt.skipped_steps.numpy())

@@ -176,7 +176,9 @@ def set_policy(name: Union[str, PolicyChoice] = AUTO,
     choice = name if isinstance(name, PolicyChoice) else resolve_policy(name, hw)
     for message in trap_warnings(choice.name, hw):
         _warn_once(message)
-    if keras.config.dtype_policy().name != choice.name:
+    # A decision (auto, the environment, a measurement) is always said with its reason,
+    # also when it keeps the current policy (auto -> float32 on a CPU without bf16).
+    if choice.source != "explicit" or keras.config.dtype_policy().name != choice.name:
         logging.info("tfmp: precision policy %s (%s)", choice.name, choice.reason)
     keras.config.set_dtype_policy(choice.name)
     return choice.name
