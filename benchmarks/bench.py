@@ -49,7 +49,7 @@ class Spec:
 
 def skip_reason(variant: str, hardware: Any) -> Optional[str]:
     """Why a variant is not run on `hardware` (float16 where it is a trap), else None."""
-    from tfmp.policy import trap_warnings
+    from tfmp.precision import trap_warnings
 
     if variant == "keras_fp16":
         traps = trap_warnings("mixed_float16", hardware)
@@ -108,7 +108,7 @@ def _build(spec: Spec) -> tuple[Any, list, str]:
 def _data(spec: Spec, model: Any) -> Any:
     import tensorflow as tf
 
-    from tfmp import data
+    from tfmp.app import data
 
     x, y, _ = data.synthetic_arrays(data.input_kind(model), spec.batch_size * 8, spec.seed)
     return tf.data.Dataset.from_tensor_slices((x, y)).batch(spec.batch_size).repeat().prefetch(2)

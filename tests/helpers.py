@@ -83,7 +83,7 @@ from absl import flags
 import importlib
 name = sys.argv[1]
 tool = importlib.import_module("tools." + name)  # its flags are defined once
-from tfmp import cli
+from tfmp.app import cli
 results = []
 import os
 for case in json.loads(sys.argv[2]):

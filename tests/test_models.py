@@ -8,8 +8,8 @@ import pytest
 
 import models
 import tfmp
-from tfmp import data
-from tfmp.hardware import HardwareInfo
+from tfmp.app import data
+from tfmp.precision import HardwareInfo
 
 GPU = HardwareInfo("gpu", ("GPU:0",), ((8, 0),))  # no trap warnings for fp16 here
 SMALL = {"mlp": {"hidden": (64,)}, "cnn": {"width": 8, "stages": 2},

@@ -1,6 +1,11 @@
 """tfmp: mixed-precision training for TensorFlow and Keras 3.
 
-Every public name is exported here.
+The names a Keras user calls are here; the rest lives in namespaces, each one
+concern: `precision` (policies, hardware), `scaling` (the loss-scale optimizer),
+`rewrite` (what a model computes in which precision, and changing it), `layers`,
+`callbacks`, `measure` (compare, tune), `distribute` (strategies, clusters, the
+launcher), `litert` (export). The training job behind the binaries is `tfmp.app`,
+which `import tfmp` does not load.
 """
 
 from tfmp._tf_check import require_tensorflow as _require_tensorflow
@@ -12,76 +17,28 @@ import os as _os
 # tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tfmp import callbacks, cluster, islands, launch, layers, litert, state_guard
+from tfmp import callbacks, distribute, layers, litert, measure, precision, rewrite, scaling
 from tfmp.callbacks import NonFiniteError
-from tfmp.audits import AuditReport, Finding, audit
-from tfmp.compare import Comparison, compare_precision
-from tfmp.enforce import enforce_float32
-from tfmp.export import ExportError, ExportReport, export
-from tfmp.loss_scale import DynamicLossScaleOptimizer
-from tfmp.prepare import AuditError, convert_policy, prepare
-from tfmp.state_guard import guard_model_state
-from tfmp.hardware import AUTO_RULES, HardwareInfo, detect_hardware, recommend_policy
-from tfmp.policy import (
-    ACCEPTED_NAMES,
-    ENV_VAR,
-    POLICIES,
-    PolicyChoice,
-    global_policy_name,
-    parse_precision,
-    policy_scope,
-    resolve_policy,
-    set_policy,
-)
-
-from tfmp.tune import TuneResult, tune
-from tfmp.strategy import STRATEGIES, get_strategy, parse_strategy, split_cpu
-from tfmp.wrapping import get_unscaled_gradients, parse_loss_scale, wrap_optimizer
+from tfmp.distribute import get_strategy, split_cpu
+from tfmp.litert import export
+from tfmp.measure import compare_precision, tune
+from tfmp.precision import HardwareInfo, detect_hardware, policy_scope, resolve_policy, set_policy
+from tfmp.rewrite import AuditError, audit, convert_policy, enforce_float32, prepare
+from tfmp.scaling import (DynamicLossScaleOptimizer, get_unscaled_gradients, guard_model_state,
+                          wrap_optimizer)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "ACCEPTED_NAMES",
-    "AuditError",
-    "AuditReport",
-    "Finding",
-    "DynamicLossScaleOptimizer",
-    "AUTO_RULES",
-    "ENV_VAR",
-    "HardwareInfo",
+    # precision policies
+    "set_policy", "policy_scope", "resolve_policy", "detect_hardware", "HardwareInfo",
+    # a model and its optimizer, made mixed-precision ready
+    "prepare", "convert_policy", "enforce_float32", "audit", "AuditError",
+    # loss scaling
+    "wrap_optimizer", "DynamicLossScaleOptimizer", "get_unscaled_gradients", "guard_model_state",
     "NonFiniteError",
-    "POLICIES",
-    "STRATEGIES",
-    "PolicyChoice",
-    "audit",
-    "callbacks",
-    "Comparison",
-    "compare_precision",
-    "convert_policy",
-    "detect_hardware",
-    "enforce_float32",
-    "export",
-    "ExportError",
-    "ExportReport",
-    "get_unscaled_gradients",
-    "get_strategy",
-    "global_policy_name",
-    "guard_model_state",
-    "parse_loss_scale",
-    "parse_precision",
-    "parse_strategy",
-    "cluster",
-    "islands",
-    "launch",
-    "layers",
-    "litert",
-    "policy_scope",
-    "prepare",
-    "recommend_policy",
-    "resolve_policy",
-    "set_policy",
-    "split_cpu",
-    "tune",
-    "TuneResult",
-    "wrap_optimizer",
+    # measuring, distributing, deploying
+    "compare_precision", "tune", "get_strategy", "split_cpu", "export",
+    # namespaces
+    "callbacks", "distribute", "layers", "litert", "measure", "precision", "rewrite", "scaling",
 ]

@@ -12,6 +12,8 @@ from typing import Any, Optional
 import keras
 from keras import ops
 
+from tfmp import _compat
+
 _PACKAGE = "tfmp"
 
 
@@ -109,32 +111,21 @@ class StableSoftmax(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
-class StableMultiHeadAttention(keras.layers.MultiHeadAttention):
+class StableMultiHeadAttention(_compat.AttentionWithOwnSoftmax):
     """`MultiHeadAttention` whose attention softmax is computed in float32.
 
     Same arguments as `keras.layers.MultiHeadAttention` (flash attention is not
     used: the scores are materialized so their softmax can run in float32).
     Projections stay in the compute dtype.
+
+    Example:
+    >>> attention = tfmp.layers.StableMultiHeadAttention(num_heads=4, key_dim=16)
+    >>> y = attention(x, x)   # inside a bf16 / fp16 model
     """
 
-    def _build_attention(self, rank: int) -> None:
-        super()._build_attention(rank)
-        stock = self._softmax
-        self._tracker.untrack(stock)  # the stock Softmax is no longer a sublayer
-        self._softmax = StableSoftmax(axis=stock.axis, output_dtype=self.compute_dtype,
-                                      name="stable_softmax")
-
-    def _compute_attention(self, query, key, value, attention_mask=None, training=None,
-                           return_attention_scores=False, use_causal_mask=False):
-        # Asking for the scores selects Keras' explicit path, which calls self._softmax.
-        flash, self._flash_attention = self._flash_attention, False
-        try:
-            return super()._compute_attention(
-                query, key, value, attention_mask=attention_mask, training=training,
-                return_attention_scores=True, use_causal_mask=use_causal_mask,
-            )
-        finally:
-            self._flash_attention = flash
+    def attention_softmax(self, axis) -> keras.layers.Layer:
+        """The float32 softmax the attention probabilities come from (in the compute dtype)."""
+        return StableSoftmax(axis=axis, output_dtype=self.compute_dtype, name="stable_softmax")
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)

@@ -10,14 +10,13 @@ from typing import Sequence
 
 from absl import flags
 
-from tfmp import cli
+from tfmp.app import cli, saved_models
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "The .keras model to audit.", required=True)
 flags.DEFINE_bool("fix", False, "Write a copy with float32 outputs, softmax and norms.")
 flags.DEFINE_string("output_path", None, "Where --fix writes the fixed model (.keras).")
 flags.DEFINE_bool("json", False, "Print the report as JSON instead of a table.")
-
 
 
 def _print(report) -> None:
@@ -30,25 +29,16 @@ def main(argv: Sequence[str]) -> int:
     if FLAGS.output_path is not None and not FLAGS.output_path.endswith(".keras"):
         cli.fail(f"--output_path={FLAGS.output_path!r} must end with .keras")
     model = cli.load_keras_model(FLAGS.model_path)
-    import keras
-
-    import tfmp
-    from tfmp.audits import model_policy
-
-    keras.config.set_dtype_policy(model_policy(model))
-    report = tfmp.audit(model)
+    report = saved_models.audit_saved(model)
     _print(report)
     if not FLAGS.fix:
         return 0 if report.ok else cli.EXIT_FINDINGS
     try:
-        fixed = tfmp.enforce_float32(model)
+        fixed = saved_models.fixed_copy(model)
     except ValueError as e:
         cli.fail(str(e).splitlines()[0])
-    compile_config = model.get_compile_config() if model.compiled else None
-    if compile_config:
-        fixed.compile_from_config(compile_config)
     cli.save_keras_model_atomically(fixed, FLAGS.output_path)
-    fixed_report = tfmp.audit(fixed, getattr(fixed, "optimizer", None))
+    fixed_report = saved_models.audit_saved(fixed)
     print(f"\nwrote {FLAGS.output_path}; audit of the fixed model:")
     _print(fixed_report)
     return 0 if fixed_report.ok else cli.EXIT_FINDINGS

@@ -15,11 +15,14 @@ as JSON to --output.
 import os
 from typing import Sequence
 
+import keras
 from absl import flags
 
 import models
+import tfmp
 from benchmarks import bench
-from tfmp import cli
+from tfmp.app import cli
+from tfmp.atomic import write_json_atomically
 
 FLAGS = flags.FLAGS
 MODELS = tuple(models.REGISTRY)
@@ -53,11 +56,6 @@ def main(argv: Sequence[str]) -> int:
     if not os.path.isdir(directory):
         cli.fail(f"--output={FLAGS.output!r}: directory {directory!r} does not exist")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the workers' C++ start-up lines
-    import keras
-
-    import tfmp
-    from tfmp.training import write_json_atomically
-
     hardware = tfmp.detect_hardware()
     names = list(dict.fromkeys([bench.BASELINE, *variants]))
     runs = sum(1 for v in names if bench.skip_reason(v, hardware) is None)

@@ -10,14 +10,19 @@ scale) to --output_dir. Exit code 0: every policy within the tolerance; 1: one
 was not; 2: bad input.
 """
 
+import functools
 import math
 import os
 from typing import Sequence
 
+import keras
 from absl import flags
 
 import models
-from tfmp import cli
+from tfmp.app import cli, data
+from tfmp.atomic import write_json_atomically
+from tfmp.measure import compare_precision, plot_comparison
+from tfmp.rewrite import AuditError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", None, tuple(models.REGISTRY),
@@ -48,13 +53,6 @@ def _validate() -> None:
 
 def main(argv: Sequence[str]) -> int:
     _validate()
-    import functools
-
-    import keras
-
-    import tfmp
-    from tfmp import compare, data, training
-
     loss = None
     if FLAGS.model_path:
         saved = cli.load_keras_model(FLAGS.model_path)
@@ -69,18 +67,18 @@ def main(argv: Sequence[str]) -> int:
             data.check_fits(saved, d)
         else:
             build = functools.partial(builder, **d.model_kwargs())
-        result = compare.compare_precision(
+        result = compare_precision(
             build, d.train, policies=FLAGS.policies, steps=FLAGS.steps, seed=FLAGS.seed,
             loss=loss, optimizer=lambda: keras.optimizers.Adam(FLAGS.learning_rate),
             tolerance=FLAGS.tolerance, eval_data=d.eval, metrics=["accuracy"])
-    except (data.DatasetError, tfmp.AuditError, ValueError) as e:  # compare_precision's checks
+    except (data.DatasetError, AuditError, ValueError) as e:  # compare_precision's checks
         cli.fail(str(e).splitlines()[0])
     os.makedirs(FLAGS.output_dir, exist_ok=True)
     json_path = os.path.join(FLAGS.output_dir, JSON_NAME)
-    training.write_json_atomically(json_path, result.to_dict())
+    write_json_atomically(json_path, result.to_dict())
     print(result)
     try:
-        compare.plot_comparison(result, os.path.join(FLAGS.output_dir, PNG_NAME))
+        plot_comparison(result, os.path.join(FLAGS.output_dir, PNG_NAME))
         print(f"wrote {json_path} and {os.path.join(FLAGS.output_dir, PNG_NAME)}")
     except ImportError as e:
         print(f"wrote {json_path}; no plot: {e}")

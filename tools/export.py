@@ -10,15 +10,18 @@ Exit code 0: written (and within --max_accuracy_drop); 1: the gate failed (the
 files are written, the figures are in the message); 2: bad input, one line.
 """
 
-import json
 import math
 import os
 from typing import Sequence
 
+import keras
+import numpy as np
 from absl import flags
 
-from tfmp import cli
-from tfmp.export import QUANTIZATIONS
+from tfmp.app import cli, data, run_dir
+from tfmp.atomic import write_json_atomically
+from tfmp.litert import (QUANTIZATIONS, ExportError, array_batches, calibration_batches, export,
+                         format_reports, gate_failures)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "The .keras model to export.")
@@ -54,23 +57,14 @@ REPORT = "export.json"
 
 def _source() -> tuple[str, dict]:
     """The model file, and the training run's flags when it comes from a --model_dir."""
-    from tfmp.training import FINAL_MODEL, SUMMARY
-
     if bool(FLAGS.model_path) == bool(FLAGS.model_dir):
         cli.fail("give --model_path=FILE.keras or --model_dir=DIR (written by tools/train), one of them")
     if FLAGS.model_path:
         return FLAGS.model_path, {}
-    if not os.path.isdir(FLAGS.model_dir):
-        cli.fail(f"--model_dir={FLAGS.model_dir!r} is not a directory")
-    path = os.path.join(FLAGS.model_dir, FINAL_MODEL)
-    if not os.path.isfile(path):
-        cli.fail(f"--model_dir={FLAGS.model_dir!r} has no {FINAL_MODEL} (tools/train writes it "
-                 "when a run ends)")
     try:
-        with open(os.path.join(FLAGS.model_dir, SUMMARY)) as f:
-            return path, json.load(f).get("flags", {})
-    except (OSError, ValueError):
-        return path, {}
+        return run_dir.trained_model(FLAGS.model_dir)
+    except run_dir.RunDirError as e:
+        cli.fail(str(e))
 
 
 def _validate() -> str:
@@ -80,8 +74,6 @@ def _validate() -> str:
                  f"{', '.join(QUANTIZATIONS)} (comma-separated)")
     if FLAGS.max_accuracy_drop is not None and not math.isfinite(FLAGS.max_accuracy_drop):
         cli.fail(f"--max_accuracy_drop={FLAGS.max_accuracy_drop} must be a finite number")
-    import keras
-
     try:
         keras.metrics.get(FLAGS.metric)
     except ValueError:
@@ -98,16 +90,11 @@ def _validate() -> str:
     return output_dir
 
 
-def _calibration(data, model):
-    import numpy as np
-
-    from tfmp.export import calibration_batches
-    from tfmp.export_report import array_batches
-
+def _calibration(d, model):
     if "full_int8" not in FLAGS.quantization:
         return None
     if FLAGS.calibration_data is None:
-        return calibration_batches(data.train, FLAGS.calibration_steps, model)
+        return calibration_batches(d.train, FLAGS.calibration_steps, model)
     try:
         with open(FLAGS.calibration_data, "rb") as f:
             if f.read(6) != b"\x93NUMPY":
@@ -128,9 +115,6 @@ def main(argv: Sequence[str]) -> int:
     path, trained_with = _source()
     output_dir = _validate()
     model = cli.load_keras_model(path)
-    from tfmp import data, training
-    from tfmp.export import ExportError, export
-    from tfmp.export_report import format_reports, gate_failures
 
     dataset = FLAGS.dataset or trained_with.get("dataset") or "synthetic"
     seed = FLAGS.seed if FLAGS.seed is not None else trained_with.get("seed", 0)
@@ -149,7 +133,7 @@ def main(argv: Sequence[str]) -> int:
         cli.fail(str(e).splitlines()[0])
     failures = ([] if FLAGS.max_accuracy_drop is None
                 else gate_failures(reports, FLAGS.max_accuracy_drop))
-    training.write_json_atomically(os.path.join(output_dir, REPORT), {
+    write_json_atomically(os.path.join(output_dir, REPORT), {
         "model": path, "model_file_bytes": os.path.getsize(path), "dataset": d.name, "seed": seed,
         "reports": [r.to_dict() for r in reports],
         "max_accuracy_drop": FLAGS.max_accuracy_drop, "gate_failures": failures})

@@ -15,7 +15,8 @@ from typing import Sequence
 
 from absl import flags
 
-from tfmp import cli
+from tfmp.app import cli
+from tfmp.distribute import launch
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_workers", 2, "Worker processes to start.", lower_bound=1)
@@ -26,10 +27,8 @@ flags.DEFINE_float("stop_grace", 5.0, "Seconds between SIGTERM and SIGKILL when 
 
 
 def main(argv: Sequence[str]) -> int:
-    from tfmp import launch
-
     try:
-        return launch.launch([sys.executable, "-m", FLAGS.module, *argv[1:]], FLAGS.num_workers,
+        return launch([sys.executable, "-m", FLAGS.module, *argv[1:]], FLAGS.num_workers,
                              port=FLAGS.port, stop_grace=FLAGS.stop_grace)
     except ValueError as e:
         cli.fail(str(e))

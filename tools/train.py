@@ -8,21 +8,29 @@
 Re-running a command with the same --model_dir resumes after the last completed epoch.
 """
 
-import math
 import os
 from typing import Sequence
 
 from absl import flags
 
 import models
-from tfmp import cli
+import tfmp
+from tfmp.app import cli, training
+from tfmp.app.config import ConfigError, TrainConfig
+from tfmp.app.data import DatasetError, load as load_data
+from tfmp.callbacks import NAN_POLICIES
+from tfmp.distribute import STRATEGIES as _CANONICAL_STRATEGIES
+from tfmp.precision import ACCEPTED_NAMES, parse_precision
 
 FLAGS = flags.FLAGS
 MODELS = tuple(models.REGISTRY)
-STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker_mirrored", "tpu", "off")
-NAN_POLICIES = ("skip", "stop", "raise")
-PRECISIONS = ("auto", "tune", "mixed_float16", "fp16", "float16", "mixed_bfloat16", "bf16", "bfloat16",
-              "float32", "fp32")
+STRATEGIES = (*_CANONICAL_STRATEGIES, "off")  # Model Garden's name for default
+PRECISIONS = (*ACCEPTED_NAMES, "tune")
+# The flags TrainConfig holds as they are (precision and strategy come with their aliases).
+CONFIG_FLAGS = ("model", "dataset", "data_dir", "loss_scale", "initial_scale", "growth_interval",
+                "min_scale", "tpu", "num_cpu_devices", "batch_size", "epochs", "steps_per_epoch",
+                "learning_rate", "grad_accum_steps", "remat", "jit_compile", "seed", "tune_steps",
+                "nan_policy", "model_dir")
 
 flags.DEFINE_enum("model", "mlp", MODELS, "Reference model.")
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
@@ -69,97 +77,33 @@ def _alias(name: str, alias: str, default: str) -> str:
 
 
 def _same(a: str, b: str) -> bool:
-    import tfmp
-
-    return "tune" not in (a, b) and tfmp.parse_precision(a) == tfmp.parse_precision(b)
-
-
-def _validate(precision: str, strategy_name: str) -> None:
-    """Every flag (and TFMP_PRECISION) checked before anything is built: one line, exit 2."""
-    import tfmp
-    from tfmp import loss_scale
-
-    try:
-        tfmp.parse_loss_scale(FLAGS.loss_scale)
-    except ValueError as e:
-        cli.fail(f"--{e}")
-    env = os.environ.get(tfmp.ENV_VAR, "").strip()
-    if precision == "auto" and env:
-        try:
-            tfmp.parse_precision(env)
-        except ValueError as e:
-            cli.fail(f"environment variable {tfmp.ENV_VAR}={env!r}: {e}")
-    if not math.isfinite(FLAGS.learning_rate) or FLAGS.learning_rate <= 0:
-        cli.fail(f"--learning_rate={FLAGS.learning_rate} must be a positive finite number")
-    if FLAGS.growth_interval is not None and FLAGS.growth_interval < 1:
-        cli.fail(f"--growth_interval={FLAGS.growth_interval} must be a positive integer")
-    low, high = loss_scale.FLOAT32_MIN_NORMAL, loss_scale.FLOAT32_MAX
-    for name in ("initial_scale", "min_scale"):
-        value = getattr(FLAGS, name)
-        if value is not None and not low <= value <= high:
-            cli.fail(f"--{name}={value:g} must be a positive number within float32's normal "
-                     f"range [{low:.4g}, {high:.4g}]")
-    initial = _or(FLAGS.initial_scale, loss_scale.DEFAULT_INITIAL_SCALE)
-    floor = _or(FLAGS.min_scale, loss_scale.DEFAULT_MIN_SCALE)
-    if initial < floor:
-        which = "--min_scale" if FLAGS.initial_scale is None else "--initial_scale"
-        cli.fail(f"{which}: --initial_scale={initial:g}{_default(FLAGS.initial_scale)} is below "
-                 f"--min_scale={floor:g}{_default(FLAGS.min_scale)}; the loss scale starts "
-                 "at or above its floor")
-    if tfmp.parse_strategy(strategy_name) == "multi_worker_mirrored":
-        from tfmp import training
-
-        try:  # before connecting: the connection waits for every worker
-            training.check_cluster_config(precision, tfmp.cluster.read_tf_config())
-        except ValueError as e:  # a bad TF_CONFIG, or training.ConfigError
-            cli.fail(str(e))
-    if FLAGS.tpu and strategy_name not in ("tpu", "auto"):
-        cli.fail(f"--tpu={FLAGS.tpu} is only used with --strategy=tpu (or auto); "
-                 f"got --strategy={strategy_name}")
-
-
-def _or(value, default):
-    return default if value is None else value
-
-
-def _default(value) -> str:
-    return " (its default)" if value is None else ""
+    return "tune" not in (a, b) and parse_precision(a) == parse_precision(b)
 
 
 def main(argv: Sequence[str]) -> int:
-    precision = _alias("precision", "dtype", "auto")
-    strategy_name = _alias("strategy", "distribution_strategy", "auto")
-    import tfmp
-    from tfmp import data as tfmp_data
-    from tfmp import training
-
-    _validate(precision, strategy_name)
-    try:
-        if FLAGS.num_cpu_devices > 1:
-            tfmp.split_cpu(FLAGS.num_cpu_devices)
-        strategy = tfmp.get_strategy(strategy_name, FLAGS.tpu, FLAGS.cluster_timeout)
-    except ValueError as e:
-        cli.fail(str(e))
-    if FLAGS.batch_size % strategy.num_replicas_in_sync:
-        cli.fail(f"--batch_size={FLAGS.batch_size} is not divisible by the "
-                 f"{strategy.num_replicas_in_sync} replicas of {type(strategy).__name__}")
-    config = training.TrainConfig(**{
-        **{f: getattr(FLAGS, f) for f in (
-            "model", "dataset", "data_dir", "loss_scale", "initial_scale", "growth_interval",
-            "min_scale", "tpu", "num_cpu_devices", "batch_size", "epochs", "steps_per_epoch",
-            "learning_rate", "grad_accum_steps", "remat", "jit_compile", "seed", "tune_steps",
-            "nan_policy",
-            "model_dir")},
-        "precision": precision, "strategy": strategy_name,
+    config = TrainConfig(**{
+        **{f: getattr(FLAGS, f) for f in CONFIG_FLAGS},
+        "precision": _alias("precision", "dtype", "auto"),
+        "strategy": _alias("strategy", "distribution_strategy", "auto"),
     })
+    try:
+        config.check()  # every flag (and TFMP_PRECISION) before anything is built
+        if config.num_cpu_devices > 1:
+            tfmp.split_cpu(config.num_cpu_devices)
+        strategy = tfmp.get_strategy(config.strategy, config.tpu, FLAGS.cluster_timeout)
+    except ValueError as e:  # ConfigError, or what get_strategy refuses
+        cli.fail(str(e))
+    if config.batch_size % strategy.num_replicas_in_sync:
+        cli.fail(f"--batch_size={config.batch_size} is not divisible by the "
+                 f"{strategy.num_replicas_in_sync} replicas of {type(strategy).__name__}")
     build, kind = models.get(config.model)
     try:
-        data = tfmp_data.load(config.dataset, kind, config.batch_size, config.data_dir, config.seed)
+        data = load_data(config.dataset, kind, config.batch_size, config.data_dir, config.seed)
         summary = training.train(config, build, data, strategy)
-    except (tfmp_data.DatasetError, tfmp.AuditError, training.ConfigError) as e:
+    except (DatasetError, tfmp.AuditError, ConfigError) as e:
         cli.fail(str(e).splitlines()[0])
     except (training.TrainingStopped, tfmp.NonFiniteError) as e:
-        kept = f" (backup kept in {FLAGS.model_dir}; rerun to resume)" if FLAGS.model_dir else ""
+        kept = f" (backup kept in {config.model_dir}; rerun to resume)" if config.model_dir else ""
         cli.fail(f"training stopped on a NaN event{kept}: {e}", cli.EXIT_FINDINGS)
     print(training.human_summary(summary))
     return 0

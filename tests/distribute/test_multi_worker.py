@@ -1,0 +1,202 @@
+"""Multi-worker training: real worker processes on 127.0.0.1, each bounded in time."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import helpers
+from tfmp import _compat, distribute
+
+JOB = os.path.join(helpers.ROOT, "tests", "distribute", "multi_worker_job.py")
+
+
+def _two_workers(tmp_path, *job_args, **env):
+    """Runs tests/multi_worker_job.py as two workers; returns (exit code, their output)."""
+    out = []
+
+    class Sink:
+        def write(self, text):
+            out.append(text)
+
+        def flush(self):
+            pass
+
+    code = distribute.launch([sys.executable, JOB, str(tmp_path), *job_args], 2, out=Sink(),
+                         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env), stop_grace=0.5)
+    return code, "".join(out)
+
+
+def test_fp16_overflow_on_one_worker_is_skipped_by_both(tmp_path):
+    code, out = _two_workers(tmp_path, "fp16", "inject")
+    assert code == 0, out[-3000:]
+    w0, w1 = (json.loads((tmp_path / f"worker{i}.json").read_text()) for i in (0, 1))
+    assert w0["skipped_steps"] == w1["skipped_steps"] == 1  # worker 0's gradients were clean
+    assert w0["loss_scale"] == w1["loss_scale"] == 2.0**14  # one backoff from 2^15, on both
+    assert w0["weights"] == w1["weights"]  # bit-identical (JSON of the float32 values)
+    assert w0["loss"] == w1["loss"] and w0["loss"][-1] < w0["loss"][0]
+    assert "[worker 0]" in out and "[worker 1]" in out
+
+
+def test_with_the_fix_off_keras_fails_as_upstream(tmp_path):
+    code, out = _two_workers(tmp_path, "bf16", TFMP_MULTI_WORKER_FIX="off")
+    assert code == 1  # the failing worker's exit code (a Python traceback)
+    assert "Attempt to convert a value (PerReplica" in out  # keras-team/keras#20585
+    assert "failed (exit code 1); stopping the others" in out
+
+
+def test_the_probe_sees_the_installed_keras_failure_and_nothing_changes_outside_a_cluster():
+    assert _compat.keras_reduces_scalar_logs_along_axis_0() is True  # Keras 3.15
+    import keras
+
+    model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    assert distribute.enable_multi_worker_fit(model, tf.distribute.get_strategy()) == []
+    assert "_maybe_symbolic_build" not in vars(model)
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ("{not json", "TF_CONFIG is not valid JSON"),
+    ('{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 1}}',
+     "TF_CONFIG task index 1 is outside the cluster: 1 worker task(s), so 0..0"),
+    ('{"cluster": {"ps": ["a:1"]}, "task": {"type": "worker", "index": 0}}',
+     'TF_CONFIG needs "cluster": {"worker"'),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "evaluator"}}',
+     'TF_CONFIG needs "task": {"type": "worker"'),
+])
+def test_bad_tf_config_is_one_line(value, fragment, monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", value)
+    with pytest.raises(ValueError, match="^" + fragment.replace("(", r"\(").replace(")", r"\)")
+                       .replace("{", r"\{").replace("[", r"\[")):
+        distribute.read_tf_config()
+
+
+def test_cluster_roles(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", distribute.tf_config([5000, 5001], 1))
+    two = distribute.read_tf_config()
+    assert (two.num_workers, two.address, two.name) == (2, "127.0.0.1:5001", "worker:1")
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["c:1"], "worker": ["a:2", "b:3"]},
+                                                "task": {"type": "worker", "index": 1}}))
+    chief_first = distribute.read_tf_config()
+    assert (chief_first.addresses, chief_first.address, chief_first.num_workers) == (
+        ("c:1", "a:2", "b:3"), "b:3", 3)
+    monkeypatch.delenv("TF_CONFIG")
+    assert distribute.read_tf_config() is None
+    assert distribute.describe_exit(-9) == "signal SIGKILL" and distribute.describe_exit(2) == "exit code 2"
+
+
+def test_binary_bad_cluster_input_is_one_line():
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    mw = ["--strategy=multi_worker_mirrored", "--epochs=1"]
+    cases = [
+        {"argv": mw, "env": {"TF_CONFIG": "{not json"}},
+        {"argv": mw, "env": {"TF_CONFIG": distribute.tf_config([1, 2], 0).replace('"index": 0',
+                                                                             '"index": 5')}},
+        {"argv": [*mw, "--precision=tune"], "env": {"TF_CONFIG": distribute.tf_config([1, 2], 1)}},
+        {"argv": mw, "env": {"TF_CONFIG": distribute.tf_config([port, port + 1], 0)}},  # in use
+    ]
+    runs = helpers.run_tool_cases("train", cases)
+    busy.close()
+    for (code, stderr), fragment in zip(runs, [
+            "TF_CONFIG is not valid JSON", "TF_CONFIG task index 5 is outside the cluster",
+            "--precision=tune measures on one process",
+            f"worker:0 cannot listen on 127.0.0.1:{port}: the port is in use"]):
+        assert code == 2 and "Traceback" not in stderr, stderr
+        assert fragment in stderr, stderr
+
+
+def test_a_worker_that_cannot_reach_the_others_gives_up_after_the_timeout():
+    start = time.monotonic()
+    proc = helpers.run_tool("train", "--strategy=multi_worker_mirrored", "--cluster_timeout=2",
+                            TF_CONFIG=distribute.tf_config(distribute.free_ports(2), 0), timeout=120)
+    assert proc.returncode == -9  # killed by the watchdog: TensorFlow's wait ignores SIGTERM
+    assert ("worker:0 could not reach the other workers of the 2-worker cluster"
+            in proc.stderr.splitlines()[-1])
+    assert time.monotonic() - start < 60
+
+
+def test_bf16_accumulation_on_two_workers_matches_one_process_on_the_same_batches(tmp_path):
+    single = tmp_path / "single"
+    single.mkdir()
+    proc = subprocess.Popen([sys.executable, JOB, str(single), "bf16", "accum", "single"],
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # alongside
+    code, out = _two_workers(tmp_path, "bf16", "accum")
+    assert code == 0, out[-3000:]
+    assert proc.wait(timeout=120) == 0, proc.stdout.read()[-3000:]
+    w0, w1 = (json.loads((tmp_path / f"worker{i}.json").read_text()) for i in (0, 1))
+    one = json.loads((single / "worker0.json").read_text())
+    assert w0["weights"] == w1["weights"] and w0["skipped_steps"] == 0
+    assert w0["iterations"] == one["iterations"] == 6  # 12 micro-batches, 2 per update
+    for a, b in zip(w0["weights"], one["weights"]):  # bfloat16 sums in another order: 1e-4
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=2e-4)
+    np.testing.assert_allclose(w0["loss"], one["loss"], rtol=1e-4)
+
+
+def _launch_train(model_dir):
+    return subprocess.Popen(
+        [sys.executable, "-m", "tools.launch_local", "--num_workers=2", "--stop_grace=0.5", "--",
+         "--strategy=multi_worker_mirrored", "--epochs=2",  # precision: auto on this CPU
+         "--steps_per_epoch=60", "--batch_size=64", f"--model_dir={model_dir}"],
+        cwd=helpers.ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _backup_epoch(backup_dir):
+    try:
+        return json.loads((backup_dir / "training_metadata.json").read_text())["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tmp_path):
+    full = tmp_path / "uninterrupted"
+    uninterrupted = _launch_train(full)  # the same command, never killed (runs alongside)
+    tmp_path = tmp_path / "killed"
+    launcher = _launch_train(tmp_path)
+    try:
+        deadline = time.monotonic() + 90
+        while (_backup_epoch(tmp_path / "backup") < 1 and launcher.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        assert _backup_epoch(tmp_path / "backup") == 1, "never completed an epoch"
+        assert launcher.poll() is None, "finished before it could be killed"
+        os.kill(_children(launcher.pid)[1], 9)  # worker 1, inside the second epoch
+        out, _ = launcher.communicate(timeout=60)
+    finally:
+        launcher.kill()
+    assert launcher.returncode == 1, out[-3000:]
+    assert "launch_local: worker 1 failed (signal SIGKILL); stopping the others" in out
+    assert not (tmp_path / "model.keras").exists()
+
+    resumed = _launch_train(tmp_path)
+    out, _ = resumed.communicate(timeout=120)
+    assert resumed.returncode == 0, out[-3000:]
+    for worker in (0, 1):
+        assert f"[worker {worker}] epochs 2 of 2 (resumed after epoch 1)" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] == 1 and summary["cluster"]["workers"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["model.keras", "summary.json", "tensorboard"]
+    out, _ = uninterrupted.communicate(timeout=120)
+    assert uninterrupted.returncode == 0, out[-3000:]
+    import keras
+
+    import tfmp  # noqa: F401  (registers tfmp's classes for load_model)
+
+    resumed = keras.models.load_model(tmp_path / "model.keras").get_weights()
+    straight = keras.models.load_model(full / "model.keras").get_weights()
+    for a, b in zip(resumed, straight):  # same batches, same state: the same final weights
+        np.testing.assert_array_equal(a, b)

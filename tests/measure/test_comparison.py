@@ -1,0 +1,134 @@
+"""tfmp.compare_precision and tools/compare.py (in subprocesses)."""
+
+import json
+import warnings
+
+import keras
+import pytest
+
+import helpers
+import models
+from tfmp.app import data
+from tfmp.measure import compare_precision
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def task():
+    return data.synthetic("vector", 16, train_examples=256, eval_examples=32)
+
+
+def _tiny():
+    return models.get("mlp")[0](input_shape=(64,), num_classes=10, hidden=(16, 16))
+
+
+class Fragile(keras.layers.Layer):
+    """A deliberately fragile float16 op: a sum of squares of scaled activations
+    (about 6e5 here) that float16 (max 65504) cannot hold."""
+
+    def call(self, x):
+        energy = keras.ops.sum(keras.ops.square(x * 100.0), axis=-1, keepdims=True)
+        return x * keras.ops.sqrt(energy) / 1000.0
+
+
+def _fragile():
+    inputs = keras.Input((64,))
+    h = Fragile()(keras.layers.Dense(16, activation="relu")(inputs))
+    return keras.Model(inputs, keras.layers.Dense(10)(h))
+
+
+def _compare(build, task, **kwargs):
+    with warnings.catch_warnings():  # float16 on a CPU: the trap warning
+        warnings.simplefilter("ignore")
+        return compare_precision(build, task.train, steps=STEPS, **kwargs)
+
+
+def test_healthy_model_passes_in_bf16_and_fp16(task):
+    result = _compare(_tiny, task, policies=("fp32", "bf16", "fp16"), eval_data=task.eval,
+                      metrics=["accuracy"])
+    assert result.ok, str(result)
+    base, bf16, fp16 = result.runs
+    assert [r.policy for r in result.runs] == ["float32", "mixed_bfloat16", "mixed_float16"]
+    assert all(len(r.losses) == STEPS and r.skipped_steps == 0 for r in result.runs)
+    # Identical weights on identical batches: the first losses agree to 16-bit rounding.
+    assert abs(bf16.losses[0] - base.losses[0]) < 1e-2 * base.losses[0]
+    assert abs(fp16.losses[0] - base.losses[0]) < 1e-3 * base.losses[0]
+    assert fp16.loss_scales[0] == 2.0**15 and bf16.loss_scales[0] == 1.0
+    assert set(base.final_metrics) == {"loss", "accuracy"}
+    for verdict in result.verdicts:
+        assert verdict.max_relative_loss_gap < 0.05
+        assert 0.9 < verdict.grad_norm_ratio[1] < 1.1
+        assert verdict.throughput_ratio[1] > 0
+    json.dumps(result.to_dict())  # serializable
+    assert "fp16 (mixed_float16)" in str(result) and "pass" in str(result)
+
+
+def test_fragile_float16_op_fails_and_bfloat16_passes(task):
+    result = _compare(_fragile, task, policies=("fp32", "bf16", "fp16"))
+    bf16, fp16 = result.verdicts
+    assert bf16.passed and not fp16.passed and not result.ok
+    assert "not finite" in fp16.reason and fp16.max_relative_loss_gap == float("inf")
+    assert result.runs[2].skipped_steps == STEPS  # the guard kept every step out
+    assert result.to_dict()["verdicts"][1]["max_relative_loss_gap"] == "inf"
+
+
+def test_a_tight_tolerance_fails_on_drift(task):
+    result = _compare(_tiny, task, policies=("fp32", "bf16"), tolerance=1e-9)
+    assert not result.ok and "above the tolerance 1e-09" in result.verdicts[0].reason
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"policies": ("fp32",)}, "give a baseline and at least one more"),
+    ({"policies": ("fp32", "fp8")}, "Unknown precision 'fp8'"),
+    ({"steps": 2}, "steps=2 must be an integer above 2"),
+    ({"tolerance": 0.0}, "tolerance=0.0 must be a positive number"),
+    ({"steps": 1000}, "the dataset gave 4 batches; steps=1000"),
+])
+def test_bad_arguments(task, kwargs, fragment):
+    finite = data.synthetic("vector", 16, train_examples=64, eval_examples=64).eval  # 4 batches
+    with pytest.raises(ValueError, match=fragment.replace("(", r"\(")):
+        compare_precision(_tiny, finite, **{"policies": ("fp32", "bf16"), **kwargs})
+
+
+def run_tool(*args):
+    return helpers.run_tool("compare", *args)
+
+
+def test_tool_end_to_end(tmp_path):
+    proc = run_tool("--steps=6", "--batch_size=16", "--policies=fp32,BF16",
+                    f"--output_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bf16 (mixed_bfloat16)" in proc.stdout.lower() and "pass" in proc.stdout
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert report["ok"] and len(report["runs"]) == 2 and len(report["runs"][0]["losses"]) == 6
+    png = (tmp_path / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert oct((tmp_path / "compare.json").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_tool_on_a_saved_model_and_a_failing_verdict(tmp_path):
+    keras.utils.set_random_seed(0)
+    _tiny().save(tmp_path / "m.keras")
+    proc = run_tool(f"--model_path={tmp_path / 'm.keras'}", "--steps=6", "--batch_size=16",
+                    "--policies=fp32,bf16", "--tolerance=1e-9", f"--output_dir={tmp_path}")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "FAIL" in proc.stdout and "above the tolerance" in proc.stdout
+    assert (tmp_path / "compare.json").exists()
+
+
+BAD_INPUT = [
+    (["--policies=fp32,fp17"], "Unknown precision 'fp17'"),  # the library's check, one line
+    (["--model=mlp", "--model_path=x.keras"], "give --model or --model_path, not both"),
+    (["--model_path={tmp}/cnn.keras"], "the model takes inputs of shape (8, 8, 3); dataset "
+                                       "'synthetic' has (32, 32, 3)"),
+]
+
+
+def test_tool_bad_input_is_one_line(tmp_path):
+    models.get("cnn")[0](input_shape=(8, 8, 3), width=8, stages=1).save(tmp_path / "cnn.keras")
+    runs = helpers.run_tool_cases("compare", [
+        [*(a.format(tmp=tmp_path) for a in args), f"--output_dir={tmp_path}/out"]
+        for args, _ in BAD_INPUT])  # every case through the binary, in one child process
+    for (args, fragment), (code, stderr) in zip(BAD_INPUT, runs):
+        assert code == 2 and "Traceback" not in stderr, (args, stderr)
+        assert fragment in stderr, (args, stderr)

@@ -1,0 +1,140 @@
+"""enforce_float32 on Sequential, Functional, nested and subclassed models."""
+
+import keras
+import numpy as np
+import pytest
+
+import tfmp
+
+X = np.random.RandomState(0).rand(8, 12).astype("float32")
+
+
+def _policies(model):
+    from tfmp.rewrite import iter_layers
+    return {path: layer.dtype_policy.name for path, layer in iter_layers(model)}
+
+
+def _check_clone(original, fixed, atol):
+    assert fixed is not original
+    for a, b in zip(original.get_weights(), fixed.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    for o in keras.tree.flatten(fixed.outputs):
+        assert o.dtype == "float32"
+    new = keras.tree.flatten(fixed.predict(X, verbose=0))
+    old = keras.tree.flatten(original.predict(X, verbose=0))
+    for a, b in zip(old, new):
+        assert b.dtype == np.float32
+        np.testing.assert_allclose(np.asarray(a, "float32"), b, atol=atol)
+
+
+def test_sequential():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = keras.Sequential([
+        keras.Input((12,)), keras.layers.Dense(16), keras.layers.LayerNormalization(),
+        keras.layers.Dense(4), keras.layers.Softmax(),
+    ])
+    before = _policies(model)
+    fixed = tfmp.enforce_float32(model)
+    assert _policies(model) == before  # original untouched
+    assert [l.dtype_policy.name for l in fixed.layers] == [
+        "mixed_bfloat16", "float32", "mixed_bfloat16", "float32"]
+    _check_clone(model, fixed, atol=2e-2)
+
+
+def test_functional_two_outputs_and_options():
+    keras.config.set_dtype_policy("mixed_float16")
+    inputs = keras.Input((12,))
+    h = keras.layers.Dense(16, name="body")(inputs)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    a = keras.layers.Dense(3, activation="softmax", name="head_a")(h)
+    b = keras.layers.Dense(1, name="head_b")(h)
+    model = keras.Model(inputs, [a, b])
+    fixed = tfmp.enforce_float32(model)
+    assert {l.name: l.dtype_policy.name for l in fixed.layers
+            if not isinstance(l, keras.layers.InputLayer)} == {
+        "body": "mixed_float16", "bn": "float32", "head_a": "float32", "head_b": "float32"}
+    _check_clone(model, fixed, atol=2e-2)
+
+    only_extra = tfmp.enforce_float32(model, outputs=False, normalization=False,
+                                      softmax=False, extra_layers=["body"])
+    assert only_extra.get_layer("body").dtype_policy.name == "float32"
+    assert only_extra.get_layer("head_b").dtype_policy.name == "mixed_float16"
+    by_class = tfmp.enforce_float32(model, outputs=False, extra_layers=[keras.layers.Dense])
+    assert by_class.get_layer("head_b").dtype_policy.name == "float32"
+
+
+def test_nested_model_output():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    backbone = keras.Sequential([keras.Input((12,)), keras.layers.Dense(16),
+                                 keras.layers.LayerNormalization(name="ln")], name="backbone")
+    head = keras.Sequential([keras.Input((16,)), keras.layers.Dense(5, name="logits")], name="head")
+    inputs = keras.Input((12,))
+    model = keras.Model(inputs, head(backbone(inputs)))
+    fixed = tfmp.enforce_float32(model)
+    assert fixed.get_layer("backbone").get_layer("ln").dtype_policy.name == "float32"
+    assert fixed.get_layer("head").get_layer("logits").dtype_policy.name == "float32"
+    assert model.get_layer("head").get_layer("logits").dtype_policy.name == "mixed_bfloat16"
+    _check_clone(model, fixed, atol=2e-2)
+
+
+class Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(8)
+        self.norm = keras.layers.LayerNormalization()
+        self.out = keras.layers.Dense(2, activation="softmax")
+
+    def call(self, x):
+        return self.out(self.norm(self.dense(x)))
+
+
+def test_subclassed_model_gets_a_clear_error():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = Subclassed()
+    model(X)
+    with pytest.raises(ValueError) as err:
+        tfmp.enforce_float32(model)
+    message = str(err.value)
+    assert "subclassed" in message and "tfmp.layers" in message
+    assert model.norm.name in message and model.out.name in message  # what would change
+    assert model.dense.name + "," not in message
+
+
+def test_unbuilt_model_error():
+    model = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="not built"):
+        tfmp.enforce_float32(model)
+
+
+def _ops_model():
+    inp = keras.Input((8,))
+    h = keras.layers.Dense(8)(inp)
+    h = keras.ops.relu(keras.ops.add(h, inp))  # recorded as operations, not layers
+    out = keras.ops.softmax(keras.layers.Dense(3)(h))  # the model ends in an op
+    return keras.Model(inp, out)
+
+
+def test_functional_models_with_keras_ops_between_layers():
+    model = _ops_model()
+    assert {"Add", "Relu"} <= {type(op).__name__ for op in model.operations}
+    prepared, _ = tfmp.prepare(model, "adam", "bf16")
+    assert prepared.outputs[0].dtype == "float32"  # the op's output got a float32 cast
+    assert tfmp.audit(prepared).ok
+    fixed = tfmp.enforce_float32(model)
+    assert fixed.outputs[0].dtype == "float32"
+    x = np.random.RandomState(0).rand(4, 8).astype("float32")
+    np.testing.assert_allclose(prepared(x), model(x), atol=2e-2)  # bfloat16 rounding
+
+
+def test_a_model_we_did_not_write_mobilenet_v3():
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV3Small(input_shape=(32, 32, 3), weights=None,
+                                                classes=4, include_preprocessing=False)
+    assert any(not isinstance(op, keras.layers.Layer) for op in model.operations)
+    prepared, opt = tfmp.prepare(model, keras.optimizers.SGD(1e-3), "bf16")
+    report = tfmp.audit(prepared, opt)
+    assert report.ok and prepared.outputs[0].dtype == "float32"
+    for a, b in zip(model.get_weights(), prepared.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    x = np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")
+    np.testing.assert_allclose(prepared(x), model(x), atol=5e-2)

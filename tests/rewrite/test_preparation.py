@@ -1,0 +1,129 @@
+"""tfmp.prepare: float32 -> mixed conversion, training, and raising on errors."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import tfmp
+from tests import helpers
+from tfmp.precision import HardwareInfo
+
+GPU = HardwareInfo("gpu", ("GPU:0",), ((8, 0),))
+rng = np.random.RandomState(0)
+X = rng.rand(512, 16).astype("float32")
+Y = (X[:, :8].sum(1) > X[:, 8:].sum(1)).astype("int32")
+
+
+def _float32_model():
+    keras.config.set_dtype_policy("float32")
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input((16,)), keras.layers.Dense(32, activation="relu"),
+        keras.layers.LayerNormalization(), keras.layers.Dense(2, activation="softmax"),
+    ])
+
+
+@pytest.mark.parametrize("precision, compute", [("fp16", "float16"), ("bf16", "bfloat16")])
+def test_float32_model_is_converted_and_trains(precision, compute):
+    original = _float32_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt = tfmp.prepare(original, keras.optimizers.Adam(1e-2), precision, hardware=GPU)
+    assert [l.compute_dtype for l in model.layers] == [compute, "float32", "float32"]
+    assert [l.compute_dtype for l in original.layers] == ["float32"] * 3
+    for a, b in zip(original.get_weights(), model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert isinstance(opt, tfmp.DynamicLossScaleOptimizer) == (precision == "fp16")
+    np.testing.assert_allclose(model.predict(X[:32], verbose=0),
+                               original.predict(X[:32], verbose=0), atol=3e-2)
+    model.compile(opt, "sparse_categorical_crossentropy")
+    assert model.optimizer is opt
+    hist = model.fit(X, Y, epochs=3, batch_size=32, verbose=0)
+    assert hist.history["loss"][-1] < hist.history["loss"][0] * 0.8
+    assert tfmp.audit(model, opt, hardware=GPU).ok
+
+
+def test_prepare_float32_keeps_model_and_only_enforces():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8), keras.layers.Dense(2)])
+    prepared, opt = tfmp.prepare(model, "adam", "bf16", hardware=GPU)
+    assert [l.compute_dtype for l in prepared.layers] == ["bfloat16", "float32"]
+    assert isinstance(opt, keras.optimizers.Adam)
+    assert tfmp.precision.global_policy_name() == "mixed_bfloat16"
+
+
+def test_prepare_raises_on_audit_errors():
+    keras.config.set_dtype_policy("float16")  # pure float16 variables
+    model = helpers.Subclassed()  # subclassed: cannot be rebuilt, only audited
+    model(np.zeros((1, 16), "float32"))
+    with pytest.raises(tfmp.AuditError) as err:
+        tfmp.prepare(model, "adam", "fp16", hardware=GPU)
+    codes = err.value.report.codes()
+    assert {"variable-not-float32", "optimizer-slot-not-float32"} <= codes  # slots predicted
+    assert "float16" in str(err.value)
+
+
+def test_a_pure_float16_model_is_rebuilt_with_float32_variables():
+    keras.config.set_dtype_policy("float16")
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8), keras.layers.Dense(2)])
+    prepared, _ = tfmp.prepare(model, "adam", "fp16", hardware=GPU)
+    assert all(v.dtype == "float32" for v in prepared.weights)
+    for a, b in zip(model.get_weights(), prepared.get_weights()):
+        np.testing.assert_array_equal(a.astype("float32"), b)
+
+
+@pytest.mark.parametrize("source, target, compute", [
+    ("mixed_bfloat16", "fp32", "float32"), ("mixed_float16", "bf16", "bfloat16"),
+    ("mixed_bfloat16", "fp16", "float16"),
+])
+def test_a_mixed_model_is_rebuilt_under_the_policy_asked_for(source, target, compute):
+    keras.config.set_dtype_policy(source)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((16,)), keras.layers.Dense(8, name="hidden"),
+                              keras.layers.Dense(2, name="out")])
+    prepared, _ = tfmp.prepare(model, "adam", target, hardware=GPU)
+    assert prepared.get_layer("hidden").compute_dtype == compute  # not left in 16 bits
+    assert prepared.outputs[0].dtype == "float32"
+    assert "policy-mismatch" not in tfmp.audit(prepared).codes()
+    for a, b in zip(model.get_weights(), prepared.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_convert_policy_round_trip_keeps_weights_bit_identical_and_outputs_float32():
+    import models
+
+    keras.utils.set_random_seed(5)
+    original = models.get("cnn")[0](input_shape=(8, 8, 3), width=8, stages=1)  # BatchNorm inside
+    weights = original.get_weights()
+    model = original
+    for policy in ("bf16", "mixed_float16", "float32"):
+        model = tfmp.convert_policy(model, policy)
+        canonical = tfmp.precision.parse_precision(policy)
+        assert all(o.dtype == "float32" for o in model.outputs), policy
+        convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
+        assert {l.dtype_policy.name for l in convs} == {canonical}, policy
+        norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+        assert {l.dtype_policy.name for l in norms} == {"float32"}, policy
+        for a, b in zip(weights, model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert original.layers[1].dtype_policy.name == "float32"  # the input model is untouched
+    with pytest.raises(ValueError, match="Unknown precision 'fp8'"):
+        tfmp.convert_policy(model, "fp8")
+
+
+@pytest.mark.parametrize("built_under, target", [("mixed_bfloat16", "float32"),
+                                                 ("float32", "mixed_bfloat16")])
+def test_convert_policy_reaches_sublayers_a_custom_layer_makes(built_under, target):
+    """The transformer's embedding layer makes two Embeddings in `__init__`: they
+    follow the target policy whatever the global policy is (it stays as it was)."""
+    import models
+
+    keras.config.set_dtype_policy(built_under)
+    model = models.get("transformer")[0](input_shape=(8,), vocab_size=50, dim=8, heads=2, depth=1)
+    converted = tfmp.convert_policy(model, target)
+    embed = converted.get_layer("embed")
+    assert {l.dtype_policy.name for l in (embed, embed.tokens, embed.positions)} == {target}
+    assert keras.config.dtype_policy().name == built_under
+    keras.config.set_dtype_policy("float32")

@@ -1,0 +1,128 @@
+"""python -m tools.export: a tools/train run exported, the accuracy gate, and bad input,
+all through the binary's own entry point in one child process."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+from tests import helpers
+from tfmp.app import data, training
+
+import models
+
+
+def _op_model(op):
+    inputs = keras.Input((data.VECTOR_DIM,))
+    return keras.Model(inputs, keras.layers.Dense(10)(op(keras.layers.Dense(16)(inputs))))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("export")
+    run = d / "run"
+    config = training.TrainConfig(model="mlp", precision="bf16", epochs=1, steps_per_epoch=40,
+                                  batch_size=64, learning_rate=3e-3, model_dir=str(run))
+    training.train(config, models.get("mlp")[0], data.synthetic("vector", 64),
+                   tf.distribute.get_strategy())
+    _op_model(lambda x: ops.cumsum(x, axis=-1)).save(d / "cumsum.keras")
+    _op_model(ops.arctan).save(d / "atan.keras")
+    x = data.synthetic_arrays("vector", 128, seed=3)[0]
+    np.save(d / "calibration.npy", x)
+    np.save(d / "narrow.npy", x[:, :8])
+    np.save(d / "ids.npy", x.astype("int32"))
+    (d / "text.keras").write_text("not a model")
+    (d / "text.npy").write_text("not an array")
+    (d / "empty").mkdir()
+    cases = {
+        "default": [f"--model_dir={run}", "--eval_steps=4", "--max_accuracy_drop=0.05"],
+        "gate": [f"--model_dir={run}", "--quantization=dynamic_int8", f"--output_dir={d}/gate",
+                 "--eval_steps=4", "--max_accuracy_drop=-1",
+                 "--metric=sparse_top_k_categorical_accuracy"],
+        "npy": [f"--model_path={run}/model.keras", "--quantization=full_int8",
+                f"--calibration_data={d}/calibration.npy", f"--output_dir={d}/npy",
+                "--eval_steps=2", "--runtime=tf"],
+        **{f"bad{i}": [a.format(d=d, run=run) for a in args] for i, (args, _) in enumerate(BAD)},
+    }
+    results = helpers.run_tool_cases("export", list(cases.values()), stdout=True)
+    return d, run, dict(zip(cases, results))
+
+
+BAD = [
+    (["--model_path={d}/missing.keras"], "--model_path='{d}/missing.keras' does not exist"),
+    (["--model_path={d}/text.keras"], "is not a loadable .keras model"),
+    (["--model_dir={d}/empty"], "--model_dir='{d}/empty' has no model.keras"),
+    (["--model_dir={run}", "--model_path={d}/cumsum.keras"], "one of them"),
+    (["--model_dir={run}", "--quantization=float16,int4"],
+     "--quantization='float16,int4': accepted values are float32, float16, dynamic_int8, full_int8"),
+    (["--model_dir={run}", "--max_accuracy_drop=nan"], "must be a finite number"),
+    (["--model_dir={run}", "--metric=accuracy_of_sorts"],
+     "--metric='accuracy_of_sorts' is not a Keras metric"),
+    (["--model_dir={run}", "--output_dir={d}/text.npy/sub"], "cannot be created"),
+    (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/narrow.npy"],
+     "calibration data has batches of shape (64, 8) and dtype float32; the model takes (None, 64)"),
+    (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/ids.npy"],
+     "dtype int32; the model takes (None, 64) float32"),
+    (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/text.npy"],
+     "is not a .npy file"),
+    (["--model_path={d}/cumsum.keras", "--quantization=full_int8", "--int8_only",
+      "--output_dir={d}/strict"], "no int8 kernel for CUMSUM (x1)"),
+    (["--model_path={d}/atan.keras", "--quantization=float16", "--output_dir={d}/atan"],
+     "LiteRT has no builtin kernel for Atan"),
+    (["--model_dir={run}", "--dataset=cifar10"], "dataset 'cifar10' is not prepared"),
+]
+
+
+def test_a_training_run_is_exported_in_every_mode_with_its_report(runs):
+    d, run, results = runs
+    code, stderr, stdout = results["default"]
+    assert code == 0, stderr
+    report = json.loads((run / "export" / "export.json").read_text())
+    assert report["dataset"] == "synthetic" and report["gate_failures"] == []
+    assert report["model_file_bytes"] == (run / "model.keras").stat().st_size
+    assert [r["quantization"] for r in report["reports"]] == ["float32", "float16", "dynamic_int8",
+                                                              "full_int8"]
+    for r in report["reports"]:
+        assert (run / "export" / f"model_{r['quantization']}.tflite").stat().st_size == r["size_bytes"]
+        assert r["model_policy"] == "mixed_bfloat16" and r["batches"] == 4
+        assert abs(r["accuracy_drop"]) <= 0.05 and r["exported_ms"] > 0
+        assert f"| {r['quantization']} | " in stdout
+    assert "KB (weights and optimizer state); wrote model_float32.tflite, model_float16.tflite, " \
+        "model_dynamic_int8.tflite, model_full_int8.tflite and export.json" in stdout
+
+
+def test_the_gate_fails_with_the_figures_and_keeps_the_files(runs):
+    d, _, results = runs
+    code, stderr, _ = results["gate"]
+    assert code == 1, stderr
+    line = stderr.strip()
+    assert "\n" not in line and "accuracy gate (--max_accuracy_drop=-1) failed: dynamic_int8: " \
+        "sparse_top_k_categorical_accuracy " in line and " > -1" in line
+    report = json.loads((d / "gate" / "export.json").read_text())
+    assert len(report["gate_failures"]) == 1 and (d / "gate" / "model_dynamic_int8.tflite").exists()
+
+
+def test_calibration_from_an_array_file_and_tf_lite_runtime(runs):
+    d, _, results = runs
+    code, stderr, _ = results["npy"]
+    assert code == 0, stderr
+    (report,) = json.loads((d / "npy" / "export.json").read_text())["reports"]
+    assert report["runtime"] == "tf" and report["quantization"] == "full_int8"
+
+
+@pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(a)[:60] for a, _ in BAD])
+def test_bad_input_is_one_line(runs, case):
+    d, run, results = runs
+    code, stderr, _ = results[f"bad{case}"]
+    assert code == 2, stderr
+    assert BAD[case][1].format(d=d, run=run) in stderr
+    assert "Traceback" not in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_refused_exports_write_nothing(runs):
+    d, _, _ = runs
+    for refused in ("strict", "atan"):  # --int8_only with CUMSUM; Atan has no LiteRT kernel
+        assert list((d / refused).iterdir()) == []

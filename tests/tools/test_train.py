@@ -1,0 +1,235 @@
+"""tools/train.py end to end, in subprocesses (the README's main job)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import pytest
+
+import helpers
+
+import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
+
+ROOT = helpers.ROOT
+
+
+def env(**extra):
+    """The environment now (conftest removed TFMP_PRECISION), not at import time."""
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **extra)
+
+
+def train(*args, timeout=300, **extra_env):
+    return subprocess.run([sys.executable, "-m", "tools.train", *args], cwd=ROOT,
+                          env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+
+
+def summary(model_dir):
+    with open(os.path.join(model_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+def test_default_run_no_flags():
+    start = time.time()
+    proc = train()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.time() - start < 60
+    out = proc.stdout
+    assert "=== tfmp training summary ===" in out and "model mlp on synthetic" in out
+    accuracy = float(out.split("eval_accuracy=")[1].split(",")[0])
+    assert accuracy > 0.5  # 10 classes: chance is 0.1
+    # What a person reads: counters as whole numbers, the auto reason, epochs from 1.
+    assert "loss_scale: 1 - nan_losses: 0 - skipped_steps: 0" in out and "e+00" not in out
+    assert "epochs 1-3 of 3" in out
+    assert "asked for explicitly" not in proc.stderr
+    hw = tfmp.detect_hardware()
+    assert f"precision policy {hw.recommended_policy} ({hw.reason})" in proc.stderr
+
+
+def _auto():
+    """What `auto` resolves to on the CPU the tests run on (never assumed)."""
+    return tfmp.detect_hardware().recommended_policy
+
+
+STRATEGY_CASES = [  # MirroredStrategy first: the CPU is split before TensorFlow initializes
+    (["--distribution_strategy=mirrored", "--num_cpu_devices=2"], "MirroredStrategy", 2, None),
+    (["--strategy=default", "--precision=BF16"], "_DefaultDistributionStrategy", 1,
+     "mixed_bfloat16"),  # any case; bf16 on every CPU (the model is tiny)
+    (["--strategy=one_device"], "OneDeviceStrategy", 1, None),
+]
+
+
+def _check_strategy_run(model_dir, strategy, replicas, policy=None):
+    s = summary(model_dir)
+    assert (s["strategy"], s["replicas"]) == (strategy, replicas)
+    assert s["policy"] == (policy or _auto())  # None: what auto picks on this CPU
+    assert s["policy_source"] == ("explicit" if policy else "auto")
+    assert s["final_train_metrics"]["loss"] < 2.3  # below chance-level cross-entropy
+
+
+def test_strategies(tmp_path):
+    # Through the binary's entry point, one child process for the three (TensorFlow imported once).
+    runs = helpers.run_tool_cases("train", [
+        [*args, "--epochs=2", "--steps_per_epoch=20", f"--model_dir={tmp_path / str(i)}"]
+        for i, (args, _, _, _) in enumerate(STRATEGY_CASES)])
+    for i, ((code, stderr), (_, strategy, replicas, policy)) in enumerate(
+            zip(runs, STRATEGY_CASES)):
+        assert code == 0, stderr[-2000:]
+        _check_strategy_run(tmp_path / str(i), strategy, replicas, policy)
+
+
+def test_single_worker_multi_worker_strategy(tmp_path):
+    proc = train("--strategy=multi_worker_mirrored", "--epochs=2", "--steps_per_epoch=20",
+                 f"--model_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _check_strategy_run(tmp_path, "CollectiveAllReduceStrategy", 1)  # the MWMS class
+    assert summary(tmp_path)["cluster"] is None  # no TF_CONFIG: this host alone
+
+
+def test_fp16_accumulation_remat_and_model_garden_flags(tmp_path):
+    proc = train("--dtype=fp16", "--grad_accum_steps=2", "--remat", "--initial_scale=256",
+                 "--growth_interval=5", "--epochs=2", "--steps_per_epoch=20",
+                 f"--model_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = summary(tmp_path)
+    assert s["policy"] == "mixed_float16" and s["policy_source"] == "explicit"
+    assert s["flags"]["grad_accum_steps"] == 2 and s["flags"]["remat"] is True
+    assert s["loss_scale"]["loss_scale_start"] == 256.0
+    model = keras.models.load_model(os.path.join(tmp_path, "model.keras"))
+    opt = model.optimizer
+    assert opt.growth_interval == 5 and int(opt.skipped_steps.numpy()) == 0
+    # 40 micro-batches, 20 optimizer updates: the scale grew every 5 updates, 4 times.
+    assert int(opt.inner_optimizer._iterations.numpy()) == 40  # micro-batches
+    assert int(opt.inner_optimizer.iterations.numpy()) == 20  # optimizer updates
+    assert s["loss_scale"]["loss_scale_end"] == 256.0 * 2**4
+
+
+BAD_INPUT = [
+    (["--precision=fp8"], "flag --precision=fp8: value should be one of", 1),
+    (["--batch_size=0"], "flag --batch_size=0: 0 is not a positive integer", 1),
+    (["--loss_scale=-3"], "--loss_scale='-3' is not accepted; use 'dynamic' or a positive", 2),
+    (["--dtype=fp16", "--precision=bf16"], "--precision=bf16 and --dtype=fp16 disagree", 2),
+    (["--dataset=no_such_dataset"], "unknown dataset 'no_such_dataset'", 2),
+    (["--dataset=mnist", "--data_dir={tmp}"], "'mnist' is not prepared in data_dir=", 2),
+    (["--strategy=tpu"], "No TPU found at tpu='local'", 2),
+    (["--model_dir={tmp}/file"], "--model_dir must be a directory", 1),
+    (["--jit_compile", "--strategy=mirrored", "--num_cpu_devices=2"],
+     "--jit_compile with MirroredStrategy over 2 replicas fails in Keras 3.15", 2),
+    (["--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=7"],
+     "--batch_size=7 is not divisible by the 2 replicas", 2),
+    (["--dtype=fp16", "--initial_scale=0.5"],
+     "--initial_scale: --initial_scale=0.5 is below --min_scale=1 (its default)", 2),
+    (["--dtype=fp16", "--min_scale=65536"],
+     "--min_scale: --initial_scale=32768 (its default) is below --min_scale=65536", 2),
+    (["--min_scale=1e-40"], "--min_scale=1e-40 must be a positive number within float32's "
+                            "normal range", 2),
+    (["--learning_rate=nan"], "--learning_rate=nan must be a positive finite number", 2),
+    (["--tpu=foo", "--strategy=one_device"],
+     "--tpu=foo is only used with --strategy=tpu (or auto); got --strategy=one_device", 2),
+    (["extra"], "unexpected positional arguments ['extra']", 2),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_input_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad")
+    (tmp / "file").write_text("not a directory")
+    # MirroredStrategy cases first: the CPU is split before anything initializes TensorFlow.
+    order = sorted(range(len(BAD_INPUT)), key=lambda i: "--num_cpu_devices=2" not in BAD_INPUT[i][0])
+    runs = helpers.run_tool_cases("train", [[a.format(tmp=tmp) for a in BAD_INPUT[i][0]]
+                                            for i in order]
+                                  + [{"argv": ["--epochs=1"], "env": {"TFMP_PRECISION": "fp17"}}])
+    return {**{i: run for i, run in zip(order, runs)}, "env": runs[-1]}
+
+
+@pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[" ".join(a) for a, _, _ in BAD_INPUT])
+def test_bad_input_is_one_line(bad_input_runs, case):
+    _, fragment, code = BAD_INPUT[case]
+    returncode, stderr = bad_input_runs[case]
+    assert returncode == code, stderr
+    assert fragment in stderr
+    assert "Traceback" not in stderr
+    assert len([l for l in stderr.splitlines() if "error:" in l]) == 1
+
+
+def test_bad_tfmp_precision_in_the_environment_is_one_line(bad_input_runs):
+    code, stderr = bad_input_runs["env"]  # run with the other bad-input cases
+    assert code == 2 and "Traceback" not in stderr
+    assert "environment variable TFMP_PRECISION='fp17': Unknown precision 'fp17'" in stderr
+
+
+def test_tfds_dataset_of_the_wrong_kind_is_one_line():
+    # The binary itself, run in a child process with tensorflow-datasets' mock data.
+    code = ("import runpy, sys, tensorflow_datasets as tfds\n"
+            "sys.argv = ['train', '--dataset=imdb_reviews', '--model=cnn']\n"
+            "with tfds.testing.mock_data(num_examples=16):\n"
+            "    runpy.run_module('tools.train', run_name='__main__')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "dataset 'imdb_reviews' has text" in proc.stderr
+
+
+def test_nan_stop_exits_1_and_keeps_the_backup(tmp_path):
+    proc = train("--learning_rate=1e30", "--epochs=2", "--steps_per_epoch=20",
+                 f"--model_dir={tmp_path}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "training stopped on a NaN event (backup kept in" in proc.stderr
+    assert "nonfinite loss" in proc.stderr and "lower the learning rate" in proc.stderr
+    s = summary(tmp_path)
+    assert s["stopped_by_nan"] and s["nan_events"][0]["kind"] == "nonfinite_loss"
+    assert not os.path.exists(os.path.join(tmp_path, "model.keras"))
+
+
+def _metadata_epoch(backup):
+    try:
+        with open(os.path.join(backup, "training_metadata.json")) as f:
+            return json.load(f)["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+def test_sigkill_mid_epoch_then_resume(tmp_path):
+    # The precision auto picks on this CPU: resuming is the point here, not bfloat16.
+    args = ["--epochs=3", "--steps_per_epoch=150", "--batch_size=64", f"--model_dir={tmp_path}"]
+    backup = os.path.join(tmp_path, "backup")
+    proc = subprocess.Popen([sys.executable, "-m", "tools.train", *args], cwd=ROOT, env=env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        seen = {}
+        deadline = time.time() + 240
+        while _metadata_epoch(backup) < 2 and time.time() < deadline and proc.poll() is None:
+            seen.setdefault(_metadata_epoch(backup), time.time())
+            time.sleep(0.01)
+        assert _metadata_epoch(backup) == 2, "the run never completed two epochs"
+        epoch_seconds = time.time() - seen.get(1, time.time() - 1.0)
+        time.sleep(0.3 * epoch_seconds)  # well inside the third epoch
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _metadata_epoch(backup) == 2
+    assert not os.path.exists(os.path.join(tmp_path, "summary.json"))
+
+    # What the backup holds: the weights file includes the optimizer's variables.
+    from tfmp.app import data, training
+    import models
+    config = training.TrainConfig(batch_size=64)
+    d = data.synthetic("vector", 64)
+    keras.config.set_dtype_policy(_auto())
+    model, opt = training._build_compiled(config, models.get("mlp")[0], d, _auto())
+    opt.build(model.trainable_variables)
+    model.load_weights(os.path.join(backup, "latest.weights.h5"))
+    saved_step = int(opt.inner_optimizer._iterations.numpy()) + int(opt.skipped_steps.numpy())
+    assert saved_step == 300
+
+    again = train(*args)
+    assert again.returncode == 0, again.stderr[-2000:]
+    s = summary(tmp_path)
+    assert s["resumed_from_epoch"] == 2 and s["epochs_completed"] == [2]
+    assert s["start_step"] == saved_step  # optimizer state restored, not restarted
+    assert "epochs 3 of 3 (resumed after epoch 2)" in again.stdout

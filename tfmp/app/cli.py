@@ -1,0 +1,90 @@
+"""Helpers for tfmp's absl binaries: one clear line and a non-zero exit on bad input."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, NoReturn, Sequence
+
+import keras
+from absl import app
+
+import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
+from tfmp.atomic import save_model_atomically
+
+EXIT_FINDINGS = 1
+EXIT_BAD_INPUT = 2
+
+
+class ToolError(Exception):
+    """Printed as one line; the binary exits with `code` (2: bad input)."""
+
+    def __init__(self, message: str, code: int = EXIT_BAD_INPUT) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
+    raise ToolError(message, code)
+
+
+def run(main: Callable[[Sequence[str]], int], positional: bool = False) -> None:
+    """`absl.app.run(main)`, turning `ToolError` into one line on stderr and exit 2.
+
+    Positional arguments are refused unless `positional` (the arguments after `--`).
+    """
+
+    def wrapped(argv: Sequence[str]) -> int:
+        try:
+            if len(argv) > 1 and not positional:
+                fail(f"unexpected positional arguments {list(argv[1:])}; all options are --flags")
+            return main(argv)
+        except ToolError as e:
+            sys.stderr.write(f"{os.path.basename(sys.argv[0])}: error: {e}\n")
+            return e.code
+
+    app.run(wrapped)
+
+
+def load_keras_model(path: str):
+    """Loads a `.keras` file, or fails with one line naming the path and the problem.
+
+    Args:
+        path: The file (`--model_path`).
+
+    Returns:
+        The model.
+
+    Raises:
+        ToolError: missing, unreadable or not a loadable `.keras` file.
+    """
+    try:  # the reference models' layers, when run from a checkout
+        import models  # noqa: F401
+    except ImportError:
+        pass
+
+    if not os.path.exists(path):
+        fail(f"--model_path={path!r} does not exist")
+    if not os.path.isfile(path) or not os.access(path, os.R_OK):
+        fail(f"--model_path={path!r} is not a readable file")
+    try:
+        return keras.models.load_model(path)
+    except Exception as e:  # noqa: BLE001 (Keras raises many kinds)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        fail(f"--model_path={path!r} is not a loadable .keras model ({type(e).__name__}: {first})")
+
+
+def save_keras_model_atomically(model, path: str) -> None:
+    """Saves through a temporary file and a rename; one line if the directory is missing.
+
+    Args:
+        model: The model.
+        path: The `.keras` file (`--output_path`).
+
+    Raises:
+        ToolError: the directory does not exist.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        fail(f"--output_path={path!r}: directory {directory!r} does not exist")
+    save_model_atomically(model, path)

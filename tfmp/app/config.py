@@ -1,0 +1,149 @@
+"""The training job's configuration (the binary's flags) and every check made before anything is built.
+
+`TrainConfig.check()` refuses bad values and combinations with one line naming
+the flag (`ConfigError`), so that `tools/train` only parses flags; `check_config`
+adds what depends on the strategy once it exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Optional
+
+import tensorflow as tf
+
+from tfmp.distribute import Cluster, parse_strategy, read_tf_config
+from tfmp.precision import ENV_VAR, parse_precision
+from tfmp.scaling import (DEFAULT_INITIAL_SCALE, DEFAULT_MIN_SCALE, FLOAT32_MAX,
+                          FLOAT32_MIN_NORMAL, parse_loss_scale)
+
+
+class ConfigError(ValueError):
+    """A bad value, or a combination of settings known not to work; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run is parameterized by (the binary's flags; see tools/train)."""
+
+    model: str = "mlp"
+    dataset: str = "synthetic"
+    data_dir: Optional[str] = None
+    precision: str = "auto"
+    loss_scale: str = "dynamic"
+    initial_scale: Optional[float] = None
+    growth_interval: Optional[int] = None
+    min_scale: Optional[float] = None
+    strategy: str = "auto"
+    tpu: Optional[str] = None
+    num_cpu_devices: int = 1
+    batch_size: int = 128
+    epochs: int = 3
+    steps_per_epoch: Optional[int] = None
+    learning_rate: float = 1e-3
+    grad_accum_steps: int = 1
+    remat: bool = False
+    jit_compile: bool = False
+    seed: int = 0
+    tune_steps: int = 20
+    nan_policy: str = "stop"
+    model_dir: Optional[str] = None
+
+    def scale_args(self) -> dict[str, Any]:
+        args = {"initial_scale": self.initial_scale, "growth_interval": self.growth_interval,
+                "min_scale": self.min_scale}
+        """The loss-scale arguments given (for `tfmp.wrap_optimizer`)."""
+        return {k: v for k, v in args.items() if v is not None}
+
+    def check(self) -> None:
+        """Every setting (and `TFMP_PRECISION`) checked before anything is built.
+
+        Raises:
+            ConfigError: the first bad value or combination, in one line naming the flag.
+        """
+        try:
+            parse_loss_scale(self.loss_scale)
+        except ValueError as e:
+            raise ConfigError(f"--{e}") from None
+        env = os.environ.get(ENV_VAR, "").strip()
+        if self.precision == "auto" and env:
+            try:
+                parse_precision(env)
+            except ValueError as e:
+                raise ConfigError(f"environment variable {ENV_VAR}={env!r}: {e}") from None
+        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
+            raise ConfigError(f"--learning_rate={self.learning_rate} must be a positive finite "
+                              "number")
+        if self.growth_interval is not None and self.growth_interval < 1:
+            raise ConfigError(f"--growth_interval={self.growth_interval} must be a positive "
+                              "integer")
+        self._check_scales()
+        strategy = parse_strategy(self.strategy)
+        if strategy == "multi_worker_mirrored":  # before connecting: that waits for every worker
+            try:
+                check_cluster_config(self.precision, read_tf_config())
+            except ValueError as e:  # a bad TF_CONFIG, or ConfigError
+                raise ConfigError(str(e)) from None
+        if self.tpu and strategy not in ("tpu", "auto"):
+            raise ConfigError(f"--tpu={self.tpu} is only used with --strategy=tpu (or auto); "
+                              f"got --strategy={self.strategy}")
+
+    def _check_scales(self) -> None:
+        for name in ("initial_scale", "min_scale"):
+            value = getattr(self, name)
+            if value is not None and not FLOAT32_MIN_NORMAL <= value <= FLOAT32_MAX:
+                raise ConfigError(
+                    f"--{name}={value:g} must be a positive number within float32's normal "
+                    f"range [{FLOAT32_MIN_NORMAL:.4g}, {FLOAT32_MAX:.4g}]")
+        initial = DEFAULT_INITIAL_SCALE if self.initial_scale is None else self.initial_scale
+        floor = DEFAULT_MIN_SCALE if self.min_scale is None else self.min_scale
+        if initial < floor:
+            which = "--min_scale" if self.initial_scale is None else "--initial_scale"
+            raise ConfigError(
+                f"{which}: --initial_scale={initial:g}{_default(self.initial_scale)} is below "
+                f"--min_scale={floor:g}{_default(self.min_scale)}; the loss scale starts at or "
+                "above its floor")
+
+
+def _default(value: Any) -> str:
+    return " (its default)" if value is None else ""
+
+
+def check_config(config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
+    """Rejects combinations Keras 3.15 cannot run under `strategy`, before anything is built.
+
+    Args:
+        config: The run's configuration.
+        strategy: The strategy it will run under.
+
+    Raises:
+        ConfigError: `jit_compile` with a multi-replica MirroredStrategy (a graph
+            execution error on CPU in every precision; keras#21366 on GPU).
+    """
+    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if config.jit_compile and isinstance(strategy, mirrored) and strategy.num_replicas_in_sync > 1:
+        raise ConfigError(
+            f"--jit_compile with {type(strategy).__name__} over {strategy.num_replicas_in_sync} "
+            "replicas fails in Keras 3.15 (graph execution error on CPU in every precision; "
+            "keras-team/keras#21366 with loss scaling on GPU): drop --jit_compile or use one device"
+        )
+
+
+def check_cluster_config(precision: str, cluster: Optional[Cluster]) -> None:
+    """Rejects what cannot run across the workers of a cluster, before connecting.
+
+    Args:
+        precision: The precision asked for (`tune` included).
+        cluster: The cluster from `TF_CONFIG`, or None.
+
+    Raises:
+        ConfigError: `precision="tune"` with several workers (each would measure on its own
+            and might choose another policy).
+    """
+    if cluster is not None and cluster.num_workers > 1 and precision == "tune":
+        raise ConfigError("--precision=tune measures on one process; every worker of a cluster "
+                          "must train with the same policy: tune on one machine, then pass it")
+
+

@@ -1,0 +1,223 @@
+"""The training job behind `python -m tools.train`: config in, model and summary out."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import keras
+import tensorflow as tf
+
+from tfmp import callbacks as tfmp_callbacks
+from tfmp.app.config import TrainConfig, check_cluster_config, check_config
+from tfmp.app.data import Data
+from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, backup_epoch,
+                              read_tuned)
+from tfmp.atomic import save_model_atomically, write_json_atomically
+from tfmp.callbacks.counters import NAN_KEY, SCALE_KEY, SKIPPED_KEY
+from tfmp.distribute import (ChiefBackupAndRestore, WriteDirs, in_multi_worker_mode,
+                             read_tf_config, write_dirs)
+from tfmp.measure import tune
+from tfmp.precision import HardwareInfo, PolicyChoice, detect_hardware, resolve_policy, set_policy
+from tfmp.rewrite import prepare
+
+COUNTERS = (SCALE_KEY, SKIPPED_KEY, NAN_KEY)
+
+
+class TrainingStopped(RuntimeError):
+    """Training stopped on a NaN event; the summary and the backup were kept."""
+
+
+class _Throughput(keras.callbacks.Callback):
+    """Samples per second over the epochs after the first (which includes tracing)."""
+
+    def __init__(self, global_batch: int) -> None:
+        super().__init__()
+        self.global_batch = global_batch
+        self.epoch_times: list[tuple[float, int]] = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start, self._steps = time.perf_counter(), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps = batch + 1
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch_times.append((time.perf_counter() - self._start, self._steps))
+
+    def samples_per_sec(self) -> float:
+        steady = self.epoch_times[1:] or self.epoch_times
+        seconds = sum(t for t, _ in steady)
+        return sum(n for _, n in steady) * self.global_batch / seconds if seconds else 0.0
+
+
+def _callbacks(config: TrainConfig, throughput: _Throughput,
+               dirs: Optional[WriteDirs]) -> tuple[list, Any, Any]:
+    monitor = tfmp_callbacks.LossScaleMonitor()
+    callbacks: list[keras.callbacks.Callback] = [monitor]
+    protect = []
+    if dirs:
+        backup = (keras.callbacks.BackupAndRestore(dirs.backup_dir, double_checkpoint=True)
+                  if dirs.restore_dir == dirs.backup_dir else
+                  ChiefBackupAndRestore(dirs.backup_dir, dirs.restore_dir, double_checkpoint=True))
+        protect.append(backup)
+        callbacks += [backup, keras.callbacks.TensorBoard(
+            os.path.join(dirs.model_dir, TENSORBOARD), update_freq="epoch")]
+    nan = tfmp_callbacks.NanMonitor(config.nan_policy, protect=protect)
+    # The backup restores first, so the monitors start from the restored state.
+    return protect + [nan] + [c for c in callbacks if c not in protect] + [throughput], monitor, nan
+
+
+def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
+                    policy: str, hardware: Optional[HardwareInfo] = None,
+                    ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+    accum = config.grad_accum_steps if config.grad_accum_steps > 1 else None
+    optimizer = keras.optimizers.Adam(config.learning_rate, gradient_accumulation_steps=accum)
+    # "activations": Keras 3.15 on TensorFlow cannot remat whole layers in graph mode
+    # (tf.recompute_grad rejects the keyword arguments layers are called with).
+    remat = keras.RematScope(mode="activations") if config.remat else contextlib.nullcontext()
+    with remat:
+        keras.utils.set_random_seed(config.seed)
+        model = build_model(**data.model_kwargs())
+        # guard=True: under bf16/fp32 too, a non-finite step is skipped, never applied.
+        model, optimizer = prepare(model, optimizer, policy, loss_scale=config.loss_scale,
+                                   guard=True, hardware=hardware, **config.scale_args())
+    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"], jit_compile=config.jit_compile)
+    return model, optimizer
+
+
+def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
+                   hardware: HardwareInfo) -> tuple[PolicyChoice, Optional[dict[str, Any]]]:
+    """`resolve_policy`, or with `precision="tune"` a measured choice (`tfmp.tune`).
+
+    The tuned choice is written to `model_dir/tune.json`; a rerun that finds it
+    (a resumed run) keeps that policy instead of measuring again.
+    """
+    if config.precision != "tune":
+        return resolve_policy(config.precision, hardware), None
+    saved = os.path.join(config.model_dir, TUNED) if config.model_dir else None
+    tuned = read_tuned(config.model_dir)
+    if tuned is not None:
+        return PolicyChoice(tuned["policy"], f"kept from {saved}: {tuned['reason']}", "tune"), tuned
+    keras.utils.set_random_seed(config.seed)
+    result = tune(lambda: build_model(**data.model_kwargs()), data.train,
+                  steps=config.tune_steps, seed=config.seed, hardware=hardware,
+                  optimizer=lambda: keras.optimizers.Adam(config.learning_rate))
+    tuned = result.to_dict()
+    if saved:
+        os.makedirs(config.model_dir, exist_ok=True)
+        write_json_atomically(saved, tuned)
+    return PolicyChoice(result.policy, result.reason, "tune"), tuned
+
+
+def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
+          strategy: tf.distribute.Strategy) -> dict[str, Any]:
+    """Trains a reference model and returns the run's summary (also `summary.json`).
+
+    With `model_dir`: `BackupAndRestore` (a rerun of the same command resumes
+    after the last completed epoch, optimizer and loss scale included),
+    TensorBoard logs, the final `model.keras` and `summary.json`.
+
+    Raises:
+        TrainingStopped: `NanMonitor` stopped training (`nan_policy="stop"`).
+        tfmp.NonFiniteError: `nan_policy="raise"` and a NaN event happened.
+    """
+    check_config(config, strategy)
+    cluster = read_tf_config() if in_multi_worker_mode(strategy) else None
+    check_cluster_config(config.precision, cluster)
+    hardware = detect_hardware(strategy)
+    choice, tuned = _choose_policy(config, build_model, data, hardware)
+    policy = set_policy(choice, hardware)  # logs the choice's own reason
+    replicas = strategy.num_replicas_in_sync
+    steps = config.steps_per_epoch or max(data.train_examples // config.batch_size, 1)
+    with strategy.scope():
+        model, optimizer = _build_compiled(config, build_model, data, policy, hardware)
+    throughput = _Throughput(config.batch_size)
+    dirs = write_dirs(config.model_dir, BACKUP, strategy) if config.model_dir else None
+    callbacks, monitor, nan = _callbacks(config, throughput, dirs)
+    if config.model_dir:
+        os.makedirs(config.model_dir, exist_ok=True)
+    # Keras restores the weights, not the input iterator: a resumed run skips the
+    # batches the restored epochs trained on (tfmp.data's order is seeded per pass).
+    done = backup_epoch(dirs.restore_dir) if dirs else 0
+    train_data = data.train.skip(done * steps) if done else data.train
+    history = model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps,
+                        callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+    stopped = nan.stopped_event is not None
+    evaluation = {} if stopped else {
+        k: v for k, v in model.evaluate(data.eval, verbose=0, return_dict=True).items()
+        if k not in COUNTERS}
+    epochs_run = history.epoch
+    summary = {
+        "flags": dataclasses.asdict(config),
+        "policy": policy, "policy_reason": choice.reason, "policy_source": choice.source,
+        "hardware": hardware.describe().splitlines(),
+        "strategy": type(strategy).__name__, "replicas": replicas,
+        "cluster": None if cluster is None else {
+            "workers": cluster.num_workers, "task": cluster.name, "replicas": replicas,
+            "global_batch": config.batch_size},
+        "dataset": data.name, "steps_per_epoch": steps,
+        "resumed_from_epoch": epochs_run[0] if epochs_run and epochs_run[0] > 0 else None,
+        "epochs_completed": epochs_run,
+        "samples_per_sec": round(throughput.samples_per_sec(), 1),
+        "final_train_metrics": {k: v[-1] for k, v in history.history.items() if v},
+        "eval_metrics": evaluation,
+        "loss_scale": {k: monitor.summary.get(k) for k in
+                       ("loss_scale_start", "loss_scale_end", "loss_scale_min")},
+        "start_step": monitor.summary.get("start_step"),
+        "overflow_steps_skipped": monitor.summary.get("overflow_steps_skipped"),
+        "nan_losses": monitor.summary.get("nan_losses"),
+        "nan_events": [dataclasses.asdict(e) for e in nan.events],
+        "stopped_by_nan": stopped,
+        "tune": tuned,
+    }
+    if dirs:  # every worker saves (TensorFlow's guide); only the chief's files stay
+        if not stopped:
+            save_model_atomically(model, os.path.join(dirs.model_dir, FINAL_MODEL))
+        write_json_atomically(os.path.join(dirs.model_dir, SUMMARY), summary)
+        if dirs.temporary:
+            shutil.rmtree(dirs.model_dir, ignore_errors=True)
+    if stopped:
+        raise TrainingStopped(nan.stopped_event.message())
+    return summary
+
+
+def _epochs_line(completed: list[int], total: int, resumed: Optional[int]) -> str:
+    """`epochs 1-3 of 3`, counted from 1 as a person counts them."""
+    if not completed:
+        return f"epochs none of {total} run"
+    first, last = completed[0] + 1, completed[-1] + 1
+    span = f"{first}" if first == last else f"{first}-{last}"
+    return f"epochs {span} of {total}" + (f" (resumed after epoch {resumed})" if resumed else "")
+
+
+def human_summary(summary: dict[str, Any]) -> str:
+    """The summary's facts as a few lines for the terminal."""
+    scale = summary["loss_scale"]
+    metrics = {**summary["final_train_metrics"],
+               **{f"eval_{k}": v for k, v in summary["eval_metrics"].items()}}
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
+                      if isinstance(v, (int, float)) and k not in COUNTERS)
+    resumed = summary["resumed_from_epoch"]
+    return "\n".join([
+        "=== tfmp training summary ===",
+        f"model {summary['flags']['model']} on {summary['dataset']}, "
+        f"{summary['strategy']} x{summary['replicas']}" + (
+            "" if not summary.get("cluster") else
+            f" ({summary['cluster']['workers']} workers, this is {summary['cluster']['task']}, "
+            f"global batch {summary['cluster']['global_batch']})"),
+        f"precision {summary['policy']} ({summary['policy_source']}: {summary['policy_reason']})",
+        _epochs_line(summary["epochs_completed"], summary["flags"]["epochs"], resumed),
+        f"throughput {summary['samples_per_sec']} samples/s (epochs after the first)",
+        f"metrics: {shown}",
+        f"loss scale start={scale['loss_scale_start']:g} end={scale['loss_scale_end']:g} "
+        f"min={scale['loss_scale_min']:g}; overflow steps skipped="
+        f"{summary['overflow_steps_skipped']}; NaN losses={summary['nan_losses']}; "
+        f"NaN events={len(summary['nan_events'])}",
+    ])

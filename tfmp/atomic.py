@@ -1,0 +1,50 @@
+"""Writes that never leave half a file: a temporary file beside the target, then a rename.
+
+A killed or failing writer leaves the previous version (or nothing) at the path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str) -> Iterator[str]:
+    """Yields a temporary path beside `path`, renamed over it only if the block succeeds.
+
+    A killed or failing writer never leaves a half-written file at `path`.
+
+    Args:
+        path: The file to write.
+        suffix: The temporary file's suffix (some writers choose the format by it).
+
+    Yields:
+        The temporary path to write to.
+    """
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make every output private
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
+    """`payload` as indented JSON at `path`, through `atomic_path`."""
+    with atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+
+
+def save_model_atomically(model: Any, path: str) -> None:
+    """`model.save(path)` through a temporary `.keras` file and a rename."""
+    with atomic_path(path, ".keras") as tmp:
+        model.save(tmp)

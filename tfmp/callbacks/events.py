@@ -1,0 +1,61 @@
+"""A non-finite event that needs attention, its diagnosis, and the error `on_nan="raise"` raises."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+
+@dataclasses.dataclass(frozen=True)
+class NanEvent:
+    """A non-finite event that needs attention, with its diagnosis.
+
+    `kind` is `"nonfinite_loss"` (the unscaled loss was NaN/inf: bad data or
+    divergence) or `"scale_at_minimum"` (gradients overflowed with the scale
+    pinned at its floor for `patience` steps). Overflows that loss scaling
+    recovers from are counted, not reported as events.
+    """
+
+    kind: str
+    epoch: int
+    batch: int
+    step: int
+    loss: Optional[float]
+    loss_scale: float
+    skipped_steps: int
+    first_nonfinite_variable: Optional[str]
+    cause: str
+    fix: str
+
+    def message(self) -> str:
+        variable = self.first_nonfinite_variable or "unknown"
+        return (
+            f"tfmp: {self.kind.replace('_', ' ')} at epoch {self.epoch}, batch {self.batch} "
+            f"(step {self.step}): loss={self.loss}, loss_scale={self.loss_scale:g}, "
+            f"skipped_steps={self.skipped_steps}, first non-finite variable={variable}. "
+            f"Likely cause: {self.cause}. Fix: {self.fix}."
+        )
+
+
+def diagnose(kind: str, *, policy: str, variable: Optional[str], min_scale: float,
+             count: int) -> tuple[str, str]:
+    """`(cause, fix)` for a NaN event of `kind`."""
+    keep = f"keep the layer of {variable} in float32" if variable else "keep the overflowing layer in float32"
+    if kind == "nonfinite_loss":
+        cause = ("the loss itself is not finite: bad input data or divergence, which loss "
+                 "scaling cannot fix")
+        fix = "check the data for NaN/inf, lower the learning rate"
+        if policy == "mixed_float16":
+            fix += f"; if it only happens in float16, {keep} or switch to bfloat16"
+        return cause, fix
+    cause = (f"gradients overflowed {count} step(s) in a row with the loss scale at its "
+             f"minimum {min_scale:g}: they are too large for float16")
+    return cause, f"lower the learning rate or clip gradients, switch to bfloat16, or {keep}"
+
+
+class NonFiniteError(RuntimeError):
+    """Raised by `NanMonitor(on_nan="raise")`; `.event` is the `NanEvent`."""
+
+    def __init__(self, event: NanEvent) -> None:
+        self.event = event
+        super().__init__(event.message())

@@ -1,0 +1,15 @@
+"""Measuring precision on the user's own model: the float32-vs-mixed A/B check and the tuned choice.
+
+`compare_precision` trains one model under several policies from identical weights
+on identical batches, the policies taking turns step by step; `tune` picks the
+fastest policy whose numerics pass; `quartiles` summarizes ratios measured side by
+side; `plot_comparison` draws a comparison (matplotlib).
+"""
+
+from tfmp.measure.comparison import WARMUP_STEPS, Comparison, PolicyRun, Verdict, compare_precision
+from tfmp.measure.plot import plot_comparison
+from tfmp.measure.stats import quartiles
+from tfmp.measure.tuning import CANDIDATES, DEFAULT_MIN_SPEEDUP, TuneResult, choose, tune
+
+__all__ = ["CANDIDATES", "Comparison", "DEFAULT_MIN_SPEEDUP", "PolicyRun", "TuneResult", "Verdict",
+           "WARMUP_STEPS", "choose", "compare_precision", "plot_comparison", "quartiles", "tune"]

@@ -1,0 +1,265 @@
+"""`tfmp.compare_precision`: the float32-vs-mixed A/B check users run before trusting mixed precision.
+
+Every policy trains the same model from identical initial weights on identical
+batches, the policies taking turns step by step (so their step times are
+measured side by side, not minutes apart on a machine whose speed drifts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Optional, Sequence, Union
+
+import keras
+import numpy as np
+
+from tfmp.measure.stats import quartiles
+from tfmp.measure.steps import train_step
+from tfmp.precision import FLOAT32, HardwareInfo, detect_hardware, policy_scope, resolve_policy
+from tfmp.rewrite import prepare
+
+WARMUP_STEPS = 2  # tracing happens here: not timed
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRun:
+    """What one policy did, step by step.
+
+    Attributes:
+        label: The name asked for (`"auto"`, `"bf16"`, ...).
+        policy: The policy it resolved to.
+        losses: Unscaled training loss of every step.
+        grad_norms: Global norm of the unscaled gradients of every step.
+        loss_scales: Loss scale after every step (1 without loss scaling).
+        step_seconds: Wall time of every step (the first `WARMUP_STEPS` include tracing).
+        skipped_steps: Steps the optimizer skipped (non-finite gradients).
+        final_metrics: `model.evaluate` on `eval_data`, or the mean loss of the last tenth of the steps.
+    """
+
+    label: str
+    policy: str
+    losses: tuple[float, ...]
+    grad_norms: tuple[float, ...]
+    loss_scales: tuple[float, ...]
+    step_seconds: tuple[float, ...]
+    skipped_steps: int
+    final_metrics: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """One policy against the baseline (the first policy).
+
+    Attributes:
+        label: The policy's label.
+        max_relative_loss_gap: Largest `|loss - baseline loss| / |baseline loss|` over the
+            steps (`inf` if a loss was not finite).
+        grad_norm_ratio: Quartiles (25%, 50%, 75%) of the per-step ratio of gradient norms.
+        throughput_ratio: Quartiles of the per-step ratio `baseline step time / step time`
+            (above 1: faster than the baseline), steps after the warm-up.
+        passed: The gap is within the tolerance and every loss is finite.
+        reason: One sentence saying why.
+    """
+
+    label: str
+    max_relative_loss_gap: float
+    grad_norm_ratio: tuple[float, float, float]
+    throughput_ratio: tuple[float, float, float]
+    passed: bool
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    """The result of `compare_precision`: `ok`, `verdicts`, `runs`, `to_dict()`, `str()`."""
+
+    tolerance: float
+    steps: int
+    runs: tuple[PolicyRun, ...]
+    verdicts: tuple[Verdict, ...]
+
+    @property
+    def ok(self) -> bool:
+        """True when every policy passed."""
+        return all(v.passed for v in self.verdicts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict (non-finite numbers as strings)."""
+        return _json_safe(dataclasses.asdict(self) | {"ok": self.ok})
+
+    def __str__(self) -> str:
+        base = self.runs[0]
+        lines = [f"tfmp compare_precision: {self.steps} steps, baseline {base.label} "
+                 f"({base.policy}), tolerance {self.tolerance:g}"]
+        header = ("policy", "max loss gap", "grad-norm ratio", "speed vs baseline", "skipped",
+                  "verdict")
+        rows = [header]
+        for run, v in zip(self.runs[1:], self.verdicts):
+            rows.append((f"{run.label} ({run.policy})", f"{v.max_relative_loss_gap:.3g}",
+                         f"{v.grad_norm_ratio[1]:.3f}",
+                         f"{v.throughput_ratio[1]:.2f}x ({v.throughput_ratio[0]:.2f}-"
+                         f"{v.throughput_ratio[2]:.2f})",
+                         str(run.skipped_steps), "pass" if v.passed else "FAIL"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines += [f"{v.label}: {v.reason}" for v in self.verdicts]
+        return "\n".join(lines)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _batches(dataset: Any, steps: int) -> list[tuple[Any, Any]]:
+    taken = list(dataset.take(steps).as_numpy_iterator())
+    if len(taken) < steps:
+        raise ValueError(f"the dataset gave {len(taken)} batches; steps={steps} needs that many "
+                         "(repeat it, or ask for fewer steps)")
+    return taken
+
+
+class _Arm:
+    """One policy's model, optimizer and compiled train step."""
+
+    def __init__(self, label: str, policy: str, reference: keras.Model,
+                 make_optimizer: Callable[[], keras.optimizers.Optimizer], loss_fn: Any,
+                 hardware: HardwareInfo) -> None:
+        self.label, self.policy = label, policy
+        with policy_scope(policy, hardware):
+            self.model, self.opt = prepare(reference, make_optimizer(), policy, guard=True,
+                                           hardware=hardware)
+        self.opt.build(self.model.trainable_variables)
+        self.loss_fn = loss_fn
+        self.losses: list[float] = []
+        self.norms: list[float] = []
+        self.scales: list[float] = []
+        self.seconds: list[float] = []
+        self._step = train_step(self.model, self.opt, loss_fn)
+
+    def step(self, x, y) -> None:
+        start = time.perf_counter()
+        loss, norm = self._step(x, y)
+        loss = float(loss)  # waits for the step
+        self.seconds.append(time.perf_counter() - start)
+        self.losses.append(loss)
+        self.norms.append(float(norm))
+        self.scales.append(self.opt.loss_scale)
+
+    def result(self, eval_data: Any, metrics: Sequence[Any]) -> PolicyRun:
+        if eval_data is not None:
+            self.model.compile(self.opt, self.loss_fn, metrics=list(metrics))
+            final = self.model.evaluate(eval_data, verbose=0, return_dict=True)
+        else:
+            tail = self.losses[-max(len(self.losses) // 10, 1):]
+            final = {"loss": float(np.mean(tail))}
+        return PolicyRun(self.label, self.policy, tuple(self.losses), tuple(self.norms),
+                         tuple(self.scales), tuple(self.seconds),
+                         int(self.opt.skipped_steps.numpy()),
+                         {k: float(v) for k, v in final.items()})
+
+
+def _verdict(base: _Arm, arm: _Arm, tolerance: float) -> Verdict:
+    gaps = [abs(a - b) / max(abs(b), 1e-12) if math.isfinite(a) else math.inf
+            for a, b in zip(arm.losses, base.losses)]
+    gap = max(gaps)
+    norm_ratio = quartiles([a / b for a, b in zip(arm.norms, base.norms)
+                             if math.isfinite(a) and math.isfinite(b) and b > 0])
+    speed = quartiles([b / a for a, b in zip(arm.seconds[WARMUP_STEPS:],
+                                              base.seconds[WARMUP_STEPS:])])
+    if not all(math.isfinite(v) for v in arm.losses):
+        first = next(i for i, v in enumerate(arm.losses) if not math.isfinite(v))
+        passed, reason = False, (f"the loss was not finite from step {first} on where "
+                                 f"{base.label} stayed finite: a {arm.policy} op overflows")
+    elif gap > tolerance:
+        worst = gaps.index(gap)
+        passed, reason = False, (f"the loss drifted {gap:.3g} (relative) from {base.label} at "
+                                 f"step {worst}, above the tolerance {tolerance:g}")
+    else:
+        passed, reason = True, f"the loss stayed within {gap:.3g} of {base.label}"
+    return Verdict(arm.label, gap, norm_ratio, speed, passed, reason)
+
+
+def compare_precision(
+    build_model: Callable[[], keras.Model],
+    dataset: Any,
+    *,
+    policies: Sequence[str] = (FLOAT32, "auto"),
+    steps: int = 50,
+    seed: int = 0,
+    loss: Any = None,
+    optimizer: Union[str, Callable[[], keras.optimizers.Optimizer]] = "adam",
+    tolerance: float = 0.05,
+    eval_data: Any = None,
+    metrics: Sequence[Any] = (),
+    hardware: Optional[HardwareInfo] = None,
+) -> Comparison:
+    """Trains `build_model()` under each policy from identical weights on identical batches.
+
+    The model is built once, in float32, with `seed`; each policy gets it through
+    `tfmp.prepare` (rebuilt under the policy, weights copied, float32 outputs,
+    loss scaling where needed, the NaN guard). The policies take turns step by
+    step on the same batches; the first policy is the baseline.
+
+    Args:
+        build_model: Returns a new, built Keras model (Sequential or Functional).
+        dataset: A `tf.data.Dataset` of `(inputs, labels)` batches, at least `steps` long.
+        policies: Names `tfmp.set_policy` accepts; the first is the baseline.
+        steps: Training steps per policy.
+        seed: Seed for the initial weights.
+        loss: A Keras loss; default sparse categorical cross-entropy on logits.
+        optimizer: A Keras optimizer name, or a function returning a new optimizer.
+        tolerance: Largest relative loss gap to the baseline a policy may show and pass.
+        eval_data: Optional dataset for `model.evaluate` at the end (`final_metrics`).
+        metrics: Metrics for that evaluation.
+        hardware: The hardware `auto` decides for; detected when omitted.
+
+    Returns:
+        A `Comparison`: `.ok`, `.verdicts` (gap, gradient-norm and speed ratios, pass/fail),
+        `.runs` (per-step losses, gradient norms, loss scales, step times), `str()`, `to_dict()`.
+
+    Raises:
+        ValueError: fewer than two policies, a bad name, `steps` or `tolerance` out of
+            range, or a dataset shorter than `steps`.
+
+    Example:
+    >>> result = tfmp.compare_precision(build, train_ds, policies=("fp32", "bf16"), steps=100)
+    >>> print(result)
+    >>> assert result.ok, result.verdicts
+    """
+    if len(policies) < 2:
+        raise ValueError(f"policies={tuple(policies)!r}: give a baseline and at least one more")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= WARMUP_STEPS:
+        raise ValueError(f"steps={steps!r} must be an integer above {WARMUP_STEPS}")
+    if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
+        raise ValueError(f"tolerance={tolerance!r} must be a positive number")
+    hw = hardware if hardware is not None else detect_hardware()
+    resolved = [(p, resolve_policy(p, hw).name) for p in policies]
+    batches = _batches(dataset, steps)
+    if loss is None:
+        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    else:
+        loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
+    make_optimizer = (optimizer if callable(optimizer)
+                      else lambda: keras.optimizers.get(optimizer))
+    keras.utils.set_random_seed(seed)
+    with policy_scope(FLOAT32, hw):
+        reference = build_model()
+    arms = [_Arm(label, policy, reference, make_optimizer, loss_fn, hw)
+            for label, policy in resolved]
+    for i, (x, y) in enumerate(batches):
+        for arm in arms if i % 2 == 0 else reversed(arms):  # alternate who goes first
+            arm.step(x, y)
+    base = arms[0]
+    return Comparison(
+        tolerance=float(tolerance), steps=steps,
+        runs=tuple(arm.result(eval_data, metrics) for arm in arms),
+        verdicts=tuple(_verdict(base, arm, tolerance) for arm in arms[1:]),
+    )

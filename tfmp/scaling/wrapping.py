@@ -1,0 +1,170 @@
+"""`wrap_optimizer` and the custom-training-loop helper for unscaled gradients."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence, Union
+
+import keras
+from absl import logging
+
+from tfmp.precision.policy import MIXED_BFLOAT16, MIXED_FLOAT16, parse_precision, resolve_policy
+from tfmp.scaling.optimizer import DynamicLossScaleOptimizer
+
+LossScale = Union[str, float, int]
+
+
+def parse_loss_scale(loss_scale: LossScale) -> Optional[float]:
+    """`"dynamic"` -> None; a positive number (or its string) -> that float.
+
+    Raises:
+        ValueError: anything else; the message names the value.
+    """
+    if isinstance(loss_scale, str) and loss_scale.strip().lower() == "dynamic":
+        return None
+    try:
+        value = float(loss_scale)
+        ok = not isinstance(loss_scale, bool) and math.isfinite(value) and value > 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"loss_scale={loss_scale!r} is not accepted; use 'dynamic' or a positive number."
+        )
+    return value
+
+
+def wrap_optimizer(
+    optimizer: Union[str, keras.optimizers.Optimizer],
+    policy: Optional[str] = None,
+    *,
+    loss_scale: LossScale = "dynamic",
+    guard: bool = False,
+    **scale_args: Any,
+) -> keras.optimizers.Optimizer:
+    """Wraps an optimizer in the loss scaling its precision policy needs.
+
+    Args:
+        optimizer: A Keras optimizer or its name (`"adam"`).
+        policy: Precision name (aliases and `auto` accepted); defaults to Keras'
+            current global policy.
+        loss_scale: `"dynamic"`, or a positive number for a fixed scale.
+            Only used under mixed_float16.
+        guard: Under bfloat16/float32, wrap anyway with a fixed scale of 1 so
+            that steps with non-finite gradients are skipped and counted
+            instead of writing NaN into the weights.
+        **scale_args: Passed to `DynamicLossScaleOptimizer` (`initial_scale`,
+            `growth_interval`, `min_scale`, `hysteresis`, ...).
+
+    Returns:
+        A `DynamicLossScaleOptimizer` under mixed_float16 (or with `guard=True`),
+        else `optimizer` itself. Idempotent: a `DynamicLossScaleOptimizer` is
+        returned as it is when it matches the request; a stock, unbuilt Keras
+        `LossScaleOptimizer` is converted.
+
+    Raises:
+        ValueError: bad `policy`, `loss_scale` or scale arguments, a stock
+            LossScaleOptimizer that was already used (its state would be lost),
+            or a `DynamicLossScaleOptimizer` that does not match the request
+            (another policy's scaling, another fixed scale, other scale arguments).
+
+    Example:
+    >>> opt = tfmp.wrap_optimizer(keras.optimizers.Adam(1e-3), "fp16", min_scale=8.0)
+    >>> tfmp.wrap_optimizer(opt) is opt
+    True
+    """
+    fixed = parse_loss_scale(loss_scale)
+    name = _policy_name(policy)
+    if isinstance(optimizer, DynamicLossScaleOptimizer):
+        _check_matches(optimizer, name if policy is not None else None, fixed, scale_args)
+        return optimizer
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        if optimizer.built:
+            raise ValueError(
+                "Cannot convert a keras.optimizers.LossScaleOptimizer that has already "
+                "been built (its scale would be lost); pass its inner_optimizer instead."
+            )
+        scale_args.setdefault("initial_scale", optimizer.initial_scale)
+        scale_args.setdefault("growth_interval", optimizer.dynamic_growth_steps)
+        optimizer = optimizer.inner_optimizer
+    optimizer = keras.optimizers.get(optimizer)
+
+    if name == MIXED_FLOAT16:
+        if fixed is not None:
+            scale_args.update(initial_scale=fixed, min_scale=fixed, max_scale=fixed, dynamic=False)
+        return DynamicLossScaleOptimizer(optimizer, **scale_args)
+    if fixed is not None:
+        logging.warning(
+            "tfmp: loss_scale=%s ignored: %s does not need loss scaling.", loss_scale, name
+        )
+    if guard:
+        scale_args.update(initial_scale=1.0, min_scale=1.0, max_scale=1.0, dynamic=False)
+        return DynamicLossScaleOptimizer(optimizer, **scale_args)
+    if scale_args:
+        logging.warning(
+            "tfmp: %s ignored: %s uses no loss scaling (pass guard=True for the NaN guard).",
+            ", ".join(sorted(scale_args)), name,
+        )
+    return optimizer
+
+
+def _policy_name(policy: Optional[str]) -> str:
+    """The canonical policy asked for; Keras' global one (any, even float64) if None."""
+    if policy is None:
+        compute = keras.config.dtype_policy().compute_dtype
+        return {"float16": MIXED_FLOAT16, "bfloat16": MIXED_BFLOAT16}.get(compute, compute)
+    name = parse_precision(policy)
+    return resolve_policy(name).name if name == "auto" else name
+
+
+def _check_matches(optimizer: DynamicLossScaleOptimizer, policy: Optional[str],
+                   fixed: Optional[float], scale_args: dict[str, Any]) -> None:
+    """Raises if an existing `DynamicLossScaleOptimizer` is not what the call asks for.
+
+    `policy` is the canonical policy the call named (None if it named none).
+    """
+    conflicts = []
+    if policy is not None and policy != MIXED_FLOAT16 and optimizer.dynamic:
+        conflicts.append(f"policy {policy!r} needs no loss scaling, but the optimizer scales "
+                         f"dynamically from {optimizer.initial_scale:g}")
+    if fixed is not None and (optimizer.dynamic or optimizer.initial_scale != fixed):
+        conflicts.append(f"loss_scale={fixed:g} asks for a fixed scale, but the optimizer has "
+                         f"{'a dynamic' if optimizer.dynamic else 'a fixed'} scale "
+                         f"{optimizer.initial_scale:g}")
+    config = optimizer.get_config()
+    config["growth_interval"] = optimizer.growth_interval
+    for key, value in sorted(scale_args.items()):
+        if key not in config:
+            conflicts.append(f"{key!r} is not an argument of DynamicLossScaleOptimizer")
+        elif config[key] != value:
+            conflicts.append(f"{key}={value!r} but the optimizer has {key}={config[key]!r}")
+    if conflicts:
+        raise ValueError(
+            "wrap_optimizer: the DynamicLossScaleOptimizer given does not match the request: "
+            + "; ".join(conflicts) + ". Pass its inner_optimizer to wrap it anew."
+        )
+
+
+def get_unscaled_gradients(
+    optimizer: keras.optimizers.Optimizer, grads: Sequence[Any]
+) -> list[Any]:
+    """Divides gradients of `optimizer.scale_loss(loss)` by the current scale.
+
+    For custom loops that clip by hand (TF2's `get_unscaled_gradients`). Apply
+    the result with `optimizer.apply_unscaled(grads, variables)` on a
+    `DynamicLossScaleOptimizer` (plain `apply` would unscale a second time);
+    for an optimizer without loss scaling the gradients come back unchanged
+    and `apply` is right.
+
+    Example:
+    >>> with tf.GradientTape() as tape:
+    ...     loss = loss_fn(y, model(x, training=True))
+    ...     scaled = opt.scale_loss(loss)
+    >>> grads = tfmp.get_unscaled_gradients(opt, tape.gradient(scaled, model.trainable_variables))
+    >>> grads, _ = tf.clip_by_global_norm(grads, 1.0)   # clips the true gradients
+    >>> opt.apply_unscaled(grads, model.trainable_variables)
+    """
+    if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        return list(grads)
+    scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+    return [None if g is None else g / keras.ops.cast(scale, g.dtype) for g in grads]
