@@ -26,6 +26,9 @@ class StableLayerNorm(keras.layers.LayerNormalization):
     `beta`, and the result cast back to the layer's compute dtype, so the next
     layer keeps running in 16 bits.
 
+    Args:
+        **kwargs: `keras.layers.LayerNormalization`'s arguments.
+
     Example:
     >>> x = tfmp.layers.StableLayerNorm()(x)   # inside a bf16 / fp16 model
     """
@@ -51,6 +54,9 @@ class Float32Output(keras.layers.Layer):
     """A linear float32 activation to end a model with: casts its input to float32.
 
     Any `dtype` argument is ignored: the layer is float32 by construction.
+
+    Args:
+        **kwargs: Base `Layer` arguments (`name`, ...).
 
     Example:
     >>> logits = keras.layers.Dense(10)(x)           # computes in the policy's dtype
@@ -133,6 +139,10 @@ class Float32Dense(keras.layers.Dense):
     """A `Dense` layer that always computes in float32: the output head of a model.
 
     Same arguments as `keras.layers.Dense`; any `dtype` argument is ignored.
+
+    Args:
+        units: Output size.
+        **kwargs: `keras.layers.Dense`'s other arguments.
     """
 
     def __init__(self, units: int, **kwargs: Any) -> None:

@@ -118,3 +118,18 @@ def test_get_unscaled_gradients_plain_optimizer_is_identity():
     out = tfmp.get_unscaled_gradients(opt, [tf.fill((2,), 8.0), None])
     np.testing.assert_array_equal(out[0].numpy(), [2.0, 2.0])
     assert out[1] is None
+
+
+def test_an_optimizers_own_loss_scale_factor_becomes_the_fixed_scale():
+    # Keras' LossScaleOptimizer turns the inner factor off without a word; tfmp keeps it.
+    guarded = tfmp.wrap_optimizer(keras.optimizers.SGD(loss_scale_factor=8.0), "bf16", guard=True)
+    assert (guarded.initial_scale, guarded.dynamic) == (8.0, False)
+    assert guarded.inner_optimizer.loss_scale_factor is None  # not scaled twice
+    fp16 = tfmp.wrap_optimizer(keras.optimizers.SGD(loss_scale_factor=8.0), "fp16")
+    assert (fp16.initial_scale, fp16.dynamic, fp16.min_scale) == (8.0, False, 8.0)
+    plain = keras.optimizers.SGD(loss_scale_factor=8.0)
+    assert tfmp.wrap_optimizer(plain, "bf16") is plain and plain.loss_scale_factor == 8.0
+    with pytest.raises(ValueError, match="loss_scale=1024 and the optimizer's loss_scale_factor=8.0"):
+        tfmp.wrap_optimizer(keras.optimizers.SGD(loss_scale_factor=8.0), "fp16", loss_scale=1024)
+    with pytest.raises(ValueError, match="has loss_scale_factor=8.0, which a LossScaleOptimizer"):
+        DLSO(keras.optimizers.SGD(loss_scale_factor=8.0))

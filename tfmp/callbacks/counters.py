@@ -50,7 +50,14 @@ def _inner(optimizer: keras.optimizers.Optimizer) -> keras.optimizers.Optimizer:
 
 
 def read_scale_state(optimizer: Optional[keras.optimizers.Optimizer]) -> ScaleState:
-    """Reads the counters of any optimizer (a few scalar copies, no computation)."""
+    """Reads the counters of any optimizer (a few scalar copies, no computation).
+
+    Args:
+        optimizer: Any Keras optimizer (or None).
+
+    Returns:
+        A `ScaleState`; counters an optimizer does not keep are `UNKNOWN`.
+    """
     if optimizer is None:
         return ScaleState(1.0, 0, 0, UNKNOWN, False, 0.0)
     steps_var = _compat.micro_batches(_inner(optimizer))
@@ -128,6 +135,10 @@ class ScaleCounters(keras.metrics.Metric):
     they reach the host with the values Keras already fetches every batch:
     reading the optimizer's variables from a callback would cost an extra
     device round trip per batch.
+
+    Args:
+        model: The model whose optimizer is read (held weakly).
+        name: The metric's name.
     """
 
     def __init__(self, model: keras.Model, name: str = "tfmp_scale_counters") -> None:

@@ -14,6 +14,16 @@ class NanEvent:
     divergence) or `"scale_at_minimum"` (gradients overflowed with the scale
     pinned at its floor for `patience` steps). Overflows that loss scaling
     recovers from are counted, not reported as events.
+
+    Attributes:
+        kind: `"nonfinite_loss"` or `"scale_at_minimum"`.
+        epoch, batch, step: Where it happened (the step counted over the whole run).
+        loss: The batch's loss (None if the logs had none).
+        loss_scale: The scale after the step.
+        skipped_steps: Steps skipped so far.
+        first_nonfinite_variable: The first variable whose gradient was not finite.
+        cause: The likely cause, one sentence.
+        fix: What to do, one sentence.
     """
 
     kind: str
@@ -54,7 +64,11 @@ def diagnose(kind: str, *, policy: str, variable: Optional[str], min_scale: floa
 
 
 class NonFiniteError(RuntimeError):
-    """Raised by `NanMonitor(on_nan="raise")`; `.event` is the `NanEvent`."""
+    """Raised by `NanMonitor(on_nan="raise")`; `.event` is the `NanEvent`.
+
+    Args:
+        event: The event that stopped training.
+    """
 
     def __init__(self, event: NanEvent) -> None:
         self.event = event

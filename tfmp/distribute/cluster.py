@@ -120,6 +120,12 @@ def connect(timeout: float = DEFAULT_TIMEOUT) -> tf.distribute.MultiWorkerMirror
     SIGTERM, so a watchdog process prints one line and ends this one (SIGKILL)
     when the cluster is not complete after `timeout` seconds.
 
+    Args:
+        timeout: Seconds to wait for every worker.
+
+    Returns:
+        The strategy (this host alone when `TF_CONFIG` is unset).
+
     Raises:
         ValueError: a bad `TF_CONFIG`, or this task's port cannot be listened on.
     """
@@ -194,6 +200,11 @@ class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
     Each worker saving and restoring its own backup can leave workers at
     different epochs after a crash (the chief's file written, another worker's
     not yet); restoring everyone from the chief's keeps them in step.
+
+    Args:
+        backup_dir: Where this worker saves.
+        restore_dir: The chief's backup, restored from.
+        **kwargs: `keras.callbacks.BackupAndRestore`'s other arguments.
     """
 
     def __init__(self, backup_dir: str, restore_dir: str, **kwargs) -> None:

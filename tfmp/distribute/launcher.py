@@ -24,7 +24,15 @@ STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL
 
 
 def free_ports(count: int, host: str = HOST) -> list[int]:
-    """`count` distinct ports the OS reports free on `host` (held open together while chosen)."""
+    """`count` distinct ports the OS reports free on `host` (held open together while chosen).
+
+    Args:
+        count: How many.
+        host: The interface.
+
+    Returns:
+        The port numbers.
+    """
     sockets = []
     try:
         for _ in range(count):
@@ -38,13 +46,29 @@ def free_ports(count: int, host: str = HOST) -> list[int]:
 
 
 def tf_config(ports: Sequence[int], index: int, host: str = HOST) -> str:
-    """The `TF_CONFIG` of worker `index` in a cluster of `host:port` workers (worker 0 is chief)."""
+    """The `TF_CONFIG` of worker `index` in a cluster of `host:port` workers (worker 0 is chief).
+
+    Args:
+        ports: One port per worker.
+        index: This worker's index.
+        host: The workers' host.
+
+    Returns:
+        The JSON string.
+    """
     return json.dumps({"cluster": {"worker": [f"{host}:{p}" for p in ports]},
                        "task": {"type": "worker", "index": index}})
 
 
 def describe_exit(code: int) -> str:
-    """`exit code 2`, or `signal SIGKILL` for a process a signal ended."""
+    """`exit code 2`, or `signal SIGKILL` for a process a signal ended.
+
+    Args:
+        code: A `Popen.returncode` (negative: the signal's number).
+
+    Returns:
+        The description.
+    """
     if code < 0:
         try:
             return f"signal {signal.Signals(-code).name}"

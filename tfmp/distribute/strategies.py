@@ -16,7 +16,17 @@ _ALIASES = {"off": "default", "multi_worker": "multi_worker_mirrored"}
 
 
 def parse_strategy(name: str) -> str:
-    """Canonical strategy name; raises `ValueError` listing the accepted ones."""
+    """The canonical strategy name for any accepted spelling (Model Garden's `off` included).
+
+    Args:
+        name: A strategy name, in any case.
+
+    Returns:
+        One of `STRATEGIES`.
+
+    Raises:
+        ValueError: an unknown name; the message lists the accepted ones.
+    """
     key = name.strip().lower() if isinstance(name, str) else None
     key = _ALIASES.get(key, key)
     if key not in STRATEGIES:
@@ -30,6 +40,9 @@ def split_cpu(num_devices: int) -> None:
     """Splits the host CPU into `num_devices` logical devices (for MirroredStrategy on CPU).
 
     Must run before TensorFlow initializes its devices.
+
+    Args:
+        num_devices: Logical devices to make (1 leaves the CPU whole).
 
     Raises:
         ValueError: `num_devices` < 1, or TensorFlow's devices are already initialized.
@@ -72,7 +85,15 @@ def _gpus() -> list[str]:
 
 
 def choose_strategy(hardware: HardwareInfo, tpu: Optional[str] = None) -> str:
-    """What `auto` resolves to: TPU > several GPUs (mirrored) > one device."""
+    """What `auto` resolves to: TPU > several GPUs (mirrored) > one device.
+
+    Args:
+        hardware: The hardware training runs on.
+        tpu: A TPU address given on the command line (then always `tpu`).
+
+    Returns:
+        A canonical strategy name.
+    """
     if tpu or hardware.accelerator == "tpu":
         return "tpu"
     if hardware.accelerator == "gpu" and len(hardware.devices) > 1:

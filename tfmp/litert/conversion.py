@@ -48,6 +48,15 @@ def float32_model(model: keras.Model) -> keras.Model:
     The copy is made the way `tfmp.convert_policy` makes its copies (weights
     copied bit for bit), and also turns float32 the layers given a 16-bit
     dtype on purpose, which a conversion leaves as they are.
+
+    Args:
+        model: A Keras model under any policy.
+
+    Returns:
+        `model`, or its float32 copy.
+
+    Raises:
+        ExportError: the model cannot be copied (one line).
     """
     if not any(_half(layer) for _, layer in iter_layers(model)):
         return model
@@ -81,6 +90,14 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
     `data`: a `tf.data.Dataset` or iterable of batches (`x` or `(x, y)`), or one
     array of examples (cut into batches of `export_report.ARRAY_BATCH`).
 
+    Args:
+        data: The calibration data.
+        steps: Batches to take.
+        model: The model they must fit.
+
+    Returns:
+        The input batches, as arrays of the model's input dtype.
+
     Raises:
         ExportError: no batch, or a batch whose shape or kind of dtype (integer
             ids vs floats) is not the model's input's.
@@ -100,12 +117,31 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
 
 
 def check_quantization(quantization: str) -> None:
+    """Refuses an unknown quantization mode before any work.
+
+    Args:
+        quantization: One of `QUANTIZATIONS`.
+
+    Raises:
+        ExportError: another name; the message lists the accepted ones.
+    """
     if quantization not in QUANTIZATIONS:
         raise ExportError(f"unknown quantization {quantization!r}; accepted: {', '.join(QUANTIZATIONS)}")
 
 
 def converter_settings(quantization: str, calibration: Optional[list[np.ndarray]]) -> dict[str, Any]:
-    """TensorFlow's converter settings (for `model.export(format="litert", **settings)`)."""
+    """TensorFlow's converter settings (for `model.export(format="litert", **settings)`).
+
+    Args:
+        quantization: One of `QUANTIZATIONS`.
+        calibration: full_int8's input batches (None for the other modes).
+
+    Returns:
+        Keyword arguments for `model.export(format="litert", ...)`.
+
+    Raises:
+        ExportError: an unknown mode, or full_int8 without calibration data.
+    """
     check_quantization(quantization)
     settings: dict[str, Any] = {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
     if quantization != "float32":

@@ -93,6 +93,14 @@ class ExportReport:
 def checked_batch(x: Any, model: keras.Model, what: str) -> np.ndarray:
     """`x` as an array of the model's input dtype, if its shape and kind of dtype fit.
 
+    Args:
+        x: A batch of inputs.
+        model: The model whose input it must fit.
+        what: What the batch is, for the message (`"calibration data"`).
+
+    Returns:
+        `x` as an array of the model's input dtype.
+
     Raises:
         ExportError: `x` is not a batch of the model's inputs (another shape,
             or floats for integer ids and the other way round).
@@ -111,7 +119,15 @@ def checked_batch(x: Any, model: keras.Model, what: str) -> np.ndarray:
 
 
 def array_batches(arrays: Any, size: int = ARRAY_BATCH) -> list[Any]:
-    """One array, or a tuple of arrays of one length (`(x, y)`), cut into batches of `size`."""
+    """One array, or a tuple of arrays of one length (`(x, y)`), cut into batches of `size`.
+
+    Args:
+        arrays: An array, or a tuple of arrays with the same first dimension.
+        size: Examples per batch (the last batch may be smaller).
+
+    Returns:
+        The batches (tuples of batches for a tuple).
+    """
     if isinstance(arrays, tuple):
         return list(zip(*(array_batches(a, size) for a in arrays)))
     return [arrays[i:i + size] for i in range(0, len(arrays), size)]
@@ -187,7 +203,14 @@ def _kb(n: int) -> str:
 
 
 def format_reports(reports: Iterable[ExportReport]) -> str:
-    """A markdown table: one row per export."""
+    """A markdown table: one row per export.
+
+    Args:
+        reports: `ExportReport`s.
+
+    Returns:
+        The table.
+    """
     rows = ["| export | size (vs float32 weights) | metric: Keras -> exported (drop) "
             "| max abs diff (relative) | ms per batch: Keras / exported (ratio, quartiles) "
             "| ops left in float32 |", "|---|---|---|---|---|---|"]
@@ -212,6 +235,13 @@ def gate_failures(reports: Iterable[ExportReport], max_accuracy_drop: float) -> 
 
     Metrics are float32 fractions: a drop within `GATE_SLACK` of the limit (0.90 - 0.85
     is 0.05000000000000004 in floats) counts as equal, and passes.
+
+    Args:
+        reports: `ExportReport`s.
+        max_accuracy_drop: The largest drop allowed.
+
+    Returns:
+        One line per export over the limit (empty: the gate passes).
     """
     return [f"{r.quantization}: {r.metric} {r.keras_metric:.4f} -> {r.exported_metric:.4f}, "
             f"drop {r.accuracy_drop:.4f} > {max_accuracy_drop:g}"

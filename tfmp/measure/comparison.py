@@ -73,7 +73,14 @@ class Verdict:
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
-    """The result of `compare_precision`: `ok`, `verdicts`, `runs`, `to_dict()`, `str()`."""
+    """The result of `compare_precision`: `ok`, `verdicts`, `runs`, `to_dict()`, `str()`.
+
+    Attributes:
+        tolerance: The largest relative loss gap that passed.
+        steps: Training steps per policy.
+        runs: One `PolicyRun` per policy, the baseline first.
+        verdicts: One `Verdict` per policy after the baseline.
+    """
 
     tolerance: float
     steps: int

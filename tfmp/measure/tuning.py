@@ -62,6 +62,9 @@ def choose(comparison: Optional[Comparison], skipped: dict[str, str],
             (labels are canonical policy names).
         skipped: Candidates not measured, and why.
         min_speedup: Median speed-up over float32 a candidate needs to be chosen.
+
+    Returns:
+        The `TuneResult`.
     """
     if comparison is None:
         return TuneResult(FLOAT32, "no 16-bit policy could be measured here ("

@@ -88,7 +88,14 @@ def _min_cc(hw: HardwareInfo) -> Optional[tuple[int, int]]:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    """One row of the `auto` table: the first rule whose `applies` is true wins."""
+    """One row of the `auto` table: the first rule whose `applies` is true wins.
+
+    Attributes:
+        name: A short name for the row.
+        applies: `HardwareInfo -> bool`.
+        policy: The canonical policy it picks.
+        reason: One sentence saying why.
+    """
 
     name: str
     applies: Callable[[HardwareInfo], bool]
@@ -150,7 +157,18 @@ AUTO_RULES: tuple[Rule, ...] = (
 def recommend_policy(
     hw: HardwareInfo, rules: Sequence[Rule] = AUTO_RULES
 ) -> tuple[str, str]:
-    """Returns `(policy_name, reason)` from the first rule that applies to `hw`."""
+    """The policy `auto` picks on `hw`: the first rule of `rules` that applies.
+
+    Args:
+        hw: The hardware.
+        rules: The rule table (default `AUTO_RULES`).
+
+    Returns:
+        `(policy_name, reason)`.
+
+    Raises:
+        ValueError: no rule applies (a table without a catch-all last rule).
+    """
     for rule in rules:
         if rule.applies(hw):
             return rule.policy, rule.reason
@@ -158,7 +176,14 @@ def recommend_policy(
 
 
 def read_cpu_features(cpuinfo_path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The `CPU_FEATURES` flags listed in `cpuinfo_path` (empty if unreadable)."""
+    """The `CPU_FEATURES` flags listed in `cpuinfo_path`.
+
+    Args:
+        cpuinfo_path: Where to read them (Linux's `/proc/cpuinfo`).
+
+    Returns:
+        The flags found; empty when the file cannot be read.
+    """
     try:
         with open(cpuinfo_path, encoding="utf-8", errors="replace") as f:
             for line in f:

@@ -82,7 +82,14 @@ def resolve_policy(
     """Resolves a precision name (possibly `auto`) to a `PolicyChoice`.
 
     `auto` is overridden by the `TFMP_PRECISION` environment variable when it is
-    set; otherwise it follows the hardware (`tfmp.hardware.AUTO_RULES`).
+    set; otherwise it follows the hardware (`tfmp.precision.AUTO_RULES`).
+
+    Args:
+        name: Any name `parse_precision` accepts (default `auto`).
+        hardware: The hardware `auto` decides for; detected when omitted.
+
+    Returns:
+        A `PolicyChoice`: the canonical name, why, and where the choice came from.
 
     Raises:
         ValueError: `name`, or the value of `TFMP_PRECISION`, is not accepted.
@@ -104,7 +111,13 @@ def resolve_policy(
 
 @dataclasses.dataclass(frozen=True)
 class Trap:
-    """A policy that works but is a bad idea on some hardware."""
+    """A policy that works but is a bad idea on some hardware.
+
+    Attributes:
+        policy: The canonical policy name.
+        applies: `HardwareInfo -> bool`.
+        message: The warning, one sentence naming what to use instead.
+    """
 
     policy: str
     applies: Callable[[HardwareInfo], bool]
@@ -140,7 +153,18 @@ TRAPS: tuple[Trap, ...] = (
 
 
 def trap_warnings(policy: str, hardware: HardwareInfo) -> list[str]:
-    """The messages of every `TRAPS` entry that `policy` falls into on `hardware`."""
+    """The messages of every `TRAPS` entry that `policy` falls into on `hardware`.
+
+    Args:
+        policy: Any accepted policy name.
+        hardware: The hardware it would run on.
+
+    Returns:
+        One message per trap (empty: the policy is a sound choice there).
+
+    Raises:
+        ValueError: `policy` is not accepted.
+    """
     canonical = parse_precision(policy)
     return [t.message for t in TRAPS if t.policy == canonical and t.applies(hardware)]
 
@@ -185,7 +209,11 @@ def set_policy(name: Union[str, PolicyChoice] = AUTO,
 
 
 def global_policy_name() -> str:
-    """The name of Keras' current global dtype policy."""
+    """The name of Keras' current global dtype policy.
+
+    Returns:
+        The name (`float32`, `mixed_bfloat16`, ...).
+    """
     return keras.config.dtype_policy().name
 
 
@@ -196,6 +224,16 @@ def policy_scope(
     """Sets the global policy for a `with` block and restores the previous one.
 
     The previous policy is restored on exit, also when the block raises.
+
+    Args:
+        name: Any name `set_policy` accepts.
+        hardware: The hardware `auto` decides for; detected when omitted.
+
+    Yields:
+        The canonical name of the policy set.
+
+    Raises:
+        ValueError: `name` is not accepted.
 
     Example:
     >>> with tfmp.policy_scope("bf16"):

@@ -44,7 +44,12 @@ class Finding:
 
 @dataclasses.dataclass(frozen=True)
 class AuditReport:
-    """The findings of `tfmp.audit`, errors first."""
+    """The findings of `tfmp.audit`, errors first.
+
+    Attributes:
+        findings: Errors first, then warnings, then infos.
+        policy: The policy the model was judged against.
+    """
 
     findings: tuple[Finding, ...]
     policy: str

@@ -38,13 +38,27 @@ FLOAT32_BY_CONSTRUCTION: tuple[type, ...] = (
 
 
 def is_normalization(layer: keras.layers.Layer) -> bool:
-    """True for Keras normalization layers and classes named `*Normalization` / `*Norm`."""
+    """True for Keras normalization layers and classes named `*Normalization` / `*Norm`.
+
+    Args:
+        layer: A Keras layer or model.
+
+    Returns:
+        Whether it is a normalization layer.
+    """
     name = type(layer).__name__
     return isinstance(layer, NORMALIZATION_LAYERS) or name.endswith(("Normalization", "Norm"))
 
 
 def is_softmax(layer: keras.layers.Layer) -> bool:
-    """True for `Softmax` layers and layers whose `activation` is (log_)softmax."""
+    """True for `Softmax` layers and layers whose `activation` is (log_)softmax.
+
+    Args:
+        layer: A Keras layer or model.
+
+    Returns:
+        Whether it is a softmax.
+    """
     if isinstance(layer, tfmp_layers.StableSoftmax):
         return False
     if isinstance(layer, keras.layers.Softmax):
@@ -54,7 +68,14 @@ def is_softmax(layer: keras.layers.Layer) -> bool:
 
 
 def is_plain_model(layer: keras.layers.Layer) -> bool:
-    """True for Sequential and Functional models (the ones Keras can clone)."""
+    """True for Sequential and Functional models (the ones Keras can clone).
+
+    Args:
+        layer: A Keras layer or model.
+
+    Returns:
+        Whether it is a Sequential or Functional model.
+    """
     return isinstance(layer, (keras.Sequential, _compat.functional_class()))
 
 

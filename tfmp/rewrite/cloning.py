@@ -34,6 +34,14 @@ def clone_with_dtypes(
 
     Weights are copied; the original is untouched.
 
+    Args:
+        model: A built Sequential or Functional model (nested ones included).
+        dtype_for: The dtype (policy name) to give each layer, or None to keep its own.
+        chosen: The layers that would change, named in the error for a subclassed model.
+
+    Returns:
+        The clone.
+
     Raises:
         ValueError: `model` (or a nested model) is subclassed, or not built.
     """
@@ -80,6 +88,12 @@ def cast_op_outputs(model: keras.Model) -> keras.Model:
 
     A layer's dtype can be set to float32; an op's cannot (it computes in its
     inputs' dtype), so such outputs get a cast layer. Other models come back as they are.
+
+    Args:
+        model: A model.
+
+    Returns:
+        `model`, or a Functional model over the same layers with the casts added.
     """
     if isinstance(model, keras.Sequential) or not is_plain_model(model):
         return model
@@ -103,6 +117,18 @@ def rebuild_under_policy(
     given another dtype on purpose keep it. Weights are copied (bit for bit:
     variables are float32 under every policy). Works in every direction:
     float32 -> mixed, mixed -> float32, mixed_bfloat16 -> mixed_float16.
+
+    Args:
+        model: A built Sequential or Functional model.
+        source: The policy it was built under.
+        policy: The policy to compute under.
+        chosen: The layers to put in float32.
+
+    Returns:
+        The rebuilt model.
+
+    Raises:
+        ValueError: `model` (or a nested model) is subclassed, or not built.
     """
 
     def dtype_for(layer: keras.layers.Layer) -> Optional[str]:

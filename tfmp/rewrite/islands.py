@@ -36,19 +36,40 @@ def _in_float32(fn: Callable, x):
 
 @keras.saving.register_keras_serializable(package="tfmp")
 def float32_gelu(x):
-    """`keras.activations.gelu` (exact) computed in float32, returned in `x`'s dtype."""
+    """`keras.activations.gelu` (exact) computed in float32, returned in `x`'s dtype.
+
+    Args:
+        x: A tensor.
+
+    Returns:
+        The activation of `x`, in `x`'s dtype.
+    """
     return _in_float32(keras.activations.gelu, x)
 
 
 @keras.saving.register_keras_serializable(package="tfmp")
 def float32_sigmoid(x):
-    """`keras.activations.sigmoid` computed in float32, returned in `x`'s dtype."""
+    """`keras.activations.sigmoid` computed in float32, returned in `x`'s dtype.
+
+    Args:
+        x: A tensor.
+
+    Returns:
+        The activation of `x`, in `x`'s dtype.
+    """
     return _in_float32(keras.activations.sigmoid, x)
 
 
 @keras.saving.register_keras_serializable(package="tfmp")
 def float32_selu(x):
-    """`keras.activations.selu` computed in float32, returned in `x`'s dtype."""
+    """`keras.activations.selu` computed in float32, returned in `x`'s dtype.
+
+    Args:
+        x: A tensor.
+
+    Returns:
+        The activation of `x`, in `x`'s dtype.
+    """
     return _in_float32(keras.activations.selu, x)
 
 

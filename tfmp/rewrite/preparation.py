@@ -18,7 +18,11 @@ from tfmp.scaling import LossScale, guard_model_state, wrap_optimizer
 
 
 class AuditError(ValueError):
-    """`tfmp.prepare` found errors; `.report` holds the full `AuditReport`."""
+    """`tfmp.prepare` found errors; `.report` holds the full `AuditReport`.
+
+    Args:
+        report: The audit with at least one error.
+    """
 
     def __init__(self, report: AuditReport) -> None:
         self.report = report

@@ -70,8 +70,10 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             use `initial_scale=1.0`).
 
     Raises:
-        ValueError: An argument is out of range, or `growth_interval` and
-            `dynamic_growth_steps` disagree; the message names them and their values.
+        ValueError: An argument is out of range, `growth_interval` and
+            `dynamic_growth_steps` disagree, or the inner optimizer has a
+            `loss_scale_factor` (stock Keras drops it silently); the message names
+            them and their values.
 
     Example:
     >>> opt = tfmp.DynamicLossScaleOptimizer(keras.optimizers.Adam(), min_scale=1.0)
@@ -107,6 +109,13 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 "again would scale the loss twice. Use tfmp.wrap_optimizer(), which "
                 "converts it."
             )
+        if inner_optimizer.loss_scale_factor is not None:
+            factor = inner_optimizer.loss_scale_factor
+            raise ValueError(
+                f"`inner_optimizer` has loss_scale_factor={factor!r}, which a LossScaleOptimizer "
+                "turns off (the loss would be scaled twice): give it as the scale, "
+                f"initial_scale={factor!r}, dynamic=False, or use tfmp.wrap_optimizer(), which "
+                "converts it.")
         if not isinstance(dynamic, bool):
             raise ValueError(f"`dynamic` must be True or False; got dynamic={dynamic!r}.")
         growth_interval = one_of("growth_interval", growth_interval, "dynamic_growth_steps",

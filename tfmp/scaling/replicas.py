@@ -18,15 +18,33 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional, Sequence
+from typing import Any, Optional, Protocol, Sequence
 
 import tensorflow as tf
 from keras import ops
 
 from tfmp import _compat
 
-if TYPE_CHECKING:  # pragma: no cover
-    from tfmp.scaling.optimizer import DynamicLossScaleOptimizer
+
+class Decider(Protocol):
+    """What the decision needs of a loss-scale optimizer (`DynamicLossScaleOptimizer` is one)."""
+
+    inner_optimizer: Any
+
+    def check_finite(self, grads: Sequence[Any]) -> Any:
+        """True if every gradient is finite (replica context)."""
+
+    def updates_weights(self) -> Any:
+        """True when the next applied micro-batch updates the weights."""
+
+    def first_nonfinite(self, grads: Sequence[Any], trainable_variables: Any = None) -> Any:
+        """The built-list index of the first non-finite gradient (replica context)."""
+
+    def record_applied(self, updated: Any) -> None:
+        """Growth bookkeeping after an applied micro-batch."""
+
+    def record_skip(self, first_bad: Any) -> None:
+        """Counts a skipped step and backs off the scale."""
 
 
 def replicas_in_sync() -> int:
@@ -75,7 +93,7 @@ def check_merge_call_free() -> None:
         )
 
 
-def decide_and_apply(optimizer: "DynamicLossScaleOptimizer", grads: Sequence[Any],
+def decide_and_apply(optimizer: Decider, grads: Sequence[Any],
                      trainable_variables: Optional[Sequence[Any]]) -> None:
     """Applies unscaled `grads` through the inner optimizer, or skips the step everywhere.
 
@@ -107,7 +125,7 @@ def _apply_here(optimizer, grads, trainable_variables) -> None:
 
 
 def cross_replica_apply(distribution: tf.distribute.Strategy,
-                        optimizer: "DynamicLossScaleOptimizer",
+                        optimizer: Decider,
                         grads: Sequence[Any],
                         trainable_variables: Optional[Sequence[Any]]) -> None:
     """`merge_call` target: decide once for all replicas, then apply or skip.

@@ -17,6 +17,12 @@ LossScale = Union[str, float, int]
 def parse_loss_scale(loss_scale: LossScale) -> Optional[float]:
     """`"dynamic"` -> None; a positive number (or its string) -> that float.
 
+    Args:
+        loss_scale: `"dynamic"` (any case) or a positive finite number.
+
+    Returns:
+        None for a dynamic scale, else the fixed scale.
+
     Raises:
         ValueError: anything else; the message names the value.
     """
@@ -52,7 +58,9 @@ def wrap_optimizer(
             Only used under mixed_float16.
         guard: Under bfloat16/float32, wrap anyway with a fixed scale of 1 so
             that steps with non-finite gradients are skipped and counted
-            instead of writing NaN into the weights.
+            instead of writing NaN into the weights. An optimizer's own
+            `loss_scale_factor` becomes the fixed scale wherever it is wrapped
+            (Keras' LossScaleOptimizer would drop it).
         **scale_args: Passed to `DynamicLossScaleOptimizer` (`initial_scale`,
             `growth_interval`, `min_scale`, `hysteresis`, ...).
 
@@ -63,7 +71,8 @@ def wrap_optimizer(
         `LossScaleOptimizer` is converted.
 
     Raises:
-        ValueError: bad `policy`, `loss_scale` or scale arguments, a stock
+        ValueError: bad `policy`, `loss_scale` or scale arguments, a `loss_scale`
+            that disagrees with the optimizer's `loss_scale_factor`, a stock
             LossScaleOptimizer that was already used (its state would be lost),
             or a `DynamicLossScaleOptimizer` that does not match the request
             (another policy's scaling, another fixed scale, other scale arguments).
@@ -88,8 +97,17 @@ def wrap_optimizer(
         scale_args.setdefault("growth_interval", optimizer.dynamic_growth_steps)
         optimizer = optimizer.inner_optimizer
     optimizer = keras.optimizers.get(optimizer)
+    factor = optimizer.loss_scale_factor
+    if factor is not None and (name == MIXED_FLOAT16 or guard):
+        # Keras' LossScaleOptimizer turns the inner optimizer's factor off (the loss would
+        # be scaled twice), silently: a fixed factor is a fixed loss scale.
+        if name == MIXED_FLOAT16 and fixed is not None and fixed != factor:
+            raise ValueError(f"loss_scale={loss_scale!r} and the optimizer's loss_scale_factor="
+                             f"{factor!r} disagree; give one of them.")
+        optimizer.loss_scale_factor = None
 
     if name == MIXED_FLOAT16:
+        fixed = float(factor) if fixed is None and factor is not None else fixed
         if fixed is not None:
             scale_args.update(initial_scale=fixed, min_scale=fixed, max_scale=fixed, dynamic=False)
         return DynamicLossScaleOptimizer(optimizer, **scale_args)
@@ -98,7 +116,8 @@ def wrap_optimizer(
             "tfmp: loss_scale=%s ignored: %s does not need loss scaling.", loss_scale, name
         )
     if guard:
-        scale_args.update(initial_scale=1.0, min_scale=1.0, max_scale=1.0, dynamic=False)
+        scale = 1.0 if factor is None else float(factor)
+        scale_args.update(initial_scale=scale, min_scale=scale, max_scale=scale, dynamic=False)
         return DynamicLossScaleOptimizer(optimizer, **scale_args)
     if scale_args:
         logging.warning(
@@ -155,6 +174,13 @@ def get_unscaled_gradients(
     `DynamicLossScaleOptimizer` (plain `apply` would unscale a second time);
     for an optimizer without loss scaling the gradients come back unchanged
     and `apply` is right.
+
+    Args:
+        optimizer: The optimizer whose `scale_loss` scaled the loss.
+        grads: Gradients of the scaled loss (None entries stay None).
+
+    Returns:
+        The gradients divided by the scale.
 
     Example:
     >>> with tf.GradientTape() as tape:

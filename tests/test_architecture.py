@@ -1,0 +1,183 @@
+"""The architecture contract: the layout by concern, checked on every run of the suite.
+
+import-linter's contracts (setup.cfg, `[importlinter]`): tfmp's packages import
+downwards only, no circle between the modules of a package, only tfmp imports its
+Keras fence (`tfmp._compat`), and the library never reaches into the application.
+Also: the library never imports the package root, `import tfmp` does not load the
+training job, the public API is curated and documented, modules stay small.
+"""
+
+import ast
+import importlib
+import inspect
+import os
+import pkgutil
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import helpers
+import tfmp
+
+PACKAGE = os.path.join(helpers.ROOT, "tfmp")
+LIBRARY = ("precision", "scaling", "layers", "rewrite", "callbacks", "measure", "distribute",
+           "litert", "atomic", "_compat")
+MAX_LINES = 400
+
+
+def _lint_imports(root):
+    # `lint-imports` is the console script; run its entry point with this interpreter.
+    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    return subprocess.run([sys.executable, "-c", code, "--no-cache"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_import_contracts_hold():
+    proc = _lint_imports(helpers.ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "Contracts: 4 kept, 0 broken." in proc.stdout
+
+
+@pytest.mark.parametrize("module, line, contract", [
+    ("tfmp/scaling/numerics.py", "from tfmp.app import training", "import downwards only"),
+    ("tfmp/precision/hardware.py", "from tfmp.precision import policy", "no circle"),
+    ("tools/audit.py", "from tfmp import _compat", "Keras' internals"),
+])
+def test_the_contracts_catch_an_upward_import_a_circle_and_a_breach_of_the_fence(
+        tmp_path, module, line, contract):
+    for name in ("tfmp", "tools", "models"):
+        shutil.copytree(os.path.join(helpers.ROOT, name), tmp_path / name,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(helpers.ROOT, "setup.cfg"), tmp_path)
+    with open(tmp_path / module, "a") as f:
+        f.write(f"\n{line}  # the violation\n")
+    proc = _lint_imports(tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    broken = proc.stdout.split("Broken contracts")[1]
+    assert contract in broken, proc.stdout[-3000:]
+
+
+def _library_modules():
+    for name in LIBRARY:
+        path = os.path.join(PACKAGE, name)
+        if os.path.isdir(path):
+            for root, _, files in os.walk(path):
+                yield from (os.path.join(root, f) for f in files if f.endswith(".py"))
+        else:
+            yield path + ".py"
+
+
+def test_the_library_never_imports_the_package_root():
+    # `import tfmp` (or `from tfmp import <name>` of a top-level function) in a library
+    # module would make it depend on everything above it, around the contracts.
+    submodules = {m.name for m in pkgutil.iter_modules(tfmp.__path__)}
+    offenders = []
+    for path in _library_modules():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.Import) and any(a.name == "tfmp" for a in node.names):
+                offenders.append(f"{path}: import tfmp")
+            if isinstance(node, ast.ImportFrom) and node.module == "tfmp":
+                offenders += [f"{path}: from tfmp import {a.name}" for a in node.names
+                              if a.name not in submodules]
+    assert not offenders, offenders
+
+
+def test_import_tfmp_does_not_load_the_training_job():
+    code = ("import sys, tfmp; loaded = sorted(m for m in sys.modules if m.startswith('tfmp.app')"
+            " or m == 'tensorflow_datasets'); print(loaded)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=helpers.ROOT, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+NAMESPACES = ("callbacks", "distribute", "layers", "litert", "measure", "precision", "rewrite",
+              "scaling")
+
+
+def test_a_curated_top_level_and_namespaces_for_the_rest():
+    names = [n for n in tfmp.__all__ if n not in NAMESPACES]
+    assert 18 <= len(names) <= 24, names
+    for name in tfmp.__all__:
+        assert getattr(tfmp, name) is not None
+    assert set(NAMESPACES) <= set(tfmp.__all__)
+
+
+def _namespaces():
+    yield tfmp
+    for name in NAMESPACES:
+        yield getattr(tfmp, name)
+
+
+def test_no_public_name_shadows_its_own_module():
+    # `tfmp.export` the function over a module `tfmp/export.py`: `import tfmp.export`
+    # would then replace the function by the module for everyone.
+    for namespace in _namespaces():
+        if not hasattr(namespace, "__path__"):
+            continue
+        submodules = {m.name for m in pkgutil.iter_modules(namespace.__path__)}
+        shadowing = [n for n in getattr(namespace, "__all__", []) if n in submodules
+                     and not inspect.ismodule(getattr(namespace, n))]
+        assert not shadowing, f"{namespace.__name__}: {shadowing}"
+
+
+def _public_callables():
+    seen = set()
+    for namespace in _namespaces():
+        for name in getattr(namespace, "__all__", [n for n in vars(namespace)
+                                                  if not n.startswith("_")]):
+            obj = getattr(namespace, name)
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and obj.__module__.startswith(
+                    "tfmp") and id(obj) not in seen:
+                seen.add(id(obj))
+                yield f"{namespace.__name__}.{name}", obj
+
+
+def _parameters(fn):
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    return [p for p in signature.parameters.values() if p.name not in ("self", "cls")]
+
+
+def test_every_public_function_says_its_args_returns_and_raises():
+    missing = []
+    for path, obj in _public_callables():
+        doc = inspect.getdoc(obj) or ""
+        if inspect.isclass(obj):
+            init = obj.__dict__.get("__init__")
+            if init is not None and _parameters(init) and not any(
+                    k in doc for k in ("Args:", "Attributes:")):
+                missing.append(f"{path}: no Args:/Attributes:")
+            continue
+        if _parameters(obj) and "Args:" not in doc:
+            missing.append(f"{path}: no Args:")
+        returns = inspect.signature(obj).return_annotation
+        if returns not in (None, "None", inspect.Signature.empty) and not any(
+                k in doc for k in ("Returns:", "Yields:")):
+            missing.append(f"{path}: no Returns:")
+        if "raise " in inspect.getsource(obj) and "Raises:" not in doc:
+            missing.append(f"{path}: raises, no Raises:")
+    assert not missing, "\n".join(missing)
+
+
+def test_no_module_over_400_lines():
+    for root in ("tfmp", "tools", "models", "benchmarks"):
+        for path, _, files in os.walk(os.path.join(helpers.ROOT, root)):
+            for f in files:
+                if f.endswith(".py"):
+                    with open(os.path.join(path, f)) as text:
+                        lines = len(text.readlines())
+                    assert lines <= MAX_LINES, f"{os.path.join(path, f)}: {lines} lines"
+
+
+def test_every_namespace_exports_what_exists():
+    for namespace in _namespaces():
+        for name in getattr(namespace, "__all__", []):
+            assert hasattr(namespace, name), f"{namespace.__name__}.{name}"
+    for module in ("tfmp.app.config", "tfmp.app.training", "tfmp.app.data", "tfmp.app.run_dir",
+                   "tfmp.app.saved_models", "tfmp.app.cli"):
+        importlib.import_module(module)

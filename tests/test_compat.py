@@ -1,0 +1,306 @@
+"""tfmp._compat: each Keras / TensorFlow / LiteRT internal tfmp relies on, exercised on the
+installed versions. A failure here names the Keras version: an internal changed, and the
+fence (not the rest of tfmp) is where to adapt."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfmp
+from helpers import mirrored
+from tfmp import _compat
+
+
+def expect(condition, what):
+    assert condition, (f"Keras {keras.__version__} / TensorFlow {tf.__version__} (tfmp checked "
+                       f"against Keras {_compat.CHECKED_WITH}): {what}")
+
+
+def _dense_model():
+    return keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d"),
+                             keras.layers.BatchNormalization(name="bn"),
+                             keras.layers.Dense(1, name="out")])
+
+
+# ------------------------------------------------------------------- layers and models
+
+def test_layer_walk_and_own_variables():
+    inner = _dense_model()
+    outer = keras.Sequential([keras.Input((4,)), inner, keras.layers.Dense(2, name="top")])
+    names = [l.name for l in _compat.flatten_layers(outer, include_self=False, recursive=True)]
+    expect({"d", "bn", "out", "top"} <= set(names), f"Layer._flatten_layers gave {names}")
+    direct = [l.name for l in _compat.flatten_layers(outer, recursive=False)]
+    expect("d" not in direct and inner.name in direct, f"non-recursive walk gave {direct}")
+    bn = inner.get_layer("bn")
+    expect(len(_compat.own_variables(bn)) == 4, "BatchNormalization owns gamma, beta and 2 stats")
+    stats = {v.name for v in _compat.own_non_trainable_variables(bn)}
+    expect(stats == {"moving_mean", "moving_variance"}, f"non-trainable variables: {stats}")
+    expect(_compat.own_variables(outer) == [], "a model owns none of its layers' variables")
+
+
+def test_symbolic_tensors_know_their_producer_and_models_their_output_structure():
+    x = keras.Input((4,))
+    head = keras.layers.Dense(2, name="head")
+    model = keras.Model(x, {"a": head(x), "b": keras.layers.Dense(1)(x)})
+    expect(_compat.producer(model.outputs[0]) in (head, model.get_layer("dense")),
+           "KerasTensor._keras_history.operation")
+    expect(isinstance(_compat.outputs_structure(model), dict), "Functional._outputs_struct")
+    expect(isinstance(model, _compat.functional_class())
+           and not isinstance(_dense_model(), _compat.functional_class()),
+           "keras.src.models.functional.Functional (keras.Model(inputs, outputs), not Sequential)")
+
+
+def test_registered_names_are_stable():
+    # .keras files saved before tfmp's modules moved name their classes this way.
+    for obj, name in [(tfmp.layers.StableLayerNorm, "tfmp>StableLayerNorm"),
+                      (tfmp.layers.StableSoftmax, "tfmp>StableSoftmax"),
+                      (tfmp.layers.StableMultiHeadAttention, "tfmp>StableMultiHeadAttention"),
+                      (tfmp.layers.Float32Dense, "tfmp>Float32Dense"),
+                      (tfmp.layers.Float32Output, "tfmp>Float32Output"),
+                      (tfmp.DynamicLossScaleOptimizer, "tfmp>DynamicLossScaleOptimizer"),
+                      (tfmp.rewrite.float32_gelu, "tfmp>float32_gelu")]:
+        expect(keras.saving.get_registered_name(obj) == name, name)
+        expect(keras.saving.get_registered_object(name) is obj, name)
+
+
+def test_attention_probabilities_come_from_the_float32_softmax():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    layer = tfmp.layers.StableMultiHeadAttention(num_heads=2, key_dim=4)
+    x = keras.ops.cast(np.random.RandomState(0).rand(2, 5, 8), "bfloat16")
+    layer(x, x)
+    softmax = layer._softmax
+    expect(isinstance(softmax, tfmp.layers.StableSoftmax), "MultiHeadAttention._build_attention")
+    sublayers = _compat.flatten_layers(layer)
+    expect(not any(type(l) is keras.layers.Softmax for l in sublayers),
+           "MultiHeadAttention._tracker: the stock Softmax is no longer a sublayer")
+    calls = []
+    stock_call = softmax.call
+    softmax.call = lambda *a, **k: calls.append(1) or stock_call(*a, **k)
+    out = layer(x, x)
+    expect(calls, "MultiHeadAttention._compute_attention no longer calls self._softmax on the "
+           "explicit path: the attention softmax would run in bfloat16")
+    expect(keras.backend.standardize_dtype(out.dtype) == "bfloat16", "outputs in the compute dtype")
+
+
+# ------------------------------------------------------------------------- optimizers
+
+def test_optimizer_counters_and_variable_order():
+    v = [keras.Variable(np.ones(2, "float32"), name="a"), keras.Variable(np.ones(3, "float32"))]
+    opt = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)
+    for _ in range(4):
+        opt.apply([tf.ones(2), tf.ones(3)], v)
+    expect(int(_compat.micro_batches(opt).numpy()) == 4, "BaseOptimizer._iterations counts calls")
+    expect(int(opt.iterations.numpy()) == 2, "iterations counts updates under accumulation")
+    expect(_compat.built_variables(opt) == v, "BaseOptimizer._trainable_variables")
+    expect(_compat.variable_index(opt, v[1]) == 1, "BaseOptimizer._get_variable_index")
+    flagged = keras.Variable(np.zeros(2, "float32"))
+    flagged.overwrite_with_gradient = True
+    expect(_compat.overwrites_with_gradient(opt, flagged)
+           and not _compat.overwrites_with_gradient(opt, v[0]),
+           "BaseOptimizer._overwrite_variable_with_gradient")
+
+
+FEATURES = {  # each of what BaseOptimizer.apply() does, on its own
+    "constraint": {},
+    "adamw_weight_decay": dict(optimizer="adamw", weight_decay=0.5),
+    "clipnorm": dict(clipnorm=0.01),
+    "clipvalue": dict(clipvalue=0.002),
+    "global_clipnorm": dict(global_clipnorm=0.01),
+    "ema_overwrite": dict(use_ema=True, ema_momentum=0.5, ema_overwrite_frequency=3),
+    "loss_scale_factor": dict(optimizer="sgd", loss_scale_factor=4.0),  # Adam would not see it
+    "schedule": dict(learning_rate=keras.optimizers.schedules.ExponentialDecay(0.1, 2, 0.5)),
+    "overwrite_with_gradient": {},
+}
+
+
+def _optimizer(feature, accumulation):
+    kwargs = dict(FEATURES[feature])
+    name = kwargs.pop("optimizer", "adam")
+    kwargs.setdefault("learning_rate", 0.1)
+    cls = {"adamw": keras.optimizers.AdamW, "sgd": keras.optimizers.SGD}.get(
+        name, keras.optimizers.Adam)
+    return cls(gradient_accumulation_steps=accumulation, **kwargs)
+
+
+def _variables(feature):
+    v = [keras.Variable(np.linspace(-1, 1, 3).astype("float32"), name="w",
+                        constraint=keras.constraints.NonNeg() if feature == "constraint" else None),
+         keras.Variable(np.full(2, 5.0, "float32"), name="s")]
+    if feature == "overwrite_with_gradient":
+        v[1].overwrite_with_gradient = True
+    return v
+
+
+def _gradients(step):
+    rng = np.random.RandomState(step)
+    return [tf.constant(rng.randn(3).astype("float32")),
+            tf.constant(rng.rand(2).astype("float32") + step)]
+
+
+@pytest.mark.parametrize("accumulation", [None, 3], ids=["plain", "accumulate3"])
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_the_restated_apply_is_keras_apply(feature, accumulation):
+    # tfmp re-states the order of BaseOptimizer.apply() (apply_decided, the EMA overwrite,
+    # finish_apply) for the distributed path; on one device it must give what apply() gives.
+    stock_v, stock = _variables(feature), _optimizer(feature, accumulation)
+    ours_v, ours = _variables(feature), _optimizer(feature, accumulation)
+    ours.build(ours_v)
+    for step in range(7):
+        grads = _gradients(step)
+        stock.apply(grads, stock_v)
+        update = (not accumulation
+                  or (int(_compat.micro_batches(ours).numpy()) + 1) % accumulation == 0)
+        _compat.apply_decided(ours, grads, ours_v, update)
+        due = _compat.ema_overwrite_due(ours)
+        if due is not False and bool(due):
+            _compat.overwrite_with_ema(ours)
+        _compat.finish_apply(ours, grads, ours_v)
+    for a, b in zip(stock_v + stock.variables, ours_v + ours.variables):
+        expect(np.allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=1e-7),
+               f"{feature}: BaseOptimizer.apply() now does something tfmp._compat.apply_decided "
+               f"does not ({a.path}: {a.numpy()} vs {b.numpy()})")
+
+
+# ---------------------------------------------------------------- models and trainers
+
+def test_an_instance_step_wrapper_is_what_fit_runs():
+    model = _dense_model()
+    model.compile("sgd", "mse")
+    x, y = np.ones((8, 4), "float32"), np.ones((8, 1), "float32")
+    model.fit(x, y, verbose=0)  # traces the stock step first
+    calls = []
+
+    def wrapper(step):
+        def counted(data):
+            calls.append(1)
+            return step(data)
+        return counted
+
+    _compat.wrap_step(model, "train_step", wrapper)
+    model.fit(x, y, batch_size=4, verbose=0)
+    expect(calls, "Trainer.train_step set on the instance is not what make_train_function traces")
+    expect("train_step" not in type(model).__dict__, "only the instance changed")
+
+
+def test_a_metric_set_as_a_model_attribute_reports_a_dict_in_the_logs():
+    class Constant(keras.metrics.Metric):
+        def update_state(self, *args, **kwargs):
+            pass
+
+        def reset_state(self):
+            pass
+
+        def result(self):
+            return {"seven": keras.ops.convert_to_tensor(7.0)}
+
+    model = _dense_model()
+    model.compile("sgd", "mse")
+    model.extra = Constant(name="constant")
+    expect(model.extra in _compat.model_metrics(model), "Layer._metrics tracks metric attributes")
+    history = model.fit(np.ones((4, 4)), np.ones((4, 1)), verbose=0)
+    expect(history.history.get("seven") == [7.0], f"a dict metric result in the logs: {history.history}")
+
+
+@pytest.mark.parametrize("kind", ["backup", "checkpoint"])
+def test_suspended_saving_saves_and_deletes_nothing(tmp_path, kind):
+    model = _dense_model()
+    model.compile("sgd", "mse")
+    callback = (keras.callbacks.BackupAndRestore(str(tmp_path / "b"), double_checkpoint=True)
+                if kind == "backup" else
+                keras.callbacks.ModelCheckpoint(str(tmp_path / "m{epoch}.keras")))
+    x, y = np.ones((4, 4)), np.ones((4, 1))
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[callback])  # what it does unsuspended
+    if kind == "backup":
+        expect(not (tmp_path / "b").exists(), "BackupAndRestore deletes its backup at the end")
+    else:
+        expect((tmp_path / "m1.keras").exists(), "ModelCheckpoint saves every epoch")
+
+    class Suspend(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                self.saved = _compat.suspend_saving(callback)
+
+    suspend = Suspend()
+    model.fit(x, y, epochs=2, verbose=0, callbacks=[suspend, callback])
+    if kind == "backup":
+        meta, _ = _compat.backup_metadata_files(str(tmp_path / "b"))
+        expect((tmp_path / "b").exists(), "delete_checkpoint=False keeps the backup")
+        with open(meta) as f:
+            expect(json.load(f)["epoch"] == 1, "the suspended second epoch was not saved")
+    else:
+        expect(not (tmp_path / "m2.keras").exists(), "the suspended epoch 2 was not saved")
+    for name, value in suspend.saved.items():
+        setattr(callback, name, value)
+    expect(suspend.saved.get("save_freq") == "epoch", f"restored: {suspend.saved}")
+
+
+def test_backup_metadata_files_are_where_keras_writes_them(tmp_path):
+    model = _dense_model()
+    model.compile("sgd", "mse")
+
+    class Stop(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("stop")
+
+    backup = keras.callbacks.BackupAndRestore(str(tmp_path), double_checkpoint=True)
+    with pytest.raises(RuntimeError):
+        model.fit(np.ones((4, 4)), np.ones((4, 1)), epochs=3, verbose=0, callbacks=[backup, Stop()])
+    latest, previous = _compat.backup_metadata_files(str(tmp_path))
+    expect(json.load(open(latest))["epoch"] == 2 and json.load(open(previous))["epoch"] == 1,
+           "BackupAndRestore's training metadata (epochs completed) and its previous copy")
+
+
+def test_symbolic_build_falls_back_to_a_local_batch_only_where_keras_fails():
+    model = _dense_model()
+    model.compile("sgd", "mse")
+    fallbacks = []
+
+    def stock_fails(iterator=None, data_batch=None):
+        raise ValueError("Attempt to convert a value (PerReplica:{...}) to a Tensor")
+
+    model._maybe_symbolic_build = stock_fails  # what Keras does under several workers
+
+    def from_local(iterator):
+        fallbacks.append(1)
+        _compat.symbolic_build(model, _compat.first_batch(iterator))
+
+    _compat.wrap_symbolic_build(model, from_local)
+    model.fit(np.ones((8, 4), "float32"), np.ones((8, 1), "float32"), batch_size=4, verbose=0)
+    expect(fallbacks == [1] and model.optimizer.built,
+           "TensorFlowTrainer._maybe_symbolic_build / _symbolic_build / the epoch iterator")
+
+
+# ------------------------------------------------------------------------- TensorFlow
+
+def test_merge_call_and_multi_worker_probes():
+    expect(_compat.supports_no_merge_call() is True, "the default strategy needs no merge_call")
+    with mirrored().scope():
+        expect(_compat.supports_no_merge_call() is False, "MirroredStrategy on CPUs uses merge_call")
+    expect(not _compat.in_multi_worker_mode(mirrored()), "not a multi-worker strategy")
+    expect(not _compat.in_multi_worker_mode(tf.distribute.get_strategy()), "default strategy")
+
+
+def test_the_log_reduction_probe_reads_keras_trainer():
+    reduces = _compat.keras_reduces_scalar_logs_along_axis_0()
+    expect(isinstance(reduces, bool), "keras.src.backend.tensorflow.trainer.reduce_per_replica")
+    if keras.__version__ == _compat.CHECKED_WITH:
+        expect(reduces, "Keras 3.15.1 reduces scalar logs along axis 0 (keras-team/keras#20585)")
+
+
+def test_a_missing_internal_is_one_clear_error(monkeypatch):
+    monkeypatch.delattr(keras.layers.Layer, "_flatten_layers")
+    with pytest.raises(_compat.KerasInternalsChanged, match=rf"Layer._flatten_layers.*Keras "
+                       rf"{keras.__version__}.*{_compat.CHECKED_WITH}"):
+        _compat.flatten_layers(_dense_model())
+
+
+def test_interpreter_ops_of_a_litert_file(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    report = tfmp.export(model, str(tmp_path / "m.tflite"), "float32")
+    runner = tfmp.litert.Runner(report.path)
+    ops = [op["op_name"] for op in _compat.interpreter_ops(runner._interpreter)]
+    expect(ops == ["FULLY_CONNECTED"], f"Interpreter._get_ops_details: {ops}")
