@@ -56,6 +56,9 @@ def test_tune_measures_on_the_model_and_skips_traps():
     assert result.policy in ("float32", "mixed_bfloat16")
     assert [r.policy for r in result.comparison.runs] == ["float32", "mixed_bfloat16"]
     json.dumps(result.to_dict())
+    # min_speedup reaches the decision: no candidate is a million times faster.
+    strict = tfmp.tune(build, d.train, steps=4, hardware=CPU, tolerance=0.5, min_speedup=1e6)
+    assert strict.policy == "float32" and "reached 1e+06x" in strict.reason
     with pytest.raises(ValueError, match="candidates"):
         tfmp.tune(build, d.train, candidates=("auto",), hardware=CPU)
 

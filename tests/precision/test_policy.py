@@ -115,9 +115,12 @@ def test_trap_warns_once(name, hw, fragment, caplog):
      ("bf16", CPU_BF16), ("fp32", CPU_PLAIN), ("fp32", TPU)],
 )
 def test_no_warning_when_not_a_trap(name, hw):
+    keras.config.set_dtype_policy("float32" if name != "fp32" else "mixed_bfloat16")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        tfmp.set_policy(name, hardware=hw)
+        set_to = tfmp.set_policy(name, hardware=hw)
+    assert set_to == tfmp.precision.parse_precision(name)  # it did set what was asked
+    assert keras.config.dtype_policy().name == set_to
 
 
 def test_policy_scope_restores_on_exit_and_on_exception():

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 import tfmp
 from tfmp.precision import HardwareInfo
-from tfmp.rewrite.islands import ISLANDS, apply_islands, float32_gelu
+from tfmp.rewrite.islands import ISLANDS, apply_islands, float32_gelu, float32_selu, float32_sigmoid
 
 import models
 
@@ -37,6 +37,19 @@ def test_island_gelu_is_the_float32_gelu_rounded_once():
     stock = tf.cast(keras.activations.gelu(x), tf.float32).numpy()
     np.testing.assert_allclose(tf.cast(island, tf.float32).numpy(), stock,
                                rtol=4 * BF16_EPS, atol=4 * BF16_EPS)
+
+
+@pytest.mark.parametrize("island, activation", [
+    (float32_gelu, keras.activations.gelu), (float32_sigmoid, keras.activations.sigmoid),
+    (float32_selu, keras.activations.selu)], ids=["gelu", "sigmoid", "selu"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_every_island_is_its_activation_in_float32_rounded_once(island, activation, dtype):
+    x = tf.cast(tf.linspace(-6.0, 6.0, 4001), dtype)
+    out = island(x)
+    assert out.dtype == dtype
+    exact = activation(tf.cast(x, tf.float32))
+    np.testing.assert_array_equal(out.numpy(), tf.cast(exact, dtype).numpy())
+    assert [i.replacement for i in ISLANDS if i.activation is activation] == [island]
 
 
 def test_prepare_puts_gelu_in_float32_on_a_bf16_cpu_and_outputs_stay_within_bf16_rounding():
