@@ -1,4 +1,4 @@
-"""tfmp.training in-process: the tfds path through mock data, outputs, remat, summaries."""
+"""tfmp.app.training in-process: the tfds path through mock data, outputs, remat, summaries."""
 
 import functools
 import glob

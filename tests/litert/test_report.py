@@ -1,4 +1,4 @@
-"""tfmp.export_report: the gate and the table, on given reports."""
+"""tfmp.litert.report: the gate and the table, on given reports."""
 
 from tfmp.litert import ExportReport, format_reports, gate_failures
 

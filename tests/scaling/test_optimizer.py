@@ -1,6 +1,6 @@
 """DynamicLossScaleOptimizer: scale rules, counters, fit, custom loops, XLA, EMA /
 weight decay, resume, drop-in compatibility with the stock class, float32 range.
-(MirroredStrategy and gradient accumulation: test_distributed.py.)"""
+(MirroredStrategy and gradient accumulation: test_replicas.py and test_accumulation.py.)"""
 
 import math
 import re

@@ -1,4 +1,4 @@
-"""One decision for every replica (tfmp.distributed): MirroredStrategy with and
+"""One decision for every replica (tfmp.scaling.replicas): MirroredStrategy with and
 without merge_call, gradient accumulation, counters in steps."""
 
 import keras

@@ -30,47 +30,29 @@ from tfmp import _compat
 from tfmp.precision import MIXED_BFLOAT16, HardwareInfo, parse_precision
 
 
-def _in_float32(fn: Callable, x):
-    return ops.cast(fn(ops.cast(x, "float32")), x.dtype)
-
-
-@keras.saving.register_keras_serializable(package="tfmp")
-def float32_gelu(x):
-    """`keras.activations.gelu` (exact) computed in float32, returned in `x`'s dtype.
+def in_float32(activation: Callable) -> Callable:
+    """`activation` computed in float32 and returned in its input's dtype, registered with Keras
+    as `tfmp>float32_<name>` so that saved models using it load after `import tfmp`.
 
     Args:
-        x: A tensor.
+        activation: A Keras activation function.
 
     Returns:
-        The activation of `x`, in `x`'s dtype.
+        The float32 island of `activation`.
     """
-    return _in_float32(keras.activations.gelu, x)
+
+    def island(x):
+        return ops.cast(activation(ops.cast(x, "float32")), x.dtype)
+
+    island.__name__ = island.__qualname__ = f"float32_{activation.__name__}"
+    island.__doc__ = (f"`keras.activations.{activation.__name__}` computed in float32.\n\n"
+                      "Args:\n    x: A tensor.\n\nReturns:\n    The activation of `x`, in `x`'s dtype.")
+    return keras.saving.register_keras_serializable(package="tfmp")(island)
 
 
-@keras.saving.register_keras_serializable(package="tfmp")
-def float32_sigmoid(x):
-    """`keras.activations.sigmoid` computed in float32, returned in `x`'s dtype.
-
-    Args:
-        x: A tensor.
-
-    Returns:
-        The activation of `x`, in `x`'s dtype.
-    """
-    return _in_float32(keras.activations.sigmoid, x)
-
-
-@keras.saving.register_keras_serializable(package="tfmp")
-def float32_selu(x):
-    """`keras.activations.selu` computed in float32, returned in `x`'s dtype.
-
-    Args:
-        x: A tensor.
-
-    Returns:
-        The activation of `x`, in `x`'s dtype.
-    """
-    return _in_float32(keras.activations.selu, x)
+float32_gelu = in_float32(keras.activations.gelu)  # exact GELU, as Keras' default
+float32_sigmoid = in_float32(keras.activations.sigmoid)
+float32_selu = in_float32(keras.activations.selu)
 
 
 def _cpu_bfloat16(hw: HardwareInfo, policy: str) -> bool:

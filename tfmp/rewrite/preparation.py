@@ -87,7 +87,7 @@ def prepare(
        otherwise outputs, softmax and normalization layers are put in
        float32 (`tfmp.enforce_float32`). Never half converted.
        Activations known to be slower in 16 bits on this hardware (GELU on a
-       CPU under bfloat16: `tfmp.islands.ISLANDS`) are computed in float32
+       CPU under bfloat16: `tfmp.rewrite.ISLANDS`) are computed in float32
        and cast back.
     3. `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=..., **scale_args)`.
     4. `tfmp.audit`: raises on errors.
@@ -102,7 +102,7 @@ def prepare(
         optimizer: A Keras optimizer or its name.
         precision: Any name `tfmp.set_policy` accepts (default `auto`).
         loss_scale, guard, **scale_args: See `tfmp.wrap_optimizer`.
-        float32_islands: Apply `tfmp.islands.ISLANDS` (Sequential and Functional
+        float32_islands: Apply `tfmp.rewrite.ISLANDS` (Sequential and Functional
             models; default True).
         hardware: The hardware to decide and audit for; detected when omitted.
 
