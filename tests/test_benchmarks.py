@@ -51,13 +51,24 @@ def test_activation_bytes_halve_under_bfloat16_except_float32_layers():
     assert bf16 == 4 * (4 * 64 + 2 * (32 + 32) + 4 * 10)
 
 
-def test_tool_end_to_end_with_a_process_per_variant(tmp_path):
-    out = tmp_path / "bench.json"
-    proc = helpers.run_tool("bench", "--models=mlp", "--sizes=default", "--batch_size=32",
-                            "--variants=keras_fp16,tfmp_auto_guarded", "--rounds=2",
-                            "--warmup=1", "--block_seconds=0.02", f"--output={out}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    report = json.loads(out.read_text())
+@pytest.fixture(scope="module")
+def bench_runs(tmp_path_factory):
+    """tools/bench end to end and on a bad variant, through the binary's entry point, in one
+    child process (which spawns a process per variant)."""
+    tmp = tmp_path_factory.mktemp("bench")
+    runs = helpers.run_tool_cases("bench", [
+        ["--models=mlp", "--sizes=default", "--batch_size=32",
+         "--variants=keras_fp16,tfmp_auto_guarded", "--rounds=2", "--warmup=1",
+         "--block_seconds=0.02", f"--output={tmp}/bench.json"],
+        ["--variants=float32,fp8", f"--output={tmp}/b.json"],
+    ], stdout=True)
+    return tmp, runs
+
+
+def test_tool_end_to_end_with_a_process_per_variant(bench_runs):
+    tmp, ((code, stderr, stdout), _) = bench_runs
+    assert code == 0, stderr[-2000:]
+    report = json.loads((tmp / "bench.json").read_text())
     rows = {r["variant"]: r for r in report["rows"]}
     assert list(rows) == ["float32", "keras_fp16", "tfmp_auto_guarded"]
     assert rows["keras_fp16"]["note"].startswith("skipped: mixed_float16 on a CPU-only host")
@@ -69,13 +80,13 @@ def test_tool_end_to_end_with_a_process_per_variant(tmp_path):
         assert r["steps_per_block"] >= 3
     memory = rows["tfmp_auto_guarded"]["activation_bytes_vs_float32"]
     assert memory < 1.0 if auto == "mixed_bfloat16" else memory == 1.0
-    assert f"| mlp | default | tfmp_auto_guarded | {auto} |" in proc.stdout
+    assert f"| mlp | default | tfmp_auto_guarded | {auto} |" in stdout
     assert "--variants=keras_fp16,tfmp_auto_guarded" in report["command"]
 
 
-def test_tool_bad_variant_is_one_line(tmp_path):
-    proc = helpers.run_tool("bench", "--variants=float32,fp8", f"--output={tmp_path}/b.json")
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+def test_tool_bad_variant_is_one_line(bench_runs):
+    _, (_, (code, stderr, _)) = bench_runs
+    assert code == 2
+    assert stderr.strip().splitlines()[-1] == (
         "bench.py: error: --variants=float32,fp8: fp8 not accepted; accepted: float32, "
         "keras_bf16, keras_fp16, tf_rewrite, tfmp_auto, tfmp_auto_guarded")

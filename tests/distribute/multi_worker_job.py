@@ -4,9 +4,11 @@ A tiny regression model built under MultiWorkerMirroredStrategy, set up by
 tfmp.prepare, trained with plain `model.fit`. Each worker reads its own data
 (auto-sharding off; 16 rows per worker and step); with `inject`, one step of worker 1 is
 large enough that its float16 gradients overflow (the other worker's are clean).
-Writes its final state to OUT/worker<i>.json.
+Each SCENARIO (`PRECISION[+inject][+accum]`) trains a model of its own, one after the other
+in the same processes and cluster (one launch, TensorFlow started once per worker), and
+writes its final state to OUT/<SCENARIO>/worker<i>.json.
 
-  python tests/multi_worker_job.py OUT PRECISION [inject] [accum] [single]
+  python tests/multi_worker_job.py OUT [single] SCENARIO [SCENARIO ...]
 """
 
 import json
@@ -20,18 +22,11 @@ import tensorflow as tf
 import tfmp
 from tfmp import distribute
 
-out, precision, *options = sys.argv[1:]
-single = "single" in options  # one process, no cluster: both workers' rows in each batch
+out, *scenarios = sys.argv[1:]
+single = scenarios[0] == "single"  # one process, no cluster: both workers' rows in each batch
+scenarios = scenarios[1:] if single else scenarios
 index = 0 if single else distribute.read_tf_config().task_index
 strategy = tf.distribute.get_strategy() if single else distribute.connect(60)
-with strategy.scope():
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
-                              keras.layers.Dense(1)])
-    accum = 2 if "accum" in options else None
-    model, opt = tfmp.prepare(model, keras.optimizers.Adam(1e-2, gradient_accumulation_steps=accum),
-                              precision, guard=True)
-    model.compile(opt, "mse")
 
 
 def pipeline(x):
@@ -41,17 +36,33 @@ def pipeline(x):
     return ds.with_options(options)
 
 
-x = np.random.RandomState(index).rand(128, 8).astype("float32")
-if single:  # step k of the cluster: rows 16k..16k+16 of worker 0's data, then of worker 1's
-    other = np.random.RandomState(1).rand(128, 8).astype("float32")
-    x = np.stack([x.reshape(8, 16, 8), other.reshape(8, 16, 8)], 1).reshape(256, 8)
-first = x.copy()
-if "inject" in options and index == 1:
-    first[64:80] *= 300.0  # one step of this worker: scaled gradients beyond float16's 65504
-data = pipeline(first).concatenate(pipeline(x).repeat())  # 32 rows: 16 per worker and step
-history = model.fit(data, epochs=3, steps_per_epoch=4, verbose=0)
-with open(os.path.join(out, f"worker{index}.json"), "w") as f:
-    json.dump({"loss": history.history["loss"], "loss_scale": opt.loss_scale,
-               "skipped_steps": int(opt.skipped_steps.numpy()),
-               "iterations": int(opt.iterations.numpy()),
-               "weights": [w.tolist() for w in model.get_weights()]}, f)
+def train(scenario):
+    precision, *options = scenario.split("+")
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                                  keras.layers.Dense(1)])
+        accum = 2 if "accum" in options else None
+        model, opt = tfmp.prepare(
+            model, keras.optimizers.Adam(1e-2, gradient_accumulation_steps=accum), precision,
+            guard=True)
+        model.compile(opt, "mse")
+    x = np.random.RandomState(index).rand(128, 8).astype("float32")
+    if single:  # step k of the cluster: rows 16k..16k+16 of worker 0's data, then of worker 1's
+        other = np.random.RandomState(1).rand(128, 8).astype("float32")
+        x = np.stack([x.reshape(8, 16, 8), other.reshape(8, 16, 8)], 1).reshape(256, 8)
+    first = x.copy()
+    if "inject" in options and index == 1:
+        first[64:80] *= 300.0  # one step of this worker: scaled gradients beyond float16's 65504
+    data = pipeline(first).concatenate(pipeline(x).repeat())  # 32 rows: 16 per worker and step
+    history = model.fit(data, epochs=3, steps_per_epoch=4, verbose=0)
+    os.makedirs(os.path.join(out, scenario), exist_ok=True)
+    with open(os.path.join(out, scenario, f"worker{index}.json"), "w") as f:
+        json.dump({"loss": history.history["loss"], "loss_scale": opt.loss_scale,
+                   "skipped_steps": int(opt.skipped_steps.numpy()),
+                   "iterations": int(opt.iterations.numpy()),
+                   "weights": [w.tolist() for w in model.get_weights()]}, f)
+
+
+for scenario in scenarios:
+    train(scenario)

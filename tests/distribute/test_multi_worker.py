@@ -33,10 +33,33 @@ def _two_workers(tmp_path, *job_args, **env):
     return code, "".join(out)
 
 
-def test_fp16_overflow_on_one_worker_is_skipped_by_both(tmp_path):
-    code, out = _two_workers(tmp_path, "fp16", "inject")
+FP16_INJECT, BF16_ACCUM = "fp16+inject", "bf16+accum"
+
+
+@pytest.fixture(scope="module")
+def two_worker_runs(tmp_path_factory):
+    """One two-worker launch trains both scenarios in turn (TensorFlow and the cluster
+    started once); one process trains the accumulation scenario alongside on the same
+    global batches."""
+    tmp = tmp_path_factory.mktemp("two_workers")
+    single = tmp / "single"
+    single.mkdir()
+    proc = subprocess.Popen([sys.executable, JOB, str(single), "single", BF16_ACCUM],
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # alongside
+    code, out = _two_workers(tmp, FP16_INJECT, BF16_ACCUM)
+    single_code = proc.wait(timeout=120)
+    return tmp, code, out, single_code, proc.stdout.read()
+
+
+def _workers(tmp, scenario):
+    return [json.loads((tmp / scenario / f"worker{i}.json").read_text()) for i in (0, 1)]
+
+
+def test_fp16_overflow_on_one_worker_is_skipped_by_both(two_worker_runs):
+    tmp, code, out, _, _ = two_worker_runs
     assert code == 0, out[-3000:]
-    w0, w1 = (json.loads((tmp_path / f"worker{i}.json").read_text()) for i in (0, 1))
+    w0, w1 = _workers(tmp, FP16_INJECT)
     assert w0["skipped_steps"] == w1["skipped_steps"] == 1  # worker 0's gradients were clean
     assert w0["loss_scale"] == w1["loss_scale"] == 2.0**14  # one backoff from 2^15, on both
     assert w0["weights"] == w1["weights"]  # bit-identical (JSON of the float32 values)
@@ -123,17 +146,13 @@ def test_a_worker_that_cannot_reach_the_others_gives_up_after_the_timeout():
     assert time.monotonic() - start < 60
 
 
-def test_bf16_accumulation_on_two_workers_matches_one_process_on_the_same_batches(tmp_path):
-    single = tmp_path / "single"
-    single.mkdir()
-    proc = subprocess.Popen([sys.executable, JOB, str(single), "bf16", "accum", "single"],
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # alongside
-    code, out = _two_workers(tmp_path, "bf16", "accum")
+def test_bf16_accumulation_on_two_workers_matches_one_process_on_the_same_batches(
+        two_worker_runs):
+    tmp, code, out, single_code, single_out = two_worker_runs
     assert code == 0, out[-3000:]
-    assert proc.wait(timeout=120) == 0, proc.stdout.read()[-3000:]
-    w0, w1 = (json.loads((tmp_path / f"worker{i}.json").read_text()) for i in (0, 1))
-    one = json.loads((single / "worker0.json").read_text())
+    assert single_code == 0, single_out[-3000:]
+    w0, w1 = _workers(tmp, BF16_ACCUM)
+    one = json.loads((tmp / "single" / BF16_ACCUM / "worker0.json").read_text())
     assert w0["weights"] == w1["weights"] and w0["skipped_steps"] == 0
     assert w0["iterations"] == one["iterations"] == 6  # 12 micro-batches, 2 per update
     for a, b in zip(w0["weights"], one["weights"]):  # bfloat16 sums in another order: 1e-4
@@ -145,7 +164,7 @@ def _launch_train(model_dir):
     return subprocess.Popen(
         [sys.executable, "-m", "tools.launch_local", "--num_workers=2", "--stop_grace=0.5", "--",
          "--strategy=multi_worker_mirrored", "--epochs=2",  # precision: auto on this CPU
-         "--steps_per_epoch=60", "--batch_size=64", f"--model_dir={model_dir}"],
+         "--steps_per_epoch=20", "--batch_size=64", f"--model_dir={model_dir}"],
         cwd=helpers.ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -90,33 +90,7 @@ def test_bad_arguments(task, kwargs, fragment):
         compare_precision(_tiny, finite, **{"policies": ("fp32", "bf16"), **kwargs})
 
 
-def run_tool(*args):
-    return helpers.run_tool("compare", *args)
-
-
-def test_tool_end_to_end(tmp_path):
-    proc = run_tool("--steps=6", "--batch_size=16", "--policies=fp32,BF16",
-                    f"--output_dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "bf16 (mixed_bfloat16)" in proc.stdout.lower() and "pass" in proc.stdout
-    report = json.loads((tmp_path / "compare.json").read_text())
-    assert report["ok"] and len(report["runs"]) == 2 and len(report["runs"][0]["losses"]) == 6
-    png = (tmp_path / "compare.png").read_bytes()
-    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert oct((tmp_path / "compare.json").stat().st_mode & 0o777) != oct(0o600)
-
-
-def test_tool_on_a_saved_model_and_a_failing_verdict(tmp_path):
-    keras.utils.set_random_seed(0)
-    _tiny().save(tmp_path / "m.keras")
-    proc = run_tool(f"--model_path={tmp_path / 'm.keras'}", "--steps=6", "--batch_size=16",
-                    "--policies=fp32,bf16", "--tolerance=1e-9", f"--output_dir={tmp_path}")
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    assert "FAIL" in proc.stdout and "above the tolerance" in proc.stdout
-    assert (tmp_path / "compare.json").exists()
-
-
-BAD_INPUT = [
+TOOL_BAD_INPUT = [
     (["--policies=fp32,fp17"], "Unknown precision 'fp17'"),  # the library's check, one line
     (["--model=mlp", "--model_path=x.keras"], "give --model or --model_path, not both"),
     (["--model_path={tmp}/cnn.keras"], "the model takes inputs of shape (8, 8, 3); dataset "
@@ -124,11 +98,47 @@ BAD_INPUT = [
 ]
 
 
-def test_tool_bad_input_is_one_line(tmp_path):
-    models.get("cnn")[0](input_shape=(8, 8, 3), width=8, stages=1).save(tmp_path / "cnn.keras")
-    runs = helpers.run_tool_cases("compare", [
-        [*(a.format(tmp=tmp_path) for a in args), f"--output_dir={tmp_path}/out"]
-        for args, _ in BAD_INPUT])  # every case through the binary, in one child process
-    for (args, fragment), (code, stderr) in zip(BAD_INPUT, runs):
+@pytest.fixture(scope="module")
+def tool_runs(tmp_path_factory):
+    """tools/compare end to end, on a saved model, and on bad input: every run through the
+    binary's entry point, all in one child process (TensorFlow imported once)."""
+    tmp = tmp_path_factory.mktemp("compare_tool")
+    keras.utils.set_random_seed(0)
+    _tiny().save(tmp / "m.keras")
+    models.get("cnn")[0](input_shape=(8, 8, 3), width=8, stages=1).save(tmp / "cnn.keras")
+    cases = [
+        ["--steps=6", "--batch_size=16", "--policies=fp32,BF16", f"--output_dir={tmp}/e2e"],
+        [f"--model_path={tmp / 'm.keras'}", "--steps=6", "--batch_size=16",
+         "--policies=fp32,bf16", "--tolerance=1e-9", f"--output_dir={tmp}/saved"],
+    ] + [[*(a.format(tmp=tmp) for a in args), f"--output_dir={tmp}/bad"]
+         for args, _ in TOOL_BAD_INPUT]
+    runs = helpers.run_tool_cases("compare", cases, stdout=True)
+    return tmp, {"e2e": runs[0], "saved": runs[1], "bad": runs[2:]}
+
+
+def test_tool_end_to_end(tool_runs):
+    tmp, runs = tool_runs
+    code, stderr, stdout = runs["e2e"]
+    assert code == 0, stderr[-2000:]
+    assert "bf16 (mixed_bfloat16)" in stdout.lower() and "pass" in stdout
+    out = tmp / "e2e"
+    report = json.loads((out / "compare.json").read_text())
+    assert report["ok"] and len(report["runs"]) == 2 and len(report["runs"][0]["losses"]) == 6
+    png = (out / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert oct((out / "compare.json").stat().st_mode & 0o777) != oct(0o600)
+
+
+def test_tool_on_a_saved_model_and_a_failing_verdict(tool_runs):
+    tmp, runs = tool_runs
+    code, stderr, stdout = runs["saved"]
+    assert code == 1, stderr[-2000:]
+    assert "FAIL" in stdout and "above the tolerance" in stdout
+    assert (tmp / "saved" / "compare.json").exists()
+
+
+def test_tool_bad_input_is_one_line(tool_runs):
+    _, runs = tool_runs
+    for (args, fragment), (code, stderr, _) in zip(TOOL_BAD_INPUT, runs["bad"]):
         assert code == 2 and "Traceback" not in stderr, (args, stderr)
         assert fragment in stderr, (args, stderr)

@@ -13,10 +13,6 @@ import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model
 from helpers import ROOT
 
 
-def run_tool(*args):
-    return helpers.run_tool("audit", *args)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("audit")
@@ -29,21 +25,26 @@ def files(tmp_path_factory):
     good.save(d / "good.keras")
     bad.save(d / "bad.keras")
     (d / "junk.keras").write_text("not a model")
+    keras.config.set_dtype_policy("float16")  # 16-bit variables: --fix cannot change them
+    keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
+                      keras.layers.Dense(3, activation="softmax")]).save(d / "f16.keras")
     keras.config.set_dtype_policy("float32")
     return d
 
 
 @pytest.fixture(scope="module")
 def runs(files):
-    """Good file, bad file, --fix, and the fixed file: four runs of the binary, one child process."""
+    """Good file, bad file, --fix, the fixed file, and --fix on a float16 file: five runs of
+    the binary, one child process."""
     fixed = files / "fixed.keras"
     codes = helpers.run_tool_cases("audit", [
         [f"--model_path={files / 'good.keras'}"],
         [f"--model_path={files / 'bad.keras'}"],
         [f"--model_path={files / 'bad.keras'}", "--fix", f"--output_path={fixed}"],
         [f"--model_path={fixed}", "--json"],
+        [f"--model_path={files / 'f16.keras'}", "--fix", f"--output_path={files / 'f16_fixed.keras'}"],
     ], stdout=True)
-    return dict(zip(("good", "bad", "fix", "fixed"), codes))
+    return dict(zip(("good", "bad", "fix", "fixed", "f16"), codes))
 
 
 def test_good_file(runs):
@@ -96,6 +97,7 @@ SUBCLASSED = """
 import keras
 
 
+
 @keras.saving.register_keras_serializable(package="test")
 class Tiny(keras.Model):
     def __init__(self, **kwargs):
@@ -130,14 +132,10 @@ def test_fix_on_a_subclassed_model_is_one_line(tmp_path, monkeypatch):
     assert not (tmp_path / "out.keras").exists()
 
 
-def test_a_fixed_model_that_still_has_errors_exits_1(tmp_path):
-    keras.config.set_dtype_policy("float16")  # 16-bit variables: --fix cannot change them
-    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
-                              keras.layers.Dense(3, activation="softmax")])
-    model.save(tmp_path / "f16.keras")
-    out = tmp_path / "fixed.keras"
-    proc = run_tool(f"--model_path={tmp_path / 'f16.keras'}", "--fix", f"--output_path={out}")
-    assert proc.returncode == 1, proc.stderr
-    assert f"wrote {out}" in proc.stdout
-    fixed_part = proc.stdout.split("audit of the fixed model:")[1]
+def test_a_fixed_model_that_still_has_errors_exits_1(files, runs):
+    code, stderr, stdout = runs["f16"]
+    out = files / "f16_fixed.keras"
+    assert code == 1, stderr
+    assert f"wrote {out}" in stdout
+    fixed_part = stdout.split("audit of the fixed model:")[1]
     assert "variable is float16" in fixed_part and "model output 0" not in fixed_part

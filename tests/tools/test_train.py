@@ -70,13 +70,26 @@ def _check_strategy_run(model_dir, strategy, replicas, policy=None):
     assert s["final_train_metrics"]["loss"] < 2.3  # below chance-level cross-entropy
 
 
-def test_strategies(tmp_path):
-    # Through the binary's entry point, one child process for the three (TensorFlow imported once).
-    runs = helpers.run_tool_cases("train", [
-        [*args, "--epochs=2", "--steps_per_epoch=20", f"--model_dir={tmp_path / str(i)}"]
-        for i, (args, _, _, _) in enumerate(STRATEGY_CASES)])
+@pytest.fixture(scope="module")
+def fit_runs(tmp_path_factory):
+    """Training runs through the binary's entry point, one child process for all of them
+    (TensorFlow imported once): the three strategies, float16 with accumulation, a NaN stop."""
+    tmp = tmp_path_factory.mktemp("fit")
+    cases = [[*args, "--epochs=2", "--steps_per_epoch=20", f"--model_dir={tmp / str(i)}"]
+             for i, (args, _, _, _) in enumerate(STRATEGY_CASES)]
+    cases.append(["--dtype=fp16", "--grad_accum_steps=2", "--remat", "--initial_scale=256",
+                  "--growth_interval=5", "--epochs=2", "--steps_per_epoch=20",
+                  f"--model_dir={tmp / 'fp16'}"])
+    cases.append(["--learning_rate=1e30", "--epochs=2", "--steps_per_epoch=20",
+                  f"--model_dir={tmp / 'nan'}"])
+    runs = helpers.run_tool_cases("train", cases)
+    return tmp, {"strategies": runs[:len(STRATEGY_CASES)], "fp16": runs[-2], "nan": runs[-1]}
+
+
+def test_strategies(fit_runs):
+    tmp_path, runs = fit_runs
     for i, ((code, stderr), (_, strategy, replicas, policy)) in enumerate(
-            zip(runs, STRATEGY_CASES)):
+            zip(runs["strategies"], STRATEGY_CASES)):
         assert code == 0, stderr[-2000:]
         _check_strategy_run(tmp_path / str(i), strategy, replicas, policy)
 
@@ -89,11 +102,11 @@ def test_single_worker_multi_worker_strategy(tmp_path):
     assert summary(tmp_path)["cluster"] is None  # no TF_CONFIG: this host alone
 
 
-def test_fp16_accumulation_remat_and_model_garden_flags(tmp_path):
-    proc = train("--dtype=fp16", "--grad_accum_steps=2", "--remat", "--initial_scale=256",
-                 "--growth_interval=5", "--epochs=2", "--steps_per_epoch=20",
-                 f"--model_dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+def test_fp16_accumulation_remat_and_model_garden_flags(fit_runs):
+    tmp, runs = fit_runs
+    tmp_path = tmp / "fp16"
+    code, stderr = runs["fp16"]
+    assert code == 0, stderr[-2000:]
     s = summary(tmp_path)
     assert s["policy"] == "mixed_float16" and s["policy_source"] == "explicit"
     assert s["flags"]["grad_accum_steps"] == 2 and s["flags"]["remat"] is True
@@ -173,12 +186,13 @@ def test_tfds_dataset_of_the_wrong_kind_is_one_line():
     assert "dataset 'imdb_reviews' has text" in proc.stderr
 
 
-def test_nan_stop_exits_1_and_keeps_the_backup(tmp_path):
-    proc = train("--learning_rate=1e30", "--epochs=2", "--steps_per_epoch=20",
-                 f"--model_dir={tmp_path}")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "training stopped on a NaN event (backup kept in" in proc.stderr
-    assert "nonfinite loss" in proc.stderr and "lower the learning rate" in proc.stderr
+def test_nan_stop_exits_1_and_keeps_the_backup(fit_runs):
+    tmp, runs = fit_runs
+    tmp_path = tmp / "nan"
+    code, stderr = runs["nan"]
+    assert code == 1 and "Traceback" not in stderr
+    assert "training stopped on a NaN event (backup kept in" in stderr
+    assert "nonfinite loss" in stderr and "lower the learning rate" in stderr
     s = summary(tmp_path)
     assert s["stopped_by_nan"] and s["nan_events"][0]["kind"] == "nonfinite_loss"
     assert not os.path.exists(os.path.join(tmp_path, "model.keras"))
