@@ -10,7 +10,7 @@ import pytest
 import tensorflow as tf
 
 import tfmp
-from helpers import mirrored
+from helpers import Subclassed, mirrored
 from tfmp import _compat
 
 
@@ -51,6 +51,42 @@ def test_symbolic_tensors_know_their_producer_and_models_their_output_structure(
     expect(isinstance(model, _compat.functional_class())
            and not isinstance(_dense_model(), _compat.functional_class()),
            "keras.src.models.functional.Functional (keras.Model(inputs, outputs), not Sequential)")
+
+
+def test_an_instance_call_takes_the_place_of_the_class_call():
+    # Keras' Operation.__call__ looks `self.call` up at every call: what tracing (calls_wrapped)
+    # and the float32 output cast of a model converted in place (set_instance_call) rely on.
+    model = _dense_model()
+    x = np.ones((2, 4), "float32")
+    seen = []
+
+    def wrapper(layer, call):
+        def wrapped(*args, **kwargs):
+            seen.append(layer.name)
+            return call(*args, **kwargs)
+        return wrapped
+
+    with _compat.calls_wrapped(_compat.flatten_layers(model, include_self=True), wrapper):
+        model(x)
+        tf.function(lambda t: model(t))(x)
+    expect(seen.count("d") == 2 and seen.count(model.name) == 2, f"wrapped calls seen: {seen}")
+    expect("call" not in vars(model.get_layer("d")), "calls_wrapped restores the class's call")
+    _compat.set_instance_call(model, lambda *a, **k: keras.ops.zeros((2, 1)))
+    expect(float(keras.ops.sum(model(x))) == 0.0, "an instance call is what Layer.__call__ runs")
+
+
+def test_a_metric_attached_to_a_built_subclassed_model_reaches_the_logs():
+    model = Subclassed()
+    model(np.ones((2, 4), "float32"))
+    with pytest.raises(ValueError, match="cannot add new elements of state"):
+        model.extra = keras.metrics.Mean(name="extra")  # why tfmp does not set an attribute
+    metric = keras.metrics.Mean(name="extra")
+    metric.update_state(3.0)
+    _compat.attach_metric(model, metric)
+    model.compile("sgd", "mse")
+    _compat.forget_traced_functions(model)
+    logs = model.evaluate(np.ones((2, 4)), np.ones((2, 2)), verbose=0, return_dict=True)
+    expect("extra" in logs, f"Layer._metrics: a metric appended there is in the logs ({logs})")
 
 
 def test_registered_names_are_stable():
@@ -126,9 +162,11 @@ def _optimizer(feature, accumulation):
 
 
 def _variables(feature):
-    v = [keras.Variable(np.linspace(-1, 1, 3).astype("float32"), name="w",
-                        constraint=keras.constraints.NonNeg() if feature == "constraint" else None),
+    v = [keras.Variable(np.linspace(-1, 1, 3).astype("float32"), name="w"),
          keras.Variable(np.full(2, 5.0, "float32"), name="s")]
+    if feature == "constraint":  # keras.Variable(constraint=...) is ignored in Keras 3.15
+        v[0].constraint = keras.constraints.NonNeg()
+        expect(v[0].constraint is not None, "Variable.constraint can be set")
     if feature == "overwrite_with_gradient":
         v[1].overwrite_with_gradient = True
     return v

@@ -1,7 +1,8 @@
 """Audits a saved Keras model for mixed-precision problems.
 
-  python -m tools.audit --model_path=m.keras            # report; exit 1 on errors
+  python -m tools.audit --model_path=m.keras            # findings and what ran; exit 1 on errors
   python -m tools.audit --model_path=m.keras --json     # the report as JSON
+  python -m tools.audit --model_path=m.keras --import_modules=my_project.layers  # custom classes
   python -m tools.audit --model_path=m.keras --fix --output_path=fixed.keras
 """
 
@@ -17,10 +18,14 @@ flags.DEFINE_string("model_path", None, "The .keras model to audit.", required=T
 flags.DEFINE_bool("fix", False, "Write a copy with float32 outputs, softmax and norms.")
 flags.DEFINE_string("output_path", None, "Where --fix writes the fixed model (.keras).")
 flags.DEFINE_bool("json", False, "Print the report as JSON instead of a table.")
+flags.DEFINE_list("import_modules", [], cli.IMPORT_MODULES_HELP)
 
 
 def _print(report) -> None:
-    print(json.dumps(report.to_dict(), indent=2) if FLAGS.json else report)
+    if FLAGS.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(f"{report}\n\nwhat ran, layer by layer:\n{report.layer_table()}")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -28,7 +33,7 @@ def main(argv: Sequence[str]) -> int:
         cli.fail("--fix needs --output_path=FILE.keras")
     if FLAGS.output_path is not None and not FLAGS.output_path.endswith(".keras"):
         cli.fail(f"--output_path={FLAGS.output_path!r} must end with .keras")
-    model = cli.load_keras_model(FLAGS.model_path)
+    model = cli.load_keras_model(FLAGS.model_path, FLAGS.import_modules)
     report = saved_models.audit_saved(model)
     _print(report)
     if not FLAGS.fix:

@@ -22,12 +22,13 @@ import models
 from tfmp.app import cli, data
 from tfmp.atomic import write_json_atomically
 from tfmp.measure import compare_precision, plot_comparison
-from tfmp.rewrite import AuditError
+from tfmp.rewrite import AuditError, is_copyable
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", None, tuple(models.REGISTRY),
                   "Reference model (default mlp); or give --model_path.")
 flags.DEFINE_string("model_path", None, "A saved .keras model to compare instead.")
+flags.DEFINE_list("import_modules", [], cli.IMPORT_MODULES_HELP)
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_list("policies", ["float32", "auto"],
@@ -55,9 +56,15 @@ def main(argv: Sequence[str]) -> int:
     _validate()
     loss = None
     if FLAGS.model_path:
-        saved = cli.load_keras_model(FLAGS.model_path)
-        kind = data.input_kind(saved)
-        build = lambda: saved  # noqa: E731  (prepare copies it for every policy)
+        saved = cli.load_keras_model(FLAGS.model_path, FLAGS.import_modules)
+        try:
+            kind = data.input_kind(saved)
+        except data.DatasetError as e:
+            cli.fail(str(e))
+        # prepare copies a Sequential or Functional model for every policy; any other kind is
+        # converted in place, so every policy loads its own.
+        build = ((lambda: saved) if is_copyable(saved)
+                 else functools.partial(cli.load_keras_model, FLAGS.model_path))
         loss = getattr(saved, "loss", None) or None
     else:
         builder, kind = models.get(FLAGS.model or "mlp")

@@ -25,6 +25,7 @@ from tfmp.litert import (QUANTIZATIONS, ExportError, array_batches, calibration_
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "The .keras model to export.")
+flags.DEFINE_list("import_modules", [], cli.IMPORT_MODULES_HELP)
 flags.DEFINE_string("model_dir", None, "A tools/train --model_dir (its model.keras; its "
                     "dataset, data_dir and seed are the defaults here).")
 flags.DEFINE_list("quantization", list(QUANTIZATIONS),
@@ -114,7 +115,7 @@ def _calibration(d, model):
 def main(argv: Sequence[str]) -> int:
     path, trained_with = _source()
     output_dir = _validate()
-    model = cli.load_keras_model(path)
+    model = cli.load_keras_model(path, FLAGS.import_modules)
 
     dataset = FLAGS.dataset or trained_with.get("dataset") or "synthetic"
     seed = FLAGS.seed if FLAGS.seed is not None else trained_with.get("seed", 0)

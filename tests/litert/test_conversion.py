@@ -136,11 +136,8 @@ def test_token_ids_calibrate_as_integers():
 
 
 def test_models_it_cannot_export_are_named(tmp_path):
-    subclassed = helpers.Subclassed()
-    subclassed(np.ones((1, 3), "float32"))
     a, b = keras.Input((3,)), keras.Input((3,))
-    for model, message in [(subclassed, "is a subclassed Subclassed"),
-                           (keras.Model([a, b], keras.layers.Add()([a, b])), "has 2 inputs and 1"),
+    for model, message in [(keras.Model([a, b], keras.layers.Add()([a, b])), "has 2 inputs and 1"),
                            (helpers.Subclassed(), "is not built")]:
         with pytest.raises(ExportError, match=message):
             tfmp.export(model, str(tmp_path / "m.tflite"))

@@ -1,13 +1,16 @@
 """tfmp.compare_precision and tools/compare.py (in subprocesses)."""
 
 import json
+import os
 import warnings
 
 import keras
+import numpy as np
 import pytest
 
 import helpers
 import models
+from rewrite import corpus
 from tfmp.app import data
 from tfmp.measure import compare_precision
 STEPS = 8
@@ -106,14 +109,20 @@ def tool_runs(tmp_path_factory):
     keras.utils.set_random_seed(0)
     _tiny().save(tmp / "m.keras")
     models.get("cnn")[0](input_shape=(8, 8, 3), width=8, stages=1).save(tmp / "cnn.keras")
+    subclassed = corpus.SubclassedNet(classes=10, name="net")
+    subclassed(np.zeros((1, data.VECTOR_DIM), "float32"))
+    subclassed.save(tmp / "sub.keras")
     cases = [
         ["--steps=6", "--batch_size=16", "--policies=fp32,BF16", f"--output_dir={tmp}/e2e"],
         [f"--model_path={tmp / 'm.keras'}", "--steps=6", "--batch_size=16",
          "--policies=fp32,bf16", "--tolerance=1e-9", f"--output_dir={tmp}/saved"],
+        [f"--model_path={tmp / 'sub.keras'}", "--import_modules=rewrite.corpus", "--steps=4",
+         "--batch_size=16", "--policies=fp32,bf16", f"--output_dir={tmp}/sub"],
     ] + [[*(a.format(tmp=tmp) for a in args), f"--output_dir={tmp}/bad"]
          for args, _ in TOOL_BAD_INPUT]
-    runs = helpers.run_tool_cases("compare", cases, stdout=True)
-    return tmp, {"e2e": runs[0], "saved": runs[1], "bad": runs[2:]}
+    runs = helpers.run_tool_cases("compare", cases, stdout=True,
+                                  PYTHONPATH=os.path.join(helpers.ROOT, "tests"))
+    return tmp, {"e2e": runs[0], "saved": runs[1], "subclassed": runs[2], "bad": runs[3:]}
 
 
 def test_tool_end_to_end(tool_runs):
@@ -135,6 +144,15 @@ def test_tool_on_a_saved_model_and_a_failing_verdict(tool_runs):
     assert code == 1, stderr[-2000:]
     assert "FAIL" in stdout and "above the tolerance" in stdout
     assert (tmp / "saved" / "compare.json").exists()
+
+
+def test_tool_on_a_saved_subclassed_model(tool_runs):
+    tmp, runs = tool_runs
+    code, stderr, stdout = runs["subclassed"]  # each policy loads its own copy of the file
+    assert code == 0, stderr[-2000:]
+    report = json.loads((tmp / "sub" / "compare.json").read_text())
+    assert [r["policy"] for r in report["runs"]] == ["float32", "mixed_bfloat16"]
+    assert report["runs"][0]["losses"][0] == pytest.approx(report["runs"][1]["losses"][0], rel=0.02)
 
 
 def test_tool_bad_input_is_one_line(tool_runs):

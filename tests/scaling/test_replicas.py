@@ -130,10 +130,11 @@ def test_without_merge_call_several_replicas_are_refused_in_one_line():
         np.testing.assert_array_equal(var.numpy(), np.ones(var.shape))
 
 
-def test_nan_losses_and_skipped_steps_count_steps_not_replicas():
+@pytest.mark.parametrize("rows", [(3, 13), (13,), (3,)], ids=["both", "second", "first"])
+def test_nan_losses_and_skipped_steps_count_steps_not_replicas(rows):
     keras.config.set_dtype_policy("mixed_float16")
     x, y = make_data(64)
-    x[3, 0] = x[13, 0] = np.nan  # step 1: a NaN sample on each of the two replicas
+    x[list(rows), 0] = np.nan  # step 0: a NaN sample on replica 0 (row 3), replica 1 (row 13)
     with _mirrored().scope():
         model = make_model()
         opt = DLSO(keras.optimizers.SGD(0.01), initial_scale=64.0)

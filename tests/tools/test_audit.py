@@ -1,14 +1,13 @@
 """tools/audit.py end to end, in subprocesses."""
 
 import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 
 import helpers
+from rewrite import corpus
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
 from helpers import ROOT
 
@@ -29,6 +28,9 @@ def files(tmp_path_factory):
     keras.Sequential([keras.Input((8,)), keras.layers.Dense(16),
                       keras.layers.Dense(3, activation="softmax")]).save(d / "f16.keras")
     keras.config.set_dtype_policy("float32")
+    subclassed = corpus.SubclassedNet(name="net")
+    subclassed(np.zeros((1, 8), "float32"))
+    subclassed.save(d / "sub.keras")
     return d
 
 
@@ -43,8 +45,11 @@ def runs(files):
         [f"--model_path={files / 'bad.keras'}", "--fix", f"--output_path={fixed}"],
         [f"--model_path={fixed}", "--json"],
         [f"--model_path={files / 'f16.keras'}", "--fix", f"--output_path={files / 'f16_fixed.keras'}"],
-    ], stdout=True)
-    return dict(zip(("good", "bad", "fix", "fixed", "f16"), codes))
+        [f"--model_path={files / 'sub.keras'}", "--import_modules=rewrite.corpus"],
+        [f"--model_path={files / 'sub.keras'}", "--import_modules=rewrite.corpus", "--fix",
+         f"--output_path={files / 'sub_fixed.keras'}"],
+    ], stdout=True, PYTHONPATH=os.path.join(ROOT, "tests"))
+    return dict(zip(("good", "bad", "fix", "fixed", "f16", "subclassed", "subclassed_fix"), codes))
 
 
 def test_good_file(runs):
@@ -75,6 +80,9 @@ BAD_INPUT = [
     (["--model_path={d}/bad.keras", "--fix"], "--fix needs --output_path"),
     (["--model_path={d}/bad.keras", "--fix", "--output_path={d}/x.h5"], "must end with .keras"),
     (["--model_path={d}/bad.keras", "--fix", "--output_path=/no/dir/x.keras"], "does not exist"),
+    (["--model_path={d}/sub.keras"], "a custom class: name its module with --import_modules"),
+    (["--model_path={d}/bad.keras", "--import_modules=no_such_module"],
+     "--import_modules: cannot import 'no_such_module' (ModuleNotFoundError"),
 ]
 
 
@@ -93,43 +101,16 @@ def test_bad_input_is_one_line(bad_input_runs, case):
     assert "Traceback" not in stderr
 
 
-SUBCLASSED = """
-import keras
-
-
-
-@keras.saving.register_keras_serializable(package="test")
-class Tiny(keras.Model):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.dense = keras.layers.Dense(3, activation="softmax")
-
-    def call(self, x):
-        return self.dense(x)
-"""
-
-
-def test_fix_on_a_subclassed_model_is_one_line(tmp_path, monkeypatch):
-    (tmp_path / "tiny_model.py").write_text(SUBCLASSED)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    import tiny_model
-
-    keras.config.set_dtype_policy("mixed_bfloat16")
-    model = tiny_model.Tiny()
-    model(np.zeros((1, 8), "float32"))
-    model.save(tmp_path / "sub.keras")
-    # The binary, in a child process that imports the model's class first (as a user's
-    # launcher script would: tools.audit has no flag to import custom classes).
-    code = ("import runpy, sys, tiny_model\n"
-            f"sys.argv = ['audit', '--model_path={tmp_path / 'sub.keras'}', '--fix', "
-            f"'--output_path={tmp_path / 'out.keras'}']\n"
-            "runpy.run_module('tools.audit', run_name='__main__')\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"),
-                          timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert "Cannot clone 'Tiny': it is a subclassed model" in proc.stderr
-    assert not (tmp_path / "out.keras").exists()
+def test_a_subclassed_model_is_audited_by_running_it(runs):
+    code, stderr, stdout = runs["subclassed"]  # its class imported with --import_modules
+    assert code == 0, stderr
+    assert "no findings; ran on inputs (1, 8)" in stdout
+    table = stdout.split("what ran, layer by layer:")[1]
+    assert "block/dense" in table and "block/bn" in table and "head" in table
+    code, stderr, _ = runs["subclassed_fix"]
+    assert code == 2 and "Traceback" not in stderr
+    assert ("cannot write a fixed copy of 'net': it is a SubclassedNet, which Keras re-creates "
+            "through its own constructor") in stderr
 
 
 def test_a_fixed_model_that_still_has_errors_exits_1(files, runs):

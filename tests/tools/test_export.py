@@ -2,6 +2,7 @@
 all through the binary's own entry point in one child process."""
 
 import json
+import os
 
 import keras
 import numpy as np
@@ -10,6 +11,7 @@ import tensorflow as tf
 from keras import ops
 
 from tests import helpers
+from rewrite import corpus
 from tfmp.app import data, training
 
 import models
@@ -37,6 +39,11 @@ def runs(tmp_path_factory):
     (d / "text.keras").write_text("not a model")
     (d / "text.npy").write_text("not an array")
     (d / "empty").mkdir()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    subclassed = corpus.SubclassedNet(classes=10, name="net")
+    subclassed(np.zeros((1, data.VECTOR_DIM), "float32"))
+    subclassed.save(d / "sub.keras")
+    keras.config.set_dtype_policy("float32")
     cases = {
         "default": [f"--model_dir={run}", "--eval_steps=4", "--max_accuracy_drop=0.05"],
         "gate": [f"--model_dir={run}", "--quantization=dynamic_int8", f"--output_dir={d}/gate",
@@ -45,9 +52,12 @@ def runs(tmp_path_factory):
         "npy": [f"--model_path={run}/model.keras", "--quantization=full_int8",
                 f"--calibration_data={d}/calibration.npy", f"--output_dir={d}/npy",
                 "--eval_steps=2", "--runtime=tf"],
+        "subclassed": [f"--model_path={d}/sub.keras", "--import_modules=rewrite.corpus",
+                       "--quantization=float16", "--eval_steps=2", f"--output_dir={d}/sub"],
         **{f"bad{i}": [a.format(d=d, run=run) for a in args] for i, (args, _) in enumerate(BAD)},
     }
-    results = helpers.run_tool_cases("export", list(cases.values()), stdout=True)
+    results = helpers.run_tool_cases("export", list(cases.values()), stdout=True,
+                                     PYTHONPATH=os.path.join(helpers.ROOT, "tests"))
     return d, run, dict(zip(cases, results))
 
 
@@ -92,6 +102,15 @@ def test_a_training_run_is_exported_in_every_mode_with_its_report(runs):
         assert f"| {r['quantization']} | " in stdout
     assert "KB (weights and optimizer state); wrote model_float32.tflite, model_float16.tflite, " \
         "model_dynamic_int8.tflite, model_full_int8.tflite and export.json" in stdout
+
+
+def test_a_saved_subclassed_model_is_exported(runs):
+    d, _, results = runs
+    code, stderr, _ = results["subclassed"]  # its class imported with --import_modules
+    assert code == 0, stderr
+    (report,) = json.loads((d / "sub" / "export.json").read_text())["reports"]
+    assert report["quantization"] == "float16" and report["relative_diff"] < 5e-3
+    assert (d / "sub" / "model_float16.tflite").stat().st_size == report["size_bytes"]
 
 
 def test_the_gate_fails_with_the_figures_and_keeps_the_files(runs):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from typing import Callable, NoReturn, Sequence
@@ -46,11 +47,34 @@ def run(main: Callable[[Sequence[str]], int], positional: bool = False) -> None:
     app.run(wrapped)
 
 
-def load_keras_model(path: str):
+IMPORT_MODULES_HELP = ("Python modules to import before loading --model_path: where the model's "
+                       "custom layers and models are registered (keras.saving."
+                       "register_keras_serializable), e.g. --import_modules=my_project.layers.")
+
+
+def import_modules(names: Sequence[str]) -> None:
+    """Imports each module (`--import_modules`), or fails with one line naming it.
+
+    Args:
+        names: Dotted module names.
+
+    Raises:
+        ToolError: a module cannot be imported.
+    """
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 (a module may raise anything on import)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            fail(f"--import_modules: cannot import {name!r} ({type(e).__name__}: {first})")
+
+
+def load_keras_model(path: str, modules: Sequence[str] = ()):
     """Loads a `.keras` file, or fails with one line naming the path and the problem.
 
     Args:
         path: The file (`--model_path`).
+        modules: Modules to import first (`--import_modules`: the model's custom classes).
 
     Returns:
         The model.
@@ -63,6 +87,7 @@ def load_keras_model(path: str):
     except ImportError:
         pass
 
+    import_modules(modules)
     if not os.path.exists(path):
         fail(f"--model_path={path!r} does not exist")
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
@@ -71,7 +96,10 @@ def load_keras_model(path: str):
         return keras.models.load_model(path)
     except Exception as e:  # noqa: BLE001 (Keras raises many kinds)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        fail(f"--model_path={path!r} is not a loadable .keras model ({type(e).__name__}: {first})")
+        hint = (" (a custom class: name its module with --import_modules)"
+                if "register_keras_serializable" in str(e) or "Could not locate" in str(e) else "")
+        fail(f"--model_path={path!r} is not a loadable .keras model ({type(e).__name__}: "
+             f"{first}){hint}")
 
 
 def save_keras_model_atomically(model, path: str) -> None:

@@ -13,6 +13,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmp.rewrite import first_input_spec
+
 INPUT_KINDS = ("vector", "image", "tokens")
 SYNTHETIC = "synthetic"
 # Synthetic task sizes (deterministic for a seed; small enough for CI).
@@ -76,18 +78,27 @@ def synthetic_arrays(kind: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarr
     raise ValueError(f"Unknown input kind {kind!r}; accepted: {', '.join(INPUT_KINDS)}.")
 
 
+def _first_input(model: Any) -> Any:
+    """The `tf.TensorSpec` of a model's first input (of any model kind: from its Input, or
+    from the shape a subclassed model was built with)."""
+    try:
+        return first_input_spec(model)
+    except ValueError as e:
+        raise DatasetError(str(e)) from None
+
+
 def input_kind(model: Any) -> str:
     """The kind of input a model's first input takes: `tokens` (integers), `image` (rank 4)
     or `vector`, for a model whose own builder is not at hand (a saved `.keras` file)."""
-    spec = model.inputs[0]
-    if "int" in str(spec.dtype):
+    spec = _first_input(model)
+    if spec.dtype.is_integer:
         return "tokens"
     return "image" if len(spec.shape) == 4 else "vector"
 
 
 def check_fits(model: Any, data: "Data") -> None:
     """Raises `DatasetError` when `data`'s examples do not have the model's input shape."""
-    expected = tuple(model.inputs[0].shape[1:])
+    expected = tuple(_first_input(model).shape[1:])
     if tuple(data.input_shape) != expected:
         raise DatasetError(f"the model takes inputs of shape {expected}; dataset {data.name!r} "
                            f"has {tuple(data.input_shape)}: give a dataset that fits the model")

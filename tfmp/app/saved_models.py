@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import keras
 
-from tfmp.rewrite import AuditReport, audit, enforce_float32, model_policy
+from tfmp.rewrite import AuditReport, audit, enforce_float32, is_copyable, model_policy
 
 
 def audit_saved(model: keras.Model) -> AuditReport:
@@ -23,14 +23,21 @@ def fixed_copy(model: keras.Model) -> keras.Model:
     """`tfmp.enforce_float32(model)`, compiled as `model` was (same loss, metrics, optimizer config).
 
     Args:
-        model: A Sequential or Functional model.
+        model: A Sequential or Functional model of Keras' own classes.
 
     Returns:
         The fixed copy.
 
     Raises:
-        ValueError: `model` cannot be copied (subclassed); one line first.
+        ValueError: any other kind of model (one line): its fix would be made in place,
+            and a `.keras` file does not keep it.
     """
+    if not is_copyable(model):
+        raise ValueError(
+            f"cannot write a fixed copy of {model.name!r}: it is a {type(model).__name__}, which "
+            "Keras re-creates through its own constructor when loading, so per-layer dtypes are "
+            "not kept in a .keras file; fix it in its code, or call tfmp.prepare() or "
+            "tfmp.convert_policy() on it after loading")
     fixed = enforce_float32(model)
     compile_config = model.get_compile_config() if model.compiled else None
     if compile_config:

@@ -159,7 +159,7 @@ def attach_scale_counters(model: keras.Model) -> None:
     """Adds a `ScaleCounters` metric to `model` once (retracing its train step if needed)."""
     if any(isinstance(m, ScaleCounters) for m in _compat.model_metrics(model)):
         return
-    model._tfmp_scale_counters = ScaleCounters(model)  # tracked into the model's metrics
+    _compat.attach_metric(model, ScaleCounters(model))  # also on a built subclassed model
     _compat.forget_train_function(model)  # an already traced step would not report them
 
 

@@ -29,7 +29,9 @@ from absl import logging as absl_logging
 from tfmp.atomic import atomic_path
 from tfmp.litert.report import ExportError, ExportReport, array_batches, checked_batch, evaluate
 from tfmp.litert.runner import Runner
-from tfmp.rewrite import HALF_DTYPES, clone_with_dtypes, iter_layers, model_policy
+from tfmp.precision import FLOAT32, policy_scope
+from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
+                          model_policy, run_model, set_policies)
 
 QUANTIZATIONS = ("float32", "float16", "dynamic_int8", "full_int8")  # float32: the baseline
 
@@ -45,9 +47,11 @@ def _half(layer: keras.layers.Layer) -> bool:
 def float32_model(model: keras.Model) -> keras.Model:
     """`model` itself if every layer computes in float32, else a copy in which every layer does.
 
-    The copy is made the way `tfmp.convert_policy` makes its copies (weights
-    copied bit for bit), and also turns float32 the layers given a 16-bit
-    dtype on purpose, which a conversion leaves as they are.
+    A Sequential or Functional model is copied the way `tfmp.convert_policy` copies
+    it; any other kind through Keras' own `clone_model` (from the model's config,
+    as a `.keras` file is loaded), then its layers made float32 on the copy. The
+    weights are copied bit for bit. Layers given a 16-bit dtype on purpose, which
+    a conversion leaves as they are, are made float32 too.
 
     Args:
         model: A Keras model under any policy.
@@ -58,22 +62,31 @@ def float32_model(model: keras.Model) -> keras.Model:
     Raises:
         ExportError: the model cannot be copied (one line).
     """
-    if not any(_half(layer) for _, layer in iter_layers(model)):
+    if not any(_half(layer) for _, layer in iter_layers(model)) and not _half(model):
         return model
     try:
-        return clone_with_dtypes(model, lambda l: "float32" if _half(l) else None, _half)
-    except ValueError as e:
-        raise ExportError(f"cannot rebuild the model in float32 for export: {_one_line(e)}") from None
+        if is_copyable(model):
+            return clone_with_dtypes(model, lambda l: "float32" if _half(l) else None, _half)
+        with policy_scope(FLOAT32):  # what a subclassed model's __init__ makes
+            copy = keras.models.clone_model(model)
+        copy.set_weights(model.get_weights())
+        set_policies(copy, lambda l: "float32" if _half(l) else None)
+        copy(keras.tree.map_structure(  # Keras exports a model that was called once
+            lambda s: np.zeros(s.shape, s.dtype.as_numpy_dtype), example_inputs(model)))
+        return copy
+    except (ValueError, TypeError, KeyError, NotImplementedError) as e:
+        raise ExportError(f"cannot copy {model.name!r} ({type(model).__name__}) in float32 for "
+                          f"export: {_one_line(e)}") from None
 
 
 def _check_model(model: keras.Model) -> None:
     if not model.built:
         raise ExportError(f"model {model.name!r} is not built: call it on data or give it an Input")
-    inputs, outputs = getattr(model, "inputs", None), getattr(model, "outputs", None)
-    if inputs is None or outputs is None:
-        raise ExportError(f"tfmp.export takes a Sequential or Functional model; {model.name!r} "
-                          f"is a subclassed {type(model).__name__} (export it with Keras' "
-                          "model.export(format='litert', input_signature=...) instead)")
+    try:
+        inputs = keras.tree.flatten(example_inputs(model))
+        outputs = run_model(model, training=False).output_dtypes
+    except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)
+        raise ExportError(f"cannot run {model.name!r} to export it: {_one_line(e)}") from None
     if len(inputs) != 1 or len(outputs) != 1:
         raise ExportError(f"tfmp.export takes a model with one input and one output; "
                           f"{model.name!r} has {len(inputs)} inputs and {len(outputs)} outputs")

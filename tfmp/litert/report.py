@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from tfmp.litert.runner import Runner
 from tfmp.measure import quartiles
+from tfmp.rewrite import first_input_spec
 
 ARRAY_BATCH = 32  # examples per batch when data comes as arrays
 GATE_SLACK = 1e-6  # float32 metrics: differences below this are rounding
@@ -105,8 +106,8 @@ def checked_batch(x: Any, model: keras.Model, what: str) -> np.ndarray:
         ExportError: `x` is not a batch of the model's inputs (another shape,
             or floats for integer ids and the other way round).
     """
-    spec = model.inputs[0]
-    want = keras.backend.standardize_dtype(spec.dtype)
+    spec = first_input_spec(model)
+    want = spec.dtype.name
     x = np.asarray(x)
     shape_ok = x.ndim == len(spec.shape) and all(
         d is None or d == s for d, s in zip(spec.shape[1:], x.shape[1:]))

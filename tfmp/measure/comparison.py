@@ -18,7 +18,7 @@ import numpy as np
 from tfmp.measure.stats import quartiles
 from tfmp.measure.steps import train_step
 from tfmp.precision import FLOAT32, HardwareInfo, detect_hardware, policy_scope, resolve_policy
-from tfmp.rewrite import prepare
+from tfmp.rewrite import is_copyable, prepare
 
 WARMUP_STEPS = 2  # tracing happens here: not timed
 
@@ -133,6 +133,23 @@ def _batches(dataset: Any, steps: int) -> list[tuple[Any, Any]]:
     return taken
 
 
+def _model_for_arm(reference: keras.Model, build_model: Callable[[], keras.Model],
+                   hardware: HardwareInfo) -> keras.Model:
+    """What one policy's `prepare` gets: the reference, which it copies, or, for a model
+    converted in place (subclassed, keras-hub), a new one from `build_model` holding the
+    reference's initial weights."""
+    if is_copyable(reference):
+        return reference
+    with policy_scope(FLOAT32, hardware):
+        model = build_model()
+    if model is reference:
+        raise ValueError(
+            f"build_model returned the same {type(model).__name__} twice: a model of this kind "
+            "is converted in place, so compare_precision needs a new one per policy")
+    model.set_weights(reference.get_weights())
+    return model
+
+
 class _Arm:
     """One policy's model, optimizer and compiled train step."""
 
@@ -210,13 +227,16 @@ def compare_precision(
 ) -> Comparison:
     """Trains `build_model()` under each policy from identical weights on identical batches.
 
-    The model is built once, in float32, with `seed`; each policy gets it through
-    `tfmp.prepare` (rebuilt under the policy, weights copied, float32 outputs,
+    The model is built in float32, with `seed`; each policy gets it, with the
+    same initial weights, through `tfmp.prepare` (the policy, float32 outputs,
     loss scaling where needed, the NaN guard). The policies take turns step by
     step on the same batches; the first policy is the baseline.
 
     Args:
-        build_model: Returns a new, built Keras model (Sequential or Functional).
+        build_model: Returns a new, built Keras model of any kind. Sequential and
+            Functional models are built once and copied for each policy; other
+            kinds (converted in place) are built once per policy, each given the
+            first one's weights.
         dataset: A `tf.data.Dataset` of `(inputs, labels)` batches, at least `steps` long.
         policies: Names `tfmp.set_policy` accepts; the first is the baseline.
         steps: Training steps per policy.
@@ -259,8 +279,8 @@ def compare_precision(
     keras.utils.set_random_seed(seed)
     with policy_scope(FLOAT32, hw):
         reference = build_model()
-    arms = [_Arm(label, policy, reference, make_optimizer, loss_fn, hw)
-            for label, policy in resolved]
+    arms = [_Arm(label, policy, _model_for_arm(reference, build_model, hw), make_optimizer,
+                 loss_fn, hw) for label, policy in resolved]
     for i, (x, y) in enumerate(batches):
         for arm in arms if i % 2 == 0 else reversed(arms):  # alternate who goes first
             arm.step(x, y)

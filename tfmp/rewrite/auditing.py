@@ -9,6 +9,7 @@ import keras
 
 from tfmp import _compat
 from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
+from tfmp.rewrite.audit_report import SEVERITIES, AuditReport, Finding, LayerSummary
 from tfmp.rewrite.classify import (
     HALF_DTYPES,
     UPCASTING_NORMALIZATION,
@@ -19,77 +20,10 @@ from tfmp.rewrite.classify import (
     iter_layers,
     output_layers,
 )
+from tfmp.rewrite.tracing import (EXP_LOG_OPS, HEAVY_OPS, ROOT_OPS, SOFTMAX_OPS, SUM_OPS,
+                                  ModelRun, run_model)
 
-SEVERITIES = ("error", "warning", "info")
-
-
-@dataclasses.dataclass(frozen=True)
-class Finding:
-    """One audit finding.
-
-    Attributes:
-        code: Stable identifier (e.g. `"output-not-float32"`).
-        severity: `"error"`, `"warning"` or `"info"`.
-        path: Layer or variable path (`"<model>"` / `"<optimizer>"` for global findings).
-        problem: What is wrong.
-        fix: How to fix it.
-    """
-
-    code: str
-    severity: str
-    path: str
-    problem: str
-    fix: str
-
-
-@dataclasses.dataclass(frozen=True)
-class AuditReport:
-    """The findings of `tfmp.audit`, errors first.
-
-    Attributes:
-        findings: Errors first, then warnings, then infos.
-        policy: The policy the model was judged against.
-    """
-
-    findings: tuple[Finding, ...]
-    policy: str
-
-    @property
-    def errors(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "error"]
-
-    @property
-    def warnings(self) -> list[Finding]:
-        return [f for f in self.findings if f.severity == "warning"]
-
-    @property
-    def ok(self) -> bool:
-        """True when there is no error (warnings and infos allowed)."""
-        return not self.errors
-
-    def codes(self) -> set[str]:
-        return {f.code for f in self.findings}
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serializable dict."""
-        return {
-            "ok": self.ok,
-            "policy": self.policy,
-            "findings": [dataclasses.asdict(f) for f in self.findings],
-        }
-
-    def __str__(self) -> str:
-        head = f"tfmp audit (policy {self.policy}): "
-        if not self.findings:
-            return head + "no findings."
-        counts = {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES}
-        rows = [("severity", "path", "problem", "fix")]
-        rows += [(f.severity, f.path, f.problem, f.fix) for f in self.findings]
-        widths = [max(len(r[i]) for r in rows) for i in range(3)]
-        lines = [head + ", ".join(f"{n} {s}(s)" for s, n in counts.items())]
-        for r in rows:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])
-        return "\n".join(lines)
+LARGE_REDUCTION = 1024  # elements summed into one value: a 16-bit sum that large loses digits
 
 
 def _dtype(x: Any) -> str:
@@ -97,6 +31,12 @@ def _dtype(x: Any) -> str:
 
 
 def _check_outputs(model: keras.Model, ctx: "_Context") -> None:
+    if ctx.run is not None:
+        for i, (dtype, path) in enumerate(zip(ctx.run.output_dtypes, ctx.run.output_producers)):
+            if dtype in HALF_DTYPES:
+                ctx.add("output-not-float32", "error", path, f"model output {i} is {dtype}",
+                        "give the last layer dtype='float32' or run tfmp.enforce_float32(model)")
+        return
     if not is_plain_model(model):
         ctx.add("outputs-unchecked", "info", "<model>",
                 "outputs of a subclassed model cannot be checked without running it",
@@ -112,13 +52,18 @@ def _check_outputs(model: keras.Model, ctx: "_Context") -> None:
 
 def _check_layers(model: keras.Model, ctx: "_Context") -> None:
     outputs = {id(l) for l in output_layers(model)}
+    if ctx.run is not None:  # the layers whose ops made the outputs (any model kind)
+        outputs |= {id(layer.layer) for layer in ctx.run.layers
+                    if layer.path in ctx.run.output_producers}
     mismatched: list[str] = []
     for path, layer in iter_layers(model):
         compute = layer.compute_dtype
-        if is_softmax(layer) and compute in HALF_DTYPES:
+        if ctx.run is not None:
+            pass  # softmax and normalization: judged by the ops that ran (_check_ops)
+        elif is_softmax(layer) and compute in HALF_DTYPES:
             ctx.add("softmax-half", "warning", path, f"softmax computes in {compute}",
                     "give it dtype='float32' or use tfmp.layers.StableSoftmax")
-        if (is_normalization(layer) and compute in HALF_DTYPES
+        elif (is_normalization(layer) and compute in HALF_DTYPES
                 and not isinstance(layer, UPCASTING_NORMALIZATION)):
             ctx.add("normalization-half", "warning", path, f"normalization computes in {compute}",
                     "give it dtype='float32' or use tfmp.layers.StableLayerNorm")
@@ -137,6 +82,44 @@ def _check_layers(model: keras.Model, ctx: "_Context") -> None:
                 f"{len(mismatched)} layer(s) use another policy than the global "
                 f"{ctx.policy} (was the policy set after the model was built?): {shown}",
                 "build the model after tfmp.set_policy(), or use tfmp.prepare()")
+
+
+def _check_ops(model: keras.Model, ctx: "_Context") -> None:
+    """Findings from the ops each layer ran, whatever its class or name."""
+    for layer in ctx.run.layers if ctx.run is not None else ():
+        half = [op for op in layer.ops if op.dtype in HALF_DTYPES]
+        types = {op.type for op in half}
+        dtype = half[0].dtype if half else ""
+        if types & set(SOFTMAX_OPS):
+            ctx.add("softmax-half", "warning", layer.path, f"softmax computes in {dtype}",
+                    "give the layer dtype='float32' or use tfmp.layers.StableSoftmax")
+        elif types & set(EXP_LOG_OPS):
+            ctx.add("exp-log-half", "warning", layer.path,
+                    f"{'/'.join(sorted(types & set(EXP_LOG_OPS)))} computes in {dtype}: it "
+                    "overflows or loses most digits there",
+                    "compute it in float32 (ops.cast the input) or give the layer dtype='float32'")
+        # Statistics: a mean or sum and a square root of it, the root in 16 bits. (Keras'
+        # ops.mean sums 16-bit inputs in float32 but returns 16 bits: the squares before it
+        # and the root after it are still 16-bit; in float16 a square above 256 is inf.)
+        if types & set(ROOT_OPS) and {op.type for op in layer.ops} & set(SUM_OPS):
+            ctx.add("normalization-half", "warning", layer.path,
+                    f"normalization statistics ({', '.join(sorted(types & set(ROOT_OPS)))}) "
+                    f"compute in {dtype}",
+                    "compute them in float32 inside call, give the layer dtype='float32', or use "
+                    "tfmp.layers.StableLayerNorm")
+        else:
+            large = max((op.reduced for op in half if op.type in SUM_OPS), default=0)
+            if large >= LARGE_REDUCTION:
+                ctx.add("large-reduction-half", "warning", layer.path,
+                        f"a sum of {large} elements computes in {dtype}: it loses digits",
+                        "sum in float32 (ops.cast the input first)")
+        heavy32 = [op for op in layer.ops if op.type in HEAVY_OPS and op.dtype == "float32"]
+        if heavy32 and layer.layer.compute_dtype in HALF_DTYPES:
+            ctx.add("heavy-op-float32", "warning", layer.path,
+                    f"policy {layer.policy} but {len(heavy32)} matmul/convolution op(s) "
+                    f"({heavy32[0].type}) run in float32: the layer pays for mixed precision "
+                    "and gets none of it",
+                    "let its code compute in self.compute_dtype, or give it dtype='float32'")
 
 
 def _check_sizes(path: str, layer: keras.layers.Layer, ctx: "_Context") -> None:
@@ -189,14 +172,35 @@ class _Context:
     policy: str
     hardware: HardwareInfo
     align: int
-    compute_dtypes: set[str]  # of every layer, nested ones included
+    compute_dtypes: set[str]  # of every layer, nested ones included, and of the ops that ran
+    run: Optional[ModelRun] = None
     findings: list[Finding] = dataclasses.field(default_factory=list)
 
     def add(self, *args: str) -> None:
         self.findings.append(Finding(*args))
 
 
-CHECKS: tuple[Callable[[keras.Model, _Context], None], ...] = (_check_outputs, _check_layers)
+CHECKS: tuple[Callable[[keras.Model, _Context], None], ...] = (_check_outputs, _check_layers,
+                                                               _check_ops)
+
+
+def _run(model: keras.Model, data: Any, ctx: "_Context") -> Optional[ModelRun]:
+    try:
+        return run_model(model, data)
+    except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        ctx.add("not-run", "info", "<model>",
+                f"the model could not be run to see what it computes ({type(e).__name__}: "
+                f"{first}); outputs, softmax and normalization judged by the layers' configs",
+                "pass data= (a batch of inputs), or build the model on a batch first")
+        return None
+
+
+def _summaries(run: Optional[ModelRun]) -> tuple[LayerSummary, ...]:
+    if run is None:
+        return ()
+    return tuple(LayerSummary(layer.path, layer.class_name, layer.policy, layer.output_dtypes,
+                              layer.flops(), layer.flops(HALF_DTYPES)) for layer in run.layers)
 
 
 def audit(
@@ -205,30 +209,47 @@ def audit(
     hardware: Optional[HardwareInfo] = None,
     *,
     policy: Optional[str] = None,
+    data: Any = None,
 ) -> AuditReport:
     """Checks what runs in which precision and reports what is wrong.
 
+    The model is run (traced, `tfmp.rewrite.run_model`: nothing executes, no weight
+    changes) on a batch of its input shapes or on `data`, and judged by what it ran:
+    the dtype of every output, the share of matmul and convolution FLOPs in 16 bits,
+    softmax, exp/log, large sums and normalization statistics computed in 16 bits
+    (found by the ops each layer runs, not by its class or name), and 16-bit layers
+    whose code runs its matmuls in float32. Configs are read for what only they say
+    (variable dtypes, policies, layer sizes).
+
     Args:
-        model: A Keras model (subclassed models get a partial audit).
+        model: A Keras model of any kind (subclassed and keras-hub models included).
         optimizer: The optimizer to check; defaults to `model.optimizer` if compiled.
         hardware: The hardware to judge for; detected when omitted.
         policy: The policy the model is meant to run under (layers under another one
             are reported); default Keras' global policy. `tfmp.rewrite.model_policy(model)`
             audits a saved model against the policy it was built with.
+        data: A batch to run the model on (an array, a structure of arrays, `(x, y)` or
+            a `tf.data.Dataset`); default: the model's input shapes. A model that cannot
+            be run is judged by its configs (an info finding says so).
 
     Returns:
-        An `AuditReport`: `report.ok`, `report.errors`, `str(report)` (a table),
+        An `AuditReport`: `report.ok`, `report.errors`, `str(report)` (findings),
+        `report.layer_table()` (every layer as it ran), `report.half_flops_share`,
         `report.to_dict()` (JSON).
 
     Example:
     >>> report = tfmp.audit(model, optimizer)
     >>> print(report)
+    >>> print(report.layer_table())
     >>> assert report.ok, report.errors
     """
     hw = hardware if hardware is not None else detect_hardware()
     policy = policy or global_policy_name()
     align = {"tpu": 128, "gpu": 8}.get(hw.accelerator, 0)
     ctx = _Context(policy, hw, align, {l.compute_dtype for _, l in iter_layers(model)})
+    ctx.run = _run(model, data, ctx)
+    if ctx.run is not None:
+        ctx.compute_dtypes |= {op.dtype for layer in ctx.run.layers for op in layer.ops}
     for check in CHECKS:
         check(model, ctx)
     if optimizer is None:
@@ -240,5 +261,7 @@ def audit(
                 "use mixed_bfloat16 (tfmp.set_policy('bf16'))")
     order = {s: i for i, s in enumerate(SEVERITIES)}
     findings = sorted(ctx.findings, key=lambda f: order[f.severity])
-    return AuditReport(tuple(findings), policy)
-
+    run = ctx.run
+    return AuditReport(tuple(findings), policy, _summaries(run),
+                       run.input_shapes if run else (), run.flops() if run else 0,
+                       run.share(HALF_DTYPES) if run else None)

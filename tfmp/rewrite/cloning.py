@@ -15,6 +15,11 @@ from tfmp import layers as tfmp_layers
 from tfmp.rewrite.classify import FLOAT32_BY_CONSTRUCTION, HALF_DTYPES, is_plain_model, iter_layers
 
 
+class ConfigRoundTripError(ValueError):
+    """A layer cannot be re-created from its own config (its `get_config` holds keys its
+    `__init__` rejects, or misses some it needs): the model cannot be copied layer by layer."""
+
+
 def _needs_clone_error(model: keras.Model, chosen: Callable[[keras.layers.Layer], bool]) -> ValueError:
     names = [path for path, layer in iter_layers(model) if chosen(layer)]
     return ValueError(
@@ -44,6 +49,7 @@ def clone_with_dtypes(
 
     Raises:
         ValueError: `model` (or a nested model) is subclassed, or not built.
+        ConfigRoundTripError: a layer's config does not re-create it (a `ValueError`).
     """
     if not is_plain_model(model):
         raise _needs_clone_error(model, chosen)
@@ -69,6 +75,11 @@ def clone_with_dtypes(
         keras.config.set_dtype_policy(dtype or layer.dtype_policy)
         try:
             return type(layer).from_config(config)
+        except (TypeError, ValueError, KeyError, NotImplementedError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigRoundTripError(
+                f"layer {layer.name!r} ({type(layer).__name__}) cannot be re-created from its "
+                f"config ({type(e).__name__}: {first})") from None
         finally:
             keras.config.set_dtype_policy(previous)
 
@@ -107,15 +118,40 @@ def cast_op_outputs(model: keras.Model) -> keras.Model:
     return keras.Model(model.inputs, keras.tree.map_structure(cast, structure), name=model.name)
 
 
+def policy_rule(source: str, policy: str, chosen: Callable[[keras.layers.Layer], bool]
+                ) -> Callable[[keras.layers.Layer], Optional[str]]:
+    """The dtype each layer takes when a model built under `source` goes to `policy`.
+
+    Layers selected by `chosen`, and tfmp's float32-by-construction layers, are
+    float32; every other layer built with `source` takes `policy`; layers given
+    another dtype on purpose keep theirs (None).
+
+    Args:
+        source: The policy the model was built under.
+        policy: The policy to compute under.
+        chosen: The layers to put in float32.
+
+    Returns:
+        `dtype_for(layer) -> policy name or None`.
+    """
+
+    def dtype_for(layer: keras.layers.Layer) -> Optional[str]:
+        if chosen(layer) or isinstance(layer, FLOAT32_BY_CONSTRUCTION):
+            return "float32"
+        if layer.dtype_policy.name == source:
+            return policy
+        return None
+
+    return dtype_for
+
+
 def rebuild_under_policy(
     model: keras.Model, source: str, policy: str, chosen: Callable[[keras.layers.Layer], bool]
 ) -> keras.Model:
     """Clones a model built under the `source` policy so that it computes under `policy`.
 
-    Layers selected by `chosen`, and tfmp's float32-by-construction layers,
-    are float32; every other layer built with `source` takes `policy`; layers
-    given another dtype on purpose keep it. Weights are copied (bit for bit:
-    variables are float32 under every policy). Works in every direction:
+    Each layer takes the dtype `policy_rule` gives it. Weights are copied (bit for
+    bit: variables are float32 under every policy). Works in every direction:
     float32 -> mixed, mixed -> float32, mixed_bfloat16 -> mixed_float16.
 
     Args:
@@ -129,13 +165,6 @@ def rebuild_under_policy(
 
     Raises:
         ValueError: `model` (or a nested model) is subclassed, or not built.
+        ConfigRoundTripError: a layer's config does not re-create it (a `ValueError`).
     """
-
-    def dtype_for(layer: keras.layers.Layer) -> Optional[str]:
-        if chosen(layer) or isinstance(layer, FLOAT32_BY_CONSTRUCTION):
-            return "float32"
-        if layer.dtype_policy.name == source:
-            return policy
-        return None
-
-    return cast_op_outputs(clone_with_dtypes(model, dtype_for, chosen))
+    return cast_op_outputs(clone_with_dtypes(model, policy_rule(source, policy, chosen), chosen))

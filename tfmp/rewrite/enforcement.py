@@ -1,18 +1,22 @@
-"""`enforce_float32`: a copy of a model with float32 where precision matters.
+"""`enforce_float32`: float32 where precision matters.
 
 Outputs, normalization and softmax layers (and any named or given class) compute
-in float32 in the copy; everything else keeps its policy. Weights are copied; the
-original is untouched.
+in float32; everything else keeps its policy. A model Keras can rebuild layer by
+layer is copied (weights copied, the original untouched); any other model is
+changed in place (`tfmp.rewrite.inplace`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 import keras
+from absl import logging
 
 from tfmp.rewrite.classify import is_normalization, is_softmax, output_layers
-from tfmp.rewrite.cloning import cast_op_outputs, clone_with_dtypes
+from tfmp.rewrite.cloning import ConfigRoundTripError, cast_op_outputs, clone_with_dtypes
+from tfmp.rewrite.inplace import convert_in_place, is_copyable
+from tfmp.rewrite.tracing import ModelRun
 
 LayerSpec = Union[str, type]
 
@@ -62,22 +66,27 @@ def enforce_float32(
     softmax: bool = True,
     extra_layers: Iterable[LayerSpec] = (),
 ) -> keras.Model:
-    """Returns a copy of `model` whose sensitive layers compute in float32.
+    """Returns `model` with its sensitive layers computing in float32.
+
+    Sequential and Functional models of Keras' own classes are copied (weights
+    copied, the original untouched). Subclassed models, Functional subclasses
+    (keras-hub tasks) and models with a layer whose config does not re-create it
+    are changed in place and returned themselves (`tfmp.rewrite.inplace`).
 
     Args:
-        model: A built Sequential or Functional model (nested ones included).
-        outputs: Make the layers producing the model's outputs float32, so
-            every output is float32.
+        model: A built Keras model of any kind.
+        outputs: Make every model output float32 (the layers that produce them, and
+            a cast for an output that an op produces).
         normalization: Make normalization layers float32.
         softmax: Make softmax layers (and layers with a softmax activation) float32.
         extra_layers: More layers to make float32, by name or class.
 
     Returns:
-        A new model with the original weights; the original is not modified.
+        The copy, or `model` itself changed in place.
 
     Raises:
-        ValueError: `model` is subclassed (the message names the layers that
-            would change and points at `tfmp.layers`) or not built.
+        ValueError: `model` is not built (or, changed in place, has no input shape to
+            run it on).
 
     Example:
     >>> fixed = tfmp.enforce_float32(model)
@@ -88,7 +97,38 @@ def enforce_float32(
         model, outputs=outputs, normalization=normalization, softmax=softmax,
         extra_layers=extra_layers,
     )
-    clone = clone_with_dtypes(model, lambda l: "float32" if chosen(l) else None, chosen)
-    return cast_op_outputs(clone) if outputs else clone
+
+    def dtype_for(layer: keras.layers.Layer) -> Optional[str]:
+        return "float32" if chosen(layer) else None
+
+    return convert(model, dtype_for, chosen, outputs=outputs)[0]
 
 
+def convert(model: keras.Model, dtype_for: Callable[[keras.layers.Layer], Optional[str]],
+            chosen: Callable[[keras.layers.Layer], bool], *, outputs: bool = True
+            ) -> tuple[keras.Model, Optional[ModelRun]]:
+    """Gives each layer `dtype_for(layer)`: on a copy when Keras can rebuild the model layer
+    by layer, else in place (then, with `outputs`, every output made float32).
+
+    Args:
+        model: A built Keras model.
+        dtype_for: The policy for each layer, or None to keep its own.
+        chosen: The layers made float32 (named in errors).
+        outputs: Make every output float32.
+
+    Returns:
+        `(the copy, None)`, or `(model itself, its ModelRun after the change)`.
+
+    Raises:
+        ValueError: `model` is not built.
+    """
+    if is_copyable(model):
+        try:
+            clone = clone_with_dtypes(model, dtype_for, chosen)
+            return (cast_op_outputs(clone) if outputs else clone), None
+        except ConfigRoundTripError as e:
+            logging.info("tfmp: %s; %r is converted in place instead of copied", e, model.name)
+    changes, run = convert_in_place(model, dtype_for, outputs=outputs)
+    for change in changes:
+        logging.info("tfmp: in place: %s", change)
+    return model, run

@@ -10,10 +10,11 @@ from absl import logging
 from tfmp.distribute import enable_multi_worker_fit
 from tfmp.precision import HardwareInfo, detect_hardware, resolve_policy, set_policy
 from tfmp.rewrite.auditing import AuditReport, audit
-from tfmp.rewrite.classify import is_plain_model, model_policy
-from tfmp.rewrite.cloning import rebuild_under_policy
-from tfmp.rewrite.enforcement import enforce_float32, float32_selector
+from tfmp.rewrite.classify import HALF_DTYPES, model_policy
+from tfmp.rewrite.cloning import policy_rule
+from tfmp.rewrite.enforcement import convert, float32_selector
 from tfmp.rewrite.islands import apply_islands
+from tfmp.rewrite.tracing import ModelRun
 from tfmp.scaling import LossScale, guard_model_state, wrap_optimizer
 
 
@@ -31,40 +32,64 @@ class AuditError(ValueError):
         )
 
 
+def _check_computes_in(model: keras.Model, run: Optional[ModelRun], policy: str) -> None:
+    """Raises when a model converted to a 16-bit policy ran every matmul and convolution in
+    float32 anyway (its own code casts to float32)."""
+    half = keras.dtype_policies.get(policy).compute_dtype
+    if run is None or half not in HALF_DTYPES or not run.flops() or run.flops((half,)):
+        return
+    stuck = [layer.path for layer in run.layers if layer.flops() and layer.policy == policy]
+    if stuck:
+        raise ValueError(
+            f"{model.name!r} ({type(model).__name__}) under {policy} still computes every matmul "
+            f"and convolution in float32: {', '.join(stuck[:5])}{' ...' if len(stuck) > 5 else ''} "
+            f"run theirs in float32 although their policy is {policy} (does their code cast to "
+            "float32?); give those layers 16-bit computations or keep the model in float32")
+
+
 def convert_policy(model: keras.Model, policy: str) -> keras.Model:
-    """`model` rebuilt to compute under another dtype policy, weights copied bit for bit.
+    """`model` made to compute under another dtype policy, weights kept bit for bit.
 
     Outputs, normalization and softmax layers (and tfmp's float32 layers) stay in
     float32; every other layer built under the model's policy takes `policy`;
     layers given another dtype on purpose keep it. Variables are float32 under
     every policy, so round trips (float32 -> mixed_bfloat16 -> mixed_float16 ->
-    float32) leave the weights bit-identical. The input model is not changed, and
-    Keras' global policy is not touched. `tfmp.prepare` converts through this.
+    float32) leave the weights bit-identical. Keras' global policy is not touched.
+    `tfmp.prepare` converts through this.
+
+    Copied or converted in place: a Sequential or Functional model of Keras' own
+    classes (nested ones too) is rebuilt as a new model and the input model is
+    not changed. Every other model (a subclassed model, a Functional subclass
+    such as a keras-hub task, a model holding a layer whose config does not
+    re-create it) is converted in place and returned itself: each layer takes
+    its new dtype policy, the layers that produce its outputs compute in float32
+    (found by running it), and an output its own `call` makes in 16 bits is cast
+    to float32. Such a model is checked by running it: one that still computes
+    every matmul in float32 under a 16-bit policy raises.
 
     Args:
-        model: A built Sequential or Functional model.
+        model: A built Keras model of any kind.
         policy: `float32`, `mixed_float16` or `mixed_bfloat16` (any spelling
             `tfmp.parse_precision` accepts; `auto` resolves from the hardware).
 
     Returns:
-        A new model (also when the policy is already the model's: then only its
-        float32 layers are enforced).
+        A new model, or `model` itself converted in place (see above).
 
     Raises:
-        ValueError: a bad policy name, or a subclassed or unbuilt model.
+        ValueError: a bad policy name; an unbuilt model; a model converted in place
+            whose code keeps every matmul in float32 under a 16-bit policy.
 
     Example:
     >>> f32 = tfmp.convert_policy(keras.models.load_model("mixed.keras"), "float32")
     """
     target = resolve_policy(policy).name
-    if not is_plain_model(model):
-        raise ValueError(f"convert_policy needs a Sequential or Functional model; "
-                         f"{type(model).__name__!r} is subclassed (build it under the policy instead)")
     source = model_policy(model)
-    if source == target:
-        return enforce_float32(model)
-    logging.info("tfmp: rebuilding the %s model under %s", source, target)
-    return rebuild_under_policy(model, source, target, float32_selector(model))
+    if source != target:
+        logging.info("tfmp: converting the %s model under %s", source, target)
+    chosen = float32_selector(model)
+    converted, run = convert(model, policy_rule(source, target, chosen), chosen)
+    _check_computes_in(converted, run, target)
+    return converted
 
 
 def prepare(
@@ -81,11 +106,12 @@ def prepare(
     """Sets the policy, fixes the model, wraps the optimizer and audits the result.
 
     1. `tfmp.set_policy(precision)`.
-    2. If `model` was built under another policy (a pretrained float32 model
-       going mixed, or a mixed model going float32 or to the other 16-bit
-       type), it is rebuilt under the new policy with its weights copied;
-       otherwise outputs, softmax and normalization layers are put in
-       float32 (`tfmp.enforce_float32`). Never half converted.
+    2. `tfmp.convert_policy(model, policy)`: a model built under another
+       policy (a pretrained float32 model going mixed, or a mixed model going
+       float32 or to the other 16-bit type) computes under the new one, its
+       outputs, softmax and normalization layers in float32, weights
+       untouched. Never half converted. Sequential and Functional models of
+       Keras' own classes are copied; every other kind is converted in place.
        Activations known to be slower in 16 bits on this hardware (GELU on a
        CPU under bfloat16: `tfmp.rewrite.ISLANDS`) are computed in float32
        and cast back.
@@ -97,24 +123,24 @@ def prepare(
        fails there otherwise (keras-team/keras#20585).
 
     Args:
-        model: A built Sequential or Functional model. A subclassed model is
-            only audited (build it with `tfmp.layers`).
+        model: A built Keras model of any kind (see `tfmp.convert_policy` for which
+            are copied and which are converted in place).
         optimizer: A Keras optimizer or its name.
         precision: Any name `tfmp.set_policy` accepts (default `auto`).
         loss_scale, guard, **scale_args: See `tfmp.wrap_optimizer`.
-        float32_islands: Apply `tfmp.rewrite.ISLANDS` (Sequential and Functional
-            models; default True).
+        float32_islands: Apply `tfmp.rewrite.ISLANDS` (default True).
         hardware: The hardware to decide and audit for; detected when omitted.
 
     Returns:
         `(model, optimizer)`: compile and fit these. The model's train step is
         guarded (`tfmp.guard_model_state`: a skipped step changes no state). A
         Sequential or Functional input model is left unchanged (a copy is
-        returned); a subclassed one is returned itself, with that guard.
+        returned); any other kind is returned itself, converted in place.
 
     Raises:
         AuditError: the prepared model still has audit errors (a `ValueError`).
-        ValueError: a bad precision name or optimizer argument.
+        ValueError: a bad precision name or optimizer argument; an unbuilt model; a
+            model whose own code keeps every matmul in float32 under a 16-bit policy.
 
     Example:
     >>> model, opt = tfmp.prepare(model, keras.optimizers.Adam(1e-3), "auto")
@@ -122,11 +148,10 @@ def prepare(
     """
     hw = hardware if hardware is not None else detect_hardware()
     policy = set_policy(precision, hw)
-    if is_plain_model(model):
-        model = convert_policy(model, policy)
-        if float32_islands:  # `model` is the copy made above: ours to change
-            for change in apply_islands(model, policy, hw):
-                logging.info("tfmp.prepare: float32 island %s", change)
+    model = convert_policy(model, policy)
+    if float32_islands:  # the copy made above, or the model converted in place
+        for change in apply_islands(model, policy, hw):
+            logging.info("tfmp.prepare: float32 island %s", change)
     opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
     report = audit(model, opt, hw)
     if not report.ok:

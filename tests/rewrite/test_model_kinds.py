@@ -1,0 +1,159 @@
+"""prepare, convert_policy, audit and export on every model style of the corpus, checked by
+running the models (the executed graph), not by reading their configs."""
+
+import warnings
+
+import keras
+import numpy as np
+import tensorflow as tf
+import pytest
+
+import tfmp
+from rewrite import corpus
+from tfmp.callbacks import LossScaleMonitor, NanMonitor
+from tfmp.precision import HardwareInfo
+
+GPU = HardwareInfo("gpu", ("GPU:0",), ((8, 0),))  # float16 is no trap there; no CPU islands
+HALF = {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
+
+
+def _heavy_dtypes(run, path):
+    dtypes = {op.dtype for op in run.layer(path).ops if op.flops}
+    assert dtypes, f"{path} ran no matmul or convolution"
+    return dtypes
+
+
+def _prepare(model, policy):
+    # float16 from a scale of 2^10: from 2^15 a fresh MobileNet skips its first 4 steps
+    scale = {"initial_scale": 2.0**10} if policy == "mixed_float16" else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return tfmp.prepare(model, keras.optimizers.Adam(1e-3), policy, hardware=GPU, **scale)
+
+
+@pytest.mark.parametrize("name", sorted(corpus.KINDS))
+def test_prepare_computes_what_was_asked_and_trains(name):
+    kind = corpus.KINDS[name]
+    x, y = corpus.data(kind, n=32)
+    for policy, half in HALF.items():
+        keras.config.set_dtype_policy("float32")
+        keras.utils.set_random_seed(0)
+        model = kind.build()
+        weights = model.get_weights()
+        before = keras.tree.flatten(model(x[:4] if kind.inputs != "pair" else
+                                          [a[:4] for a in x], training=False))
+        prepared, opt = _prepare(model, policy)
+        assert (prepared is not model) == kind.copied, policy
+        for a, b in zip(weights, prepared.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        after = keras.tree.flatten(prepared(x[:4] if kind.inputs != "pair" else
+                                            [a[:4] for a in x], training=False))
+        for a, b in zip(before, after):  # the same function, in 16 bits
+            a = np.asarray(a, "float32")
+            np.testing.assert_allclose(np.asarray(b), a, atol=0.05 * max(1.0, np.abs(a).max()))
+        run = tfmp.rewrite.run_model(prepared)
+        assert run.output_dtypes == ("float32",) * kind.outputs, (policy, run.output_dtypes)
+        for path in kind.half:
+            assert _heavy_dtypes(run, path) == {half}, (policy, path)
+        for path in kind.float32:
+            assert _heavy_dtypes(run, path) == {"float32"}, (policy, path)
+        report = tfmp.audit(prepared, opt, hardware=GPU)
+        assert report.ok, str(report)
+        assert report.half_flops_share >= kind.min_share, (policy, report.summary())
+        # below 1 exactly when some layer's matmuls stay float32 (a head, a hard-coded layer)
+        assert (report.half_flops_share < 1.0) == bool(kind.float32), (policy, report.summary())
+        assert report.codes() - {"size-not-aligned"} == set(kind.findings), str(report)
+        prepared.compile(opt, ["sparse_categorical_crossentropy", "mse"][:kind.outputs],
+                         run_eagerly=kind.eager)
+        hist = prepared.fit(x, y, batch_size=8, epochs=1, verbose=0,
+                            callbacks=[LossScaleMonitor(), NanMonitor("raise")])
+        assert np.isfinite(hist.history["loss"][-1]), policy
+        assert hist.history["skipped_steps"][-1] < 4, policy  # 4 steps: some applied
+        assert any(np.any(a != b) for a, b in zip(weights, prepared.get_weights())), policy
+
+
+@pytest.mark.parametrize("name", sorted(corpus.KINDS))
+def test_convert_policy_round_trip_is_bit_identical(name):
+    kind = corpus.KINDS[name]
+    keras.utils.set_random_seed(1)
+    model = kind.build()
+    weights = model.get_weights()
+    x = corpus.data(kind, n=2)[0]
+    for policy in ("mixed_bfloat16", "mixed_float16", "float32"):
+        model = tfmp.convert_policy(model, policy)
+        run = tfmp.rewrite.run_model(model)
+        assert run.output_dtypes == ("float32",) * kind.outputs, policy
+        expected = HALF.get(policy, "float32")
+        assert _heavy_dtypes(run, kind.half[0]) == {expected}, policy
+        for a, b in zip(weights, model.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        assert all(np.isfinite(np.asarray(o)).all() for o in keras.tree.flatten(model(x)))
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is not touched
+
+
+def test_the_audit_judges_what_a_layer_runs_not_its_name():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = corpus._norms()  # built under bfloat16: nothing in float32 yet
+    report = tfmp.audit(model, hardware=GPU)
+    found = {(f.code, f.path) for f in report.findings}
+    assert ("normalization-half", "rescale") in found  # statistics in bfloat16, any name
+    assert not any(path == "upcast" for _, path in found)  # Gemma's RMSNorm upcasts inside
+    assert ("output-not-float32", "head") in found
+    assert report.layer("rescale").output_dtypes == ("bfloat16",)
+    hard = tfmp.audit(corpus._hardcoded(), hardware=GPU)
+    assert {(f.code, f.path) for f in hard.warnings} == {("heavy-op-float32", "f32_matmul")}
+    assert "f32_matmul" in hard.layer_table() and "0%" in hard.layer_table()
+
+
+def test_a_subclassed_model_built_in_bfloat16_gets_float32_outputs():
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    model = corpus._subclassed()
+    before = tfmp.audit(model, hardware=GPU)
+    assert [(f.code, f.path) for f in before.errors] == [("output-not-float32", "head")]
+    prepared, opt = _prepare(model, "mixed_bfloat16")
+    assert prepared is model and model.head.compute_dtype == "float32"
+    assert model(np.zeros((2, 8), "float32")).dtype == "float32"
+    assert tfmp.audit(prepared, opt, hardware=GPU).ok
+
+
+def test_a_config_that_does_not_round_trip_is_converted_in_place(caplog):
+    model = corpus._extra_key()  # keras-hub's ViT patching layer's trouble, in a plain model
+    with pytest.raises(TypeError, match="num_patches"):
+        corpus.PatchEmbedding.from_config(model.get_layer("patches").get_config())
+    with caplog.at_level("INFO", logger="absl"):
+        converted = tfmp.convert_policy(model, "mixed_bfloat16")
+    assert converted is model and model.get_layer("patches").compute_dtype == "bfloat16"
+    assert "'patches' (PatchEmbedding) cannot be re-created from its config" in caplog.text
+
+
+def test_compare_precision_builds_one_subclassed_model_per_policy():
+    x, y = corpus.data(corpus.KINDS["subclassed"], n=64)
+    dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
+    built = []
+
+    def build():
+        built.append(corpus._subclassed())
+        return built[-1]
+
+    result = tfmp.compare_precision(build, dataset, policies=("fp32", "bf16"), steps=4,
+                                    hardware=GPU, tolerance=0.05)
+    assert result.ok, str(result)
+    assert len(built) == 3 and len({id(m) for m in built}) == 3  # reference, then one each
+    assert result.runs[0].losses[0] == pytest.approx(result.runs[1].losses[0], rel=0.02)
+    with pytest.raises(ValueError, match="returned the same SubclassedNet twice"):
+        tfmp.compare_precision(lambda: built[0], dataset, steps=4, hardware=GPU)
+
+
+def test_export_of_subclassed_models(tmp_path):
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    keras.utils.set_random_seed(0)
+    model = corpus._subclassed()
+    x, y = corpus.data(corpus.KINDS["subclassed"], n=64)
+    report = tfmp.export(model, str(tmp_path / "sub.tflite"), "float16", eval_data=(x, y))
+    assert report.relative_diff < 5e-3 and report.model_policy == "mixed_bfloat16"
+    assert model.block.dense.compute_dtype == "bfloat16"  # the model given was not changed
+    opaque = corpus._opaque()  # no config: Keras cannot copy it into float32
+    with pytest.raises(tfmp.litert.ExportError, match=r"^cannot copy 'opaque_net' \(OpaqueNet\) "
+                       "in float32 for export: "):
+        tfmp.export(opaque, str(tmp_path / "opaque.tflite"), "float16")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.tflite"]

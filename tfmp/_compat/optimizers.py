@@ -1,0 +1,123 @@
+"""Keras' optimizer internals: the pieces of `BaseOptimizer.apply()` that the distributed
+path runs in Keras' order (keras-team/keras#20582)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from tfmp._compat.base import relying_on
+
+def micro_batches(optimizer: Any) -> Any:
+    """`optimizer._iterations`: applied calls, micro-batches under gradient accumulation
+    (`optimizer.iterations` counts updates there)."""
+    with relying_on("BaseOptimizer._iterations"):
+        return optimizer._iterations
+
+
+def built_variables(optimizer: Any) -> list:
+    """The trainable variables an optimizer was built with, in its order."""
+    with relying_on("BaseOptimizer._trainable_variables"):
+        return list(optimizer._trainable_variables)
+
+
+def variable_index(optimizer: Any, variable: Any) -> int:
+    """`optimizer._get_variable_index(variable)`: its position in the built list."""
+    with relying_on("BaseOptimizer._get_variable_index"):
+        return optimizer._get_variable_index(variable)
+
+
+def overwrites_with_gradient(optimizer: Any, variable: Any) -> bool:
+    """Whether `apply()` assigns this variable its gradient instead of updating it."""
+    with relying_on("BaseOptimizer._overwrite_variable_with_gradient"):
+        return bool(optimizer._overwrite_variable_with_gradient(variable))
+
+
+def apply_decided(inner: Any, grads: Sequence[Any], trainable_variables: Optional[Sequence[Any]],
+                  update: bool) -> None:
+    """Keras' `BaseOptimizer.apply()` on one replica, its accumulation branch decided.
+
+    Under a `tf.distribute` strategy Keras 3.15 takes the accumulation branch
+    (update, or add to the accumulators) in a replica-context `cond` whose update
+    branch calls `merge_call`, which TensorFlow rejects (ISSUE_ACCUMULATION_UNDER_STRATEGY);
+    its `ema_overwrite_frequency` branch does the same. tfmp decides both in
+    cross-replica context and runs, on every replica, what `apply()` runs in that
+    order: empty gradients filtered, `overwrite_with_gradient` variables,
+    `loss_scale_factor`, then (`update`) the accumulated average, clipping, weight
+    decay, the update step and the accumulators' reset, or (not `update`) the
+    accumulators' increment, then the EMA. `finish_apply` does the rest (constraints,
+    `iterations`), after `overwrite_with_ema_if_due`. Every step is Keras' own
+    method; only the order is re-stated here (`BaseOptimizer.apply` and
+    `_backend_apply_gradients`, Keras 3.15).
+
+    `grads` must already be summed over the replicas (as Keras' own update step
+    sums them), so that every replica computes exactly what one device would.
+    """
+    with relying_on("BaseOptimizer.apply's pieces (_filter_empty_gradients, "
+                     "_overwrite_variables_directly_with_gradients, _clip_gradients, "
+                     "_apply_weight_decay, _distributed_tf_update_step, _accumulated_gradients, "
+                     "_backend_increment/reset_gradient_accumulators, "
+                     "_update_model_variables_moving_average)"):
+        tvs = (list(inner._trainable_variables) if trainable_variables is None
+               else list(trainable_variables))
+        with keras.name_scope(inner.name, caller=inner):
+            grads, tvs = inner._filter_empty_gradients(list(grads), tvs)
+            grads, tvs = inner._overwrite_variables_directly_with_gradients(grads, tvs)
+            if not grads:
+                return
+            if inner.loss_scale_factor is not None:
+                grads = [g / inner.loss_scale_factor for g in grads]
+            steps = inner.gradient_accumulation_steps
+            accumulators = ([inner._accumulated_gradients[inner._get_variable_index(v)]
+                             for v in tvs] if steps else [])
+            if update:
+                if steps:
+                    grads = [(g + a) / steps for g, a in zip(grads, accumulators)]
+                grads = inner._clip_gradients(grads)
+                inner._apply_weight_decay(tvs)
+                _update_step_without_all_reduce(inner, grads, tvs)
+                if steps:
+                    inner._backend_reset_gradient_accumulators()
+            else:
+                inner._backend_increment_gradient_accumulators(grads, accumulators)
+            if inner.use_ema:
+                inner._update_model_variables_moving_average(inner._trainable_variables)
+
+
+def _update_step_without_all_reduce(inner: Any, grads: list, tvs: list) -> None:
+    """`TFOptimizer._backend_update_step` minus its all-reduce (the gradients are summed)."""
+    variables = [v.value if isinstance(v, keras.Variable) else v for v in tvs]
+    tf.__internal__.distribute.interim.maybe_merge_call(
+        inner._distributed_tf_update_step, inner._distribution_strategy,
+        list(zip(grads, variables)), inner.learning_rate)
+
+
+def ema_overwrite_due(inner: Any) -> Any:
+    """Whether `apply()` would overwrite the model's variables with their EMA now."""
+    if not (inner.use_ema and inner.ema_overwrite_frequency):
+        return False
+    return ops.equal((inner.iterations + 1) % inner.ema_overwrite_frequency, 0)
+
+
+def overwrite_with_ema(inner: Any) -> None:
+    """`_overwrite_model_variables_with_average_value` (cross-replica context under a strategy)."""
+    with relying_on("BaseOptimizer._overwrite_model_variables_with_average_value"):
+        inner._overwrite_model_variables_with_average_value(inner._trainable_variables)
+
+
+def finish_apply(inner: Any, grads: Sequence[Any], trainable_variables: Optional[Sequence[Any]],
+                 ) -> None:
+    """The end of `apply()`: variable constraints (on the variables that were updated),
+    then one more applied call counted."""
+    with relying_on("BaseOptimizer._trainable_variables / _iterations"):
+        tvs = (list(inner._trainable_variables) if trainable_variables is None
+               else list(trainable_variables))
+        updated = [v for g, v in zip(grads, tvs)
+                   if g is not None and not overwrites_with_gradient(inner, v)]
+        for variable in updated:
+            if variable.constraint is not None:
+                variable.assign(variable.constraint(variable))
+        inner._iterations.assign_add(1)

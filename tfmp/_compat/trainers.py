@@ -1,0 +1,75 @@
+"""Keras' trainer and callback internals: instance steps, metrics riding on the model,
+BackupAndRestore's files and saving switches."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import keras
+
+from tfmp._compat.base import relying_on
+
+def wrap_step(model: Any, name: str, wrapper: Callable[[Callable], Callable]) -> None:
+    """Replaces `model.<name>` (`train_step` / `test_step`) on this instance only with
+    `wrapper(original)`, and drops an already traced step function so Keras traces anew."""
+    with relying_on(f"Trainer.{name} and Trainer.{name.split('_')[0]}_function"):
+        setattr(model, name, wrapper(getattr(model, name)))
+        function = f"{name.split('_')[0]}_function"
+        if getattr(model, function, None) is not None:
+            setattr(model, function, None)
+
+
+def model_metrics(model: Any) -> list:
+    """The metric objects a model tracks itself (`model._metrics`), where a metric set as
+    a model attribute lands and whose results Keras puts in every step's logs."""
+    with relying_on("Layer._metrics"):
+        return list(model._metrics)
+
+
+def attach_metric(model: Any, metric: Any) -> None:
+    """Adds `metric` to the metrics a model tracks itself (`model._metrics`), whose results
+    Keras puts in every step's logs. Setting it as an attribute does the same but is refused
+    on a built subclassed model ("cannot add new elements of state")."""
+    with relying_on("Layer._metrics"):
+        model._metrics.append(metric)
+
+
+def forget_train_function(model: Any) -> None:
+    """Drops a traced train step, so the next `fit` traces it again (with new metrics)."""
+    if getattr(model, "train_function", None) is not None:
+        model.train_function = None
+
+
+def forget_traced_functions(model: Any) -> None:
+    """Drops the traced train, test and predict steps, so the next call traces them again
+    (after the model's layers changed their dtype policies)."""
+    for name in ("train_function", "test_function", "predict_function"):
+        if getattr(model, name, None) is not None:
+            setattr(model, name, None)
+
+
+def suspend_saving(callback: Any) -> dict[str, Any]:
+    """Stops a `BackupAndRestore` / `ModelCheckpoint` from saving and from deleting its
+    backup at the end of training; returns what to `setattr` back to undo it.
+
+    Both callbacks read their public constructor arguments `save_freq` and
+    `delete_checkpoint` at every epoch and at the end of training.
+    """
+    saved: dict[str, Any] = {}
+    with relying_on(f"{type(callback).__name__}.save_freq"):
+        if isinstance(callback, (keras.callbacks.BackupAndRestore, keras.callbacks.ModelCheckpoint)):
+            saved["save_freq"] = callback.save_freq
+            callback.save_freq = sys.maxsize  # no end-of-epoch or batch save
+        if isinstance(callback, keras.callbacks.BackupAndRestore):
+            saved["delete_checkpoint"] = callback.delete_checkpoint
+            callback.delete_checkpoint = False
+    return saved
+
+
+def backup_metadata_files(backup_dir: str) -> tuple[str, str]:
+    """Where `BackupAndRestore(backup_dir, double_checkpoint=True)` writes its training
+    metadata, and its previous copy (read in that order when Keras restores)."""
+    with relying_on("BackupAndRestore._training_metadata_path / _prev_training_metadata_path"):
+        backup = keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True)
+        return backup._training_metadata_path, backup._prev_training_metadata_path

@@ -1,0 +1,149 @@
+"""Changing what a model computes in, in place: every layer takes a new dtype policy.
+
+The rebuild of `tfmp.rewrite.cloning` re-creates every layer from its config,
+which only Keras' own Sequential and Functional classes allow (a Functional
+subclass, such as a keras-hub task holding its backbone, comes back as a plain
+Functional model without its methods; a layer whose config does not round-trip
+cannot be re-created at all). Every other model is converted here, in place:
+Keras layers take a new `dtype_policy` after construction, and under every mixed
+policy variables stay float32, so no weight is touched. The model's outputs are
+made float32 by the layers that produce them (found by running the model) and,
+where an op of the model's own `call` produces one, by a cast at the end of its
+`call` (on this instance).
+
+What a saved in-place model keeps is up to its class: Keras rebuilds it through
+its own constructor when loading (a keras-hub model from its config, which holds
+its dtype; a subclassed model under the global policy at load time), so convert
+it again after loading.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+import keras
+from keras import ops
+
+from tfmp import _compat
+from tfmp.rewrite.classify import HALF_DTYPES, iter_layers
+from tfmp.rewrite.tracing import MODEL_PATH, ModelRun, run_model
+
+_FLOAT32_OUTPUTS = "_tfmp_float32_outputs"
+
+
+def is_copyable(model: keras.Model) -> bool:
+    """True when Keras can rebuild `model` layer by layer: it and every model nested in it
+    are of Keras' own `Sequential` or `Functional` class (not subclasses).
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        Whether `tfmp.rewrite.clone_with_dtypes` can copy it.
+    """
+    plain = (keras.Sequential, _compat.functional_class())
+    nested = [layer for _, layer in iter_layers(model) if isinstance(layer, keras.Model)]
+    return all(type(m) in plain for m in [model, *nested])
+
+
+def _float32(x: Any) -> Any:
+    dtype = keras.backend.standardize_dtype(getattr(x, "dtype", "int32"))
+    return ops.cast(x, "float32") if dtype in HALF_DTYPES else x
+
+
+def cast_outputs_to_float32(model: keras.Model) -> bool:
+    """Makes this model's `call` end by casting its 16-bit outputs to float32.
+
+    Set on the instance (idempotent); Keras' saving does not record it.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        True when the cast was added now, False when it was already there.
+    """
+    if vars(model).get(_FLOAT32_OUTPUTS):
+        return False
+    call = model.call
+
+    @functools.wraps(call)
+    def call_with_float32_outputs(*args: Any, **kwargs: Any) -> Any:
+        return keras.tree.map_structure(_float32, call(*args, **kwargs))
+
+    _compat.set_instance_call(model, call_with_float32_outputs)
+    vars(model)[_FLOAT32_OUTPUTS] = True
+    return True
+
+
+def set_policies(model: keras.Model,
+                 dtype_for: Callable[[keras.layers.Layer], Optional[str]]) -> list[str]:
+    """Gives every layer of `model` (nested models and `model` itself included) the
+    policy `dtype_for(layer)` (None: unchanged), in place.
+
+    Traced train, test and predict functions are dropped, so the next call traces anew.
+
+    Args:
+        model: A built Keras model.
+        dtype_for: The policy name for each layer, or None to keep its own.
+
+    Returns:
+        One `"path: old -> new"` entry per changed layer.
+    """
+    paths = {id(layer): path for path, layer in iter_layers(model)}
+    changed = []
+    for layer in _compat.flatten_layers(model, include_self=True, recursive=True):
+        dtype = dtype_for(layer)
+        if dtype is not None and dtype != layer.dtype_policy.name:
+            changed.append(f"{paths.get(id(layer), layer.name)}: {layer.dtype_policy.name} -> {dtype}")
+            layer.dtype_policy = dtype
+        if isinstance(layer, keras.Model):
+            _compat.forget_traced_functions(layer)
+    return changed
+
+
+def _output_layers(run: ModelRun) -> set[int]:
+    """`id()`s of the layers (not models) whose ops made the model's outputs."""
+    return {id(layer.layer) for layer in run.layers
+            if layer.path in run.output_producers and layer.path != MODEL_PATH
+            and not isinstance(layer.layer, keras.Model)}
+
+
+def convert_in_place(
+    model: keras.Model,
+    dtype_for: Callable[[keras.layers.Layer], Optional[str]],
+    *,
+    outputs: bool = True,
+) -> tuple[list[str], ModelRun]:
+    """Gives each layer `dtype_for(layer)` in place and, with `outputs`, makes the model's
+    outputs float32: the layers whose ops produce them (found by running the model)
+    compute in float32, and an output an op of the model's own `call` makes is cast.
+
+    Args:
+        model: A built Keras model of any kind.
+        dtype_for: The policy name for each layer, or None to keep its own.
+        outputs: Make every output float32.
+
+    Returns:
+        `(changes, run)`: one entry per change, and the `ModelRun` of the converted model.
+
+    Raises:
+        ValueError: the model is not built, or cannot be run (no input shape known).
+    """
+    if not model.built:
+        raise ValueError(f"Model {model.name!r} is not built; call it on data or give it an Input "
+                         "first.")
+    heads = _output_layers(run_model(model)) if outputs else set()
+
+    def with_heads(layer: keras.layers.Layer) -> Optional[str]:
+        return "float32" if id(layer) in heads else dtype_for(layer)
+
+    changes = set_policies(model, with_heads)
+    run = run_model(model)
+    if outputs and any(d in HALF_DTYPES for d in run.output_dtypes):
+        cast_outputs_to_float32(model)
+        changes.append(f"{MODEL_PATH}: outputs ({', '.join(run.output_dtypes)}) cast to float32")
+        run = dataclasses.replace(run, output_dtypes=tuple(
+            "float32" if d in HALF_DTYPES else d for d in run.output_dtypes))
+    return changes, run
