@@ -87,12 +87,17 @@ from tfmp.app import cli
 results = []
 import os
 for case in json.loads(sys.argv[2]):
-    argv, env = (case, {}) if isinstance(case, list) else (case["argv"], case["env"])
+    case = {"argv": case} if isinstance(case, list) else case
+    argv, env = case["argv"], case.get("env", {})
     os.environ.update(env)
     flags.FLAGS.unparse_flags()  # every case starts from the defaults
     sys.argv = [name + ".py", *argv]
     err, out = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+    mock = contextlib.nullcontext()
+    if "mock_data" in case:  # tensorflow-datasets' mock data for every dataset
+        import tensorflow_datasets as tfds
+        mock = tfds.testing.mock_data(num_examples=case["mock_data"])
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), mock:
         try:
             cli.run(tool.main)
             code = 0
@@ -109,7 +114,8 @@ sys.stdout.write("CASES=" + json.dumps(results) + "\\n")
 def run_tool_cases(tool, cases, timeout=300, stdout=False, **extra_env):
     """Runs `tools.<tool>` once per argument list, all in one child process.
 
-    A case is an argument list, or `{"argv": [...], "env": {...}}` (variables set for that case).
+    A case is an argument list, or `{"argv": [...], "env": {...}, "mock_data": n}` (variables
+    set for that case; tensorflow-datasets' mock data with n examples around it).
 
     Each case goes through the binary's own entry point (`cli.run(main)`, absl
     flag parsing included) from default flag values; TensorFlow is imported

@@ -126,6 +126,25 @@ def test_a_config_that_does_not_round_trip_is_converted_in_place(caplog):
     assert "'patches' (PatchEmbedding) cannot be re-created from its config" in caplog.text
 
 
+def test_a_model_whose_code_keeps_float32_is_refused_and_given_back_as_it_was():
+    class AllFloat32(keras.Model):  # its only hidden matmul hard-codes float32
+        def __init__(self):
+            super().__init__()
+            self.inner = corpus.Float32Matmul(name="inner")
+            self.head = keras.layers.Dense(3, name="head")
+
+        def call(self, x):
+            return self.head(self.inner(x))
+
+    model = AllFloat32()
+    model(np.zeros((2, 8), "float32"))
+    with pytest.raises(ValueError, match=r"under mixed_bfloat16 still computes every matmul and "
+                       r"convolution in float32: inner run theirs in float32"):
+        tfmp.convert_policy(model, "bf16")
+    assert {l.dtype_policy.name for l in (model, model.inner, model.head)} == {"float32"}
+    assert "call" not in vars(model)  # no output cast left behind
+
+
 def test_compare_precision_builds_one_subclassed_model_per_policy():
     x, y = corpus.data(corpus.KINDS["subclassed"], n=64)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()

@@ -128,3 +128,9 @@ _NO_CALL = object()
 def set_instance_call(layer: Any, call: Callable) -> None:
     """`layer.call = call` on this instance only (see `calls_wrapped`), untracked by Keras."""
     object.__setattr__(layer, "call", call)
+
+
+def remove_instance_call(layer: Any) -> None:
+    """Undoes `set_instance_call`: the layer's class's `call` again."""
+    if "call" in vars(layer):
+        object.__delattr__(layer, "call")

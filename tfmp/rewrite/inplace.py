@@ -77,8 +77,38 @@ def cast_outputs_to_float32(model: keras.Model) -> bool:
     return True
 
 
+def policies_of(model: keras.Model) -> dict[Any, Any]:
+    """Every layer's dtype policy (nested models and `model` itself), by `id()`, for
+    `restore_policies`.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        `{id(layer): policy}`, and whether the float32 output cast was there.
+    """
+    saved: dict[Any, Any] = {
+        id(layer): layer.dtype_policy
+        for layer in _compat.flatten_layers(model, include_self=True, recursive=True)}
+    saved[_FLOAT32_OUTPUTS] = bool(vars(model).get(_FLOAT32_OUTPUTS))
+    return saved
+
+
+def restore_policies(model: keras.Model, saved: dict[Any, Any]) -> None:
+    """Gives every layer back the policy `policies_of` saved, and drops the float32 output
+    cast if one was added since.
+
+    Args:
+        model: The model `saved` was taken from.
+        saved: What `policies_of(model)` returned.
+    """
+    set_policies(model, lambda layer: saved.get(id(layer)))
+    if not saved.get(_FLOAT32_OUTPUTS) and vars(model).pop(_FLOAT32_OUTPUTS, False):
+        _compat.remove_instance_call(model)
+
+
 def set_policies(model: keras.Model,
-                 dtype_for: Callable[[keras.layers.Layer], Optional[str]]) -> list[str]:
+                 dtype_for: Callable[[keras.layers.Layer], Optional[Any]]) -> list[str]:
     """Gives every layer of `model` (nested models and `model` itself included) the
     policy `dtype_for(layer)` (None: unchanged), in place.
 
@@ -95,8 +125,9 @@ def set_policies(model: keras.Model,
     changed = []
     for layer in _compat.flatten_layers(model, include_self=True, recursive=True):
         dtype = dtype_for(layer)
-        if dtype is not None and dtype != layer.dtype_policy.name:
-            changed.append(f"{paths.get(id(layer), layer.name)}: {layer.dtype_policy.name} -> {dtype}")
+        name = getattr(dtype, "name", dtype)
+        if dtype is not None and name != layer.dtype_policy.name:
+            changed.append(f"{paths.get(id(layer), layer.name)}: {layer.dtype_policy.name} -> {name}")
             layer.dtype_policy = dtype
         if isinstance(layer, keras.Model):
             _compat.forget_traced_functions(layer)

@@ -13,6 +13,7 @@ from tfmp.rewrite.auditing import AuditReport, audit
 from tfmp.rewrite.classify import HALF_DTYPES, model_policy
 from tfmp.rewrite.cloning import policy_rule
 from tfmp.rewrite.enforcement import convert, float32_selector
+from tfmp.rewrite.inplace import policies_of, restore_policies
 from tfmp.rewrite.islands import apply_islands
 from tfmp.rewrite.tracing import ModelRun
 from tfmp.scaling import LossScale, guard_model_state, wrap_optimizer
@@ -87,8 +88,14 @@ def convert_policy(model: keras.Model, policy: str) -> keras.Model:
     if source != target:
         logging.info("tfmp: converting the %s model under %s", source, target)
     chosen = float32_selector(model)
+    before = policies_of(model)
     converted, run = convert(model, policy_rule(source, target, chosen), chosen)
-    _check_computes_in(converted, run, target)
+    try:
+        _check_computes_in(converted, run, target)
+    except ValueError:
+        if converted is model:  # converted in place: give the model back as it came
+            restore_policies(model, before)
+        raise
     return converted
 
 
