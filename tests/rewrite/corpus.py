@@ -119,6 +119,48 @@ class Float32Matmul(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(PACKAGE)
+class PostNormEncoder(keras.layers.Layer):
+    """keras-hub's TransformerEncoder as BERT uses it: the norm after the residual add, and
+    the add a plain `+` (no cast), so a float32 norm inside it would break its next add."""
+
+    def __init__(self, dim, **kwargs):
+        super().__init__(**kwargs)
+        self.dim = dim
+        self.ff1 = keras.layers.Dense(dim, activation="relu", name="ff1")
+        self.norm1 = keras.layers.LayerNormalization(name="norm1")
+        self.ff2 = keras.layers.Dense(dim, name="ff2")
+        self.norm2 = keras.layers.LayerNormalization(name="norm2")
+
+    def call(self, x):
+        x = self.norm1(x + self.ff1(x))
+        return self.norm2(x + self.ff2(x))
+
+    def get_config(self):
+        return {**super().get_config(), "dim": self.dim}
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
+class PostNormNet(keras.Model):
+    """The same residual in a subclassed model's own `call`: its norms are the model's
+    layers, and float32 ones would meet a 16-bit residual in a plain `+`."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embed = keras.layers.Dense(16, name="embed")
+        self.ff1 = keras.layers.Dense(16, name="ff1")
+        self.norm1 = keras.layers.LayerNormalization(name="norm1")
+        self.ff2 = keras.layers.Dense(16, name="ff2")
+        self.norm2 = keras.layers.LayerNormalization(name="norm2")
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, x):
+        x = self.embed(x)
+        x = self.norm1(x + self.ff1(x))
+        x = self.norm2(x + self.ff2(x))
+        return self.head(x)
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
 class Backbone(keras.Model):
     """keras-hub's Backbone: a Functional subclass whose `get_config` returns its
     constructor arguments and which passes its dtype to every layer."""
@@ -129,6 +171,7 @@ class Backbone(keras.Model):
         for i in range(num_layers):
             x = keras.layers.Dense(hidden_dim, activation="gelu", dtype=dtype, name=f"ff_{i}")(x)
             x = RMSNormUpcast(dtype=dtype, name=f"norm_{i}")(x)
+        x = PostNormEncoder(hidden_dim, dtype=dtype, name="encoder")(x)
         super().__init__(inputs, x, dtype=dtype, **kwargs)
         self.hidden_dim, self.num_layers = hidden_dim, num_layers
 
@@ -166,6 +209,12 @@ def _subclassed():
 
 def _opaque():
     model = OpaqueNet()
+    model(np.zeros((2, 8), "float32"))
+    return model
+
+
+def _post_norm():
+    model = PostNormNet(name="post_norm")
     model(np.zeros((2, 8), "float32"))
     return model
 
@@ -239,7 +288,9 @@ class Kind:
 KINDS = {
     "subclassed": Kind(_subclassed, False, ("block/dense", "mid"), ("head",)),
     "hub_style": Kind(_hub_style, False, ("backbone/patches/project", "backbone/ff_0",
-                                          "backbone/ff_1"), ("logits",)),
+                                          "backbone/ff_1", "backbone/encoder/ff2"), ("logits",)),
+    # float32 norms break its own `+`: converted with no float32 layer, the output cast instead
+    "post_norm_residual": Kind(_post_norm, False, ("embed", "ff1", "ff2", "head")),
     "extra_key_config": Kind(_extra_key, False, ("patches/project",), ("head",)),
     # `rescale` normalizes in 16 bits under a name no rule knows: prepare leaves it, the
     # audit finds it by its ops; `upcast` (Gemma's RMSNorm) computes in float32 inside.

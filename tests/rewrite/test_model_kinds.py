@@ -101,7 +101,8 @@ def test_the_audit_judges_what_a_layer_runs_not_its_name():
     assert ("output-not-float32", "head") in found
     assert report.layer("rescale").output_dtypes == ("bfloat16",)
     hard = tfmp.audit(corpus._hardcoded(), hardware=GPU)
-    assert {(f.code, f.path) for f in hard.warnings} == {("heavy-op-float32", "f32_matmul")}
+    assert {(f.code, f.severity, f.path) for f in hard.findings if f.code.startswith("heavy")} == {
+        ("heavy-op-float32", "info", "f32_matmul")}
     assert "f32_matmul" in hard.layer_table() and "0%" in hard.layer_table()
 
 
@@ -143,6 +144,33 @@ def test_a_model_whose_code_keeps_float32_is_refused_and_given_back_as_it_was():
         tfmp.convert_policy(model, "bf16")
     assert {l.dtype_policy.name for l in (model, model.inner, model.head)} == {"float32"}
     assert "call" not in vars(model)  # no output cast left behind
+
+
+def test_float32_layers_a_model_cannot_take_are_left_out_and_said(caplog):
+    model = corpus._post_norm()  # norm(x + ff(x)) in its own call, a plain `+`
+    with caplog.at_level("INFO", logger="absl"):
+        tfmp.convert_policy(model, "bf16")
+    assert "no layer made float32: the model fails with them (TypeError" in caplog.text
+    assert model.norm2.compute_dtype == "bfloat16" and "call" in vars(model)  # the output cast
+    assert model(np.zeros((2, 8), "float32")).dtype == "float32"
+
+
+def test_a_model_that_cannot_run_converted_is_given_back_as_it_came():
+    class RawAdd(keras.Model):  # a float32 constant added with `+`: 16 bits fail there
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(4, name="dense")
+
+        def call(self, x):
+            return self.dense(x) + tf.ones((1, 4))
+
+    model = RawAdd()
+    model(np.zeros((2, 8), "float32"))
+    with pytest.raises(ValueError, match=r"cannot run 'raw_add' \(RawAdd\) once converted: "):
+        tfmp.prepare(model, "adam", "bf16", hardware=GPU)
+    assert {model.dtype_policy.name, model.dense.dtype_policy.name} == {"float32"}
+    assert keras.config.dtype_policy().name == "float32"  # prepare set it, then put it back
+    assert model(np.zeros((2, 8), "float32")).dtype == "float32"
 
 
 def test_compare_precision_builds_one_subclassed_model_per_policy():

@@ -24,6 +24,7 @@ from tfmp.rewrite.tracing import (EXP_LOG_OPS, HEAVY_OPS, ROOT_OPS, SOFTMAX_OPS,
                                   ModelRun, run_model)
 
 LARGE_REDUCTION = 1024  # elements summed into one value: a 16-bit sum that large loses digits
+FLOAT32_MATMUL_SHARE = 0.01  # float32 matmuls in a 16-bit layer worth a finding (of the model's FLOPs)
 
 
 def _dtype(x: Any) -> str:
@@ -113,13 +114,15 @@ def _check_ops(model: keras.Model, ctx: "_Context") -> None:
                 ctx.add("large-reduction-half", "warning", layer.path,
                         f"a sum of {large} elements computes in {dtype}: it loses digits",
                         "sum in float32 (ops.cast the input first)")
-        heavy32 = [op for op in layer.ops if op.type in HEAVY_OPS and op.dtype == "float32"]
-        if heavy32 and layer.layer.compute_dtype in HALF_DTYPES:
-            ctx.add("heavy-op-float32", "warning", layer.path,
-                    f"policy {layer.policy} but {len(heavy32)} matmul/convolution op(s) "
-                    f"({heavy32[0].type}) run in float32: the layer pays for mixed precision "
-                    "and gets none of it",
-                    "let its code compute in self.compute_dtype, or give it dtype='float32'")
+        heavy32 = sum(op.flops for op in layer.ops if op.type in HEAVY_OPS and op.dtype == "float32")
+        total = ctx.run.flops()
+        if (layer.layer.compute_dtype in HALF_DTYPES and total
+                and heavy32 >= FLOAT32_MATMUL_SHARE * total):
+            ctx.add("heavy-op-float32", "info", layer.path,
+                    f"policy {layer.policy}, but {100 * heavy32 / total:.0f}% of the model's "
+                    "matmul/convolution FLOPs run in float32 in its code: no 16-bit speed there",
+                    "if not on purpose (logits, positions), let its code compute in "
+                    "self.compute_dtype; else nothing to do")
 
 
 def _check_sizes(path: str, layer: keras.layers.Layer, ctx: "_Context") -> None:

@@ -98,37 +98,39 @@ def enforce_float32(
         extra_layers=extra_layers,
     )
 
-    def dtype_for(layer: keras.layers.Layer) -> Optional[str]:
-        return "float32" if chosen(layer) else None
-
-    return convert(model, dtype_for, chosen, outputs=outputs)[0]
+    return convert(model, lambda layer: None, chosen, outputs=outputs)[0]
 
 
 def convert(model: keras.Model, dtype_for: Callable[[keras.layers.Layer], Optional[str]],
             chosen: Callable[[keras.layers.Layer], bool], *, outputs: bool = True
             ) -> tuple[keras.Model, Optional[ModelRun]]:
-    """Gives each layer `dtype_for(layer)`: on a copy when Keras can rebuild the model layer
-    by layer, else in place (then, with `outputs`, every output made float32).
+    """Gives each layer `dtype_for(layer)` and the `chosen` ones float32: on a copy when
+    Keras can rebuild the model layer by layer, else in place (`convert_in_place`: float32
+    only for the layers the model calls itself, and only if its code runs with them).
+    With `outputs`, every output is made float32.
 
     Args:
         model: A built Keras model.
         dtype_for: The policy for each layer, or None to keep its own.
-        chosen: The layers made float32 (named in errors).
+        chosen: The layers to make float32.
         outputs: Make every output float32.
 
     Returns:
         `(the copy, None)`, or `(model itself, its ModelRun after the change)`.
 
     Raises:
-        ValueError: `model` is not built.
+        ValueError: `model` is not built, or (in place) cannot be run.
     """
     if is_copyable(model):
+        def with_chosen(layer: keras.layers.Layer) -> Optional[str]:
+            return "float32" if chosen(layer) else dtype_for(layer)
+
         try:
-            clone = clone_with_dtypes(model, dtype_for, chosen)
+            clone = clone_with_dtypes(model, with_chosen, chosen)
             return (cast_op_outputs(clone) if outputs else clone), None
         except ConfigRoundTripError as e:
             logging.info("tfmp: %s; %r is converted in place instead of copied", e, model.name)
-    changes, run = convert_in_place(model, dtype_for, outputs=outputs)
+    changes, run = convert_in_place(model, dtype_for, chosen, outputs=outputs)
     for change in changes:
         logging.info("tfmp: in place: %s", change)
     return model, run

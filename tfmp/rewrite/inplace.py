@@ -134,47 +134,102 @@ def set_policies(model: keras.Model,
     return changed
 
 
-def _output_layers(run: ModelRun) -> set[int]:
-    """`id()`s of the layers (not models) whose ops made the model's outputs."""
+def model_level_layers(model: keras.Model) -> set[int]:
+    """`id()`s of the layers that a model calls itself: the layers of `model`'s graph or
+    `call` and of every model nested in it, and the models. Not the sublayers a custom
+    layer makes and calls in its own code, which was written for one dtype.
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        The `id()`s.
+    """
+    models = [model] + [layer for _, layer in iter_layers(model) if isinstance(layer, keras.Model)]
+    return {id(m) for m in models} | {
+        id(layer) for m in models for layer in _compat.flatten_layers(m, recursive=False)}
+
+
+def _output_layers(run: ModelRun, level: set[int]) -> set[int]:
+    """`id()`s of the model-level layers (not models) whose ops made the model's outputs."""
     return {id(layer.layer) for layer in run.layers
-            if layer.path in run.output_producers and layer.path != MODEL_PATH
+            if layer.path in run.output_producers and id(layer.layer) in level
             and not isinstance(layer.layer, keras.Model)}
 
 
 def convert_in_place(
     model: keras.Model,
     dtype_for: Callable[[keras.layers.Layer], Optional[str]],
+    float32: Callable[[keras.layers.Layer], bool] = lambda layer: False,
     *,
     outputs: bool = True,
 ) -> tuple[list[str], ModelRun]:
-    """Gives each layer `dtype_for(layer)` in place and, with `outputs`, makes the model's
-    outputs float32: the layers whose ops produce them (found by running the model)
-    compute in float32, and an output an op of the model's own `call` makes is cast.
+    """Gives each layer `dtype_for(layer)` in place, the layers `float32` selects float32,
+    and, with `outputs`, makes the model's outputs float32.
+
+    Float32 is given only to the layers the model calls itself (`model_level_layers`):
+    those `float32` selects and, with `outputs`, those whose ops produce the outputs
+    (found by running the model). If the model then fails to run (its code adds a
+    float32 tensor to a 16-bit one without a cast, as a post-norm residual does), those
+    choices are dropped: every layer takes `dtype_for` alone. Either way a 16-bit output
+    is cast to float32 at the end of the model's `call`. Whatever goes wrong, the model
+    is given back as it came.
 
     Args:
         model: A built Keras model of any kind.
         dtype_for: The policy name for each layer, or None to keep its own.
+        float32: The layers to compute in float32 where the model's code allows it.
         outputs: Make every output float32.
 
     Returns:
         `(changes, run)`: one entry per change, and the `ModelRun` of the converted model.
 
     Raises:
-        ValueError: the model is not built, or cannot be run (no input shape known).
+        ValueError: the model is not built, cannot be run, or cannot be run once converted.
     """
     if not model.built:
         raise ValueError(f"Model {model.name!r} is not built; call it on data or give it an Input "
                          "first.")
-    heads = _output_layers(run_model(model)) if outputs else set()
+    before = policies_of(model)
+    try:
+        run = _run(model, "before converting it")
+        level = model_level_layers(model)
+        heads = _output_layers(run, level) if outputs else set()
 
-    def with_heads(layer: keras.layers.Layer) -> Optional[str]:
-        return "float32" if id(layer) in heads else dtype_for(layer)
+        def full(layer: keras.layers.Layer) -> Optional[str]:
+            if id(layer) in level and (id(layer) in heads or float32(layer)):
+                return "float32"
+            return dtype_for(layer)
 
-    changes = set_policies(model, with_heads)
-    run = run_model(model)
-    if outputs and any(d in HALF_DTYPES for d in run.output_dtypes):
-        cast_outputs_to_float32(model)
-        changes.append(f"{MODEL_PATH}: outputs ({', '.join(run.output_dtypes)}) cast to float32")
-        run = dataclasses.replace(run, output_dtypes=tuple(
-            "float32" if d in HALF_DTYPES else d for d in run.output_dtypes))
+        changes = set_policies(model, full)
+        try:
+            run = run_model(model)
+        except Exception as e:  # noqa: BLE001 (its code fails on the mixed dtypes)
+            restore_policies(model, before)
+            changes = set_policies(model, dtype_for) + [
+                f"{MODEL_PATH}: no layer made float32: the model fails with them "
+                f"({type(e).__name__}: {_first_line(e)})"]
+            run = _run(model, "once converted")
+        if outputs and any(d in HALF_DTYPES for d in run.output_dtypes):
+            cast_outputs_to_float32(model)
+            changes.append(f"{MODEL_PATH}: outputs ({', '.join(run.output_dtypes)}) cast to float32")
+            run = dataclasses.replace(run, output_dtypes=tuple(
+                "float32" if d in HALF_DTYPES else d for d in run.output_dtypes))
+    except BaseException:
+        restore_policies(model, before)
+        raise
     return changes, run
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _run(model: keras.Model, when: str) -> ModelRun:
+    try:
+        return run_model(model)
+    except ValueError:
+        raise
+    except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)
+        raise ValueError(f"cannot run {model.name!r} ({type(model).__name__}) {when}: "
+                         f"{type(e).__name__}: {_first_line(e)}") from None

@@ -89,7 +89,7 @@ def convert_policy(model: keras.Model, policy: str) -> keras.Model:
         logging.info("tfmp: converting the %s model under %s", source, target)
     chosen = float32_selector(model)
     before = policies_of(model)
-    converted, run = convert(model, policy_rule(source, target, chosen), chosen)
+    converted, run = convert(model, policy_rule(source, target, lambda layer: False), chosen)
     try:
         _check_computes_in(converted, run, target)
     except ValueError:
@@ -148,21 +148,29 @@ def prepare(
         AuditError: the prepared model still has audit errors (a `ValueError`).
         ValueError: a bad precision name or optimizer argument; an unbuilt model; a
             model whose own code keeps every matmul in float32 under a 16-bit policy.
+        On any error, Keras' global policy and the model given are as they were.
 
     Example:
     >>> model, opt = tfmp.prepare(model, keras.optimizers.Adam(1e-3), "auto")
     >>> model.compile(opt, "sparse_categorical_crossentropy")
     """
     hw = hardware if hardware is not None else detect_hardware()
+    previous, before = keras.config.dtype_policy(), policies_of(model)
     policy = set_policy(precision, hw)
-    model = convert_policy(model, policy)
-    if float32_islands:  # the copy made above, or the model converted in place
-        for change in apply_islands(model, policy, hw):
-            logging.info("tfmp.prepare: float32 island %s", change)
-    opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
-    report = audit(model, opt, hw)
-    if not report.ok:
-        raise AuditError(report)
+    try:
+        converted = convert_policy(model, policy)
+        if float32_islands:  # the copy made above, or the model converted in place
+            for change in apply_islands(converted, policy, hw):
+                logging.info("tfmp.prepare: float32 island %s", change)
+        opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
+        report = audit(converted, opt, hw)
+        if not report.ok:
+            raise AuditError(report)
+    except BaseException:  # nothing changed: Keras' policy and a model converted in place
+        keras.config.set_dtype_policy(previous)
+        restore_policies(model, before)
+        raise
+    model = converted
     for finding in report.warnings:
         logging.warning("tfmp.prepare: %s: %s (%s)", finding.path, finding.problem, finding.fix)
     model = guard_model_state(model)
