@@ -51,6 +51,21 @@ class SubclassedNet(keras.Model):
         return {**super().get_config(), "units": self.units, "classes": self.classes}
 
 
+@keras.saving.register_keras_serializable(PACKAGE)
+class TwoHeadNet(keras.Model):
+    """More output layers than hidden ones: a trunk and two heads, two outputs."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.trunk = keras.layers.Dense(16, activation="relu", name="trunk")
+        self.cls = keras.layers.Dense(3, name="cls")
+        self.box = keras.layers.Dense(1, name="box")
+
+    def call(self, x):
+        h = self.trunk(x)
+        return self.cls(h), self.box(h)
+
+
 class OpaqueNet(keras.Model):
     """A subclassed model Keras cannot re-create from a config (a callable argument)."""
 
@@ -207,6 +222,12 @@ def _subclassed():
     return model
 
 
+def _two_heads():
+    model = TwoHeadNet(name="two_heads")
+    model(np.zeros((2, 8), "float32"))
+    return model
+
+
 def _opaque():
     model = OpaqueNet()
     model(np.zeros((2, 8), "float32"))
@@ -287,6 +308,8 @@ class Kind:
 
 KINDS = {
     "subclassed": Kind(_subclassed, False, ("block/dense", "mid"), ("head",)),
+    "subclassed_two_heads": Kind(_two_heads, False, ("trunk",), ("cls", "box"), outputs=2,
+                                 min_share=0.3),
     "hub_style": Kind(_hub_style, False, ("backbone/patches/project", "backbone/ff_0",
                                           "backbone/ff_1", "backbone/encoder/ff2"), ("logits",)),
     # float32 norms break its own `+`: converted with no float32 layer, the output cast instead

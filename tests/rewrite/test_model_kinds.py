@@ -173,21 +173,25 @@ def test_a_model_that_cannot_run_converted_is_given_back_as_it_came():
     assert model(np.zeros((2, 8), "float32")).dtype == "float32"
 
 
-def test_compare_precision_builds_one_subclassed_model_per_policy():
-    x, y = corpus.data(corpus.KINDS["subclassed"], n=64)
+@pytest.mark.parametrize("name", ["subclassed", "extra_key_config"])
+def test_compare_precision_gives_each_policy_a_model_of_its_own(name):
+    kind = corpus.KINDS[name]  # both converted in place by prepare
+    x, y = corpus.data(kind, n=64)
     dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
     built = []
 
-    def build():
-        built.append(corpus._subclassed())
-        return built[-1]
+    def build():  # every model built differs: the arms must get the first one's weights
+        model = kind.build()
+        model.set_weights([w * (1 + len(built)) for w in model.get_weights()])
+        built.append(model)
+        return model
 
     result = tfmp.compare_precision(build, dataset, policies=("fp32", "bf16"), steps=4,
                                     hardware=GPU, tolerance=0.05)
     assert result.ok, str(result)
-    assert len(built) == 3 and len({id(m) for m in built}) == 3  # reference, then one each
-    assert result.runs[0].losses[0] == pytest.approx(result.runs[1].losses[0], rel=0.02)
-    with pytest.raises(ValueError, match="returned the same SubclassedNet twice"):
+    assert len(built) == 2 and built[0] is not built[1]  # the reference, then one for bf16
+    assert result.runs[0].losses[0] == pytest.approx(result.runs[1].losses[0], rel=0.01)
+    with pytest.raises(ValueError, match=f"returned the same {type(built[0]).__name__} twice"):
         tfmp.compare_precision(lambda: built[0], dataset, steps=4, hardware=GPU)
 
 
@@ -204,3 +208,39 @@ def test_export_of_subclassed_models(tmp_path):
                        "in float32 for export: "):
         tfmp.export(opaque, str(tmp_path / "opaque.tflite"), "float16")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.tflite"]
+
+
+def test_subclassed_models_taking_a_dict_or_integer_ids():
+    class DictNet(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = keras.layers.Dense(8, name="a"), keras.layers.Dense(8, name="b")
+            self.head = keras.layers.Dense(3, name="head")
+
+        def call(self, inputs):
+            return self.head(keras.ops.concatenate([self.a(inputs["a"]), self.b(inputs["b"])], -1))
+
+    model = DictNet()
+    model({"a": np.zeros((2, 4), "float32"), "b": np.zeros((2, 6), "float32")})
+    prepared, _ = _prepare(model, "mixed_bfloat16")  # traced on the dict of shapes it was built on
+    run = tfmp.rewrite.run_model(prepared)
+    assert run.input_shapes == ((2, 4), (2, 6)) and run.output_dtypes == ("float32",)
+    assert _heavy_dtypes(run, "a") == {"bfloat16"}
+
+    class Tokens(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.embed = keras.layers.Embedding(50, 8, name="embed")
+            self.mix = keras.layers.Dense(8, name="mix")
+            self.head = keras.layers.Dense(3, name="head")
+
+        def call(self, ids):
+            return self.head(keras.ops.mean(self.mix(self.embed(ids)), axis=1))
+
+    ids = np.random.RandomState(0).randint(0, 50, (4, 6)).astype("int32")
+    tokens = Tokens()
+    tokens(ids)
+    prepared, opt = tfmp.prepare(tokens, "adam", "bf16", hardware=GPU, data=ids)
+    run = tfmp.rewrite.run_model(prepared, ids)
+    assert run.input_shapes == ((4, 6),) and _heavy_dtypes(run, "mix") == {"bfloat16"}
+    assert prepared(ids).dtype == "float32"

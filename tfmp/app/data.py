@@ -83,7 +83,7 @@ def _first_input(model: Any) -> Any:
     from the shape a subclassed model was built with)."""
     try:
         return first_input_spec(model)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise DatasetError(str(e)) from None
 
 

@@ -29,7 +29,7 @@ from absl import logging as absl_logging
 from tfmp.atomic import atomic_path
 from tfmp.litert.report import ExportError, ExportReport, array_batches, checked_batch, evaluate
 from tfmp.litert.runner import Runner
-from tfmp.precision import FLOAT32, policy_scope
+from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
                           model_policy, run_model, set_policies)
 
@@ -67,7 +67,7 @@ def float32_model(model: keras.Model) -> keras.Model:
     try:
         if is_copyable(model):
             return clone_with_dtypes(model, lambda l: "float32" if _half(l) else None, _half)
-        with policy_scope(FLOAT32):  # what a subclassed model's __init__ makes
+        with policy_scope(model_policy(model)):  # what its __init__ made, then float32
             copy = keras.models.clone_model(model)
         copy.set_weights(model.get_weights())
         set_policies(copy, lambda l: "float32" if _half(l) else None)

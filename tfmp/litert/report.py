@@ -108,15 +108,19 @@ def checked_batch(x: Any, model: keras.Model, what: str) -> np.ndarray:
     """
     spec = first_input_spec(model)
     want = spec.dtype.name
+    known = bool(getattr(model, "inputs", None))  # a subclassed model's dtype is not recorded
     x = np.asarray(x)
     shape_ok = x.ndim == len(spec.shape) and all(
         d is None or d == s for d, s in zip(spec.shape[1:], x.shape[1:]))
-    kind_ok = x.dtype.kind in ("i", "u") if "int" in want else x.dtype.kind == "f"
+    numeric = x.dtype.kind in ("i", "u", "f")
+    kind_ok = numeric if not known else (
+        x.dtype.kind in ("i", "u") if "int" in want else x.dtype.kind == "f")
     if not (shape_ok and kind_ok):
         hint = " (unbatched examples? batch them)" if x.ndim == len(spec.shape) - 1 else ""
+        takes = f"{tuple(spec.shape)} {want}" if known else str(tuple(spec.shape))
         raise ExportError(f"{what} has batches of shape {x.shape} and dtype {x.dtype}; the model "
-                          f"takes {tuple(spec.shape)} {want}{hint}")
-    return x.astype(want, copy=False)
+                          f"takes {takes}{hint}")
+    return x.astype(want, copy=False) if known else x
 
 
 def array_batches(arrays: Any, size: int = ARRAY_BATCH) -> list[Any]:

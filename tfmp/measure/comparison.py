@@ -18,7 +18,7 @@ import numpy as np
 from tfmp.measure.stats import quartiles
 from tfmp.measure.steps import train_step
 from tfmp.precision import FLOAT32, HardwareInfo, detect_hardware, policy_scope, resolve_policy
-from tfmp.rewrite import is_copyable, prepare
+from tfmp.rewrite import prepare
 
 WARMUP_STEPS = 2  # tracing happens here: not timed
 
@@ -133,20 +133,17 @@ def _batches(dataset: Any, steps: int) -> list[tuple[Any, Any]]:
     return taken
 
 
-def _model_for_arm(reference: keras.Model, build_model: Callable[[], keras.Model],
-                   hardware: HardwareInfo) -> keras.Model:
-    """What one policy's `prepare` gets: the reference, which it copies, or, for a model
-    converted in place (subclassed, keras-hub), a new one from `build_model` holding the
-    reference's initial weights."""
-    if is_copyable(reference):
-        return reference
+def _fresh_model(reference: keras.Model, weights: list, build_model: Callable[[], keras.Model],
+                 hardware: HardwareInfo) -> keras.Model:
+    """A new model from `build_model` holding the reference's initial weights, for a policy
+    after one whose `prepare` converted the reference in place."""
     with policy_scope(FLOAT32, hardware):
         model = build_model()
     if model is reference:
         raise ValueError(
             f"build_model returned the same {type(model).__name__} twice: a model of this kind "
             "is converted in place, so compare_precision needs a new one per policy")
-    model.set_weights(reference.get_weights())
+    model.set_weights(weights)
     return model
 
 
@@ -234,9 +231,9 @@ def compare_precision(
 
     Args:
         build_model: Returns a new, built Keras model of any kind. Sequential and
-            Functional models are built once and copied for each policy; other
-            kinds (converted in place) are built once per policy, each given the
-            first one's weights.
+            Functional models are built once and copied for each policy; a model
+            `prepare` converts in place (subclassed, keras-hub) is built once per
+            policy, each given the first one's weights.
         dataset: A `tf.data.Dataset` of `(inputs, labels)` batches, at least `steps` long.
         policies: Names `tfmp.set_policy` accepts; the first is the baseline.
         steps: Training steps per policy.
@@ -279,8 +276,11 @@ def compare_precision(
     keras.utils.set_random_seed(seed)
     with policy_scope(FLOAT32, hw):
         reference = build_model()
-    arms = [_Arm(label, policy, _model_for_arm(reference, build_model, hw), make_optimizer,
-                 loss_fn, hw) for label, policy in resolved]
+    weights, source, arms = reference.get_weights(), reference, []
+    for i, (label, policy) in enumerate(resolved):
+        arms.append(_Arm(label, policy, source, make_optimizer, loss_fn, hw))
+        if arms[-1].model is source and i + 1 < len(resolved):  # converted in place: the
+            source = _fresh_model(reference, weights, build_model, hw)  # next needs its own
     for i, (x, y) in enumerate(batches):
         for arm in arms if i % 2 == 0 else reversed(arms):  # alternate who goes first
             arm.step(x, y)

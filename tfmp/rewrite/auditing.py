@@ -102,7 +102,7 @@ def _check_ops(model: keras.Model, ctx: "_Context") -> None:
         # Statistics: a mean or sum and a square root of it, the root in 16 bits. (Keras'
         # ops.mean sums 16-bit inputs in float32 but returns 16 bits: the squares before it
         # and the root after it are still 16-bit; in float16 a square above 256 is inf.)
-        if types & set(ROOT_OPS) and {op.type for op in layer.ops} & set(SUM_OPS):
+        if any(op.type in ROOT_OPS and op.of_sum for op in half):
             ctx.add("normalization-half", "warning", layer.path,
                     f"normalization statistics ({', '.join(sorted(types & set(ROOT_OPS)))}) "
                     f"compute in {dtype}",

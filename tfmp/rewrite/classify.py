@@ -15,6 +15,7 @@ from tfmp import _compat
 from tfmp import layers as tfmp_layers
 
 HALF_DTYPES = ("float16", "bfloat16")
+KNOWN_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 NORMALIZATION_LAYERS: tuple[type, ...] = (
     keras.layers.BatchNormalization,
     keras.layers.LayerNormalization,
@@ -138,12 +139,18 @@ def expected_to_differ(layer: keras.layers.Layer, outputs: set[int]) -> bool:
 def model_policy(model: keras.Model) -> str:
     """The policy most of the model's ordinary layers were built with.
 
+    A subclassed model's own policy (Keras gives it the global one when it is built,
+    and tfmp's conversions set it), since its output layers cannot be told apart by
+    reading it.
+
     Args:
         model: A Keras model.
 
     Returns:
         A dtype policy name (`float32` for a model without ordinary layers).
     """
+    if not is_plain_model(model) and model.dtype_policy.name in KNOWN_POLICIES:
+        return model.dtype_policy.name
     outputs = {id(l) for l in output_layers(model)}
     names = collections.Counter(
         layer.dtype_policy.name for _, layer in iter_layers(model)

@@ -8,7 +8,7 @@ changed in place (`tfmp.rewrite.inplace`).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import keras
 from absl import logging
@@ -65,6 +65,7 @@ def enforce_float32(
     normalization: bool = True,
     softmax: bool = True,
     extra_layers: Iterable[LayerSpec] = (),
+    data: Any = None,
 ) -> keras.Model:
     """Returns `model` with its sensitive layers computing in float32.
 
@@ -80,6 +81,9 @@ def enforce_float32(
         normalization: Make normalization layers float32.
         softmax: Make softmax layers (and layers with a softmax activation) float32.
         extra_layers: More layers to make float32, by name or class.
+        data: A batch to run a model changed in place on (`tfmp.rewrite.example_inputs`):
+            needed for a subclassed model built from inputs of another kind than float32
+            arrays; default: its input shapes.
 
     Returns:
         The copy, or `model` itself changed in place.
@@ -98,12 +102,12 @@ def enforce_float32(
         extra_layers=extra_layers,
     )
 
-    return convert(model, lambda layer: None, chosen, outputs=outputs)[0]
+    return convert(model, lambda layer: None, chosen, outputs=outputs, data=data)[0]
 
 
 def convert(model: keras.Model, dtype_for: Callable[[keras.layers.Layer], Optional[str]],
-            chosen: Callable[[keras.layers.Layer], bool], *, outputs: bool = True
-            ) -> tuple[keras.Model, Optional[ModelRun]]:
+            chosen: Callable[[keras.layers.Layer], bool], *, outputs: bool = True,
+            data: Any = None) -> tuple[keras.Model, Optional[ModelRun]]:
     """Gives each layer `dtype_for(layer)` and the `chosen` ones float32: on a copy when
     Keras can rebuild the model layer by layer, else in place (`convert_in_place`: float32
     only for the layers the model calls itself, and only if its code runs with them).
@@ -114,6 +118,7 @@ def convert(model: keras.Model, dtype_for: Callable[[keras.layers.Layer], Option
         dtype_for: The policy for each layer, or None to keep its own.
         chosen: The layers to make float32.
         outputs: Make every output float32.
+        data: In place: a batch to run the model on (default: its input shapes).
 
     Returns:
         `(the copy, None)`, or `(model itself, its ModelRun after the change)`.
@@ -130,7 +135,7 @@ def convert(model: keras.Model, dtype_for: Callable[[keras.layers.Layer], Option
             return (cast_op_outputs(clone) if outputs else clone), None
         except ConfigRoundTripError as e:
             logging.info("tfmp: %s; %r is converted in place instead of copied", e, model.name)
-    changes, run = convert_in_place(model, dtype_for, chosen, outputs=outputs)
+    changes, run = convert_in_place(model, dtype_for, chosen, outputs=outputs, data=data)
     for change in changes:
         logging.info("tfmp: in place: %s", change)
     return model, run

@@ -31,6 +31,7 @@ from tfmp.rewrite.classify import HALF_DTYPES, iter_layers
 from tfmp.rewrite.tracing import MODEL_PATH, ModelRun, run_model
 
 _FLOAT32_OUTPUTS = "_tfmp_float32_outputs"
+_CALL_BEFORE_CAST = "_tfmp_call_before_cast"
 
 
 def is_copyable(model: keras.Model) -> bool:
@@ -67,6 +68,7 @@ def cast_outputs_to_float32(model: keras.Model) -> bool:
     if vars(model).get(_FLOAT32_OUTPUTS):
         return False
     call = model.call
+    vars(model)[_CALL_BEFORE_CAST] = vars(model).get("call")  # an instance call of its own
 
     @functools.wraps(call)
     def call_with_float32_outputs(*args: Any, **kwargs: Any) -> Any:
@@ -104,7 +106,11 @@ def restore_policies(model: keras.Model, saved: dict[Any, Any]) -> None:
     """
     set_policies(model, lambda layer: saved.get(id(layer)))
     if not saved.get(_FLOAT32_OUTPUTS) and vars(model).pop(_FLOAT32_OUTPUTS, False):
-        _compat.remove_instance_call(model)
+        own = vars(model).pop(_CALL_BEFORE_CAST, None)
+        if own is None:
+            _compat.remove_instance_call(model)
+        else:
+            _compat.set_instance_call(model, own)
 
 
 def set_policies(model: keras.Model,
@@ -163,6 +169,7 @@ def convert_in_place(
     float32: Callable[[keras.layers.Layer], bool] = lambda layer: False,
     *,
     outputs: bool = True,
+    data: Any = None,
 ) -> tuple[list[str], ModelRun]:
     """Gives each layer `dtype_for(layer)` in place, the layers `float32` selects float32,
     and, with `outputs`, makes the model's outputs float32.
@@ -180,6 +187,8 @@ def convert_in_place(
         dtype_for: The policy name for each layer, or None to keep its own.
         float32: The layers to compute in float32 where the model's code allows it.
         outputs: Make every output float32.
+        data: A batch to run the model on (`tfmp.rewrite.example_inputs`); default: its
+            input shapes.
 
     Returns:
         `(changes, run)`: one entry per change, and the `ModelRun` of the converted model.
@@ -192,7 +201,7 @@ def convert_in_place(
                          "first.")
     before = policies_of(model)
     try:
-        run = _run(model, "before converting it")
+        run = _run(model, "before converting it", data)
         level = model_level_layers(model)
         heads = _output_layers(run, level) if outputs else set()
 
@@ -203,13 +212,13 @@ def convert_in_place(
 
         changes = set_policies(model, full)
         try:
-            run = run_model(model)
+            run = run_model(model, data)
         except Exception as e:  # noqa: BLE001 (its code fails on the mixed dtypes)
             restore_policies(model, before)
             changes = set_policies(model, dtype_for) + [
                 f"{MODEL_PATH}: no layer made float32: the model fails with them "
                 f"({type(e).__name__}: {_first_line(e)})"]
-            run = _run(model, "once converted")
+            run = _run(model, "once converted", data)
         if outputs and any(d in HALF_DTYPES for d in run.output_dtypes):
             cast_outputs_to_float32(model)
             changes.append(f"{MODEL_PATH}: outputs ({', '.join(run.output_dtypes)}) cast to float32")
@@ -225,9 +234,9 @@ def _first_line(e: BaseException) -> str:
     return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
-def _run(model: keras.Model, when: str) -> ModelRun:
+def _run(model: keras.Model, when: str, data: Any) -> ModelRun:
     try:
-        return run_model(model)
+        return run_model(model, data)
     except ValueError:
         raise
     except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)

@@ -48,7 +48,7 @@ def _check_computes_in(model: keras.Model, run: Optional[ModelRun], policy: str)
             "float32?); give those layers 16-bit computations or keep the model in float32")
 
 
-def convert_policy(model: keras.Model, policy: str) -> keras.Model:
+def convert_policy(model: keras.Model, policy: str, *, data: Any = None) -> keras.Model:
     """`model` made to compute under another dtype policy, weights kept bit for bit.
 
     Outputs, normalization and softmax layers (and tfmp's float32 layers) stay in
@@ -72,6 +72,10 @@ def convert_policy(model: keras.Model, policy: str) -> keras.Model:
         model: A built Keras model of any kind.
         policy: `float32`, `mixed_float16` or `mixed_bfloat16` (any spelling
             `tfmp.parse_precision` accepts; `auto` resolves from the hardware).
+        data: A batch to run a model converted in place on (`tfmp.rewrite.example_inputs`:
+            an array, a structure, `(x, y)` or a dataset); needed for a subclassed model
+            that takes integer ids or inputs other than those it was built from;
+            default: its input shapes.
 
     Returns:
         A new model, or `model` itself converted in place (see above).
@@ -89,7 +93,8 @@ def convert_policy(model: keras.Model, policy: str) -> keras.Model:
         logging.info("tfmp: converting the %s model under %s", source, target)
     chosen = float32_selector(model)
     before = policies_of(model)
-    converted, run = convert(model, policy_rule(source, target, lambda layer: False), chosen)
+    converted, run = convert(model, policy_rule(source, target, lambda layer: False), chosen,
+                             data=data)
     try:
         _check_computes_in(converted, run, target)
     except ValueError:
@@ -108,6 +113,7 @@ def prepare(
     guard: bool = False,
     float32_islands: bool = True,
     hardware: Optional[HardwareInfo] = None,
+    data: Any = None,
     **scale_args: Any,
 ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     """Sets the policy, fixes the model, wraps the optimizer and audits the result.
@@ -137,12 +143,15 @@ def prepare(
         loss_scale, guard, **scale_args: See `tfmp.wrap_optimizer`.
         float32_islands: Apply `tfmp.rewrite.ISLANDS` (default True).
         hardware: The hardware to decide and audit for; detected when omitted.
+        data: A batch to run the model on, to convert it and to audit it (see
+            `tfmp.convert_policy`); default: its input shapes.
 
     Returns:
         `(model, optimizer)`: compile and fit these. The model's train step is
         guarded (`tfmp.guard_model_state`: a skipped step changes no state). A
         Sequential or Functional input model is left unchanged (a copy is
-        returned); any other kind is returned itself, converted in place.
+        returned) unless one of its layers cannot be re-created from its config;
+        any other kind is returned itself, converted in place.
 
     Raises:
         AuditError: the prepared model still has audit errors (a `ValueError`).
@@ -158,12 +167,12 @@ def prepare(
     previous, before = keras.config.dtype_policy(), policies_of(model)
     policy = set_policy(precision, hw)
     try:
-        converted = convert_policy(model, policy)
+        converted = convert_policy(model, policy, data=data)
         if float32_islands:  # the copy made above, or the model converted in place
             for change in apply_islands(converted, policy, hw):
                 logging.info("tfmp.prepare: float32 island %s", change)
         opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
-        report = audit(converted, opt, hw)
+        report = audit(converted, opt, hw, data=data)
         if not report.ok:
             raise AuditError(report)
     except BaseException:  # nothing changed: Keras' policy and a model converted in place

@@ -9,8 +9,10 @@ softmax, exp/log, sums, square roots), and the dtype and producer of every model
 output. Nothing is executed: no weight or statistic changes. Works for every
 model Keras can call, subclassed ones included. TensorFlow-only (the graph).
 
-Ops inside nested graphs that no layer call opened (a `tf.cond` branch, a loop
-body inside one layer's `call`) are not seen.
+What is not seen: ops inside a nested function that no layer call opened (a `tf.cond`
+branch, the inner `tf.function` Keras runs grouped convolutions in); a recurrent layer's
+loop body is counted once, not once per time step. The trace may build a layer that
+only a training-mode branch calls.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ CONV_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput",
             "Conv3DBackpropInputV2")
 HEAVY_OPS = MATMUL_OPS + CONV_OPS
 SOFTMAX_OPS = ("Softmax", "LogSoftmax")
-EXP_LOG_OPS = ("Exp", "Log", "Log1p", "Expm1")
+EXP_LOG_OPS = ("Exp", "Log", "Log1p")  # not Expm1: ELU/CELU take it of min(x, 0), bounded
 SUM_OPS = ("Sum", "Mean", "Prod", "EuclideanNorm")
 ROOT_OPS = ("Rsqrt", "Sqrt")
 RECORDED_OPS = frozenset(HEAVY_OPS + SOFTMAX_OPS + EXP_LOG_OPS + SUM_OPS + ROOT_OPS)
@@ -50,12 +52,15 @@ class Op:
         dtype: The dtype it computed in (of its output).
         flops: Multiply-adds x 2 of a matmul or convolution (0 for others, or unknown shapes).
         reduced: For `Sum`/`Mean`/...: how many elements go into each output.
+        of_sum: For `Rsqrt`/`Sqrt`: its input comes from a `Sum`/`Mean` (a few element-wise
+            ops away): a statistic's root, as in a normalization.
     """
 
     type: str
     dtype: str
     flops: int = 0
     reduced: int = 0
+    of_sum: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,13 +160,27 @@ def _heavy_flops(op: Any) -> int:
         return 2 * math.prod(out) * math.prod(shapes[1][:-1])
     if op.type == "DepthwiseConv2dNative" and out is not None and shapes[1] is not None:
         return 2 * math.prod(out) * math.prod(shapes[1][:-2])
-    if op.type.startswith("Conv") and shapes[1] is not None and shapes[2] is not None:
+    if (op.type in ("Conv2DBackpropInput", "Conv3DBackpropInputV2") and len(shapes) == 3
+            and shapes[1] is not None and shapes[2] is not None):
         return 2 * math.prod(shapes[2][:-1]) * math.prod(shapes[1])  # a transposed convolution
-    return 0
+    return 0  # shapes not static
+
+
+def _from_sum(op: Any, depth: int = 6) -> bool:
+    """Whether a sum or mean is among the ops feeding `op`, at most `depth` ops back."""
+    frontier, seen = [op], set()
+    for _ in range(depth):
+        frontier = [t.op for o in frontier for t in o.inputs if id(t.op) not in seen]
+        seen.update(id(o) for o in frontier)
+        if any(o.type in SUM_OPS for o in frontier):
+            return True
+    return False
 
 
 def _op(op: Any) -> Op:
     dtype = op.outputs[0].dtype.name if op.outputs else ""
+    if op.type in ROOT_OPS:
+        return Op(op.type, dtype, of_sum=_from_sum(op))
     if op.type in HEAVY_OPS:
         return Op(op.type, dtype, flops=_heavy_flops(op))
     if op.type in SUM_OPS:
@@ -199,6 +218,18 @@ def _owners(calls: list[tuple[Any, Any, int, int, int]]) -> dict[int, list[tuple
     return owned
 
 
+def _is_x_y(data: Any, struct: Any) -> bool:
+    """Whether a 2- or 3-tuple batch is `(x, y[, sample_weight])` rather than the inputs of a
+    model taking two or three: by the model's input structure where it has one."""
+    if struct is None:  # a subclassed model: its input structure is not known
+        return True
+    try:
+        keras.tree.assert_same_structure(data, struct)
+        return False  # the inputs themselves
+    except (ValueError, TypeError):
+        return True
+
+
 def example_inputs(model: keras.Model, data: Any = None) -> Any:
     """`tf.TensorSpec`s of the inputs to trace `model` on.
 
@@ -206,7 +237,9 @@ def example_inputs(model: keras.Model, data: Any = None) -> Any:
         model: A Keras model.
         data: A batch of inputs (an array, a structure of arrays, `(x, y)`, or a
             `tf.data.Dataset` whose first batch is used); default: the model's input
-            shapes (batch `BATCH`, other open dimensions `UNKNOWN_DIM`).
+            shapes (batch `BATCH`, other open dimensions `UNKNOWN_DIM`; a subclassed
+            model: the shapes it was built with, taken as float32: give `data` for a
+            model that takes integer ids, or inputs it was not built from).
 
     Returns:
         A structure of `tf.TensorSpec` matching what `model` is called on.
@@ -214,28 +247,28 @@ def example_inputs(model: keras.Model, data: Any = None) -> Any:
     Raises:
         ValueError: no data, and the model has neither inputs nor a build shape.
     """
+    def spec(shape: Any, dtype: Any = "float32") -> tf.TensorSpec:
+        dims = [BATCH if (i == 0 and d is None) else UNKNOWN_DIM if d is None else d
+                for i, d in enumerate(shape)]
+        return tf.TensorSpec(dims, tf.as_dtype(keras.backend.standardize_dtype(dtype)))
+
+    functional = isinstance(model, (_compat.functional_class(), keras.Sequential))
+    struct = None
+    if functional:
+        struct = model.input if isinstance(model, _compat.functional_class()) else (
+            model.inputs[0] if len(model.inputs) == 1 else model.inputs)
     if data is not None:
         if isinstance(data, tf.data.Dataset):
             data = next(iter(data))
-        if isinstance(data, (tuple, list)) and len(data) in (2, 3) and not isinstance(
-                getattr(model, "input", None), (tuple, list)):
+        if isinstance(data, (tuple, list)) and len(data) in (2, 3) and _is_x_y(data, struct):
             data = data[0]  # (x, y) or (x, y, sample_weight)
         return keras.tree.map_structure(
             lambda a: tf.TensorSpec(np.shape(a), tf.as_dtype(getattr(a, "dtype", "float32"))), data)
-
-    def spec(shape: Any, dtype: Any = "float32") -> tf.TensorSpec:
-        dims = list(shape)
-        dims = [BATCH if (i == 0 and d is None) else UNKNOWN_DIM if d is None else d
-                for i, d in enumerate(dims)]
-        return tf.TensorSpec(dims, tf.as_dtype(keras.backend.standardize_dtype(dtype)))
-
-    if isinstance(model, _compat.functional_class()) or isinstance(model, keras.Sequential):
-        struct = model.input if isinstance(model, _compat.functional_class()) else (
-            model.inputs[0] if len(model.inputs) == 1 else model.inputs)
+    if functional:
         return keras.tree.map_structure(lambda t: spec(t.shape, t.dtype), struct)
     config = model.get_build_config() if model.built else None
-    if config and "input_shape" in config:
-        return spec(config["input_shape"])
+    if config and "input_shape" in config:  # a shape, or a structure of shapes
+        return keras.tree.map_shape_structure(spec, config["input_shape"])
     raise ValueError(f"cannot run {model.name!r} ({type(model).__name__}) without data: it has no "
                      "Input and no build shape; call it on a batch first, or pass data")
 
