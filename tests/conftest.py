@@ -27,3 +27,28 @@ def _float32_policy_and_clean_env(monkeypatch):
     # Keras' state reset without its forced gc.collect(): that took 0.2-0.5 s after every
     # test (a third of the suite's time); Python's own collector still runs.
     keras.backend.clear_session(free_memory=False)
+
+
+# The longest modules first (their total seconds here), the rest in file order: each module
+# runs on one of the two workers (--dist loadscope), so a long one started last would leave
+# the other worker idle at the end.
+LONGEST_FIRST = (
+    "distribute/test_multi_worker.py",  # ~80 s: real two-worker clusters
+    "rewrite/test_model_kinds.py",  # ~50 s
+    "tools/test_train.py",  # ~45 s: the binary in subprocesses
+    "litert/test_conversion.py",  # ~35 s
+    "scaling/test_accumulation.py",  # ~30 s
+    "test_models.py",  # ~25 s
+    "measure/test_comparison.py",
+    "test_benchmarks.py",
+    "tools/test_export.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return next((i for i, name in enumerate(LONGEST_FIRST) if path.endswith(name)),
+                    len(LONGEST_FIRST))
+
+    items.sort(key=rank)  # stable: file order within a rank

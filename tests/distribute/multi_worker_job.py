@@ -4,7 +4,9 @@ A tiny regression model built under MultiWorkerMirroredStrategy, set up by
 tfmp.prepare, trained with plain `model.fit`. Each worker reads its own data
 (auto-sharding off; 16 rows per worker and step); with `inject`, one step of worker 1 is
 large enough that its float16 gradients overflow (the other worker's are clean).
-Each SCENARIO (`PRECISION[+inject][+accum]`) trains a model of its own, one after the other
+With `nofix`, tfmp's multi-worker fit fix is off (`TFMP_MULTI_WORKER_FIX=off`) and the
+error Keras' `fit` raises is recorded instead of the final state (put it last).
+Each SCENARIO (`PRECISION[+inject][+accum][+nofix]`) trains a model of its own, one after the other
 in the same processes and cluster (one launch, TensorFlow started once per worker), and
 writes its final state to OUT/<SCENARIO>/worker<i>.json.
 
@@ -38,6 +40,8 @@ def pipeline(x):
 
 def train(scenario):
     precision, *options = scenario.split("+")
+    if "nofix" in options:
+        os.environ["TFMP_MULTI_WORKER_FIX"] = "off"
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
@@ -55,8 +59,17 @@ def train(scenario):
     if "inject" in options and index == 1:
         first[64:80] *= 300.0  # one step of this worker: scaled gradients beyond float16's 65504
     data = pipeline(first).concatenate(pipeline(x).repeat())  # 32 rows: 16 per worker and step
-    history = model.fit(data, epochs=3, steps_per_epoch=4, verbose=0)
     os.makedirs(os.path.join(out, scenario), exist_ok=True)
+    if "nofix" in options:  # upstream's failure, recorded
+        try:
+            model.fit(data, epochs=3, steps_per_epoch=4, verbose=0)
+            error = None
+        except Exception as e:  # noqa: BLE001
+            error = f"{type(e).__name__}: {e}"
+        with open(os.path.join(out, scenario, f"worker{index}.json"), "w") as f:
+            json.dump({"error": error}, f)
+        return
+    history = model.fit(data, epochs=3, steps_per_epoch=4, verbose=0)
     with open(os.path.join(out, scenario, f"worker{index}.json"), "w") as f:
         json.dump({"loss": history.history["loss"], "loss_scale": opt.loss_scale,
                    "skipped_steps": int(opt.skipped_steps.numpy()),

@@ -51,14 +51,16 @@ def test_prepare_computes_what_was_asked_and_trains(name):
         for a, b in zip(before, after):  # the same function, in 16 bits
             a = np.asarray(a, "float32")
             np.testing.assert_allclose(np.asarray(b), a, atol=0.05 * max(1.0, np.abs(a).max()))
-        run = tfmp.rewrite.run_model(prepared)
-        assert run.output_dtypes == ("float32",) * kind.outputs, (policy, run.output_dtypes)
-        for path in kind.half:
-            assert _heavy_dtypes(run, path) == {half}, (policy, path)
-        for path in kind.float32:
-            assert _heavy_dtypes(run, path) == {"float32"}, (policy, path)
-        report = tfmp.audit(prepared, opt, hardware=GPU)
+        report = tfmp.audit(prepared, opt, hardware=GPU)  # what ran, from the traced graph
         assert report.ok, str(report)
+        assert report.layer("<model>").output_dtypes == ("float32",) * kind.outputs, policy
+        for path in kind.half:
+            layer = report.layer(path)
+            assert layer.flops and layer.half_flops == layer.flops, (policy, path)
+            assert layer.output_dtypes == (half,), (policy, path)
+        for path in kind.float32:
+            layer = report.layer(path)
+            assert layer.flops and layer.half_flops == 0, (policy, path)
         assert report.half_flops_share >= kind.min_share, (policy, report.summary())
         # below 1 exactly when some layer's matmuls stay float32 (a head, a hard-coded layer)
         assert (report.half_flops_share < 1.0) == bool(kind.float32), (policy, report.summary())

@@ -71,19 +71,9 @@ def _check_strategy_run(model_dir, strategy, replicas, policy=None):
 
 
 @pytest.fixture(scope="module")
-def fit_runs(tmp_path_factory):
-    """Training runs through the binary's entry point, one child process for all of them
-    (TensorFlow imported once): the three strategies, float16 with accumulation, a NaN stop."""
-    tmp = tmp_path_factory.mktemp("fit")
-    cases = [[*args, "--epochs=2", "--steps_per_epoch=20", f"--model_dir={tmp / str(i)}"]
-             for i, (args, _, _, _) in enumerate(STRATEGY_CASES)]
-    cases.append(["--dtype=fp16", "--grad_accum_steps=2", "--remat", "--initial_scale=256",
-                  "--growth_interval=5", "--epochs=2", "--steps_per_epoch=20",
-                  f"--model_dir={tmp / 'fp16'}"])
-    cases.append(["--learning_rate=1e30", "--epochs=2", "--steps_per_epoch=20",
-                  f"--model_dir={tmp / 'nan'}"])
-    runs = helpers.run_tool_cases("train", cases)
-    return tmp, {"strategies": runs[:len(STRATEGY_CASES)], "fp16": runs[-2], "nan": runs[-1]}
+def fit_runs(child_runs):
+    """The three strategies, float16 with accumulation, a NaN stop (see `child_runs`)."""
+    return child_runs["fit"]
 
 
 def test_strategies(fit_runs):
@@ -147,17 +137,37 @@ BAD_INPUT = [
 
 
 @pytest.fixture(scope="module")
-def bad_input_runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("bad")
+def bad_input_runs(child_runs):
+    return child_runs["bad"]
+
+
+@pytest.fixture(scope="module")
+def child_runs(tmp_path_factory):
+    """Every run of this module that needs no process of its own, through the binary's entry
+    point in one child process (TensorFlow imported once): training runs (three
+    strategies, float16 with accumulation, a NaN stop) and the bad-input cases. Those with
+    MirroredStrategy first: the CPU is split before anything initializes TensorFlow."""
+    tmp = tmp_path_factory.mktemp("runs")
     (tmp / "file").write_text("not a directory")
-    # MirroredStrategy cases first: the CPU is split before anything initializes TensorFlow.
-    order = sorted(range(len(BAD_INPUT)), key=lambda i: "--num_cpu_devices=2" not in BAD_INPUT[i][0])
-    runs = helpers.run_tool_cases("train", [[a.format(tmp=tmp) for a in BAD_INPUT[i][0]]
-                                            for i in order]
-                                  + [{"argv": ["--epochs=1"], "env": {"TFMP_PRECISION": "fp17"}},
-                                     {"argv": ["--dataset=imdb_reviews", "--model=cnn"],
-                                      "mock_data": 16}])
-    return {**{i: run for i, run in zip(order, runs)}, "env": runs[-2], "tfds": runs[-1]}
+    fits = [[*args, "--epochs=2", "--steps_per_epoch=20", f"--model_dir={tmp / str(i)}"]
+            for i, (args, _, _, _) in enumerate(STRATEGY_CASES)]
+    fits.append(["--dtype=fp16", "--grad_accum_steps=2", "--remat", "--initial_scale=256",
+                 "--growth_interval=5", "--epochs=2", "--steps_per_epoch=20",
+                 f"--model_dir={tmp / 'fp16'}"])
+    fits.append(["--learning_rate=1e30", "--epochs=2", "--steps_per_epoch=20",
+                 f"--model_dir={tmp / 'nan'}"])
+    bad = [[a.format(tmp=tmp) for a in args] for args, _, _ in BAD_INPUT]
+    bad += [{"argv": ["--epochs=1"], "env": {"TFMP_PRECISION": "fp17"}},
+            {"argv": ["--dataset=imdb_reviews", "--model=cnn"], "mock_data": 16}]
+    cases = [("fit", i, c) for i, c in enumerate(fits)] + [("bad", i, c) for i, c in enumerate(bad)]
+    cases.sort(key=lambda case: "--num_cpu_devices=2" not in str(case[2]))
+    runs = helpers.run_tool_cases("train", [case for _, _, case in cases])
+    results = {(kind, i): run for (kind, i, _), run in zip(cases, runs)}
+    n_fit, n_bad = len(fits), len(BAD_INPUT)
+    fit = [results["fit", i] for i in range(n_fit)]
+    return {"fit": (tmp, {"strategies": fit[:len(STRATEGY_CASES)], "fp16": fit[-2], "nan": fit[-1]}),
+            "bad": {**{i: results["bad", i] for i in range(n_bad)},
+                    "env": results["bad", n_bad], "tfds": results["bad", n_bad + 1]}}
 
 
 @pytest.mark.parametrize("case", range(len(BAD_INPUT)), ids=[" ".join(a) for a, _, _ in BAD_INPUT])
@@ -204,7 +214,7 @@ def _metadata_epoch(backup):
 
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     # The precision auto picks on this CPU: resuming is the point here, not bfloat16.
-    args = ["--epochs=3", "--steps_per_epoch=150", "--batch_size=64", f"--model_dir={tmp_path}"]
+    args = ["--epochs=3", "--steps_per_epoch=80", "--batch_size=64", f"--model_dir={tmp_path}"]
     backup = os.path.join(tmp_path, "backup")
     proc = subprocess.Popen([sys.executable, "-m", "tools.train", *args], cwd=ROOT, env=env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -235,7 +245,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     opt.build(model.trainable_variables)
     model.load_weights(os.path.join(backup, "latest.weights.h5"))
     saved_step = int(opt.inner_optimizer._iterations.numpy()) + int(opt.skipped_steps.numpy())
-    assert saved_step == 300
+    assert saved_step == 160
 
     again = train(*args)
     assert again.returncode == 0, again.stderr[-2000:]
