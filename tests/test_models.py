@@ -23,7 +23,7 @@ def test_model_trains_under_policy(name, policy):
         warnings.simplefilter("ignore")
         tfmp.set_policy(policy, hardware=GPU)
     build, kind = models.get(name)
-    x, y, classes = data.synthetic_arrays(kind, 256, seed=0)
+    x, y, classes = data.synthetic_arrays(kind, 128, seed=0)
     keras.utils.set_random_seed(0)
     model = build(input_shape=x.shape[1:], num_classes=classes,
                   vocab_size=1000 if kind == "tokens" else None, **SMALL[name])

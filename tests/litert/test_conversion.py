@@ -40,7 +40,9 @@ def _trained(name: str, steps: int = 60):
 
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_reference_model_exports_in_every_mode(name, tmp_path):
-    model, d = _trained(name)
+    # The tiny CNN learns too slowly for its accuracy to be checked: 20 steps are enough
+    # for what is (the output differences).
+    model, d = _trained(name, steps=20 if name == "cnn" else 60)
     if name == "transformer":  # tfmp's layers and the GELU island are in the exported graph
         assert model.get_layer("block0_ff1").activation is islands.float32_gelu
     for quantization in QUANTIZATIONS:
