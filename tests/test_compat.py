@@ -75,6 +75,17 @@ def test_an_instance_call_takes_the_place_of_the_class_call():
     expect(float(keras.ops.sum(model(x))) == 0.0, "an instance call is what Layer.__call__ runs")
 
 
+def test_a_trace_leaves_no_graph_tensor_in_the_model_losses():
+    class WithLoss(keras.layers.Layer):
+        def call(self, x):
+            self.add_loss(keras.ops.sum(x))
+            return x
+
+    model = keras.Sequential([keras.Input((3,)), WithLoss(), keras.layers.Dense(1)])
+    tfmp.rewrite.run_model(model)
+    expect(model.losses == [], f"Layer._clear_losses: losses left after a trace: {model.losses}")
+
+
 def test_a_metric_attached_to_a_built_subclassed_model_reaches_the_logs():
     model = Subclassed()
     model(np.ones((2, 4), "float32"))

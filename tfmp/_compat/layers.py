@@ -130,6 +130,13 @@ def set_instance_call(layer: Any, call: Callable) -> None:
     object.__setattr__(layer, "call", call)
 
 
+def clear_losses(layer: Any) -> None:
+    """`layer._clear_losses()`: drops the losses `add_loss` recorded in the last call (Keras
+    clears them when a new top-level call begins; a trace leaves graph tensors there)."""
+    with relying_on("Layer._clear_losses"):
+        layer._clear_losses()
+
+
 def remove_instance_call(layer: Any) -> None:
     """Undoes `set_instance_call`: the layer's class's `call` again."""
     if "call" in vars(layer):

@@ -342,7 +342,10 @@ def run_model(model: keras.Model, data: Any = None, *, training: bool = True) ->
     layers = _compat.flatten_layers(model, include_self=True, recursive=True)
     with _compat.calls_wrapped(layers, wrapper):
         function = tf.function(lambda x: model(x, training=training), autograph=False)
-        concrete = function.get_concrete_function(specs)
+        try:
+            concrete = function.get_concrete_function(specs)
+        finally:
+            _compat.clear_losses(model)  # add_loss left the trace's graph tensors there
     owned = _owners(calls)
     runs = []
     for layer in order:
