@@ -52,6 +52,13 @@ def test_softmax_and_normalization_in_half():
     assert {f.path for f in report.warnings} == {model.layers[1].name, model.layers[2].name}
 
 
+def test_a_square_root_of_no_sum_is_no_normalization():
+    _set("bf16")
+    model = _model(extra=[keras.layers.Lambda(lambda x: keras.ops.sqrt(keras.ops.abs(x)))])
+    report = tfmp.audit(model, hardware=CPU)
+    assert "normalization-half" not in report.codes(), str(report)
+
+
 def test_half_variables_and_optimizer_slots():
     keras.config.set_dtype_policy("float16")  # pure float16: variables in float16
     model = _model(out_dtype="float16")

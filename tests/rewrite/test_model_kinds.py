@@ -169,6 +169,9 @@ def test_a_model_that_cannot_run_converted_is_given_back_as_it_came():
     model = RawAdd()
     model(np.zeros((2, 8), "float32"))
     with pytest.raises(ValueError, match=r"cannot run 'raw_add' \(RawAdd\) once converted: "):
+        tfmp.convert_policy(model, "bf16")  # convert_policy itself gives it back
+    assert {model.dtype_policy.name, model.dense.dtype_policy.name} == {"float32"}
+    with pytest.raises(ValueError, match=r"cannot run 'raw_add' \(RawAdd\) once converted: "):
         tfmp.prepare(model, "adam", "bf16", hardware=GPU)
     assert {model.dtype_policy.name, model.dense.dtype_policy.name} == {"float32"}
     assert keras.config.dtype_policy().name == "float32"  # prepare set it, then put it back
