@@ -78,8 +78,8 @@ def run_tool(tool, *args, timeout=300, **extra_env):
 
 
 _CASES_DRIVER = """
-import contextlib, io, json, sys
-from absl import flags
+import contextlib, io, json, resource, sys
+from absl import flags, logging as absl_logging
 import importlib
 name = sys.argv[1]
 tool = importlib.import_module("tools." + name)  # its flags are defined once
@@ -97,12 +97,18 @@ for case in json.loads(sys.argv[2]):
     if "mock_data" in case:  # tensorflow-datasets' mock data for every dataset
         import tensorflow_datasets as tfds
         mock = tfds.testing.mock_data(num_examples=case["mock_data"])
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if "file_size_limit" in case:  # a full disk; Python ignores SIGXFSZ: writes fail (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (case["file_size_limit"], limit[1]))
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), mock:
+        absl_logging.get_absl_handler().python_handler.stream = err  # bound once, at import
         try:
             cli.run(tool.main)
             code = 0
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else 1
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
     results.append([code, err.getvalue(), out.getvalue()])
     for key in env:
         del os.environ[key]
@@ -114,8 +120,9 @@ sys.stdout.write("CASES=" + json.dumps(results) + "\\n")
 def run_tool_cases(tool, cases, timeout=300, stdout=False, **extra_env):
     """Runs `tools.<tool>` once per argument list, all in one child process.
 
-    A case is an argument list, or `{"argv": [...], "env": {...}, "mock_data": n}` (variables
-    set for that case; tensorflow-datasets' mock data with n examples around it).
+    A case is an argument list, or `{"argv": [...], "env": {...}, "mock_data": n,
+    "file_size_limit": bytes}` (variables set for that case; tensorflow-datasets' mock data
+    with n examples around it; no file written past that size, as on a full disk).
 
     Each case goes through the binary's own entry point (`cli.run(main)`, absl
     flag parsing included) from default flag values; TensorFlow is imported

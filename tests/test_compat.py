@@ -3,6 +3,7 @@ installed versions. A failure here names the Keras version: an internal changed,
 fence (not the rest of tfmp) is where to adapt."""
 
 import json
+import os
 
 import keras
 import numpy as np
@@ -275,7 +276,7 @@ def test_suspended_saving_saves_and_deletes_nothing(tmp_path, kind):
     suspend = Suspend()
     model.fit(x, y, epochs=2, verbose=0, callbacks=[suspend, callback])
     if kind == "backup":
-        meta, _ = _compat.backup_metadata_files(str(tmp_path / "b"))
+        meta = _compat.backup_files(str(tmp_path / "b")).metadata
         expect((tmp_path / "b").exists(), "delete_checkpoint=False keeps the backup")
         with open(meta) as f:
             expect(json.load(f)["epoch"] == 1, "the suspended second epoch was not saved")
@@ -286,21 +287,35 @@ def test_suspended_saving_saves_and_deletes_nothing(tmp_path, kind):
     expect(suspend.saved.get("save_freq") == "epoch", f"restored: {suspend.saved}")
 
 
-def test_backup_metadata_files_are_where_keras_writes_them(tmp_path):
+def test_backup_files_and_progress_are_where_keras_keeps_them(tmp_path):
     model = _dense_model()
     model.compile("sgd", "mse")
+    progress = []
 
     class Stop(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
             if epoch == 2:
+                progress.append(_compat.backup_progress(backup))
                 raise RuntimeError("stop")
 
     backup = keras.callbacks.BackupAndRestore(str(tmp_path), double_checkpoint=True)
     with pytest.raises(RuntimeError):
         model.fit(np.ones((4, 4)), np.ones((4, 1)), epochs=3, verbose=0, callbacks=[backup, Stop()])
-    latest, previous = _compat.backup_metadata_files(str(tmp_path))
-    expect(json.load(open(latest))["epoch"] == 2 and json.load(open(previous))["epoch"] == 1,
+    files = _compat.backup_files(str(tmp_path))
+    expect(json.load(open(files.metadata))["epoch"] == 2
+           and json.load(open(files.previous_metadata))["epoch"] == 1,
            "BackupAndRestore's training metadata (epochs completed) and its previous copy")
+    expect(os.path.isfile(files.weights) and os.path.isfile(files.previous_weights),
+           "BackupAndRestore's weights and their previous copy")
+    expect(progress == [(2, 0)], f"(epochs completed, last batch) when it saves: {progress}")
+
+
+def test_resume_after_epoch_makes_fit_start_there():
+    model = _dense_model()
+    model.compile("sgd", "mse")
+    _compat.resume_after_epoch(model, 2)
+    history = model.fit(np.ones((4, 4)), np.ones((4, 1)), epochs=4, verbose=0)
+    expect(history.epoch == [2, 3], f"fit ran epochs {history.epoch} after resume_after_epoch(2)")
 
 
 def test_symbolic_build_falls_back_to_a_local_batch_only_where_keras_fails():

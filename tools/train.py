@@ -5,7 +5,9 @@
   python -m tools.train --model=transformer --dataset=imdb_reviews --data_dir=~/tensorflow_datasets
   python -m tools.train --strategy=mirrored --num_cpu_devices=2 --batch_size=256
 
-Re-running a command with the same --model_dir resumes after the last completed epoch.
+Re-running a command with the same --model_dir resumes after the last completed epoch; a
+damaged backup or tune.json there stops the run with one line (exit 2) unless --restart,
+which moves them aside under dated names and starts over.
 """
 
 import os
@@ -15,7 +17,7 @@ from absl import flags
 
 import models
 import tfmp
-from tfmp.app import cli, training
+from tfmp.app import cli, run_dir, training
 from tfmp.app.config import ConfigError, TrainConfig
 from tfmp.app.data import DatasetError, load as load_data
 from tfmp.callbacks import NAN_POLICIES
@@ -30,7 +32,7 @@ PRECISIONS = (*ACCEPTED_NAMES, "tune")
 CONFIG_FLAGS = ("model", "dataset", "data_dir", "loss_scale", "initial_scale", "growth_interval",
                 "min_scale", "tpu", "num_cpu_devices", "batch_size", "epochs", "steps_per_epoch",
                 "learning_rate", "grad_accum_steps", "remat", "jit_compile", "seed", "tune_steps",
-                "nan_policy", "model_dir")
+                "nan_policy", "model_dir", "restart")
 
 flags.DEFINE_enum("model", "mlp", MODELS, "Reference model.")
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
@@ -62,6 +64,8 @@ flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_enum("nan_policy", "stop", NAN_POLICIES, "What NanMonitor does on divergence.")
 flags.DEFINE_string("model_dir", None, "Backups, TensorBoard logs, model.keras and summary.json.")
+flags.DEFINE_bool("restart", False, "Start the --model_dir's run over: move its backup/ and "
+                  "tune.json aside under dated names (nothing is deleted) instead of resuming.")
 
 
 flags.register_validator(
@@ -100,8 +104,12 @@ def main(argv: Sequence[str]) -> int:
     try:
         data = load_data(config.dataset, kind, config.batch_size, config.data_dir, config.seed)
         summary = training.train(config, build, data, strategy)
-    except (DatasetError, tfmp.AuditError, ConfigError) as e:
+    except (DatasetError, tfmp.AuditError, ConfigError, run_dir.RunDirError) as e:
         cli.fail(str(e).splitlines()[0])
+    except OSError as e:  # a full disk, a file-size limit, a directory that went away
+        kept = (f"; what {config.model_dir} held is intact: rerun to resume from its last "
+                "complete backup" if config.model_dir else "")
+        cli.fail(f"I/O error on {cli.describe_os_error(e)}{kept}")
     except (training.TrainingStopped, tfmp.NonFiniteError) as e:
         kept = f" (backup kept in {config.model_dir}; rerun to resume)" if config.model_dir else ""
         cli.fail(f"training stopped on a NaN event{kept}: {e}", cli.EXIT_FINDINGS)

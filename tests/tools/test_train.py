@@ -133,6 +133,7 @@ BAD_INPUT = [
     (["--tpu=foo", "--strategy=one_device"],
      "--tpu=foo is only used with --strategy=tpu (or auto); got --strategy=one_device", 2),
     (["extra"], "unexpected positional arguments ['extra']", 2),
+    (["--restart"], "--restart starts a --model_dir's run over; give --model_dir", 2),
 ]
 
 

@@ -28,6 +28,7 @@ from tfmp._compat.optimizers import (apply_decided, built_variables, ema_overwri
 from tfmp._compat.tensorflow import (first_batch, in_multi_worker_mode, interpreter_ops,
                                      keras_reduces_scalar_logs_along_axis_0,
                                      supports_no_merge_call, symbolic_build, wrap_symbolic_build)
-from tfmp._compat.trainers import (attach_metric, backup_metadata_files, forget_traced_functions,
-                                   forget_train_function, model_metrics, suspend_saving,
-                                   wrap_step)
+from tfmp._compat.trainers import (BACKUP_SAVE_HOOK, BackupFiles, attach_metric, backup_files,
+                                   backup_progress, check_backup_saved, forget_traced_functions,
+                                   forget_train_function, model_metrics, resume_after_epoch,
+                                   suspend_saving, wrap_step)

@@ -3,12 +3,13 @@ BackupAndRestore's files and saving switches."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Any, Callable
 
 import keras
 
-from tfmp._compat.base import relying_on
+from tfmp._compat.base import changed, relying_on
 
 def wrap_step(model: Any, name: str, wrapper: Callable[[Callable], Callable]) -> None:
     """Replaces `model.<name>` (`train_step` / `test_step`) on this instance only with
@@ -67,9 +68,45 @@ def suspend_saving(callback: Any) -> dict[str, Any]:
     return saved
 
 
-def backup_metadata_files(backup_dir: str) -> tuple[str, str]:
-    """Where `BackupAndRestore(backup_dir, double_checkpoint=True)` writes its training
-    metadata, and its previous copy (read in that order when Keras restores)."""
-    with relying_on("BackupAndRestore._training_metadata_path / _prev_training_metadata_path"):
+@dataclasses.dataclass(frozen=True)
+class BackupFiles:
+    """The files of a `BackupAndRestore(backup_dir, double_checkpoint=True)` directory."""
+
+    weights: str
+    metadata: str
+    previous_weights: str
+    previous_metadata: str
+
+
+def backup_files(backup_dir: str) -> BackupFiles:
+    """Where `BackupAndRestore(backup_dir, double_checkpoint=True)` writes its weights, its
+    training metadata, and their previous copies (read in that order when Keras restores)."""
+    with relying_on("BackupAndRestore._weights_path / _training_metadata_path / _prev_*"):
         backup = keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True)
-        return backup._training_metadata_path, backup._prev_training_metadata_path
+        return BackupFiles(backup._weights_path, backup._training_metadata_path,
+                           backup._prev_weights_path, backup._prev_training_metadata_path)
+
+
+BACKUP_SAVE_HOOK = "_save_model"  # what BackupAndRestore.on_epoch_end / on_train_batch_end call
+
+
+def backup_progress(callback: Any) -> tuple[int, int]:
+    """`(epochs completed, last batch seen)` as a `BackupAndRestore` records them when it saves."""
+    with relying_on("BackupAndRestore._current_epoch / _last_batch_seen"):
+        return callback._current_epoch, callback._last_batch_seen
+
+
+def check_backup_saved(callback: Any, saved: bool) -> None:
+    """Raises if an epoch-end of a `BackupAndRestore` subclass did not reach its override
+    of `BACKUP_SAVE_HOOK` (Keras renamed the hook: the save would not be the subclass's)."""
+    if callback.save_freq == "epoch" and not saved:
+        raise changed(f"BackupAndRestore.on_epoch_end calling {BACKUP_SAVE_HOOK}",
+                      AttributeError(f"{type(callback).__name__}.{BACKUP_SAVE_HOOK} was not called"))
+
+
+def resume_after_epoch(model: Any, epoch: int) -> None:
+    """Makes the next `fit` start after `epoch` completed epochs, as `BackupAndRestore` does
+    (`model._initial_epoch`, which `fit` reads in place of its `initial_epoch`)."""
+    with relying_on("Trainer._initial_epoch"):
+        model._initial_epoch  # noqa: B018 (present before it is set: Keras reads it in fit)
+        model._initial_epoch = epoch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from typing import Callable, NoReturn, Sequence
 
@@ -27,6 +28,24 @@ class ToolError(Exception):
 
 def fail(message: str, code: int = EXIT_BAD_INPUT) -> NoReturn:
     raise ToolError(message, code)
+
+
+def describe_os_error(error: OSError) -> str:
+    """`<file>: <reason>` in one line, also for h5py's errors (their text spans lines and
+    carries the errno and file name inside it).
+
+    Args:
+        error: An `OSError` (from Python, h5py or TensorFlow's file layer).
+
+    Returns:
+        One line.
+    """
+    text = " ".join(str(error).split())
+    number = error.errno or (int(m.group(1)) if (m := re.search(r"errno = (\d+)", text)) else None)
+    reason = os.strerror(number) if number else " ".join(str(error.strerror or text).split())
+    name = re.search(r"filename = '([^']+)'", text)
+    name = error.filename or (name.group(1) if name else None)
+    return f"{name}: {reason}" if name else reason
 
 
 def run(main: Callable[[Sequence[str]], int], positional: bool = False) -> None:

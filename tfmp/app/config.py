@@ -50,6 +50,7 @@ class TrainConfig:
     tune_steps: int = 20
     nan_policy: str = "stop"
     model_dir: Optional[str] = None
+    restart: bool = False
 
     def scale_args(self) -> dict[str, Any]:
         args = {"initial_scale": self.initial_scale, "growth_interval": self.growth_interval,
@@ -73,6 +74,8 @@ class TrainConfig:
                 parse_precision(env)
             except ValueError as e:
                 raise ConfigError(f"environment variable {ENV_VAR}={env!r}: {e}") from None
+        if self.restart and not self.model_dir:
+            raise ConfigError("--restart starts a --model_dir's run over; give --model_dir")
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
             raise ConfigError(f"--learning_rate={self.learning_rate} must be a positive finite "
                               "number")

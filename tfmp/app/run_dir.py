@@ -1,17 +1,21 @@
 """What a training run leaves in its `model_dir`, and reading it back.
 
-`tools/train --model_dir=DIR` writes `backup/` (Keras' `BackupAndRestore`),
+`tools/train --model_dir=DIR` writes `backup/` (`tfmp.callbacks.SafeBackupAndRestore`),
 `tensorboard/`, `model.keras`, `summary.json` and, with `--precision=tune`,
 `tune.json`; `tools/export --model_dir=DIR` reads the model and the run's flags.
+Everything read back is checked first: a damaged file is a `RunDirError` naming it and
+what the user can do; `restart` moves what a run resumes from aside (never deleting it).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Any, Optional
 
-from tfmp import _compat
+from tfmp.callbacks.backup import BackupError, Checkpoint, inspect_backup
+from tfmp.precision import POLICIES
 
 BACKUP, TENSORBOARD, FINAL_MODEL, SUMMARY = "backup", "tensorboard", "model.keras", "summary.json"
 TUNED = "tune.json"  # the policy --precision=tune chose, kept so that a resumed run keeps it
@@ -21,24 +25,43 @@ class RunDirError(ValueError):
     """A run directory that cannot be read back; the message is one line."""
 
 
-def backup_epoch(backup_dir: str) -> int:
-    """Epochs completed according to a `BackupAndRestore` directory (0 if none).
+RESTART_HINT = ("--restart moves it aside under a dated name (nothing is deleted) and trains "
+                "from the start")
 
-    Read the way Keras restores: its training metadata, else the previous copy.
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    """A JSON object from `path`, or `RunDirError` naming the file and what is wrong."""
+    try:
+        with open(path) as f:
+            payload = json.load(f)
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise RunDirError(f"{path} is damaged ({_one_line(e)})") from None
+    if not isinstance(payload, dict):
+        raise RunDirError(f"{path} is damaged (a JSON {type(payload).__name__}, not an object)")
+    return payload
+
+
+def checked_backup(backup_dir: str) -> Optional[Checkpoint]:
+    """The checkpoint a resume from `backup_dir` restores (None: nothing to resume).
 
     Args:
-        backup_dir: The backup directory.
+        backup_dir: The run's backup directory.
 
     Returns:
-        The number of completed epochs.
+        The latest complete checkpoint (see `tfmp.callbacks.inspect_backup`), or None.
+
+    Raises:
+        RunDirError: backup files are there but none is complete.
     """
-    for path in _compat.backup_metadata_files(backup_dir):
-        try:
-            with open(path) as f:
-                return int(json.load(f)["epoch"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    return 0
+    try:
+        return inspect_backup(backup_dir)
+    except BackupError as e:
+        raise RunDirError(f"{e}; {RESTART_HINT}") from None
 
 
 def read_tuned(model_dir: Optional[str]) -> Optional[dict[str, Any]]:
@@ -49,11 +72,55 @@ def read_tuned(model_dir: Optional[str]) -> Optional[dict[str, Any]]:
 
     Returns:
         The recorded `TuneResult.to_dict()`, or None.
+
+    Raises:
+        RunDirError: `tune.json` is there but damaged (not JSON, or no known policy in it).
     """
     if not model_dir or not os.path.exists(os.path.join(model_dir, TUNED)):
         return None
-    with open(os.path.join(model_dir, TUNED)) as f:
-        return json.load(f)
+    path = os.path.join(model_dir, TUNED)
+    hint = f"; {RESTART_HINT} (measuring again), or give --precision=<policy>"
+    try:
+        tuned = _read_json(path)
+    except RunDirError as e:
+        raise RunDirError(f"{e}{hint}") from None
+    if tuned.get("policy") not in POLICIES or not isinstance(tuned.get("reason"), str):
+        raise RunDirError(f"{path} is damaged (policy={tuned.get('policy')!r}, expected one of "
+                          f"{', '.join(POLICIES)}, with a reason){hint}")
+    return tuned
+
+
+def move_aside(path: str) -> Optional[str]:
+    """Renames `path` to `<path>.<date>-<time>` (never overwriting); None if it is not there.
+
+    Args:
+        path: A file or directory.
+
+    Returns:
+        The new path, or None.
+    """
+    if not os.path.lexists(path):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = f"{path}.{stamp}", 1
+    while os.path.lexists(target):
+        target, n = f"{path}.{stamp}-{n}", n + 1
+    os.rename(path, target)
+    return target
+
+
+def restart(model_dir: str) -> list[tuple[str, str]]:
+    """Moves what a run resumes from (`backup/`, `tune.json`) aside, so the run starts over.
+
+    Args:
+        model_dir: The run directory.
+
+    Returns:
+        `(old path, new path)` for each one moved.
+    """
+    moved = [(path, move_aside(path)) for path in
+             (os.path.join(model_dir, BACKUP), os.path.join(model_dir, TUNED))]
+    return [(old, new) for old, new in moved if new]
 
 
 def trained_model(model_dir: str) -> tuple[str, dict[str, Any]]:
@@ -63,11 +130,11 @@ def trained_model(model_dir: str) -> tuple[str, dict[str, Any]]:
         model_dir: A `tools/train --model_dir`.
 
     Returns:
-        `(path of model.keras, flags)`; the flags are empty when `summary.json` is
-        missing or unreadable.
+        `(path of model.keras, flags)`.
 
     Raises:
-        RunDirError: `model_dir` is not a directory, or holds no `model.keras`.
+        RunDirError: `model_dir` is not a directory, or holds no `model.keras`, or its
+            `summary.json` is missing or damaged.
     """
     if not os.path.isdir(model_dir):
         raise RunDirError(f"--model_dir={model_dir!r} is not a directory")
@@ -75,8 +142,15 @@ def trained_model(model_dir: str) -> tuple[str, dict[str, Any]]:
     if not os.path.isfile(path):
         raise RunDirError(f"--model_dir={model_dir!r} has no {FINAL_MODEL} (tools/train writes it "
                           "when a run ends)")
+    hint = (f"; export the model with --model_path={path} (and --dataset, --seed for its "
+            "accuracy) instead")
+    summary = os.path.join(model_dir, SUMMARY)
+    if not os.path.isfile(summary):
+        raise RunDirError(f"{summary} is missing (tools/train writes it with {FINAL_MODEL}){hint}")
     try:
-        with open(os.path.join(model_dir, SUMMARY)) as f:
-            return path, json.load(f).get("flags", {})
-    except (OSError, ValueError):
-        return path, {}
+        flags = _read_json(summary).get("flags")
+    except RunDirError as e:
+        raise RunDirError(f"{e}{hint}") from None
+    if not isinstance(flags, dict):
+        raise RunDirError(f"{summary} is damaged (no 'flags' object){hint}")
+    return path, flags

@@ -12,16 +12,17 @@ from typing import Any, Callable, Optional
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from tfmp import callbacks as tfmp_callbacks
 from tfmp.app.config import TrainConfig, check_cluster_config, check_config
 from tfmp.app.data import Data
-from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, backup_epoch,
-                              read_tuned)
+from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, checked_backup,
+                              read_tuned, restart)
 from tfmp.atomic import save_model_atomically, write_json_atomically
+from tfmp.callbacks.backup import Checkpoint
 from tfmp.callbacks.counters import NAN_KEY, SCALE_KEY, SKIPPED_KEY
-from tfmp.distribute import (ChiefBackupAndRestore, WriteDirs, in_multi_worker_mode,
-                             read_tf_config, write_dirs)
+from tfmp.distribute import WriteDirs, in_multi_worker_mode, read_tf_config, write_dirs
 from tfmp.measure import tune
 from tfmp.precision import HardwareInfo, PolicyChoice, detect_hardware, resolve_policy, set_policy
 from tfmp.rewrite import prepare
@@ -56,15 +57,14 @@ class _Throughput(keras.callbacks.Callback):
         return sum(n for _, n in steady) * self.global_batch / seconds if seconds else 0.0
 
 
-def _callbacks(config: TrainConfig, throughput: _Throughput,
-               dirs: Optional[WriteDirs]) -> tuple[list, Any, Any]:
+def _callbacks(config: TrainConfig, throughput: _Throughput, dirs: Optional[WriteDirs],
+               resume: bool) -> tuple[list, Any, Any]:
     monitor = tfmp_callbacks.LossScaleMonitor()
     callbacks: list[keras.callbacks.Callback] = [monitor]
     protect = []
     if dirs:
-        backup = (keras.callbacks.BackupAndRestore(dirs.backup_dir, double_checkpoint=True)
-                  if dirs.restore_dir == dirs.backup_dir else
-                  ChiefBackupAndRestore(dirs.backup_dir, dirs.restore_dir, double_checkpoint=True))
+        backup = tfmp_callbacks.SafeBackupAndRestore(dirs.backup_dir, restore_dir=dirs.restore_dir,
+                                                     restore=resume)
         protect.append(backup)
         callbacks += [backup, keras.callbacks.TensorBoard(
             os.path.join(dirs.model_dir, TENSORBOARD), update_freq="epoch")]
@@ -90,6 +90,27 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=config.jit_compile)
     return model, optimizer
+
+
+def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[Checkpoint]:
+    """What the run resumes from, checked before anything is measured or trained.
+
+    With `config.restart` the chief moves `backup/` and `tune.json` aside (dated, never
+    deleted) and nothing is resumed; otherwise a damaged backup or `tune.json` raises.
+
+    Raises:
+        RunDirError: a damaged backup, or a damaged `tune.json` with `--precision=tune`.
+    """
+    if dirs is None:
+        return None
+    if config.restart:
+        if not dirs.temporary:  # the chief, or a single process
+            for old, new in restart(config.model_dir):
+                logging.warning("--restart: moved %s to %s", old, new)
+        return None
+    if config.precision == "tune":
+        read_tuned(config.model_dir)
+    return checked_backup(dirs.restore_dir)
 
 
 def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
@@ -125,12 +146,15 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     TensorBoard logs, the final `model.keras` and `summary.json`.
 
     Raises:
+        RunDirError: `model_dir` holds a damaged backup or `tune.json` (see `restart`).
         TrainingStopped: `NanMonitor` stopped training (`nan_policy="stop"`).
         tfmp.NonFiniteError: `nan_policy="raise"` and a NaN event happened.
     """
     check_config(config, strategy)
     cluster = read_tf_config() if in_multi_worker_mode(strategy) else None
     check_cluster_config(config.precision, cluster)
+    dirs = write_dirs(config.model_dir, BACKUP, strategy) if config.model_dir else None
+    resume_from = _check_run_dir(config, dirs)  # before anything is measured or trained
     hardware = detect_hardware(strategy)
     choice, tuned = _choose_policy(config, build_model, data, hardware)
     policy = set_policy(choice, hardware)  # logs the choice's own reason
@@ -139,13 +163,12 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     with strategy.scope():
         model, optimizer = _build_compiled(config, build_model, data, policy, hardware)
     throughput = _Throughput(config.batch_size)
-    dirs = write_dirs(config.model_dir, BACKUP, strategy) if config.model_dir else None
-    callbacks, monitor, nan = _callbacks(config, throughput, dirs)
+    callbacks, monitor, nan = _callbacks(config, throughput, dirs, resume=not config.restart)
     if config.model_dir:
         os.makedirs(config.model_dir, exist_ok=True)
     # Keras restores the weights, not the input iterator: a resumed run skips the
     # batches the restored epochs trained on (tfmp.data's order is seeded per pass).
-    done = backup_epoch(dirs.restore_dir) if dirs else 0
+    done = resume_from.epoch if resume_from else 0
     train_data = data.train.skip(done * steps) if done else data.train
     history = model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps,
                         callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)

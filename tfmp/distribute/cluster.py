@@ -8,7 +8,8 @@ and says in one line what is wrong; `connect` builds the
 forever for a worker that never comes; `write_dirs` follows TensorFlow's
 multi-worker guide: the chief writes to the real directory, the other workers
 to temporary ones, and every worker restores from the chief's backup
-(`ChiefBackupAndRestore`), so a restarted cluster resumes in step.
+(`tfmp.callbacks.SafeBackupAndRestore(..., restore_dir=)`), so a restarted
+cluster resumes in step.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import subprocess
 import tempfile
 from typing import Optional
 
-import keras
 import tensorflow as tf
 
 ENV = "TF_CONFIG"
@@ -191,29 +191,3 @@ def write_dirs(model_dir: str, backup_name: str,
     resolver = strategy.cluster_resolver
     scratch = tempfile.mkdtemp(prefix=f"tfmp-{resolver.task_type}{resolver.task_id}-")
     return WriteDirs(scratch, os.path.join(scratch, backup_name), backup, True)
-
-
-class ChiefBackupAndRestore(keras.callbacks.BackupAndRestore):
-    """`BackupAndRestore` for a non-chief worker: saves to its own (temporary)
-    directory, restores from the chief's backup.
-
-    Each worker saving and restoring its own backup can leave workers at
-    different epochs after a crash (the chief's file written, another worker's
-    not yet); restoring everyone from the chief's keeps them in step.
-
-    Args:
-        backup_dir: Where this worker saves.
-        restore_dir: The chief's backup, restored from.
-        **kwargs: `keras.callbacks.BackupAndRestore`'s other arguments.
-    """
-
-    def __init__(self, backup_dir: str, restore_dir: str, **kwargs) -> None:
-        super().__init__(backup_dir, **kwargs)
-        self._restore = keras.callbacks.BackupAndRestore(restore_dir, **kwargs)
-
-    def set_model(self, model) -> None:
-        super().set_model(model)
-        self._restore.set_model(model)
-
-    def on_train_begin(self, logs=None) -> None:
-        self._restore.on_train_begin(logs)

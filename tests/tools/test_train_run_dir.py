@@ -1,0 +1,167 @@
+"""tools/train on a damaged --model_dir, through the binary: one line and exit 2, or the
+documented recovery; what the directory held before is never lost."""
+
+import json
+import os
+import shutil
+
+import keras
+import pytest
+import tensorflow as tf
+
+import helpers
+import models
+import tfmp
+from tfmp.app import data, training
+from tfmp.callbacks import SafeBackupAndRestore
+
+ARGS = ["--epochs=3", "--steps_per_epoch=5", "--batch_size=64"]
+EARLIER = {"model.keras": b"the model of an earlier run", "summary.json": b'{"earlier": 1}',
+           "tensorboard/events.out": b"earlier logs"}
+BACKUP = "backup"
+LATEST_W, LATEST_M = "latest.weights.h5", "training_metadata.json"
+PREV_W, PREV_M = LATEST_W + ".bkp", LATEST_M + ".bkp"
+
+
+def _truncate(path):
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2])
+
+
+def _tree(directory):
+    return {os.path.relpath(os.path.join(root, f), directory): open(os.path.join(root, f), "rb").read()
+            for root, _, files in os.walk(directory) for f in files}
+
+
+def _two_epoch_backup(directory):
+    """The backup tools/train leaves after 2 of its epochs (same model, data and policy)."""
+    policy = tfmp.detect_hardware().recommended_policy  # what auto picks on this CPU
+    previous = keras.config.dtype_policy()
+    try:
+        keras.config.set_dtype_policy(policy)
+        d = data.synthetic("vector", 64)
+        model, _ = training._build_compiled(training.TrainConfig(batch_size=64),
+                                            models.get("mlp")[0], d, policy)
+        model.fit(d.train, epochs=2, steps_per_epoch=5, verbose=0, callbacks=[
+            SafeBackupAndRestore(str(directory / BACKUP), delete_checkpoint=False)])
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _damage(run, kind):
+    backup = run / BACKUP
+    if kind == "all truncated":
+        for name in os.listdir(backup):
+            _truncate(backup / name)
+    elif kind == "latest truncated":
+        _truncate(backup / LATEST_W)
+    elif kind == "a file missing":
+        (backup / LATEST_W).unlink()
+    elif kind == "one file left":
+        for name in (LATEST_M, PREV_W, PREV_M):
+            (backup / name).unlink()
+    elif kind == "tune truncated":
+        (run / "tune.json").write_text('{"policy": "mixed_bf')
+    elif kind == "tune garbage":
+        (run / "tune.json").write_bytes(b"\xff\xfe\x00garbage")
+    elif kind == "tune unknown policy":
+        (run / "tune.json").write_text('{"policy": "float64", "reason": "edited by hand"}')
+
+
+# (damage, extra flags, exit code, what stderr says)
+CASES = {
+    "all truncated": ([], 2, "backup is damaged: training_metadata.json is unreadable"),
+    "one file left": ([], 2, "is damaged: training_metadata.json is missing"),
+    "tune truncated": (["--precision=tune"], 2, "tune.json is damaged (JSONDecodeError"),
+    "tune garbage": (["--precision=tune"], 2, "tune.json is damaged (UnicodeDecodeError"),
+    "tune unknown policy": (["--precision=tune"], 2,
+                            "tune.json is damaged (policy='float64', expected one of"),
+    "latest truncated": ([], 0, "Restoring the previous checkpoint"),
+    "a file missing": ([], 0, "Restoring the previous checkpoint"),
+    "restart": (["--restart"], 0, "--restart: moved"),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("run_dirs")
+    _two_epoch_backup(root / "good")
+    dirs, before = {}, {}
+    for name in (*CASES, "disk full"):
+        run = root / name.replace(" ", "_")
+        shutil.copytree(root / "good", run)
+        for path, content in EARLIER.items():
+            (run / path).parent.mkdir(exist_ok=True)
+            (run / path).write_bytes(content)
+        _damage(run, "all truncated" if name == "restart" else name)
+        if name == "restart":
+            (run / "tune.json").write_text("{")
+        dirs[name], before[name] = run, _tree(run)
+    cases = [[*ARGS, *flags, f"--model_dir={dirs[name]}"] for name, (flags, _, _) in CASES.items()]
+    # The next backup (epoch 3) cannot be written: a file-size limit half its size.
+    limit = (dirs["disk full"] / BACKUP / LATEST_W).stat().st_size // 2
+    cases.append({"argv": ["--epochs=4", *ARGS[1:], f"--model_dir={dirs['disk full']}"],
+                  "file_size_limit": limit})
+    results = helpers.run_tool_cases("train", cases)
+    return dirs, before, dict(zip([*CASES, "disk full"], results))
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c][1] == 2])
+def test_a_damaged_file_is_one_line_and_exit_2_with_everything_left_as_it_was(runs, case):
+    dirs, before, results = runs
+    code, stderr = results[case]
+    assert code == 2, stderr[-2000:]
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and CASES[case][2] in errors[0], stderr[-2000:]
+    assert "--restart moves it aside" in errors[0]
+    assert _tree(dirs[case]) == before[case]  # nothing moved, rewritten or deleted
+
+
+@pytest.mark.parametrize("case", ["latest truncated", "a file missing"])
+def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(runs, case):
+    dirs, _, results = runs
+    code, stderr = results[case]
+    assert code == 0, stderr[-2000:]
+    assert CASES[case][2] in stderr and "(epoch 1)" in stderr
+    summary = json.loads((dirs[case] / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] == 1 and summary["epochs_completed"] == [1, 2]
+
+
+def test_restart_moves_the_damaged_backup_and_tune_json_aside_and_starts_over(runs):
+    dirs, before, results = runs
+    run = dirs["restart"]
+    code, stderr = results["restart"]
+    assert code == 0, stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] is None and summary["epochs_completed"] == [0, 1, 2]
+    aside = {name: [p for p in os.listdir(run) if p.startswith(name + ".")]
+             for name in (BACKUP, "tune.json")}
+    assert all(len(v) == 1 for v in aside.values()), os.listdir(run)
+    assert stderr.count("--restart: moved") == 2
+    for name, (moved,) in aside.items():  # byte for byte what was there
+        if name == BACKUP:
+            assert _tree(run / moved) == {k[len(BACKUP) + 1:]: v for k, v in before["restart"].items()
+                                          if k.startswith(BACKUP + "/")}
+        else:
+            assert (run / moved).read_bytes() == before["restart"]["tune.json"]
+
+
+def test_a_write_that_fails_half_way_keeps_the_last_complete_backup(runs):
+    dirs, before, results = runs
+    run = dirs["disk full"]
+    code, stderr = results["disk full"]
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "File too large; what" in errors[0], stderr[-2000:]
+    after = _tree(run)
+    for path, content in before["disk full"].items():  # the backup and every earlier file
+        assert after[path] == content, path
+    assert not [p for p in os.listdir(run / BACKUP) if p.startswith("tmp")]  # no half file left
+    # The next run resumes from the last complete backup (the library here: no new process).
+    policy = tfmp.detect_hardware().recommended_policy
+    config = training.TrainConfig(batch_size=64, epochs=4, steps_per_epoch=5, model_dir=str(run))
+    summary = training.train(config, models.get("mlp")[0], data.synthetic("vector", 64),
+                             tf.distribute.get_strategy())
+    assert summary["policy"] == policy
+    assert summary["resumed_from_epoch"] == 2 and summary["epochs_completed"] == [2, 3]

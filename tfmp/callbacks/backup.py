@@ -1,0 +1,243 @@
+"""`SafeBackupAndRestore`: Keras' `BackupAndRestore` that survives a crash or a full disk
+in the middle of a save, and checks what it restores.
+
+Keras' `BackupAndRestore(double_checkpoint=True)` overwrites its weights file in place,
+copies the previous one non-atomically and writes its metadata after the weights, so a
+process killed (or a disk filled) during a save can leave the latest weights truncated,
+or paired with the metadata of another epoch; its restore falls back to the previous
+copy only on an `OSError` from the weights, and a truncated metadata file or two damaged
+copies end in a traceback. Here:
+
+- every save writes the new weights to a temporary file first, then keeps the last
+  complete checkpoint as the previous one (a hard link, else a copy), then renames the
+  new weights and writes their metadata the same way: at every moment one complete
+  checkpoint is on disk, and a save that fails writing the weights changes nothing;
+- the metadata records the size and SHA-256 of its weights file, so a restore knows a
+  complete checkpoint from a damaged one (a backup Keras itself wrote, without them, is
+  checked by opening its weights file);
+- a restore takes the latest complete checkpoint (logging which one and why) and raises
+  `BackupError`, one line naming the files and what is wrong with them, when the
+  directory holds files but no complete checkpoint, or one that does not fit the model.
+
+The file names are Keras' own, so either callback can read the other's backup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Optional
+
+import h5py  # Keras' own dependency, for .weights.h5 files
+import keras
+from absl import logging
+
+from tfmp import _compat
+from tfmp.atomic import atomic_path, write_json_atomically
+
+SHA256, SIZE = "weights_sha256", "weights_bytes"
+
+
+class BackupError(ValueError):
+    """A backup that cannot be restored; the message is one line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """One complete checkpoint of a backup directory.
+
+    Attributes:
+        weights: Its weights file (model and optimizer variables).
+        metadata: Its training metadata file.
+        epoch: Epochs completed when it was saved.
+        previous: It is the previous copy (the latest one is damaged or missing).
+        problem: Why the latest copy was not taken (when `previous`).
+    """
+
+    weights: str
+    metadata: str
+    epoch: int
+    previous: bool = False
+    problem: str = ""
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _problem(weights: str, metadata: str) -> tuple[Optional[str], int]:
+    """What is wrong with one (weights, metadata) pair, or `(None, epoch)` if it is complete."""
+    name_w, name_m = os.path.basename(weights), os.path.basename(metadata)
+    if not os.path.isfile(metadata):
+        return f"{name_m} is missing", 0
+    try:
+        with open(metadata) as f:
+            meta = json.load(f)
+        epoch = meta["epoch"]
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"epoch={epoch!r} is not a count of epochs")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{name_m} is unreadable ({_one_line(e)})", 0
+    if not os.path.isfile(weights):
+        return f"{name_w} is missing", 0
+    if SHA256 not in meta:  # written by Keras' own BackupAndRestore: can HDF5 open it?
+        try:
+            h5py.File(weights, "r").close()
+        except OSError as e:
+            return f"{name_w} is not a readable HDF5 file ({_one_line(e)})", 0
+        return None, epoch
+    size = os.path.getsize(weights)
+    if size != meta.get(SIZE):
+        return f"{name_w} has {size} bytes where {meta.get(SIZE)} were written", 0
+    if _sha256(weights) != meta[SHA256]:
+        return f"{name_w} is not the file {name_m} was written with (SHA-256 differs)", 0
+    return None, epoch
+
+
+def _files(backup_dir: str) -> tuple[tuple[str, str], tuple[str, str]]:
+    paths = _compat.backup_files(backup_dir)
+    return (paths.weights, paths.metadata), (paths.previous_weights, paths.previous_metadata)
+
+
+def inspect_backup(backup_dir: str) -> Optional[Checkpoint]:
+    """The checkpoint a restore from `backup_dir` takes: the latest complete one.
+
+    Args:
+        backup_dir: A `BackupAndRestore` / `SafeBackupAndRestore` directory.
+
+    Returns:
+        The latest complete `Checkpoint`, or None when the directory holds no backup
+        file at all (nothing to restore: training starts at epoch 0).
+
+    Raises:
+        BackupError: backup files are there but none is a complete checkpoint.
+    """
+    latest, previous = _files(backup_dir)
+    if not any(os.path.exists(p) for p in (*latest, *previous)):
+        return None
+    problem, epoch = _problem(*latest)
+    if problem is None:
+        return Checkpoint(*latest, epoch)
+    if any(os.path.exists(p) for p in previous):
+        previous_problem, epoch = _problem(*previous)
+        if previous_problem is None:
+            return Checkpoint(*previous, epoch, previous=True, problem=problem)
+        problem += f"; previous copy: {previous_problem}"
+    raise BackupError(f"the backup in {backup_dir} is damaged: {problem}")
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    """`target` becomes the file `source` is now, atomically (a hard link, else a copy)."""
+    with atomic_path(target, os.path.splitext(target)[1]) as tmp:
+        try:
+            os.remove(tmp)
+            os.link(source, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(source, tmp)
+
+
+class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`keras.callbacks.BackupAndRestore` whose saves survive a crash or a full disk, and
+    whose restore checks the files and says what it restored.
+
+    Always keeps two checkpoints (Keras' `double_checkpoint=True`). A save that fails
+    raises (an `OSError`) and leaves the last complete checkpoint in place; one that
+    fails while writing the new weights changes nothing on disk.
+
+    Args:
+        backup_dir: Where the backup is saved.
+        save_freq: `"epoch"`, or a number of batches (as Keras').
+        delete_checkpoint: Delete the backup when training ends (as Keras').
+        restore_dir: Where to restore from, if not `backup_dir` (a non-chief worker
+            restores from the chief's backup, so that every worker resumes in step).
+        restore: False to start from scratch whatever `restore_dir` holds.
+
+    Raises:
+        BackupError: (at the start of `fit`) the backup is damaged, or does not fit
+            the model.
+
+    Example:
+    >>> model.fit(x, y, epochs=10,
+    ...           callbacks=[tfmp.callbacks.SafeBackupAndRestore("/tmp/backup")])
+    """
+
+    def __init__(self, backup_dir: str, save_freq: Any = "epoch", delete_checkpoint: bool = True,
+                 restore_dir: Optional[str] = None, restore: bool = True) -> None:
+        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True,
+                         delete_checkpoint=delete_checkpoint)
+        self.restore_dir = restore_dir or backup_dir
+        self.restore = restore
+        self.restored: Optional[Checkpoint] = None
+        self._saved_this_epoch = False
+        self._saved: Optional[tuple[str, int]] = None  # (SHA-256, mtime) of the last save
+
+    def on_train_begin(self, logs=None) -> None:
+        self.restored = inspect_backup(self.restore_dir) if self.restore else None
+        if self.restored is None:
+            return
+        checkpoint = self.restored
+        if checkpoint.previous:
+            logging.warning("Restoring the previous checkpoint of %s (epoch %d): %s.",
+                            self.restore_dir, checkpoint.epoch, checkpoint.problem)
+        optimizer = self.model.optimizer
+        if optimizer is not None and not optimizer.built:
+            optimizer.build(self.model.trainable_variables)  # as Keras does before loading
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                # Keras loads only files named *.weights.h5, not the previous copy's *.bkp
+                weights = os.path.join(tmp, "restored.weights.h5")
+                _link_or_copy(checkpoint.weights, weights)
+                self.model.load_weights(weights)
+        except (OSError, ValueError) as e:
+            raise BackupError(f"the backup in {self.restore_dir} (epoch {checkpoint.epoch}) does "
+                              f"not fit this model ({_one_line(e)})") from None
+        _compat.resume_after_epoch(self.model, checkpoint.epoch)
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        self._saved_this_epoch = False
+        super().on_epoch_end(epoch, logs)
+        _compat.check_backup_saved(self, self._saved_this_epoch)
+
+    def _save_model(self) -> None:
+        """Keras' save hook (`_compat.BACKUP_SAVE_HOOK`; `on_epoch_end` checks it is called)."""
+        self._saved_this_epoch = True
+        (weights, metadata), (previous_weights, previous_metadata) = _files(self.backup_dir)
+        os.makedirs(self.backup_dir, exist_ok=True)
+        with atomic_path(weights, ".weights.h5") as tmp:
+            self.model.save_weights(tmp, overwrite=True)  # a failure here changes nothing
+            size, sha = os.path.getsize(tmp), _sha256(tmp)
+            if self._latest_is_complete(weights, metadata):  # it becomes the previous one
+                _link_or_copy(metadata, previous_metadata)
+                _link_or_copy(weights, previous_weights)
+        # Until the metadata below is written, the previous checkpoint is the complete one.
+        epoch, batch = _compat.backup_progress(self)
+        write_json_atomically(metadata, {"epoch": epoch, "batch": batch, SIZE: size, SHA256: sha})
+        self._saved = (sha, os.stat(weights).st_mtime_ns)
+
+    def _latest_is_complete(self, weights: str, metadata: str) -> bool:
+        """Whether the latest pair is complete (known without reading it when this callback
+        wrote it and it is unchanged since)."""
+        if not (os.path.isfile(weights) and os.path.isfile(metadata)):
+            return False
+        saved = self._saved
+        if saved is not None and os.stat(weights).st_mtime_ns == saved[1]:
+            try:
+                with open(metadata) as f:
+                    if json.load(f).get(SHA256) == saved[0]:
+                        return True
+            except (OSError, ValueError, AttributeError):
+                return False
+        return _problem(weights, metadata)[0] is None
