@@ -38,10 +38,16 @@ def atomic_path(path: str, suffix: str) -> Iterator[str]:
             os.remove(tmp)
 
 
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """`payload` as indented JSON at `path` (a temporary path of `atomic_path`'s)."""
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+
+
 def write_json_atomically(path: str, payload: dict[str, Any]) -> None:
     """`payload` as indented JSON at `path`, through `atomic_path`."""
-    with atomic_path(path, ".json") as tmp, open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
+    with atomic_path(path, ".json") as tmp:
+        write_json(tmp, payload)
 
 
 def save_model_atomically(model: Any, path: str) -> None:

@@ -20,7 +20,7 @@ import tfmp
 from tfmp.app import cli, run_dir, training
 from tfmp.app.config import ConfigError, TrainConfig
 from tfmp.app.data import DatasetError, load as load_data
-from tfmp.callbacks import NAN_POLICIES
+from tfmp.callbacks import NAN_POLICIES, BackupError
 from tfmp.distribute import STRATEGIES as _CANONICAL_STRATEGIES
 from tfmp.precision import ACCEPTED_NAMES, parse_precision
 
@@ -106,10 +106,12 @@ def main(argv: Sequence[str]) -> int:
         summary = training.train(config, build, data, strategy)
     except (DatasetError, tfmp.AuditError, ConfigError, run_dir.RunDirError) as e:
         cli.fail(str(e).splitlines()[0])
+    except BackupError as e:  # found when fit restores: a backup of another model
+        cli.fail(f"{e}; {run_dir.RESTART_HINT}")
     except OSError as e:  # a full disk, a file-size limit, a directory that went away
         kept = (f"; what {config.model_dir} held is intact: rerun to resume from its last "
                 "complete backup" if config.model_dir else "")
-        cli.fail(f"I/O error on {cli.describe_os_error(e)}{kept}")
+        cli.fail(f"I/O error: {cli.describe_os_error(e)}{kept}")
     except (training.TrainingStopped, tfmp.NonFiniteError) as e:
         kept = f" (backup kept in {config.model_dir}; rerun to resume)" if config.model_dir else ""
         cli.fail(f"training stopped on a NaN event{kept}: {e}", cli.EXIT_FINDINGS)

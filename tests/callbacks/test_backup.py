@@ -13,6 +13,7 @@ import pytest
 
 from tfmp import _compat
 from tfmp.callbacks import BackupError, SafeBackupAndRestore, inspect_backup
+from tfmp.callbacks import backup as backup_module
 
 X, Y = np.random.default_rng(0).random((32, 4)), np.random.default_rng(1).random((32, 1))
 LATEST_W, LATEST_M = "latest.weights.h5", "training_metadata.json"
@@ -94,12 +95,19 @@ def _damage(directory, damage):
         (directory / LATEST_W).unlink()
     elif damage == "garbage metadata":
         (directory / LATEST_M).write_bytes(b'{"epoch": 2, "wei')
+    elif damage == "epoch not a count":
+        meta = json.loads((directory / LATEST_M).read_text())
+        (directory / LATEST_M).write_text(json.dumps({**meta, "epoch": "2"}))
+    elif damage == "latest pair missing":
+        (directory / LATEST_W).unlink()
+        (directory / LATEST_M).unlink()
     else:  # a same-sized file that is not the one the metadata was written with
         shutil.copyfile(directory / PREV_W, directory / LATEST_W)
 
 
 @pytest.mark.parametrize("damage", ["truncated weights", "metadata missing", "weights missing",
-                                    "garbage metadata", "weights of the previous epoch"])
+                                    "garbage metadata", "epoch not a count",
+                                    "weights of the previous epoch", "latest pair missing"])
 def test_a_damaged_latest_checkpoint_gives_way_to_the_previous_one(two_epochs, tmp_path, damage):
     directory = _copy(two_epochs, tmp_path)
     _damage(directory, damage)
@@ -141,8 +149,9 @@ def test_no_complete_checkpoint_is_one_line_naming_the_files(two_epochs, tmp_pat
 
 def test_a_backup_that_does_not_fit_the_model_is_one_line(two_epochs, tmp_path):
     directory = _copy(two_epochs, tmp_path)
-    with pytest.raises(BackupError, match="does not fit this model"):
+    with pytest.raises(BackupError, match="does not fit this model") as error:
         _fit(directory, 3, model=_model(units=5))
+    assert "\n" not in str(error.value)
 
 
 def test_no_backup_starts_at_epoch_zero_and_restore_false_ignores_one(two_epochs, tmp_path):
@@ -193,3 +202,33 @@ def test_a_keras_that_no_longer_calls_the_save_hook_fails_loudly(tmp_path):
 
     with pytest.raises(_compat.KerasInternalsChanged, match="on_epoch_end calling _save_model"):
         _model().fit(X, Y, epochs=1, verbose=0, callbacks=[Renamed(str(tmp_path / "b"))])
+
+
+@pytest.mark.parametrize("written_by", ["keras", "tfmp"])
+def test_a_save_that_fails_writing_the_metadata_restores_the_previous_checkpoint(
+        tmp_path, monkeypatch, written_by):
+    # The new weights are in place, their metadata is not: they must not pass for the latest
+    # checkpoint (Keras' own metadata has no checksum to tell), and a retry of the same
+    # callback must not copy them over the complete previous one.
+    directory, model = tmp_path / "b", _model()
+    first = (keras.callbacks.BackupAndRestore(str(directory), double_checkpoint=True,
+                                              delete_checkpoint=False)
+             if written_by == "keras" else
+             SafeBackupAndRestore(str(directory), delete_checkpoint=False))
+    model.fit(X, Y, epochs=2, batch_size=8, verbose=0, callbacks=[first])
+    callback = SafeBackupAndRestore(str(directory), delete_checkpoint=False)
+
+    def full_disk(path, payload):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(backup_module, "write_json_atomically", full_disk)
+    with pytest.raises(OSError):
+        model.fit(X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
+    checkpoint = inspect_backup(str(directory))
+    assert (checkpoint.epoch, checkpoint.previous) == (2, True), checkpoint
+    monkeypatch.undo()
+    history = model.fit(X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])  # again
+    assert history.epoch == [2]
+    latest, previous = (json.loads((directory / m).read_text())["epoch"] for m in (LATEST_M, PREV_M))
+    assert (latest, previous) == (3, 2) and inspect_backup(str(directory)).epoch == 3
+    assert backup_module._problem(str(directory / PREV_W), str(directory / PREV_M)) == (None, 2)

@@ -40,10 +40,11 @@ def runs(tmp_path_factory):
     (d / "text.keras").write_text("not a model")
     (d / "text.npy").write_text("not an array")
     (d / "empty").mkdir()
-    for name in ("bad_summary", "no_summary"):
+    for name, summary in DAMAGED_SUMMARIES.items():
         (d / name).mkdir()
         shutil.copy(run / "model.keras", d / name)
-    (d / "bad_summary" / "summary.json").write_text('{"flags": {"model": "ml')
+        if summary is not None:
+            (d / name / "summary.json").write_bytes(summary)
     (d / "atan").mkdir()
     for name, content in EARLIER_EXPORT.items():
         (d / "atan" / name).write_bytes(content)
@@ -69,10 +70,18 @@ def runs(tmp_path_factory):
     return d, run, dict(zip(cases, results))
 
 
+DAMAGED_SUMMARIES = {"bad_summary": b'{"flags": {"model": "ml', "no_summary": None,
+                     "garbage_summary": b"\xff\xfe\x00", "list_summary": b"[]",
+                     "no_flags": b'{"flags": 3}', "bad_seed": b'{"flags": {"seed": "abc"}}'}
 EARLIER_EXPORT = {"model_float16.tflite": b"an earlier export", "export.json": b'{"earlier": 1}'}
 BAD = [
     (["--model_dir={d}/bad_summary"], "{d}/bad_summary/summary.json is damaged (JSONDecodeError: "),
     (["--model_dir={d}/no_summary"], "{d}/no_summary/summary.json is missing"),
+    (["--model_dir={d}/garbage_summary"],
+     "{d}/garbage_summary/summary.json is damaged (UnicodeDecodeError: "),
+    (["--model_dir={d}/list_summary"], "summary.json is damaged (a JSON list, not an object)"),
+    (["--model_dir={d}/no_flags"], "summary.json is damaged (no 'flags' object)"),
+    (["--model_dir={d}/bad_seed"], "summary.json is damaged (flags.seed='abc' is not an integer)"),
     (["--model_path={d}/missing.keras"], "--model_path='{d}/missing.keras' does not exist"),
     (["--model_path={d}/text.keras"], "is not a loadable .keras model"),
     (["--model_dir={d}/empty"], "--model_dir='{d}/empty' has no model.keras"),

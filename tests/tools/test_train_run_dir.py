@@ -64,6 +64,8 @@ def _damage(run, kind):
         (run / "tune.json").write_text('{"policy": "mixed_bf')
     elif kind == "tune garbage":
         (run / "tune.json").write_bytes(b"\xff\xfe\x00garbage")
+    elif kind == "tune not an object":
+        (run / "tune.json").write_text("[1]")
     elif kind == "tune unknown policy":
         (run / "tune.json").write_text('{"policy": "float64", "reason": "edited by hand"}')
 
@@ -74,11 +76,13 @@ CASES = {
     "one file left": ([], 2, "is damaged: training_metadata.json is missing"),
     "tune truncated": (["--precision=tune"], 2, "tune.json is damaged (JSONDecodeError"),
     "tune garbage": (["--precision=tune"], 2, "tune.json is damaged (UnicodeDecodeError"),
+    "tune not an object": (["--precision=tune"], 2, "tune.json is damaged (a JSON list, not"),
     "tune unknown policy": (["--precision=tune"], 2,
                             "tune.json is damaged (policy='float64', expected one of"),
     "latest truncated": ([], 0, "Restoring the previous checkpoint"),
     "a file missing": ([], 0, "Restoring the previous checkpoint"),
     "restart": (["--restart"], 0, "--restart: moved"),
+    "another model": (["--model=cnn"], 2, "(epoch 2) does not fit this model (ValueError: "),
 }
 
 
@@ -87,7 +91,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("run_dirs")
     _two_epoch_backup(root / "good")
     dirs, before = {}, {}
-    for name in (*CASES, "disk full"):
+    for name in (*CASES, "disk full", "disk full at the end"):
         run = root / name.replace(" ", "_")
         shutil.copytree(root / "good", run)
         for path, content in EARLIER.items():
@@ -102,8 +106,12 @@ def runs(tmp_path_factory):
     limit = (dirs["disk full"] / BACKUP / LATEST_W).stat().st_size // 2
     cases.append({"argv": ["--epochs=4", *ARGS[1:], f"--model_dir={dirs['disk full']}"],
                   "file_size_limit": limit})
+    # Room for the backup (epoch 3), not for model.keras (the same weights and the config).
+    limit = (dirs["disk full at the end"] / BACKUP / LATEST_W).stat().st_size + 1024
+    cases.append({"argv": [*ARGS, f"--model_dir={dirs['disk full at the end']}"],
+                  "file_size_limit": limit})
     results = helpers.run_tool_cases("train", cases)
-    return dirs, before, dict(zip([*CASES, "disk full"], results))
+    return dirs, before, dict(zip([*CASES, "disk full", "disk full at the end"], results))
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if CASES[c][1] == 2])
@@ -115,7 +123,9 @@ def test_a_damaged_file_is_one_line_and_exit_2_with_everything_left_as_it_was(ru
     errors = [line for line in stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and CASES[case][2] in errors[0], stderr[-2000:]
     assert "--restart moves it aside" in errors[0]
-    assert _tree(dirs[case]) == before[case]  # nothing moved, rewritten or deleted
+    after = _tree(dirs[case])  # nothing moved, rewritten or deleted (a new TensorBoard log aside)
+    assert {k: v for k, v in after.items() if k in before[case]} == before[case]
+    assert all(k.startswith("tensorboard/train/") for k in set(after) - set(before[case]))
 
 
 @pytest.mark.parametrize("case", ["latest truncated", "a file missing"])
@@ -147,13 +157,17 @@ def test_restart_moves_the_damaged_backup_and_tune_json_aside_and_starts_over(ru
             assert (run / moved).read_bytes() == before["restart"]["tune.json"]
 
 
+def _one_error_line(results, case, fragment):
+    code, stderr = results[case]
+    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
+    errors = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and fragment in errors[0], stderr[-2000:]
+
+
 def test_a_write_that_fails_half_way_keeps_the_last_complete_backup(runs):
     dirs, before, results = runs
     run = dirs["disk full"]
-    code, stderr = results["disk full"]
-    assert code == 2 and "Traceback" not in stderr, stderr[-2000:]
-    errors = [line for line in stderr.splitlines() if "error:" in line]
-    assert len(errors) == 1 and "File too large; what" in errors[0], stderr[-2000:]
+    _one_error_line(results, "disk full", "File too large; what")
     after = _tree(run)
     for path, content in before["disk full"].items():  # the backup and every earlier file
         assert after[path] == content, path
@@ -165,3 +179,13 @@ def test_a_write_that_fails_half_way_keeps_the_last_complete_backup(runs):
                              tf.distribute.get_strategy())
     assert summary["policy"] == policy
     assert summary["resumed_from_epoch"] == 2 and summary["epochs_completed"] == [2, 3]
+
+
+def test_a_final_write_that_fails_keeps_the_backup_and_the_earlier_files(runs):
+    dirs, before, results = runs
+    run = dirs["disk full at the end"]
+    _one_error_line(results, "disk full at the end", "model.keras: File too large")
+    for path in EARLIER:  # model.keras and summary.json of the earlier run, as they were
+        assert (run / path).read_bytes() == before["disk full at the end"][path], path
+    checkpoint = tfmp.callbacks.inspect_backup(str(run / BACKUP))
+    assert checkpoint.epoch == 3 and not checkpoint.previous  # the backup was not deleted

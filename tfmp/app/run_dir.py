@@ -153,4 +153,10 @@ def trained_model(model_dir: str) -> tuple[str, dict[str, Any]]:
         raise RunDirError(f"{e}{hint}") from None
     if not isinstance(flags, dict):
         raise RunDirError(f"{summary} is damaged (no 'flags' object){hint}")
+    for name, kinds in (("dataset", (str,)), ("data_dir", (str, type(None))), ("seed", (int,))):
+        value = flags.get(name)
+        if name in flags and (not isinstance(value, kinds) or isinstance(value, bool)):
+            accepted = {"str": "a string", "NoneType": "null", "int": "an integer"}
+            raise RunDirError(f"{summary} is damaged (flags.{name}={value!r} is not "
+                              f"{' or '.join(accepted[k.__name__] for k in kinds)}){hint}")
     return path, flags

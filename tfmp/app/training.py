@@ -19,7 +19,7 @@ from tfmp.app.config import TrainConfig, check_cluster_config, check_config
 from tfmp.app.data import Data
 from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, checked_backup,
                               read_tuned, restart)
-from tfmp.atomic import save_model_atomically, write_json_atomically
+from tfmp.atomic import atomic_path, write_json, write_json_atomically
 from tfmp.callbacks.backup import Checkpoint
 from tfmp.callbacks.counters import NAN_KEY, SCALE_KEY, SKIPPED_KEY
 from tfmp.distribute import WriteDirs, in_multi_worker_mode, read_tf_config, write_dirs
@@ -63,8 +63,9 @@ def _callbacks(config: TrainConfig, throughput: _Throughput, dirs: Optional[Writ
     callbacks: list[keras.callbacks.Callback] = [monitor]
     protect = []
     if dirs:
+        # Kept when training ends: removed once model.keras and summary.json are written.
         backup = tfmp_callbacks.SafeBackupAndRestore(dirs.backup_dir, restore_dir=dirs.restore_dir,
-                                                     restore=resume)
+                                                     restore=resume, delete_checkpoint=False)
         protect.append(backup)
         callbacks += [backup, keras.callbacks.TensorBoard(
             os.path.join(dirs.model_dir, TENSORBOARD), update_freq="epoch")]
@@ -201,14 +202,34 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         "tune": tuned,
     }
     if dirs:  # every worker saves (TensorFlow's guide); only the chief's files stay
-        if not stopped:
-            save_model_atomically(model, os.path.join(dirs.model_dir, FINAL_MODEL))
-        write_json_atomically(os.path.join(dirs.model_dir, SUMMARY), summary)
-        if dirs.temporary:
-            shutil.rmtree(dirs.model_dir, ignore_errors=True)
+        _write_outputs(dirs, model, summary, stopped)
     if stopped:
         raise TrainingStopped(nan.stopped_event.message())
     return summary
+
+
+def _write_outputs(dirs: WriteDirs, model: keras.Model, summary: dict[str, Any],
+                   stopped: bool) -> None:
+    """`summary.json` and (unless stopped) `model.keras`, both written before either replaces
+    what an earlier run left; then the backup, which has done its job, is removed. A write that
+    fails leaves the earlier files and the backup as they were (the next run resumes)."""
+    summary_path = os.path.join(dirs.model_dir, SUMMARY)
+    if stopped:  # the backup is kept for a resume
+        write_json_atomically(summary_path, summary)
+    else:
+        model_path = os.path.join(dirs.model_dir, FINAL_MODEL)
+        with atomic_path(summary_path, ".json") as new_summary, \
+                atomic_path(model_path, ".keras") as new_model:
+            try:
+                model.save(new_model)
+            except OSError as e:  # zipfile's errors name no file
+                if e.filename:
+                    raise
+                raise OSError(e.errno, e.strerror or str(e), model_path) from e
+            write_json(new_summary, summary)
+        shutil.rmtree(dirs.backup_dir, ignore_errors=True)
+    if dirs.temporary:
+        shutil.rmtree(dirs.model_dir, ignore_errors=True)
 
 
 def _epochs_line(completed: list[int], total: int, resumed: Optional[int]) -> str:

@@ -73,9 +73,10 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+def _one_line(error: BaseException, lines: int = 1) -> str:
+    """`Type: message` on one line: the first `lines` non-empty lines of the message, joined."""
+    text = [line.strip() for line in str(error).splitlines() if line.strip()][:lines]
+    return f"{type(error).__name__}: {' '.join(text)}" if text else type(error).__name__
 
 
 def _problem(weights: str, metadata: str) -> tuple[Optional[str], int]:
@@ -139,6 +140,12 @@ def inspect_backup(backup_dir: str) -> Optional[Checkpoint]:
     raise BackupError(f"the backup in {backup_dir} is damaged: {problem}")
 
 
+def _identity(path: str) -> tuple[int, ...]:
+    """What changes when a file is replaced or rewritten: inode, size, modification time."""
+    stat = os.stat(path)
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
 def _link_or_copy(source: str, target: str) -> None:
     """`target` becomes the file `source` is now, atomically (a hard link, else a copy)."""
     with atomic_path(target, os.path.splitext(target)[1]) as tmp:
@@ -182,7 +189,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.restore = restore
         self.restored: Optional[Checkpoint] = None
         self._saved_this_epoch = False
-        self._saved: Optional[tuple[str, int]] = None  # (SHA-256, mtime) of the last save
+        self._saved: Optional[tuple[str, tuple[int, ...]]] = None  # the last save's SHA, _identity
 
     def on_train_begin(self, logs=None) -> None:
         self.restored = inspect_backup(self.restore_dir) if self.restore else None
@@ -203,7 +210,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
                 self.model.load_weights(weights)
         except (OSError, ValueError) as e:
             raise BackupError(f"the backup in {self.restore_dir} (epoch {checkpoint.epoch}) does "
-                              f"not fit this model ({_one_line(e)})") from None
+                              f"not fit this model ({_one_line(e, lines=3)})") from None
         _compat.resume_after_epoch(self.model, checkpoint.epoch)
 
     def on_epoch_end(self, epoch, logs=None) -> None:
@@ -222,10 +229,12 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
             if self._latest_is_complete(weights, metadata):  # it becomes the previous one
                 _link_or_copy(metadata, previous_metadata)
                 _link_or_copy(weights, previous_weights)
+            if os.path.exists(metadata):  # never the new weights beside the old metadata
+                os.remove(metadata)
         # Until the metadata below is written, the previous checkpoint is the complete one.
         epoch, batch = _compat.backup_progress(self)
         write_json_atomically(metadata, {"epoch": epoch, "batch": batch, SIZE: size, SHA256: sha})
-        self._saved = (sha, os.stat(weights).st_mtime_ns)
+        self._saved = (sha, _identity(weights))
 
     def _latest_is_complete(self, weights: str, metadata: str) -> bool:
         """Whether the latest pair is complete (known without reading it when this callback
@@ -233,7 +242,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         if not (os.path.isfile(weights) and os.path.isfile(metadata)):
             return False
         saved = self._saved
-        if saved is not None and os.stat(weights).st_mtime_ns == saved[1]:
+        if saved is not None and _identity(weights) == saved[1]:
             try:
                 with open(metadata) as f:
                     if json.load(f).get(SHA256) == saved[0]:
