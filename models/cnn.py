@@ -18,7 +18,7 @@ BN_MOMENTUM = 0.9
 def _conv_bn(x, filters: int, strides: int = 1, activation: bool = True, name: str = ""):
     x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False,
                             name=f"{name}_conv")(x)
-    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)  # float32
+    x = keras.layers.BatchNormalization(momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x) if activation else x
 
 

@@ -54,6 +54,17 @@ def test_symbolic_tensors_know_their_producer_and_models_their_output_structure(
            "keras.src.models.functional.Functional (keras.Model(inputs, outputs), not Sequential)")
 
 
+def test_a_layer_knows_the_tensors_it_was_called_on_in_a_graph():
+    x = keras.Input((4,))
+    norm = keras.layers.LayerNormalization(name="norm")
+    shared = keras.layers.Dense(3, name="shared")
+    a, b = shared(norm(x)), shared(x)
+    keras.Model(x, [a, b])
+    producers = [_compat.producer(t) for t in _compat.inbound_tensors(shared)]
+    expect([getattr(p, "name", None) for p in producers] == ["norm", "input_layer"],
+           f"Layer._inbound_nodes[*].input_tensors, every call: {producers}")
+
+
 def test_an_instance_call_takes_the_place_of_the_class_call():
     # Keras' Operation.__call__ looks `self.call` up at every call: what tracing (calls_wrapped)
     # and the float32 output cast of a model converted in place (set_instance_call) rely on.

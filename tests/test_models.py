@@ -30,12 +30,22 @@ def test_model_trains_under_policy(name, policy):
     assert model.outputs[0].dtype == "float32"
     report = tfmp.audit(model, tfmp.wrap_optimizer(keras.optimizers.Adam(3e-3)), hardware=GPU)
     assert report.findings == (), str(report)
-    model.compile(tfmp.wrap_optimizer(keras.optimizers.Adam(3e-3)),
-                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    # What tools/train runs: prepare (its normalization layers keep the 16-bit policy, their
+    # statistics float32 inside) and the guarded optimizer.
+    model, opt = tfmp.prepare(model, keras.optimizers.Adam(3e-3), policy, hardware=GPU, guard=True)
+    norms = [l for l in model.layers if "Norm" in type(l).__name__]
+    compute = keras.dtype_policies.get(policy).compute_dtype
+    assert all(l.compute_dtype == compute for l in norms), [(l.name, l.compute_dtype) for l in norms]
+    moving = [v for l in norms for v in l.non_trainable_weights]  # BatchNorm's statistics
+    assert all(v.dtype == "float32" for v in moving)
+    start = [v.numpy() for v in moving]
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     hist = model.fit(x, y, batch_size=32, epochs=3, verbose=0)
     losses = hist.history["loss"]
     assert losses[-1] < losses[0], losses
     assert all(np.isfinite(w).all() for w in model.get_weights())
+    assert all(np.any(v.numpy() != s) for v, s in zip(moving, start))  # they moved
+    assert (len(moving) > 0) == (name == "cnn")
 
 
 def test_registry_errors_and_transformer_args():

@@ -122,6 +122,11 @@ class Rescale(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(PACKAGE)
+class HalfStatsNorm(Rescale):
+    """The same, under a name that says it is a normalization (`*Norm`)."""
+
+
+@keras.saving.register_keras_serializable(PACKAGE)
 class Float32Matmul(keras.layers.Layer):
     """A layer that hard-codes float32 for its matmul whatever its policy."""
 
@@ -159,11 +164,11 @@ class PostNormNet(keras.Model):
     """The same residual in a subclassed model's own `call`: its norms are the model's
     layers, and float32 ones would meet a 16-bit residual in a plain `+`."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, norm1=None, **kwargs):
         super().__init__(**kwargs)
         self.embed = keras.layers.Dense(16, name="embed")
         self.ff1 = keras.layers.Dense(16, name="ff1")
-        self.norm1 = keras.layers.LayerNormalization(name="norm1")
+        self.norm1 = (norm1 or keras.layers.LayerNormalization)(name="norm1")
         self.ff2 = keras.layers.Dense(16, name="ff2")
         self.norm2 = keras.layers.LayerNormalization(name="norm2")
         self.head = keras.layers.Dense(3, name="head")
@@ -318,7 +323,9 @@ KINDS = {
     "hub_style": Kind(_hub_style, False, ("backbone/patches/project", "backbone/ff_0",
                                           "backbone/ff_1", "backbone/encoder/ff2"), ("logits",)),
     # float32 norms break its own `+`: converted with no float32 layer, the output cast instead
-    "post_norm_residual": Kind(_post_norm, False, ("embed", "ff1", "ff2", "head")),
+    # Its LayerNormalizations keep the 16-bit policy (statistics float32 inside): their
+    # outputs meet the 16-bit residual in a plain `+` without a cast, and the head is float32.
+    "post_norm_residual": Kind(_post_norm, False, ("embed", "ff1", "ff2"), ("head",)),
     "extra_key_config": Kind(_extra_key, False, ("patches/project",), ("head",)),
     # `rescale` normalizes in 16 bits under a name no rule knows: prepare leaves it, the
     # audit finds it by its ops; `upcast` (Gemma's RMSNorm) computes in float32 inside.

@@ -149,9 +149,13 @@ def test_a_model_whose_code_keeps_float32_is_refused_and_given_back_as_it_was():
 
 
 def test_float32_layers_a_model_cannot_take_are_left_out_and_said(caplog):
-    model = corpus._post_norm()  # norm(x + ff(x)) in its own call, a plain `+`
+    # norm(x + ff(x)) in its own call, a plain `+`; its first norm takes the root of a sum in
+    # 16 bits (so it would go float32), and its float32 output fails at the next `+`.
+    model = corpus.PostNormNet(norm1=corpus.HalfStatsNorm, name="post_norm")
+    model(np.zeros((2, 8), "float32"))
     with caplog.at_level("INFO", logger="absl"):
         tfmp.convert_policy(model, "bf16")
+    assert "normalization statistics computed in 16 bits by norm1" in caplog.text
     assert "no layer made float32: the model fails with them (TypeError" in caplog.text
     assert model.norm2.compute_dtype == "bfloat16" and "call" in vars(model)  # the output cast
     assert model(np.zeros((2, 8), "float32")).dtype == "float32"

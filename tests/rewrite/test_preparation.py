@@ -105,7 +105,7 @@ def test_convert_policy_round_trip_keeps_weights_bit_identical_and_outputs_float
         convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
         assert {l.dtype_policy.name for l in convs} == {canonical}, policy
         norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
-        assert {l.dtype_policy.name for l in norms} == {"float32"}, policy
+        assert {l.dtype_policy.name for l in norms} == {canonical}, policy  # float32 inside
         for a, b in zip(weights, model.get_weights()):
             np.testing.assert_array_equal(a, b)
     assert original.layers[1].dtype_policy.name == "float32"  # the input model is untouched
@@ -127,3 +127,71 @@ def test_convert_policy_reaches_sublayers_a_custom_layer_makes(built_under, targ
     assert {l.dtype_policy.name for l in (embed, embed.tokens, embed.positions)} == {target}
     assert keras.config.dtype_policy().name == built_under
     keras.config.set_dtype_policy("float32")
+
+
+class HalfRMSNorm(keras.layers.Layer):
+    """A normalization (by its name) whose statistics run in the compute dtype."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
+
+    def call(self, x):
+        return x * keras.ops.rsqrt(keras.ops.mean(keras.ops.square(x), axis=-1, keepdims=True)
+                                   + 1e-6) * self.scale
+
+
+class NormNet(keras.Model):
+    """Subclassed: a LayerNormalization, a 16-bit-statistics norm, a head."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden = keras.layers.Dense(16, name="d1")
+        self.ln = keras.layers.LayerNormalization(name="ln")
+        self.half = HalfRMSNorm(name="half_norm")
+        self.head = keras.layers.Dense(2, name="head")
+
+    def call(self, x):
+        return self.head(self.half(self.ln(self.hidden(x))))
+
+
+def _norms_model():
+    keras.config.set_dtype_policy("float32")
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((16,))
+    x = keras.layers.LayerNormalization(name="ln")(keras.layers.Dense(16, name="d1")(x))
+    x = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(16, name="d2")(x))
+    x = HalfRMSNorm(name="half_norm")(keras.layers.Dense(16, name="d3")(x))
+    x = keras.layers.UnitNormalization(name="unit")(keras.layers.Dense(16, name="d4")(x))
+    x = keras.layers.LayerNormalization(name="ln_before_head")(keras.layers.Dense(16, name="d5")(x))
+    return keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
+
+
+@pytest.mark.parametrize("precision, half", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_normalization_outputs_stay_16_bit_where_statistics_are_float32_inside(precision, half):
+    # Keras' LayerNormalization and BatchNormalization compute their statistics in float32
+    # inside call: their outputs stay 16-bit (half the memory). A norm that would take the
+    # root of a sum in 16 bits, or whose output feeds the float32 head, computes in float32.
+    expected = {"ln": half, "bn": half, "half_norm": "float32", "unit": "float32",
+                "ln_before_head": "float32", "head": "float32"}
+    for build in (_norms_model, lambda: NormNet()):
+        keras.config.set_dtype_policy("float32")
+        keras.utils.set_random_seed(0)
+        model = build()
+        model(X[:2])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prepared, opt = tfmp.prepare(model, keras.optimizers.Adam(1e-2), precision,
+                                         hardware=GPU)
+        compute = {l.name: l.compute_dtype for l in prepared._flatten_layers(include_self=False)}
+        wanted = (expected if build is _norms_model else
+                  {k: expected[k] for k in ("ln", "half_norm", "head")})
+        got = {name: compute.get(name) for name in wanted}
+        assert got == wanted, (build, got)
+        report = tfmp.audit(prepared, opt, hardware=GPU)
+        assert report.ok and "normalization-half" not in report.codes(), str(report)
+        run = tfmp.rewrite.run_model(prepared)
+        ln = next(l for l in run.layers if l.class_name == "LayerNormalization")
+        assert ln.output_dtypes == (half,)  # a 16-bit tensor, its statistics float32 inside
+        prepared.compile(opt, "mse")
+        hist = prepared.fit(X[:64], np.zeros((64, 2)), batch_size=32, epochs=1, verbose=0)
+        assert np.isfinite(hist.history["loss"][-1])

@@ -18,8 +18,8 @@ TensorFlow, LiteRT). Callers use the names exported here.
 from tfmp._compat.base import (CHECKED_WITH, ISSUE_ACCUMULATION_UNDER_STRATEGY,
                                ISSUE_MULTI_WORKER_FIT, KerasInternalsChanged)
 from tfmp._compat.layers import (AttentionWithOwnSoftmax, calls_wrapped, clear_losses,
-                                 flatten_layers,
-                                 functional_class, remove_instance_call, set_instance_call,
+                                 flatten_layers, functional_class, inbound_tensors,
+                                 remove_instance_call, set_instance_call,
                                  no_automatic_dependency_tracking, outputs_structure,
                                  own_non_trainable_variables, own_variables, producer)
 from tfmp._compat.optimizers import (apply_decided, built_variables, ema_overwrite_due,

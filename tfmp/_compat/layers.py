@@ -48,6 +48,13 @@ def producer(tensor: Any) -> Any:
         return tensor._keras_history.operation
 
 
+def inbound_tensors(layer: Any) -> list:
+    """The symbolic tensors a layer was called on in a Sequential or Functional graph
+    (`_inbound_nodes[*].input_tensors`, every call)."""
+    with relying_on("Layer._inbound_nodes / Node.input_tensors"):
+        return [t for node in layer._inbound_nodes for t in keras.tree.flatten(node.input_tensors)]
+
+
 def functional_class() -> type:
     """Keras' `Functional` model class (Sequential and Functional subclasses derive from it)."""
     with relying_on("keras.src.models.functional.Functional"):

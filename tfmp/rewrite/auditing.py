@@ -20,8 +20,8 @@ from tfmp.rewrite.classify import (
     iter_layers,
     output_layers,
 )
-from tfmp.rewrite.tracing import (EXP_LOG_OPS, HEAVY_OPS, ROOT_OPS, SOFTMAX_OPS, SUM_OPS,
-                                  ModelRun, run_model)
+from tfmp.rewrite.tracing import (EXP_LOG_OPS, HEAVY_OPS, SOFTMAX_OPS, SUM_OPS, ModelRun,
+                                  run_model)
 
 LARGE_REDUCTION = 1024  # elements summed into one value: a 16-bit sum that large loses digits
 FLOAT32_MATMUL_SHARE = 0.01  # float32 matmuls in a 16-bit layer worth a finding (of the model's FLOPs)
@@ -102,9 +102,9 @@ def _check_ops(model: keras.Model, ctx: "_Context") -> None:
         # Statistics: a mean or sum and a square root of it, the root in 16 bits. (Keras'
         # ops.mean sums 16-bit inputs in float32 but returns 16 bits: the squares before it
         # and the root after it are still 16-bit; in float16 a square above 256 is inf.)
-        if any(op.type in ROOT_OPS and op.of_sum for op in half):
+        if layer.half_statistics():
             ctx.add("normalization-half", "warning", layer.path,
-                    f"normalization statistics ({', '.join(sorted(types & set(ROOT_OPS)))}) "
+                    f"normalization statistics ({', '.join(layer.half_statistics())}) "
                     f"compute in {dtype}",
                     "compute them in float32 inside call, give the layer dtype='float32', or use "
                     "tfmp.layers.StableLayerNorm")

@@ -13,7 +13,9 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import keras
 from absl import logging
 
-from tfmp.rewrite.classify import is_normalization, is_softmax, output_layers
+from tfmp import _compat
+from tfmp.rewrite.classify import (FLOAT32_BY_CONSTRUCTION, is_normalization, is_plain_model,
+                                   is_softmax, iter_layers, output_layers)
 from tfmp.rewrite.cloning import ConfigRoundTripError, cast_op_outputs, clone_with_dtypes
 from tfmp.rewrite.inplace import convert_in_place, is_copyable
 from tfmp.rewrite.tracing import ModelRun
@@ -56,6 +58,33 @@ def float32_selector(
         )
 
     return chosen
+
+
+def normalizations_feeding(model: keras.Model,
+                           chosen: Callable[[keras.layers.Layer], bool]) -> set[int]:
+    """The normalization layers whose outputs go straight into a layer `chosen` for float32
+    (an output layer, a softmax), in a Sequential or Functional graph (nested ones too).
+
+    Their outputs stay float32: rounding them to 16 bits first would lose what the float32
+    layer is there to keep. (A subclassed model's graph cannot be read: none.)
+
+    Args:
+        model: A Keras model.
+        chosen: The layers that compute in float32 on purpose.
+
+    Returns:
+        `id()`s of those normalization layers.
+    """
+    found: set[int] = set()
+    for _, layer in iter_layers(model) if is_plain_model(model) else ():
+        if not (chosen(layer) or isinstance(layer, FLOAT32_BY_CONSTRUCTION)):
+            continue
+        for tensor in _compat.inbound_tensors(layer):
+            producer = _compat.producer(tensor)
+            for source in output_layers(producer) if is_plain_model(producer) else [producer]:
+                if is_normalization(source):
+                    found.add(id(source))
+    return found
 
 
 def enforce_float32(

@@ -10,12 +10,12 @@ from absl import logging
 from tfmp.distribute import enable_multi_worker_fit
 from tfmp.precision import HardwareInfo, detect_hardware, resolve_policy, set_policy
 from tfmp.rewrite.auditing import AuditReport, audit
-from tfmp.rewrite.classify import HALF_DTYPES, model_policy
+from tfmp.rewrite.classify import HALF_DTYPES, is_normalization, iter_layers, model_policy
 from tfmp.rewrite.cloning import policy_rule
-from tfmp.rewrite.enforcement import convert, float32_selector
+from tfmp.rewrite.enforcement import convert, float32_selector, normalizations_feeding
 from tfmp.rewrite.inplace import policies_of, restore_policies
 from tfmp.rewrite.islands import apply_islands
-from tfmp.rewrite.tracing import ModelRun
+from tfmp.rewrite.tracing import ModelRun, run_model
 from tfmp.scaling import LossScale, guard_model_state, wrap_optimizer
 
 
@@ -48,12 +48,31 @@ def _check_computes_in(model: keras.Model, run: Optional[ModelRun], policy: str)
             "float32?); give those layers 16-bit computations or keep the model in float32")
 
 
+def _normalizations_with_half_statistics(model: keras.Model, run: Optional[ModelRun], policy: str,
+                                        data: Any) -> set[str]:
+    """Paths of the normalization layers that, under a 16-bit `policy`, take the square root
+    of a sum in 16 bits (as the audit sees it: by what they run, not by their class)."""
+    candidates = {path for path, layer in iter_layers(model)
+                  if is_normalization(layer) and layer.compute_dtype in HALF_DTYPES}
+    if not candidates or keras.dtype_policies.get(policy).compute_dtype not in HALF_DTYPES:
+        return set()
+    run = run if run is not None else run_model(model, data)
+    return {layer.path for layer in run.layers
+            if layer.path in candidates and layer.half_statistics()}
+
+
 def convert_policy(model: keras.Model, policy: str, *, data: Any = None) -> keras.Model:
     """`model` made to compute under another dtype policy, weights kept bit for bit.
 
-    Outputs, normalization and softmax layers (and tfmp's float32 layers) stay in
-    float32; every other layer built under the model's policy takes `policy`;
-    layers given another dtype on purpose keep it. Variables are float32 under
+    Outputs and softmax layers (and tfmp's float32 layers) stay in float32; every
+    other layer built under the model's policy takes `policy`; layers given
+    another dtype on purpose keep it. Normalization layers take `policy` (their
+    outputs are 16-bit tensors, half the activation memory) when their own code
+    computes the statistics in float32, as Keras' BatchNormalization,
+    LayerNormalization, GroupNormalization and RMSNormalization do: decided by
+    tracing what they run under `policy`; a normalization layer that would take
+    the root of a sum in 16 bits, or whose output feeds a float32 output layer or
+    softmax, computes in float32. Variables are float32 under
     every policy, so round trips (float32 -> mixed_bfloat16 -> mixed_float16 ->
     float32) leave the weights bit-identical. Keras' global policy is not touched.
     `tfmp.prepare` converts through this.
@@ -91,11 +110,28 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None) -> kera
     source = model_policy(model)
     if source != target:
         logging.info("tfmp: converting the %s model under %s", source, target)
-    chosen = float32_selector(model)
     before = policies_of(model)
-    converted, run = convert(model, policy_rule(source, target, lambda layer: False), chosen,
-                             data=data)
+    rule = policy_rule(source, target, lambda layer: False)
+    # Normalization layers take the policy too unless their output feeds a float32 layer;
+    # those whose own code then computes the statistics in 16 bits go float32 (below).
+    chosen = float32_selector(model, normalization=False)
+    feeding = normalizations_feeding(model, chosen)
+
+    def first(layer: keras.layers.Layer) -> bool:
+        return chosen(layer) or id(layer) in feeding
+
+    converted, run = convert(model, rule, first, data=data)
     try:
+        half_statistics = _normalizations_with_half_statistics(converted, run, target, data)
+        if half_statistics:
+            logging.info("tfmp: normalization statistics computed in 16 bits by %s: float32 "
+                         "for those layers", ", ".join(sorted(half_statistics)))
+            if converted is model:
+                restore_policies(model, before)
+            paths = {id(layer): path for path, layer in iter_layers(model)}
+            converted, run = convert(
+                model, rule, lambda layer: first(layer) or paths.get(id(layer)) in half_statistics,
+                data=data)
         _check_computes_in(converted, run, target)
     except ValueError:
         if converted is model:  # converted in place: give the model back as it came

@@ -26,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmp import _compat
-from tfmp.rewrite.classify import iter_layers
+from tfmp.rewrite.classify import HALF_DTYPES, iter_layers
 
 MATMUL_OPS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
 CONV_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput",
@@ -86,6 +86,11 @@ class LayerRun:
     def flops(self, dtypes: Optional[tuple[str, ...]] = None) -> int:
         """Matmul and convolution FLOPs of its own ops, in `dtypes` (default: any)."""
         return sum(op.flops for op in self.ops if dtypes is None or op.dtype in dtypes)
+
+    def half_statistics(self) -> tuple[str, ...]:
+        """The square-root ops of a sum (a normalization's statistics) it ran in 16 bits."""
+        return tuple(sorted({op.type for op in self.ops
+                             if op.type in ROOT_OPS and op.of_sum and op.dtype in HALF_DTYPES}))
 
 
 @dataclasses.dataclass(frozen=True)

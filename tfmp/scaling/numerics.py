@@ -33,8 +33,11 @@ def all_finite(grads: Sequence[Any]) -> Any:
     Returns:
         A scalar bool tensor (True when there is no gradient at all).
     """
-    sums = [ops.sum(ops.cast(g, "float32") if standardize_dtype(g.dtype) in HALF else g)
-            for g in grads if g is not None]
+    # A sparse gradient (an embedding's IndexedSlices) is checked on its values: summing it
+    # whole would first scatter it into a dense tensor of the embedding's size.
+    values = [getattr(g, "values", g) for g in grads if g is not None]
+    sums = [ops.sum(ops.cast(v, "float32") if standardize_dtype(v.dtype) in HALF else v)
+            for v in values]
     if not sums:
         return ops.convert_to_tensor(True)
     return ops.isfinite(ops.sum(ops.stack(sums)))
@@ -51,8 +54,8 @@ def first_nonfinite(grads: Sequence[Any], positions: Sequence[int], none: int) -
     Returns:
         A scalar int32 tensor: `positions[i]` of the first non-finite `grads[i]`, else `none`.
     """
-    bad = [ops.logical_not(ops.all(ops.isfinite(g))) if g is not None else False
-           for g in grads]
+    bad = [ops.logical_not(ops.all(ops.isfinite(getattr(g, "values", g)))) if g is not None
+           else False for g in grads]
     # A trailing sentinel makes "no bad gradient here" the last candidate.
     first = ops.argmax(ops.cast(ops.convert_to_tensor(bad + [True]), "int32"))
     return ops.take(ops.convert_to_tensor(list(positions) + [none], "int32"), first)
