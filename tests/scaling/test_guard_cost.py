@@ -40,7 +40,7 @@ def test_the_guard_checks_each_gradient_once_and_never_densifies_a_sparse_one():
     guarded, _ = _op_counts(tfmp.wrap_optimizer(keras.optimizers.Adam(), "float32", guard=True))
     # The embedding's gradient is IndexedSlices: checked on its values, not scattered into a
     # VOCAB x 8 dense tensor first (what summing it whole does).
-    dense = ("UnsortedSegmentSum", "ScatterNd", "TensorScatterAdd")
+    dense = ("UnsortedSegmentSum", "ScatterNd", "TensorScatterAdd", "TensorScatterUpdate")
     assert [guarded[op] for op in dense] == [plain[op] for op in dense], guarded
     # One sum per gradient and one over their sums: the finiteness check of every step.
     assert guarded["Sum"] - plain["Sum"] <= variables + 1, (guarded["Sum"], plain["Sum"])

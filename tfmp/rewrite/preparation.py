@@ -13,7 +13,7 @@ from tfmp.rewrite.auditing import AuditReport, audit
 from tfmp.rewrite.classify import HALF_DTYPES, is_normalization, iter_layers, model_policy
 from tfmp.rewrite.cloning import policy_rule
 from tfmp.rewrite.enforcement import convert, float32_selector, normalizations_feeding
-from tfmp.rewrite.inplace import policies_of, restore_policies
+from tfmp.rewrite.inplace import model_level_layers, policies_of, restore_policies
 from tfmp.rewrite.islands import apply_islands
 from tfmp.rewrite.tracing import ModelRun, run_model
 from tfmp.scaling import LossScale, guard_model_state, wrap_optimizer
@@ -52,8 +52,10 @@ def _normalizations_with_half_statistics(model: keras.Model, run: Optional[Model
                                         data: Any) -> set[str]:
     """Paths of the normalization layers that, under a 16-bit `policy`, take the square root
     of a sum in 16 bits (as the audit sees it: by what they run, not by their class)."""
-    candidates = {path for path, layer in iter_layers(model)
-                  if is_normalization(layer) and layer.compute_dtype in HALF_DTYPES}
+    # Only the layers a conversion can change (not the sublayers a custom layer calls itself).
+    changeable = model_level_layers(model)
+    candidates = {path for path, layer in iter_layers(model) if id(layer) in changeable
+                  and is_normalization(layer) and layer.compute_dtype in HALF_DTYPES}
     if not candidates or keras.dtype_policies.get(policy).compute_dtype not in HALF_DTYPES:
         return set()
     run = run if run is not None else run_model(model, data)
@@ -71,8 +73,9 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None) -> kera
     computes the statistics in float32, as Keras' BatchNormalization,
     LayerNormalization, GroupNormalization and RMSNormalization do: decided by
     tracing what they run under `policy`; a normalization layer that would take
-    the root of a sum in 16 bits, or whose output feeds a float32 output layer or
-    softmax, computes in float32. Variables are float32 under
+    the root of a sum in 16 bits, or (in a Sequential or Functional graph, not
+    across a nested model's inputs) whose output goes straight into a float32
+    output layer or softmax, computes in float32. Variables are float32 under
     every policy, so round trips (float32 -> mixed_bfloat16 -> mixed_float16 ->
     float32) leave the weights bit-identical. Keras' global policy is not touched.
     `tfmp.prepare` converts through this.
@@ -133,7 +136,7 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None) -> kera
                 model, rule, lambda layer: first(layer) or paths.get(id(layer)) in half_statistics,
                 data=data)
         _check_computes_in(converted, run, target)
-    except ValueError:
+    except BaseException:
         if converted is model:  # converted in place: give the model back as it came
             restore_policies(model, before)
         raise
@@ -158,7 +161,8 @@ def prepare(
     2. `tfmp.convert_policy(model, policy)`: a model built under another
        policy (a pretrained float32 model going mixed, or a mixed model going
        float32 or to the other 16-bit type) computes under the new one, its
-       outputs, softmax and normalization layers in float32, weights
+       outputs and softmax layers in float32 (normalization layers as
+       `convert_policy` says), weights
        untouched. Never half converted. Sequential and Functional models of
        Keras' own classes are copied; every other kind is converted in place.
        Activations known to be slower in 16 bits on this hardware (GELU on a
