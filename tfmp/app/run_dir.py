@@ -14,7 +14,7 @@ import os
 import time
 from typing import Any, Optional
 
-from tfmp.callbacks.backup import BackupError, Checkpoint, inspect_backup
+from tfmp.callbacks.backup import BackupError, Checkpoint, error_line, inspect_backup
 from tfmp.precision import POLICIES
 
 BACKUP, TENSORBOARD, FINAL_MODEL, SUMMARY = "backup", "tensorboard", "model.keras", "summary.json"
@@ -29,18 +29,13 @@ RESTART_HINT = ("--restart moves it aside under a dated name (nothing is deleted
                 "from the start")
 
 
-def _one_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
-
-
 def _read_json(path: str) -> dict[str, Any]:
     """A JSON object from `path`, or `RunDirError` naming the file and what is wrong."""
     try:
         with open(path) as f:
             payload = json.load(f)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RunDirError(f"{path} is damaged ({_one_line(e)})") from None
+        raise RunDirError(f"{path} is damaged ({error_line(e)})") from None
     if not isinstance(payload, dict):
         raise RunDirError(f"{path} is damaged (a JSON {type(payload).__name__}, not an object)")
     return payload

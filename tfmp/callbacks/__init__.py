@@ -14,5 +14,5 @@ from tfmp.callbacks.events import NanEvent, NonFiniteError
 from tfmp.callbacks.monitors import NAN_POLICIES, LossScaleMonitor, NanMonitor
 
 __all__ = ["BackupError", "Checkpoint", "LossScaleMonitor", "NAN_POLICIES", "NanEvent",
-           "NanMonitor", "NonFiniteError", "SafeBackupAndRestore", "ScaleCounters", "ScaleState", "inspect_backup",
-           "read_scale_state"]
+           "NanMonitor", "NonFiniteError", "SafeBackupAndRestore", "ScaleCounters", "ScaleState",
+           "inspect_backup", "read_scale_state"]

@@ -73,8 +73,16 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _one_line(error: BaseException, lines: int = 1) -> str:
-    """`Type: message` on one line: the first `lines` non-empty lines of the message, joined."""
+def error_line(error: BaseException, lines: int = 1) -> str:
+    """`Type: message` on one line: the first `lines` non-empty lines of the message, joined.
+
+    Args:
+        error: The exception.
+        lines: How many lines of its message to keep.
+
+    Returns:
+        One line.
+    """
     text = [line.strip() for line in str(error).splitlines() if line.strip()][:lines]
     return f"{type(error).__name__}: {' '.join(text)}" if text else type(error).__name__
 
@@ -91,14 +99,14 @@ def _problem(weights: str, metadata: str) -> tuple[Optional[str], int]:
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"epoch={epoch!r} is not a count of epochs")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{name_m} is unreadable ({_one_line(e)})", 0
+        return f"{name_m} is unreadable ({error_line(e)})", 0
     if not os.path.isfile(weights):
         return f"{name_w} is missing", 0
     if SHA256 not in meta:  # written by Keras' own BackupAndRestore: can HDF5 open it?
         try:
             h5py.File(weights, "r").close()
         except OSError as e:
-            return f"{name_w} is not a readable HDF5 file ({_one_line(e)})", 0
+            return f"{name_w} is not a readable HDF5 file ({error_line(e)})", 0
         return None, epoch
     size = os.path.getsize(weights)
     if size != meta.get(SIZE):
@@ -210,7 +218,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
                 self.model.load_weights(weights)
         except (OSError, ValueError) as e:
             raise BackupError(f"the backup in {self.restore_dir} (epoch {checkpoint.epoch}) does "
-                              f"not fit this model ({_one_line(e, lines=3)})") from None
+                              f"not fit this model ({error_line(e, lines=3)})") from None
         _compat.resume_after_epoch(self.model, checkpoint.epoch)
 
     def on_epoch_end(self, epoch, logs=None) -> None:

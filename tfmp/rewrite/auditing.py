@@ -102,9 +102,10 @@ def _check_ops(model: keras.Model, ctx: "_Context") -> None:
         # Statistics: a mean or sum and a square root of it, the root in 16 bits. (Keras'
         # ops.mean sums 16-bit inputs in float32 but returns 16 bits: the squares before it
         # and the root after it are still 16-bit; in float16 a square above 256 is inf.)
-        if layer.half_statistics():
+        statistics = layer.half_statistics()
+        if statistics:
             ctx.add("normalization-half", "warning", layer.path,
-                    f"normalization statistics ({', '.join(layer.half_statistics())}) "
+                    f"normalization statistics ({', '.join(statistics)}) "
                     f"compute in {dtype}",
                     "compute them in float32 inside call, give the layer dtype='float32', or use "
                     "tfmp.layers.StableLayerNorm")
