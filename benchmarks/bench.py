@@ -33,6 +33,7 @@ VARIANTS: dict[str, str] = {
 }
 REWRITE_OPTION = "auto_mixed_precision_onednn_bfloat16"
 READY_TIMEOUT = 900.0  # seconds a worker may take to import, build and warm up
+NATIVE_BF16_CPU = frozenset({"amx_bf16", "avx512_bf16"})  # CPU flags with bfloat16 arithmetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +46,55 @@ class Spec:
     batch_size: int
     block_seconds: float
     seed: int = 0
+
+
+def computes_in(variant: str, hardware: Any) -> str:
+    """The 16-bit type a variant's matmuls compute in on `hardware` (`float32` if none)."""
+    if variant.startswith("tfmp_auto"):
+        return {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
+            hardware.recommended_policy, "float32")
+    return {"keras_bf16": "bfloat16", "tf_rewrite": "bfloat16",
+            "keras_fp16": "float16"}.get(variant, "float32")
+
+
+def emulated(variant: str, hardware: Any) -> Optional[str]:
+    """Why a variant's 16-bit arithmetic is emulated on `hardware` (slow: labelled so in the
+    table, its blocks cut to as few steps as the timing needs), else None."""
+    from tfmp.precision import trap_warnings
+
+    dtype = computes_in(variant, hardware)
+    if dtype == "float32":
+        return None
+    if hardware.accelerator == "cpu":
+        if dtype == "float16":
+            return "float16 is emulated on CPUs"
+        if not hardware.cpu_features & NATIVE_BF16_CPU:
+            return "bfloat16 is emulated on this CPU (no avx512_bf16 or amx_bf16)"
+    if hardware.accelerator == "gpu" and dtype == "bfloat16" and trap_warnings(
+            "mixed_bfloat16", hardware):
+        return "bfloat16 is emulated on GPUs below compute capability 8.0"
+    return None
+
+
+def peak_device_memory(hardware: Any, read: Optional[Callable[[str], dict]] = None,
+                       ) -> Optional[int]:
+    """Peak bytes allocated on the first GPU since the last reset, None off a GPU.
+
+    TensorFlow's allocator statistics (`tf.config.experimental.get_memory_info`,
+    reset by `tf.config.experimental.reset_memory_stats`): on a GPU the process's
+    resident set says little, the tensors live in device memory.
+
+    Args:
+        hardware: What the process trains on (`tfmp.detect_hardware()`).
+        read: The statistics reader (default TensorFlow's `get_memory_info`).
+    """
+    if hardware.accelerator != "gpu":
+        return None
+    if read is None:
+        import tensorflow as tf
+
+        read = tf.config.experimental.get_memory_info
+    return int(read("GPU:0")["peak"])
 
 
 def skip_reason(variant: str, hardware: Any) -> Optional[str]:
@@ -122,7 +172,8 @@ def worker(conn: Any, spec: Spec) -> None:
     """A variant's process: builds, warms up, then runs one block per `"run"` it receives.
 
     Sends `("ready", info)` (or `("error", line)`), then `(wall, cpu)` seconds per
-    step for each `"run"`, and its peak resident set in bytes on `"stop"`.
+    step for each `"run"`, and on `"stop"` its peak resident set and its peak device
+    memory (None off a GPU) in bytes.
     """
     try:
         import time
@@ -132,18 +183,21 @@ def worker(conn: Any, spec: Spec) -> None:
         import tfmp  # noqa: F401  (imported before the baseline resident set is read)
 
         imported = _peak_rss()
+        hardware = tfmp.detect_hardware()
         model, callbacks, policy = _build(spec)
         data = _data(spec, model)
         timers = [interleave.BlockTimer(time.perf_counter), interleave.BlockTimer(time.process_time)]
-        model.fit(data, epochs=1, steps_per_epoch=3, verbose=0)  # tracing, warm-up
+        model.fit(data, epochs=1, steps_per_epoch=2, verbose=0)  # tracing, warm-up
 
         def block(steps: int) -> tuple[float, float]:
             model.fit(data, epochs=1, steps_per_epoch=steps + 1, verbose=0,
                       callbacks=[*timers, *callbacks])
             return timers[0].per_step, timers[1].per_step
 
-        per_step = block(3)[0]
-        steps = max(3, min(500, math.ceil(spec.block_seconds / max(per_step, 1e-6))))
+        per_step = block(1)[0]
+        # As many steps as fill the block: an emulated variant's slow steps (seconds each)
+        # get one step per block, not a fixed minimum that would take minutes.
+        steps = max(1, min(500, math.ceil(spec.block_seconds / max(per_step, 1e-6))))
         conn.send(("ready", {"policy": policy, "steps_per_block": steps,
                              "activation_bytes": None if "rewrite" in policy
                              else activation_bytes(model, spec.batch_size),
@@ -153,7 +207,7 @@ def worker(conn: Any, spec: Spec) -> None:
         return
     while conn.recv() == "run":
         conn.send(block(steps))
-    conn.send(_peak_rss())
+    conn.send((_peak_rss(), peak_device_memory(hardware)))
 
 
 class _Worker:
@@ -174,11 +228,11 @@ class _Worker:
         self.cpu.append(cpu)
         return wall
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, Optional[int]]:
         self.conn.send("stop")
-        rss = self.conn.recv()
+        memory = self.conn.recv()
         self.process.join(30)
-        return rss
+        return memory
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -201,7 +255,8 @@ def bench_model(model: str, size: str, variants: Sequence[str], *, batch_size: i
     """
     names = [BASELINE, *[v for v in variants if v != BASELINE]]
     rows = {v: {"model": model, "size": size, "variant": v, "batch_size": batch_size,
-                "note": skip_reason(v, hardware)} for v in names}
+                "note": skip_reason(v, hardware), "emulated": emulated(v, hardware)}
+            for v in names}
     context = multiprocessing.get_context("spawn")
     workers = {v: _Worker(context, Spec(model, size, v, batch_size, block_seconds))
                for v in names if rows[v]["note"] is None}
@@ -230,7 +285,7 @@ def bench_model(model: str, size: str, variants: Sequence[str], *, batch_size: i
             rows[v]["speed_wall"] = _median_and_quartiles(wall[v], wall[BASELINE])
             rows[v]["speed_cpu"] = _median_and_quartiles(w.cpu[warmup:],
                                                          workers[BASELINE].cpu[warmup:])
-            rows[v]["peak_rss"] = w.stop()
+            rows[v]["peak_rss"], rows[v]["peak_device_memory"] = w.stop()
     finally:
         for w in workers.values():
             w.kill()
@@ -241,7 +296,7 @@ def _with_memory_ratios(row: dict[str, Any], base: dict[str, Any]) -> dict[str, 
     if "peak_rss" not in row:
         return row
     row["training_rss"] = row["peak_rss"] - row["imported_rss"]
-    for key in ("peak_rss", "training_rss", "activation_bytes"):
+    for key in ("peak_rss", "training_rss", "activation_bytes", "peak_device_memory"):
         ok = row.get(key) is not None and base.get(key)
         row[f"{key}_vs_float32"] = row[key] / base[key] if ok else None
     return row
@@ -252,19 +307,27 @@ def _ratio(value: Optional[float]) -> str:
 
 
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
-    """The rows as a Markdown table (speeds above 1: faster than float32)."""
+    """The rows as a Markdown table (speeds above 1: faster than float32).
+
+    A variant whose 16-bit arithmetic is emulated on this hardware has `(emulated)` after
+    its policy; the device-memory column appears when a row has a GPU's figure.
+    """
     header = ("model", "size", "variant", "policy", "speed vs float32 (wall, q1-q3)",
               "speed (CPU time)", "step ms", "peak RSS", "RSS above import", "activations")
+    device = any(r.get("peak_device_memory") is not None for r in rows)
+    header += ("peak device memory",) * device
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        policy = r.get("policy", "-") + (" (emulated)" if r.get("emulated") else "")
         if "speed_wall" not in r:
-            cells = (r["model"], r["size"], r["variant"], r.get("policy", "-"), r["note"],
-                     *("",) * 5)
+            cells = (r["model"], r["size"], r["variant"], policy, r["note"],
+                     *("",) * (len(header) - 5))
         else:
             med, q1, q3 = r["speed_wall"]
-            cells = (r["model"], r["size"], r["variant"], r["policy"],
+            cells = (r["model"], r["size"], r["variant"], policy,
                      f"{med:.2f}x ({q1:.2f}-{q3:.2f})", _ratio(r["speed_cpu"][0]),
                      f"{r['step_ms']:.1f}", _ratio(r["peak_rss_vs_float32"]),
-                     _ratio(r["training_rss_vs_float32"]), _ratio(r["activation_bytes_vs_float32"]))
+                     _ratio(r["training_rss_vs_float32"]), _ratio(r["activation_bytes_vs_float32"]),
+                     *(_ratio(r.get("peak_device_memory_vs_float32")),) * device)
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

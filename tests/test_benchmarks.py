@@ -6,6 +6,7 @@ import pytest
 
 import helpers
 import tfmp
+from tfmp.precision import HardwareInfo
 
 from benchmarks import interleave
 
@@ -77,11 +78,72 @@ def test_tool_end_to_end_with_a_process_per_variant(bench_runs):
     assert rows["float32"]["speed_wall"] == [1.0, 1.0, 1.0]
     for r in (rows["float32"], rows["tfmp_auto_guarded"]):
         assert r["speed_wall"][1] > 0 and r["speed_cpu"][1] > 0 and r["peak_rss"] > 100e6
-        assert r["steps_per_block"] >= 3
+        assert r["steps_per_block"] >= 1 and r["emulated"] is None  # auto is never emulated
+        assert r["peak_device_memory"] is None  # no GPU here
     memory = rows["tfmp_auto_guarded"]["activation_bytes_vs_float32"]
     assert memory < 1.0 if auto == "mixed_bfloat16" else memory == 1.0
     assert f"| mlp | default | tfmp_auto_guarded | {auto} |" in stdout
     assert "--variants=keras_fp16,tfmp_auto_guarded" in report["command"]
+    hw = tfmp.detect_hardware()
+    assert f"auto here: {auto} ({hw.reason})" in stdout  # why auto is what it is
+
+
+CPU_BF16 = HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))
+CPU_AMX = HardwareInfo("cpu", (), (), frozenset({"amx_bf16"}))
+CPU_AVX2 = HardwareInfo("cpu", (), (), frozenset())
+T4 = HardwareInfo("gpu", ("GPU:0",), ((7, 5),), frozenset())
+A100 = HardwareInfo("gpu", ("GPU:0",), ((8, 0),), frozenset())
+
+
+@pytest.mark.parametrize("variant,hardware,expected", [
+    ("keras_bf16", CPU_AVX2, "bfloat16 is emulated on this CPU"),
+    ("tf_rewrite", CPU_AVX2, "bfloat16 is emulated on this CPU"),
+    ("keras_bf16", CPU_BF16, None),
+    ("keras_bf16", CPU_AMX, None),
+    ("tfmp_auto", CPU_AVX2, None),  # auto is float32 there
+    ("tfmp_auto_guarded", CPU_BF16, None),  # auto is bfloat16 there, natively
+    ("float32", CPU_AVX2, None),
+    ("keras_fp16", CPU_BF16, "float16 is emulated on CPUs"),
+    ("keras_bf16", T4, "bfloat16 is emulated on GPUs below compute capability 8.0"),
+    ("keras_bf16", A100, None),
+    ("tfmp_auto", T4, None),  # auto is mixed_float16 on a T4
+])
+def test_emulated_variants_are_named(variant, hardware, expected):
+    from benchmarks import bench
+
+    reason = bench.emulated(variant, hardware)
+    assert (reason is None) if expected is None else reason.startswith(expected)
+
+
+def test_peak_device_memory_is_read_on_a_gpu_only():
+    from benchmarks import bench
+
+    asked = []
+
+    def read(device):
+        asked.append(device)
+        return {"current": 10, "peak": 3 << 20}
+
+    assert bench.peak_device_memory(A100, read) == 3 << 20 and asked == ["GPU:0"]
+    assert bench.peak_device_memory(CPU_BF16, read) is None and asked == ["GPU:0"]
+
+
+def test_the_table_labels_emulated_variants_and_shows_device_memory():
+    from benchmarks import bench
+
+    def row(variant, emulated=None, device=None):
+        return {"model": "cnn", "size": "default", "variant": variant, "policy": "p",
+                "emulated": emulated, "speed_wall": [0.5, 0.4, 0.6], "speed_cpu": [0.5] * 3,
+                "step_ms": 1.0, "peak_rss_vs_float32": 1.0, "training_rss_vs_float32": 1.0,
+                "activation_bytes_vs_float32": 0.5, "peak_device_memory": device,
+                "peak_device_memory_vs_float32": None if device is None else 0.6}
+
+    table = bench.markdown_table([row("float32"), row("keras_bf16", "bfloat16 is emulated")])
+    assert "| cnn | default | keras_bf16 | p (emulated) | 0.50x (0.40-0.60) |" in table
+    assert "| cnn | default | float32 | p | " in table and "device memory" not in table
+    table = bench.markdown_table([row("float32", device=10), row("keras_bf16", device=6)])
+    assert table.splitlines()[0].endswith("| peak device memory |")
+    assert table.splitlines()[-1].endswith("| 0.50x | 0.60x |")
 
 
 def test_tool_bad_variant_is_one_line(bench_runs):

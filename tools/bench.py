@@ -79,6 +79,9 @@ def main(argv: Sequence[str]) -> int:
         "variants": {v: bench.VARIANTS[v] for v in names},
         "rows": rows})
     print("\n" + table)
+    print(f"\nauto here: {hardware.recommended_policy} ({hardware.reason})")
+    for reason in dict.fromkeys(r["emulated"] for r in rows if r.get("emulated")):
+        print(f"(emulated): {reason}; its blocks run as few steps as the timing needs")
     print(f"\nwrote {FLAGS.output}")
     return 0
 

@@ -38,9 +38,10 @@ flags.DEFINE_enum("model", "mlp", MODELS, "Reference model.")
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_enum("precision", None, PRECISIONS, "Precision policy (default auto; any case). "
-                  "tune: time float32 and each 16-bit policy on this model and batch first "
-                  "(tfmp.tune) and train with the fastest that passes.", case_sensitive=False)
-flags.DEFINE_integer("tune_steps", 20, "Steps per policy that --precision=tune measures.",
+                  "tune: time float32 and each 16-bit policy, each with and without XLA, on this "
+                  "model and batch first (tfmp.tune) and train with the fastest that passes.",
+                  case_sensitive=False)
+flags.DEFINE_integer("tune_steps", 20, "Steps per configuration that --precision=tune measures.",
                      lower_bound=3)
 flags.DEFINE_enum("dtype", None, ("fp16", "bf16", "fp32"), "Model Garden alias of --precision.",
                   case_sensitive=False)

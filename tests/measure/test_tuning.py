@@ -2,6 +2,7 @@
 
 import functools
 import json
+import zipfile
 
 import keras
 import pytest
@@ -39,6 +40,23 @@ def test_choose_takes_the_fastest_passing_candidate(timings, chosen):
         assert f"{name} {speed:.2f}x" in result.reason  # the figures are in the reason
 
 
+@pytest.mark.parametrize("timings,chosen", [
+    # the avx512_bf16 EPYC's default transformer: float32 + XLA wins, bf16 + XLA is slower
+    ({"float32+xla": (1.16, True), "mixed_bfloat16": (0.98, True),
+      "mixed_bfloat16+xla": (0.9, True)}, ("float32", True)),
+    ({"float32+xla": (1.16, True), "mixed_bfloat16": (1.3, True),
+      "mixed_bfloat16+xla": (1.5, True)}, ("mixed_bfloat16", True)),
+    ({"float32+xla": (1.2, True), "mixed_bfloat16": (1.3, True),
+      "mixed_bfloat16+xla": (1.5, False)}, ("mixed_bfloat16", False)),
+    ({"float32+xla": (1.03, True), "mixed_bfloat16": (1.0, True)}, ("float32", False)),
+])
+def test_choose_picks_the_policy_and_xla_together(timings, chosen):
+    result = choose(_timed(**timings), {})
+    assert (result.policy, result.jit_compile) == chosen
+    assert result.to_dict()["jit_compile"] is chosen[1]
+    assert all(f"{name} {speed:.2f}x" in result.reason for name, (speed, _) in timings.items())
+
+
 def test_choose_respects_min_speedup_and_names_skipped_candidates():
     assert choose(_timed(mixed_bfloat16=(1.2, True)), {}, min_speedup=1.3).policy == "float32"
     result = choose(None, {"mixed_float16": "a trap here"})
@@ -51,16 +69,60 @@ def test_tune_measures_on_the_model_and_skips_traps():
     result = tfmp.tune(build, d.train, steps=6, hardware=CPU, tolerance=0.5)
     assert list(result.skipped) == ["mixed_float16"]  # emulated on a CPU: not run
     assert "trap" in result.skipped["mixed_float16"]
-    assert list(result.speedups) == ["mixed_bfloat16"] and result.speedups["mixed_bfloat16"] > 0
-    assert result.passed == {"mixed_bfloat16": True}
+    labels = ["float32+xla", "mixed_bfloat16", "mixed_bfloat16+xla"]
+    assert list(result.speedups) == labels and min(result.speedups.values()) > 0
+    assert result.passed == dict.fromkeys(labels, True)
     assert result.policy in ("float32", "mixed_bfloat16")
-    assert [r.policy for r in result.comparison.runs] == ["float32", "mixed_bfloat16"]
+    runs = result.comparison.runs
+    assert [(r.policy, r.jit_compile) for r in runs] == [
+        ("float32", False), ("float32", True), ("mixed_bfloat16", False), ("mixed_bfloat16", True)]
     json.dumps(result.to_dict())
+    plain = tfmp.tune(build, d.train, steps=4, hardware=CPU, tolerance=0.5, xla=False)
+    assert list(plain.speedups) == ["mixed_bfloat16"] and not plain.jit_compile
     # min_speedup reaches the decision: no candidate is a million times faster.
     strict = tfmp.tune(build, d.train, steps=4, hardware=CPU, tolerance=0.5, min_speedup=1e6)
     assert strict.policy == "float32" and "reached 1e+06x" in strict.reason
     with pytest.raises(ValueError, match="candidates"):
         tfmp.tune(build, d.train, candidates=("auto",), hardware=CPU)
+    with pytest.raises(ValueError, match="xla='yes' must be True or False"):
+        tfmp.tune(build, d.train, hardware=CPU, xla="yes")
+
+
+class HostOp(keras.layers.Layer):
+    """The identity through a host (NumPy) function: an op XLA has no kernel for."""
+
+    def call(self, x):
+        y = tf.numpy_function(lambda a: a, [x], x.dtype)
+        y.set_shape(x.shape)
+        return y
+
+
+def test_xla_is_refused_under_a_multi_replica_strategy_and_dropped_where_it_cannot_compile():
+    d = data.synthetic("vector", 32, train_examples=128, eval_examples=32)
+    build = functools.partial(models.get("mlp")[0], hidden=(16,), **d.model_kwargs())
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    result = tfmp.tune(build, d.train, steps=3, hardware=CPU, tolerance=0.5, strategy=mirrored)
+    assert "MirroredStrategy over 2 replicas fails" in result.skipped["xla"]
+    assert list(result.speedups) == ["mixed_bfloat16"] and not result.jit_compile
+
+    def host_model():
+        inputs = keras.Input((64,))
+        return keras.Model(inputs, keras.layers.Dense(10)(HostOp()(inputs)))
+
+    # The XLA arm fails to compile (no kernel for the host op): measured again without it.
+    # This also shows the +xla arms are compiled by XLA: without it nothing would fail.
+    result = tfmp.tune(host_model, d.train, steps=3, hardware=CPU, tolerance=0.5)
+    assert result.skipped["xla"].startswith("XLA could not compile this model's train step: ")
+    assert "\n" not in result.skipped["xla"]
+    assert list(result.speedups) == ["mixed_bfloat16"] and not result.jit_compile
+
+
+def test_a_tuned_xla_choice_is_dropped_where_the_strategy_cannot_run_it():
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    assert training._tuned_xla({"jit_compile": True}, tf.distribute.get_strategy())
+    assert not training._tuned_xla({"jit_compile": False}, tf.distribute.get_strategy())
+    assert not training._tuned_xla(None, tf.distribute.get_strategy())
+    assert not training._tuned_xla({"jit_compile": True}, mirrored)
 
 
 def test_train_with_precision_tune_records_and_keeps_the_choice(tmp_path):
@@ -71,12 +133,22 @@ def test_train_with_precision_tune_records_and_keeps_the_choice(tmp_path):
     summary = training.train(config, build, d, tf.distribute.get_strategy())
     assert summary["policy_source"] == "tune"
     assert summary["policy"] == summary["tune"]["policy"]
-    assert set(summary["tune"]["speedups"]) <= {"mixed_bfloat16", "mixed_float16"}
+    assert summary["jit_compile"] == summary["tune"]["jit_compile"] == _compiled_with_xla(tmp_path)
+    assert set(summary["tune"]["speedups"]) <= {
+        "float32+xla", "mixed_bfloat16", "mixed_bfloat16+xla", "mixed_float16"}
     saved = json.loads((tmp_path / training.TUNED).read_text())
-    assert saved["policy"] == summary["policy"]
-    # A rerun in the same model_dir (a resume) keeps the tuned policy, whatever it was.
+    assert (saved["policy"], saved["jit_compile"]) == (summary["policy"], summary["jit_compile"])
+    # A rerun in the same model_dir (a resume) keeps the tuned choice, whatever it was.
     saved["policy"] = "float32" if summary["policy"] != "float32" else "mixed_bfloat16"
+    saved["jit_compile"] = not saved["jit_compile"]
     (tmp_path / training.TUNED).write_text(json.dumps(saved))
     again = training.train(config, build, d, tf.distribute.get_strategy())
     assert again["policy"] == saved["policy"] and "kept from" in again["policy_reason"]
+    assert again["jit_compile"] == saved["jit_compile"] == _compiled_with_xla(tmp_path)
     keras.config.set_dtype_policy("float32")
+
+
+def _compiled_with_xla(model_dir):
+    """`jit_compile` of the saved model's compile config: what fit really ran with."""
+    with zipfile.ZipFile(model_dir / training.FINAL_MODEL) as saved:
+        return json.loads(saved.read("config.json"))["compile_config"]["jit_compile"]

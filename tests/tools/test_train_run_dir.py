@@ -68,6 +68,8 @@ def _damage(run, kind):
         (run / "tune.json").write_text("[1]")
     elif kind == "tune unknown policy":
         (run / "tune.json").write_text('{"policy": "float64", "reason": "edited by hand"}')
+    elif kind == "tune xla not a bool":
+        (run / "tune.json").write_text('{"policy": "float32", "reason": "r", "jit_compile": 1}')
 
 
 # (damage, extra flags, exit code, what stderr says)
@@ -79,6 +81,8 @@ CASES = {
     "tune not an object": (["--precision=tune"], 2, "tune.json is damaged (a JSON list, not"),
     "tune unknown policy": (["--precision=tune"], 2,
                             "tune.json is damaged (policy='float64', expected one of"),
+    "tune xla not a bool": (["--precision=tune"], 2,
+                            "tune.json is damaged (jit_compile=1, expected true or false)"),
     "latest truncated": ([], 0, "Restoring the previous checkpoint"),
     "a file missing": ([], 0, "Restoring the previous checkpoint"),
     "restart": (["--restart"], 0, "--restart: moved"),

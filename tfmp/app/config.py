@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import tensorflow as tf
 
-from tfmp.distribute import Cluster, parse_strategy, read_tf_config
+from tfmp.distribute import Cluster, parse_strategy, read_tf_config, xla_refusal
 from tfmp.precision import ENV_VAR, parse_precision
 from tfmp.scaling import (DEFAULT_INITIAL_SCALE, DEFAULT_MIN_SCALE, FLOAT32_MAX,
                           FLOAT32_MIN_NORMAL, parse_loss_scale)
@@ -125,13 +125,9 @@ def check_config(config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
         ConfigError: `jit_compile` with a multi-replica MirroredStrategy (a graph
             execution error on CPU in every precision; keras#21366 on GPU).
     """
-    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
-    if config.jit_compile and isinstance(strategy, mirrored) and strategy.num_replicas_in_sync > 1:
-        raise ConfigError(
-            f"--jit_compile with {type(strategy).__name__} over {strategy.num_replicas_in_sync} "
-            "replicas fails in Keras 3.15 (graph execution error on CPU in every precision; "
-            "keras-team/keras#21366 with loss scaling on GPU): drop --jit_compile or use one device"
-        )
+    refusal = xla_refusal(strategy) if config.jit_compile else None
+    if refusal:
+        raise ConfigError(f"--jit_compile {refusal}: drop --jit_compile or use one device")
 
 
 def check_cluster_config(precision: str, cluster: Optional[Cluster]) -> None:

@@ -69,7 +69,8 @@ def read_tuned(model_dir: Optional[str]) -> Optional[dict[str, Any]]:
         The recorded `TuneResult.to_dict()`, or None.
 
     Raises:
-        RunDirError: `tune.json` is there but damaged (not JSON, or no known policy in it).
+        RunDirError: `tune.json` is there but damaged (not JSON, no known policy in it, or a
+            `jit_compile` that is not a bool).
     """
     if not model_dir or not os.path.exists(os.path.join(model_dir, TUNED)):
         return None
@@ -82,6 +83,9 @@ def read_tuned(model_dir: Optional[str]) -> Optional[dict[str, Any]]:
     if tuned.get("policy") not in POLICIES or not isinstance(tuned.get("reason"), str):
         raise RunDirError(f"{path} is damaged (policy={tuned.get('policy')!r}, expected one of "
                           f"{', '.join(POLICIES)}, with a reason){hint}")
+    if not isinstance(tuned.get("jit_compile", False), bool):  # absent before XLA was tuned
+        raise RunDirError(f"{path} is damaged (jit_compile={tuned['jit_compile']!r}, expected "
+                          f"true or false){hint}")
     return tuned
 
 

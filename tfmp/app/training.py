@@ -22,7 +22,8 @@ from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, 
 from tfmp.atomic import atomic_path, write_json, write_json_atomically
 from tfmp.callbacks.backup import Checkpoint
 from tfmp.callbacks.counters import NAN_KEY, SCALE_KEY, SKIPPED_KEY
-from tfmp.distribute import WriteDirs, in_multi_worker_mode, read_tf_config, write_dirs
+from tfmp.distribute import (WriteDirs, in_multi_worker_mode, read_tf_config, write_dirs,
+                             xla_refusal)
 from tfmp.measure import tune
 from tfmp.precision import HardwareInfo, PolicyChoice, detect_hardware, resolve_policy, set_policy
 from tfmp.rewrite import prepare
@@ -76,7 +77,7 @@ def _callbacks(config: TrainConfig, throughput: _Throughput, dirs: Optional[Writ
 
 def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
                     policy: str, hardware: Optional[HardwareInfo] = None,
-                    ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+                    jit_compile: bool = False) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     accum = config.grad_accum_steps if config.grad_accum_steps > 1 else None
     optimizer = keras.optimizers.Adam(config.learning_rate, gradient_accumulation_steps=accum)
     # "activations": Keras 3.15 on TensorFlow cannot remat whole layers in graph mode
@@ -89,7 +90,7 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
         model, optimizer = prepare(model, optimizer, policy, loss_scale=config.loss_scale,
                                    guard=True, hardware=hardware, **config.scale_args())
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=config.jit_compile)
+                  metrics=["accuracy"], jit_compile=jit_compile)
     return model, optimizer
 
 
@@ -115,11 +116,13 @@ def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[C
 
 
 def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
-                   hardware: HardwareInfo) -> tuple[PolicyChoice, Optional[dict[str, Any]]]:
-    """`resolve_policy`, or with `precision="tune"` a measured choice (`tfmp.tune`).
+                   hardware: HardwareInfo, strategy: tf.distribute.Strategy,
+                   ) -> tuple[PolicyChoice, Optional[dict[str, Any]]]:
+    """`resolve_policy`, or with `precision="tune"` a measured choice (`tfmp.tune`: the policy
+    and whether XLA compiles, XLA measured where it can train under `strategy`).
 
     The tuned choice is written to `model_dir/tune.json`; a rerun that finds it
-    (a resumed run) keeps that policy instead of measuring again.
+    (a resumed run) keeps that choice instead of measuring again.
     """
     if config.precision != "tune":
         return resolve_policy(config.precision, hardware), None
@@ -130,12 +133,24 @@ def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model],
     keras.utils.set_random_seed(config.seed)
     result = tune(lambda: build_model(**data.model_kwargs()), data.train,
                   steps=config.tune_steps, seed=config.seed, hardware=hardware,
-                  optimizer=lambda: keras.optimizers.Adam(config.learning_rate))
+                  optimizer=lambda: keras.optimizers.Adam(config.learning_rate),
+                  strategy=strategy)
     tuned = result.to_dict()
     if saved:
         os.makedirs(config.model_dir, exist_ok=True)
         write_json_atomically(saved, tuned)
     return PolicyChoice(result.policy, result.reason, "tune"), tuned
+
+
+def _tuned_xla(tuned: Optional[dict[str, Any]], strategy: tf.distribute.Strategy) -> bool:
+    """Whether `--precision=tune` chose XLA, and XLA can train under `strategy` (a resumed run
+    may use another strategy than the one tuned for: XLA is then dropped, with a warning)."""
+    if not (tuned and tuned.get("jit_compile")):
+        return False
+    refusal = xla_refusal(strategy)
+    if refusal:
+        logging.warning("--precision=tune chose XLA, but XLA %s: training without it", refusal)
+    return not refusal
 
 
 def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
@@ -157,12 +172,14 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     dirs = write_dirs(config.model_dir, BACKUP, strategy) if config.model_dir else None
     resume_from = _check_run_dir(config, dirs)  # before anything is measured or trained
     hardware = detect_hardware(strategy)
-    choice, tuned = _choose_policy(config, build_model, data, hardware)
+    choice, tuned = _choose_policy(config, build_model, data, hardware, strategy)
     policy = set_policy(choice, hardware)  # logs the choice's own reason
+    jit_compile = config.jit_compile or _tuned_xla(tuned, strategy)
     replicas = strategy.num_replicas_in_sync
     steps = config.steps_per_epoch or max(data.train_examples // config.batch_size, 1)
     with strategy.scope():
-        model, optimizer = _build_compiled(config, build_model, data, policy, hardware)
+        model, optimizer = _build_compiled(config, build_model, data, policy, hardware,
+                                           jit_compile)
     throughput = _Throughput(config.batch_size)
     callbacks, monitor, nan = _callbacks(config, throughput, dirs, resume=not config.restart)
     if config.model_dir:
@@ -181,6 +198,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     summary = {
         "flags": dataclasses.asdict(config),
         "policy": policy, "policy_reason": choice.reason, "policy_source": choice.source,
+        "jit_compile": jit_compile,
         "hardware": hardware.describe().splitlines(),
         "strategy": type(strategy).__name__, "replicas": replicas,
         "cluster": None if cluster is None else {
@@ -256,7 +274,8 @@ def human_summary(summary: dict[str, Any]) -> str:
             "" if not summary.get("cluster") else
             f" ({summary['cluster']['workers']} workers, this is {summary['cluster']['task']}, "
             f"global batch {summary['cluster']['global_batch']})"),
-        f"precision {summary['policy']} ({summary['policy_source']}: {summary['policy_reason']})",
+        f"precision {summary['policy']}{', XLA' if summary.get('jit_compile') else ''} "
+        f"({summary['policy_source']}: {summary['policy_reason']})",
         _epochs_line(summary["epochs_completed"], summary["flags"]["epochs"], resumed),
         f"throughput {summary['samples_per_sec']} samples/s (epochs after the first)",
         f"metrics: {shown}",

@@ -10,11 +10,11 @@ from tfmp.distribute.cluster import Cluster, WriteDirs, connect, read_tf_config,
 from tfmp.distribute.launcher import describe_exit, free_ports, launch, tf_config
 from tfmp.distribute.multi_worker import FIX_ENV, enable_multi_worker_fit, in_multi_worker_mode
 from tfmp.distribute.strategies import (STRATEGIES, choose_strategy, get_strategy,
-                                        parse_strategy, split_cpu)
+                                        parse_strategy, split_cpu, xla_refusal)
 
 __all__ = [
     "Cluster", "FIX_ENV", "STRATEGIES", "WriteDirs", "choose_strategy",
     "connect", "describe_exit", "enable_multi_worker_fit", "free_ports", "get_strategy",
     "in_multi_worker_mode", "launch", "parse_strategy", "read_tf_config", "split_cpu",
-    "tf_config", "write_dirs",
+    "tf_config", "write_dirs", "xla_refusal",
 ]

@@ -141,3 +141,25 @@ def get_strategy(name: str = "auto", tpu: Optional[str] = None,
         devices = _gpus() or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices)
     return cluster.connect(cluster_timeout)
+
+
+def xla_refusal(strategy: Optional[tf.distribute.Strategy]) -> Optional[str]:
+    """Why `jit_compile=True` cannot train under `strategy` in Keras 3.15, or None if it can.
+
+    A MirroredStrategy or MultiWorkerMirroredStrategy over several replicas fails there
+    (a graph execution error on CPU in every precision; keras-team/keras#21366 with loss
+    scaling on GPU). One device, OneDeviceStrategy and TPUStrategy (always XLA) can.
+
+    Args:
+        strategy: The strategy the model trains under (None: the default strategy).
+
+    Returns:
+        A clause to follow "XLA " or "--jit_compile ": `with <strategy> over <n> replicas
+        fails in Keras 3.15 (...)`; None when XLA can run.
+    """
+    mirrored = (tf.distribute.MirroredStrategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if isinstance(strategy, mirrored) and strategy.num_replicas_in_sync > 1:
+        return (f"with {type(strategy).__name__} over "
+                f"{strategy.num_replicas_in_sync} replicas fails in Keras 3.15 (graph execution "
+                "error on CPU in every precision; keras-team/keras#21366 with loss scaling on GPU)")
+    return None

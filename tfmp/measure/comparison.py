@@ -20,7 +20,23 @@ from tfmp.measure.steps import train_step
 from tfmp.precision import FLOAT32, HardwareInfo, detect_hardware, policy_scope, resolve_policy
 from tfmp.rewrite import prepare
 
-WARMUP_STEPS = 2  # tracing happens here: not timed
+WARMUP_STEPS = 2  # tracing (and XLA's compilation) happens here: not timed
+XLA_SUFFIX = "+xla"  # `float32+xla`: the policy with the train step compiled by XLA
+
+
+def parse_variant(label: str) -> tuple[str, bool]:
+    """A label `compare_precision` accepts, split into the policy name and whether XLA compiles.
+
+    Args:
+        label: A policy name `tfmp.set_policy` accepts, optionally followed by `+xla`
+            (`"bf16+xla"`, `"float32+XLA"`).
+
+    Returns:
+        `(policy name, jit_compile)`; the name is not resolved here.
+    """
+    if label.lower().endswith(XLA_SUFFIX):
+        return label[:-len(XLA_SUFFIX)], True
+    return label, False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +52,7 @@ class PolicyRun:
         step_seconds: Wall time of every step (the first `WARMUP_STEPS` include tracing).
         skipped_steps: Steps the optimizer skipped (non-finite gradients).
         final_metrics: `model.evaluate` on `eval_data`, or the mean loss of the last tenth of the steps.
+        jit_compile: Whether XLA compiled the train step (a `+xla` label).
     """
 
     label: str
@@ -46,6 +63,7 @@ class PolicyRun:
     step_seconds: tuple[float, ...]
     skipped_steps: int
     final_metrics: dict[str, float]
+    jit_compile: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,10 +168,10 @@ def _fresh_model(reference: keras.Model, weights: list, build_model: Callable[[]
 class _Arm:
     """One policy's model, optimizer and compiled train step."""
 
-    def __init__(self, label: str, policy: str, reference: keras.Model,
+    def __init__(self, label: str, policy: str, jit_compile: bool, reference: keras.Model,
                  make_optimizer: Callable[[], keras.optimizers.Optimizer], loss_fn: Any,
                  hardware: HardwareInfo) -> None:
-        self.label, self.policy = label, policy
+        self.label, self.policy, self.jit_compile = label, policy, jit_compile
         with policy_scope(policy, hardware):
             self.model, self.opt = prepare(reference, make_optimizer(), policy, guard=True,
                                            hardware=hardware)
@@ -163,7 +181,7 @@ class _Arm:
         self.norms: list[float] = []
         self.scales: list[float] = []
         self.seconds: list[float] = []
-        self._step = train_step(self.model, self.opt, loss_fn)
+        self._step = train_step(self.model, self.opt, loss_fn, jit_compile=jit_compile)
 
     def step(self, x, y) -> None:
         start = time.perf_counter()
@@ -184,7 +202,7 @@ class _Arm:
         return PolicyRun(self.label, self.policy, tuple(self.losses), tuple(self.norms),
                          tuple(self.scales), tuple(self.seconds),
                          int(self.opt.skipped_steps.numpy()),
-                         {k: float(v) for k, v in final.items()})
+                         {k: float(v) for k, v in final.items()}, self.jit_compile)
 
 
 def _verdict(base: _Arm, arm: _Arm, tolerance: float) -> Verdict:
@@ -235,7 +253,8 @@ def compare_precision(
             `prepare` converts in place (subclassed, keras-hub) is built once per
             policy, each given the first one's weights.
         dataset: A `tf.data.Dataset` of `(inputs, labels)` batches, at least `steps` long.
-        policies: Names `tfmp.set_policy` accepts; the first is the baseline.
+        policies: Names `tfmp.set_policy` accepts, each optionally followed by `+xla`
+            (the train step compiled by XLA, `jit_compile=True`); the first is the baseline.
         steps: Training steps per policy.
         seed: Seed for the initial weights.
         loss: A Keras loss; default sparse categorical cross-entropy on logits.
@@ -265,7 +284,8 @@ def compare_precision(
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance={tolerance!r} must be a positive number")
     hw = hardware if hardware is not None else detect_hardware()
-    resolved = [(p, resolve_policy(p, hw).name) for p in policies]
+    resolved = [(p, resolve_policy(name, hw).name, jit)
+                for p, (name, jit) in ((p, parse_variant(p)) for p in policies)]
     batches = _batches(dataset, steps)
     if loss is None:
         loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
@@ -277,8 +297,8 @@ def compare_precision(
     with policy_scope(FLOAT32, hw):
         reference = build_model()
     weights, source, arms = reference.get_weights(), reference, []
-    for i, (label, policy) in enumerate(resolved):
-        arms.append(_Arm(label, policy, source, make_optimizer, loss_fn, hw))
+    for i, (label, policy, jit) in enumerate(resolved):
+        arms.append(_Arm(label, policy, jit, source, make_optimizer, loss_fn, hw))
         if arms[-1].model is source and i + 1 < len(resolved):  # converted in place: the
             source = _fresh_model(reference, weights, build_model, hw)  # next needs its own
     for i, (x, y) in enumerate(batches):

@@ -11,13 +11,14 @@ from tfmp.scaling import get_unscaled_gradients
 
 
 def train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
-               loss_fn: Any) -> Callable[[Any, Any], tuple[Any, Any]]:
+               loss_fn: Any, jit_compile: bool = False) -> Callable[[Any, Any], tuple[Any, Any]]:
     """A compiled step: forward, scaled loss, gradients, apply.
 
     Args:
         model: The model to train.
         optimizer: Its (loss-scale) optimizer, built.
         loss_fn: `loss_fn(y_true, y_pred)`.
+        jit_compile: Compile the step with XLA.
 
     Returns:
         `step(x, y) -> (loss, gradient_norm)`: the unscaled loss and the global norm
@@ -34,4 +35,4 @@ def train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
         optimizer.apply(grads, variables)
         return loss, norm
 
-    return tf.function(step)
+    return tf.function(step, jit_compile=jit_compile)

@@ -1,12 +1,13 @@
-"""`tfmp.tune`: pick the precision policy by measuring it on the user's own model and batch.
+"""`tfmp.tune`: pick the precision policy, and XLA or not, by measuring them on the user's model.
 
 A rule can say what the hardware supports, not whether 16 bits pay for a given
 model: on a CPU with bfloat16 instructions a wide transformer trains faster in
-bfloat16 while a narrow MLP does not. `tune` runs `tfmp.compare_precision`
-(float32 against each candidate, from identical weights on identical batches,
-the policies taking turns step by step) and picks the fastest candidate whose
-numerics pass, if it is faster than float32 by at least `min_speedup`;
-otherwise float32.
+bfloat16 while a narrow MLP does not, and XLA (`jit_compile=True`) speeds up
+float32 on some models and slows bfloat16 down on others. `tune` runs
+`tfmp.compare_precision` (float32 against each candidate configuration, policy x
+XLA, from identical weights on identical batches, taking turns step by step) and
+picks the fastest candidate whose numerics pass, if it is faster than float32 by
+at least `min_speedup`; otherwise float32 without XLA.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import math
 from typing import Any, Callable, Optional, Sequence
 
 import keras
+import tensorflow as tf
 
-from tfmp.measure.comparison import Comparison, compare_precision
+from tfmp.distribute import xla_refusal
+from tfmp.measure.comparison import XLA_SUFFIX, Comparison, compare_precision, parse_variant
 from tfmp.precision import (FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16, HardwareInfo, detect_hardware,
                             parse_precision, trap_warnings)
 
@@ -32,10 +35,13 @@ class TuneResult:
     Attributes:
         policy: The chosen policy (`float32` when no candidate paid).
         reason: One sentence with the figures.
-        speedups: Median step-time speed-up over float32 of every candidate measured.
+        speedups: Median step-time speed-up over float32 of every candidate measured, by
+            label (`mixed_bfloat16`, `float32+xla`, `mixed_bfloat16+xla`).
         passed: Whether each candidate's numerics passed against float32.
-        skipped: Candidates not measured, with why (a trap on this hardware).
+        skipped: Candidates not measured, with why (a trap on this hardware; `xla`: XLA
+            cannot train under the strategy).
         comparison: The `Comparison` behind it (None when nothing was measured).
+        jit_compile: Whether to compile the train step with XLA (the chosen candidate's).
     """
 
     policy: str
@@ -44,10 +50,12 @@ class TuneResult:
     passed: dict[str, bool]
     skipped: dict[str, str]
     comparison: Optional[Comparison]
+    jit_compile: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The choice and its figures, JSON-serializable (the full comparison omitted)."""
-        return {"policy": self.policy, "reason": self.reason, "speedups": self.speedups,
+        return {"policy": self.policy, "jit_compile": self.jit_compile,
+                "reason": self.reason, "speedups": self.speedups,
                 "passed": self.passed, "skipped": self.skipped,
                 "max_relative_loss_gap": {} if self.comparison is None else {
                     v.label: v.max_relative_loss_gap for v in self.comparison.verdicts}}
@@ -59,7 +67,7 @@ def choose(comparison: Optional[Comparison], skipped: dict[str, str],
 
     Args:
         comparison: `compare_precision` with float32 first, then the candidates
-            (labels are canonical policy names).
+            (labels are canonical policy names, `+xla` for XLA).
         skipped: Candidates not measured, and why.
         min_speedup: Median speed-up over float32 a candidate needs to be chosen.
 
@@ -82,9 +90,10 @@ def choose(comparison: Optional[Comparison], skipped: dict[str, str],
                   f"the fastest that passed")
     else:
         best = FLOAT32
-        reason = (f"measured on this model and batch: {figures} float32's speed; no 16-bit "
-                  f"policy passed and reached {min_speedup:g}x, so float32")
-    return TuneResult(best, reason, speedups, passed, dict(skipped), comparison)
+        reason = (f"measured on this model and batch: {figures} float32's speed; no candidate "
+                  f"passed and reached {min_speedup:g}x, so float32")
+    policy, jit = parse_variant(best)
+    return TuneResult(policy, reason, speedups, passed, dict(skipped), comparison, jit)
 
 
 def tune(
@@ -99,37 +108,50 @@ def tune(
     loss: Any = None,
     optimizer: Any = "adam",
     hardware: Optional[HardwareInfo] = None,
+    xla: bool = True,
+    strategy: Optional[tf.distribute.Strategy] = None,
 ) -> TuneResult:
-    """Times float32 and each candidate policy on `build_model()` and picks one.
+    """Times float32 and each candidate configuration on `build_model()` and picks one.
 
-    Candidates that are traps on this hardware (float16 on a CPU, where it is
-    emulated) are not run: they are listed in `skipped` with the reason.
+    The candidates are each 16-bit policy, and with `xla` float32 and each policy
+    with the train step compiled by XLA (`jit_compile=True`); the baseline is
+    float32 without XLA. Candidates that are traps on this hardware (float16 on a
+    CPU, where it is emulated) are not run, nor XLA where it cannot train under
+    `strategy`: they are listed in `skipped` with the reason. A model XLA cannot
+    compile (an op without an XLA kernel) is measured again without XLA, and
+    `skipped["xla"]` says why.
 
     Args:
         build_model: Returns a new, built Sequential or Functional model.
         dataset: `(inputs, labels)` batches, at least `steps` of them: the user's own batch size.
         candidates: 16-bit policies to try (default: mixed_bfloat16 and mixed_float16).
-        steps: Training steps per policy (the first 2 are not timed).
+        steps: Training steps per candidate (the first 2 are not timed).
         tolerance: Largest relative loss gap to float32 that passes (`compare_precision`).
-        min_speedup: Median speed-up over float32 needed to choose a 16-bit policy.
+        min_speedup: Median speed-up over float32 needed to choose a candidate.
         seed, loss, optimizer: As for `tfmp.compare_precision`.
         hardware: The hardware to decide for; detected when omitted.
+        xla: Measure XLA too. Its compilation happens in the untimed warm-up steps.
+        strategy: The strategy the chosen configuration will train under (XLA is not
+            measured where it cannot run there: `tfmp.distribute.xla_refusal`).
 
     Returns:
-        A `TuneResult`: `.policy` to train with, `.reason` with the figures.
+        A `TuneResult`: `.policy` and `.jit_compile` to train with, `.reason` with the figures.
 
     Raises:
         ValueError: a bad candidate name (or `auto`), `min_speedup` not a positive
-            number, or what `compare_precision` rejects.
+            number, `xla` not a bool, or what `compare_precision` rejects.
 
     Example:
     >>> choice = tfmp.tune(build, train_ds.take(30), steps=30)
     >>> print(choice.reason)
     >>> model, opt = tfmp.prepare(build(), "adam", choice.policy)
+    >>> model.compile(opt, loss, jit_compile=choice.jit_compile)
     """
     if not (isinstance(min_speedup, (int, float)) and math.isfinite(min_speedup)
             and min_speedup > 0):
         raise ValueError(f"min_speedup={min_speedup!r} must be a positive number")
+    if not isinstance(xla, bool):
+        raise ValueError(f"xla={xla!r} must be True or False")
     hw = hardware if hardware is not None else detect_hardware()
     names = [parse_precision(c) for c in (candidates or CANDIDATES)]
     if "auto" in names or FLOAT32 in names:
@@ -143,9 +165,29 @@ def tune(
             skipped[name] = traps[0].split(":")[0]
         else:
             measured.append(name)
-    comparison = None
-    if measured:
-        comparison = compare_precision(build_model, dataset, policies=(FLOAT32, *measured),
-                                       steps=steps, seed=seed, loss=loss, optimizer=optimizer,
-                                       tolerance=tolerance, hardware=hw)
+    refusal = xla_refusal(strategy) if xla else None
+    if refusal:
+        skipped["xla"] = f"XLA {refusal}"
+    elif xla:
+        measured = [FLOAT32 + XLA_SUFFIX] + [v for name in measured
+                                            for v in (name, name + XLA_SUFFIX)]
+    def measure(labels: Sequence[str]) -> Optional[Comparison]:
+        if not labels:
+            return None
+        return compare_precision(build_model, dataset, policies=(FLOAT32, *labels), steps=steps,
+                                 seed=seed, loss=loss, optimizer=optimizer, tolerance=tolerance,
+                                 hardware=hw)
+
+    try:
+        comparison = measure(measured)
+    except tf.errors.OpError as e:  # XLA cannot compile every op (a py_function, ...)
+        if not any(label.endswith(XLA_SUFFIX) for label in measured):
+            raise
+        skipped["xla"] = f"XLA could not compile this model's train step: {_first_line(e)}"
+        comparison = measure([label for label in measured if not label.endswith(XLA_SUFFIX)])
     return choose(comparison, skipped, min_speedup)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(getattr(error, "message", None) or error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
