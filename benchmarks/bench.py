@@ -33,7 +33,6 @@ VARIANTS: dict[str, str] = {
 }
 REWRITE_OPTION = "auto_mixed_precision_onednn_bfloat16"
 READY_TIMEOUT = 900.0  # seconds a worker may take to import, build and warm up
-NATIVE_BF16_CPU = frozenset({"amx_bf16", "avx512_bf16"})  # CPU flags with bfloat16 arithmetic
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +45,7 @@ class Spec:
     batch_size: int
     block_seconds: float
     seed: int = 0
+    min_steps: int = 3  # per block; 1 for an emulated variant (a step can take seconds)
 
 
 def computes_in(variant: str, hardware: Any) -> str:
@@ -60,7 +60,7 @@ def computes_in(variant: str, hardware: Any) -> str:
 def emulated(variant: str, hardware: Any) -> Optional[str]:
     """Why a variant's 16-bit arithmetic is emulated on `hardware` (slow: labelled so in the
     table, its blocks cut to as few steps as the timing needs), else None."""
-    from tfmp.precision import trap_warnings
+    from tfmp.precision import BF16_CPU_FEATURES, trap_warnings
 
     dtype = computes_in(variant, hardware)
     if dtype == "float32":
@@ -68,7 +68,7 @@ def emulated(variant: str, hardware: Any) -> Optional[str]:
     if hardware.accelerator == "cpu":
         if dtype == "float16":
             return "float16 is emulated on CPUs"
-        if not hardware.cpu_features & NATIVE_BF16_CPU:
+        if not hardware.cpu_features & BF16_CPU_FEATURES:
             return "bfloat16 is emulated on this CPU (no avx512_bf16 or amx_bf16)"
     if hardware.accelerator == "gpu" and dtype == "bfloat16" and trap_warnings(
             "mixed_bfloat16", hardware):
@@ -187,17 +187,15 @@ def worker(conn: Any, spec: Spec) -> None:
         model, callbacks, policy = _build(spec)
         data = _data(spec, model)
         timers = [interleave.BlockTimer(time.perf_counter), interleave.BlockTimer(time.process_time)]
-        model.fit(data, epochs=1, steps_per_epoch=2, verbose=0)  # tracing, warm-up
+        model.fit(data, epochs=1, steps_per_epoch=spec.min_steps, verbose=0)  # tracing, warm-up
 
         def block(steps: int) -> tuple[float, float]:
             model.fit(data, epochs=1, steps_per_epoch=steps + 1, verbose=0,
                       callbacks=[*timers, *callbacks])
             return timers[0].per_step, timers[1].per_step
 
-        per_step = block(1)[0]
-        # As many steps as fill the block: an emulated variant's slow steps (seconds each)
-        # get one step per block, not a fixed minimum that would take minutes.
-        steps = max(1, min(500, math.ceil(spec.block_seconds / max(per_step, 1e-6))))
+        per_step = block(spec.min_steps)[0]
+        steps = max(spec.min_steps, min(500, math.ceil(spec.block_seconds / max(per_step, 1e-6))))
         conn.send(("ready", {"policy": policy, "steps_per_block": steps,
                              "activation_bytes": None if "rewrite" in policy
                              else activation_bytes(model, spec.batch_size),
@@ -258,7 +256,8 @@ def bench_model(model: str, size: str, variants: Sequence[str], *, batch_size: i
                 "note": skip_reason(v, hardware), "emulated": emulated(v, hardware)}
             for v in names}
     context = multiprocessing.get_context("spawn")
-    workers = {v: _Worker(context, Spec(model, size, v, batch_size, block_seconds))
+    workers = {v: _Worker(context, Spec(model, size, v, batch_size, block_seconds,
+                                        min_steps=1 if rows[v]["emulated"] else 3))
                for v in names if rows[v]["note"] is None}
     try:
         for v, w in list(workers.items()):
@@ -318,7 +317,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header += ("peak device memory",) * device
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        policy = r.get("policy", "-") + (" (emulated)" if r.get("emulated") else "")
+        policy = r.get("policy", "-") + (" (emulated)" if r.get("emulated") and "speed_wall" in r else "")
         if "speed_wall" not in r:
             cells = (r["model"], r["size"], r["variant"], policy, r["note"],
                      *("",) * (len(header) - 5))

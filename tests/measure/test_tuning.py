@@ -1,5 +1,6 @@
 """tfmp.tune: the decision on given timings, a real measurement, and tools/train --precision=tune."""
 
+import dataclasses
 import functools
 import json
 import zipfile
@@ -49,6 +50,7 @@ def test_choose_takes_the_fastest_passing_candidate(timings, chosen):
     ({"float32+xla": (1.2, True), "mixed_bfloat16": (1.3, True),
       "mixed_bfloat16+xla": (1.5, False)}, ("mixed_bfloat16", False)),
     ({"float32+xla": (1.03, True), "mixed_bfloat16": (1.0, True)}, ("float32", False)),
+    ({" BF16 + XLA ": (1.5, True), "bf16": (1.2, True)}, ("mixed_bfloat16", True)),  # any case
 ])
 def test_choose_picks_the_policy_and_xla_together(timings, chosen):
     result = choose(_timed(**timings), {})
@@ -79,12 +81,14 @@ def test_tune_measures_on_the_model_and_skips_traps():
     json.dumps(result.to_dict())
     plain = tfmp.tune(build, d.train, steps=4, hardware=CPU, tolerance=0.5, xla=False)
     assert list(plain.speedups) == ["mixed_bfloat16"] and not plain.jit_compile
+    only = tfmp.tune(build, d.train, steps=4, hardware=CPU, tolerance=0.5, xla="only")
+    assert list(only.speedups) == ["float32+xla", "mixed_bfloat16+xla"]
     # min_speedup reaches the decision: no candidate is a million times faster.
     strict = tfmp.tune(build, d.train, steps=4, hardware=CPU, tolerance=0.5, min_speedup=1e6)
     assert strict.policy == "float32" and "reached 1e+06x" in strict.reason
     with pytest.raises(ValueError, match="candidates"):
         tfmp.tune(build, d.train, candidates=("auto",), hardware=CPU)
-    with pytest.raises(ValueError, match="xla='yes' must be True or False"):
+    with pytest.raises(ValueError, match="xla='yes' must be True, False or 'only'"):
         tfmp.tune(build, d.train, hardware=CPU, xla="yes")
 
 
@@ -109,12 +113,31 @@ def test_xla_is_refused_under_a_multi_replica_strategy_and_dropped_where_it_cann
         inputs = keras.Input((64,))
         return keras.Model(inputs, keras.layers.Dense(10)(HostOp()(inputs)))
 
-    # The XLA arm fails to compile (no kernel for the host op): measured again without it.
-    # This also shows the +xla arms are compiled by XLA: without it nothing would fail.
+    # The XLA arms fail to compile (no XLA kernel for the host op): each is dropped with
+    # the op named, the rest measured. This also shows the +xla arms are compiled by XLA.
     result = tfmp.tune(host_model, d.train, steps=3, hardware=CPU, tolerance=0.5)
-    assert result.skipped["xla"].startswith("XLA could not compile this model's train step: ")
-    assert "\n" not in result.skipped["xla"]
+    for label in ("float32+xla", "mixed_bfloat16+xla"):
+        assert result.skipped[label].startswith("XLA could not compile this model's train step")
+        assert "PyFunc" in result.skipped[label] and "\n" not in result.skipped[label]
     assert list(result.speedups) == ["mixed_bfloat16"] and not result.jit_compile
+
+
+def test_an_error_that_is_not_xla_is_raised_with_the_policy_that_hit_it():
+    d = data.synthetic("vector", 32, train_examples=128, eval_examples=32)
+    build = functools.partial(models.get("mlp")[0], hidden=(16,), **d.model_kwargs())
+    bad_labels = d.train.map(lambda x, y: (x, y + 99))  # outside the 10 classes
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+        tfmp.tune(build, bad_labels, steps=3, hardware=CPU, tolerance=0.5)
+    assert raised.value.tfmp_arm == "float32"  # the baseline's step, not an XLA one
+
+
+def test_xla_refusal_names_multi_replica_strategies_only():
+    from tfmp.distribute import xla_refusal
+
+    assert xla_refusal(tf.distribute.MirroredStrategy(["/cpu:0"])) is None  # one replica
+    assert xla_refusal(tf.distribute.get_strategy()) is None and xla_refusal(None) is None
+    assert xla_refusal(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])).startswith(
+        "with MirroredStrategy over 2 replicas fails in Keras 3.15")
 
 
 def test_a_tuned_xla_choice_is_dropped_where_the_strategy_cannot_run_it():
@@ -145,6 +168,11 @@ def test_train_with_precision_tune_records_and_keeps_the_choice(tmp_path):
     again = training.train(config, build, d, tf.distribute.get_strategy())
     assert again["policy"] == saved["policy"] and "kept from" in again["policy_reason"]
     assert again["jit_compile"] == saved["jit_compile"] == _compiled_with_xla(tmp_path)
+    # --jit_compile compiles with XLA whatever tune picks: tune measures XLA arms only.
+    forced = dataclasses.replace(config, jit_compile=True, model_dir=str(tmp_path / "xla"))
+    summary = training.train(forced, build, d, tf.distribute.get_strategy())
+    assert all(label.endswith("+xla") for label in summary["tune"]["speedups"]), summary["tune"]
+    assert summary["jit_compile"] and _compiled_with_xla(tmp_path / "xla")
     keras.config.set_dtype_policy("float32")
 
 

@@ -24,7 +24,7 @@ from tfmp.callbacks.backup import Checkpoint
 from tfmp.callbacks.counters import NAN_KEY, SCALE_KEY, SKIPPED_KEY
 from tfmp.distribute import (WriteDirs, in_multi_worker_mode, read_tf_config, write_dirs,
                              xla_refusal)
-from tfmp.measure import tune
+from tfmp.measure import XLA_ONLY, tune
 from tfmp.precision import HardwareInfo, PolicyChoice, detect_hardware, resolve_policy, set_policy
 from tfmp.rewrite import prepare
 
@@ -134,7 +134,7 @@ def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model],
     result = tune(lambda: build_model(**data.model_kwargs()), data.train,
                   steps=config.tune_steps, seed=config.seed, hardware=hardware,
                   optimizer=lambda: keras.optimizers.Adam(config.learning_rate),
-                  strategy=strategy)
+                  strategy=strategy, xla=XLA_ONLY if config.jit_compile else True)
     tuned = result.to_dict()
     if saved:
         os.makedirs(config.model_dir, exist_ok=True)

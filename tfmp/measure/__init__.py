@@ -9,7 +9,9 @@ side; `plot_comparison` draws a comparison (matplotlib).
 from tfmp.measure.comparison import WARMUP_STEPS, Comparison, PolicyRun, Verdict, compare_precision
 from tfmp.measure.plot import plot_comparison
 from tfmp.measure.stats import quartiles
-from tfmp.measure.tuning import CANDIDATES, DEFAULT_MIN_SPEEDUP, TuneResult, choose, tune
+from tfmp.measure.tuning import (CANDIDATES, DEFAULT_MIN_SPEEDUP, XLA_ONLY, TuneResult, choose,
+                                 tune)
 
 __all__ = ["CANDIDATES", "Comparison", "DEFAULT_MIN_SPEEDUP", "PolicyRun", "TuneResult", "Verdict",
-           "WARMUP_STEPS", "choose", "compare_precision", "plot_comparison", "quartiles", "tune"]
+           "WARMUP_STEPS", "XLA_ONLY", "choose", "compare_precision", "plot_comparison",
+           "quartiles", "tune"]

@@ -22,6 +22,7 @@ from tfmp.rewrite import prepare
 
 WARMUP_STEPS = 2  # tracing (and XLA's compilation) happens here: not timed
 XLA_SUFFIX = "+xla"  # `float32+xla`: the policy with the train step compiled by XLA
+FAILED_ARM = "tfmp_arm"  # attribute of an error raised by one policy's step: that policy's label
 
 
 def parse_variant(label: str) -> tuple[str, bool]:
@@ -34,9 +35,10 @@ def parse_variant(label: str) -> tuple[str, bool]:
     Returns:
         `(policy name, jit_compile)`; the name is not resolved here.
     """
-    if label.lower().endswith(XLA_SUFFIX):
-        return label[:-len(XLA_SUFFIX)], True
-    return label, False
+    name = "".join(label.split())  # " bf16 + XLA " too
+    if name.lower().endswith(XLA_SUFFIX):
+        return name[:-len(XLA_SUFFIX)], True
+    return name, False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +272,8 @@ def compare_precision(
 
     Raises:
         ValueError: fewer than two policies, a bad name, `steps` or `tolerance` out of
-            range, or a dataset shorter than `steps`.
+            range, or a dataset shorter than `steps`. An error from one policy's train step
+            is raised as it is, with that policy's label in its `tfmp_arm` attribute.
 
     Example:
     >>> result = tfmp.compare_precision(build, train_ds, policies=("fp32", "bf16"), steps=100)
@@ -303,7 +306,11 @@ def compare_precision(
             source = _fresh_model(reference, weights, build_model, hw)  # next needs its own
     for i, (x, y) in enumerate(batches):
         for arm in arms if i % 2 == 0 else reversed(arms):  # alternate who goes first
-            arm.step(x, y)
+            try:
+                arm.step(x, y)
+            except Exception as e:
+                setattr(e, FAILED_ARM, arm.label)  # which policy failed (tune drops an XLA one)
+                raise
     base = arms[0]
     return Comparison(
         tolerance=float(tolerance), steps=steps,

@@ -14,18 +14,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
 
 from tfmp.distribute import xla_refusal
-from tfmp.measure.comparison import XLA_SUFFIX, Comparison, compare_precision, parse_variant
+from tfmp.measure.comparison import (FAILED_ARM, XLA_SUFFIX, Comparison, compare_precision,
+                                     parse_variant)
 from tfmp.precision import (FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16, HardwareInfo, detect_hardware,
                             parse_precision, trap_warnings)
 
 DEFAULT_MIN_SPEEDUP = 1.05  # below this, the measured gain is within a noisy machine's drift
 CANDIDATES = (MIXED_BFLOAT16, MIXED_FLOAT16)  # traps on the hardware at hand are skipped
+XLA_ONLY = "only"  # tune(xla="only"): every candidate compiled by XLA (XLA is forced on anyway)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,8 +40,8 @@ class TuneResult:
         speedups: Median step-time speed-up over float32 of every candidate measured, by
             label (`mixed_bfloat16`, `float32+xla`, `mixed_bfloat16+xla`).
         passed: Whether each candidate's numerics passed against float32.
-        skipped: Candidates not measured, with why (a trap on this hardware; `xla`: XLA
-            cannot train under the strategy).
+        skipped: Candidates not measured, with why: a trap on this hardware; `xla`: XLA
+            cannot train under the strategy; `<policy>+xla`: XLA could not compile the step.
         comparison: The `Comparison` behind it (None when nothing was measured).
         jit_compile: Whether to compile the train step with XLA (the chosen candidate's).
     """
@@ -75,7 +77,7 @@ def choose(comparison: Optional[Comparison], skipped: dict[str, str],
         The `TuneResult`.
     """
     if comparison is None:
-        return TuneResult(FLOAT32, "no 16-bit policy could be measured here ("
+        return TuneResult(FLOAT32, "no candidate could be measured here ("
                           + "; ".join(f"{k}: {v}" for k, v in skipped.items()) + ")",
                           {}, {}, dict(skipped), None)
     speedups = {v.label: v.throughput_ratio[1] for v in comparison.verdicts}
@@ -93,7 +95,8 @@ def choose(comparison: Optional[Comparison], skipped: dict[str, str],
         reason = (f"measured on this model and batch: {figures} float32's speed; no candidate "
                   f"passed and reached {min_speedup:g}x, so float32")
     policy, jit = parse_variant(best)
-    return TuneResult(policy, reason, speedups, passed, dict(skipped), comparison, jit)
+    return TuneResult(parse_precision(policy), reason, speedups, passed, dict(skipped),
+                      comparison, jit)
 
 
 def tune(
@@ -108,7 +111,7 @@ def tune(
     loss: Any = None,
     optimizer: Any = "adam",
     hardware: Optional[HardwareInfo] = None,
-    xla: bool = True,
+    xla: Union[bool, str] = True,
     strategy: Optional[tf.distribute.Strategy] = None,
 ) -> TuneResult:
     """Times float32 and each candidate configuration on `build_model()` and picks one.
@@ -117,9 +120,9 @@ def tune(
     with the train step compiled by XLA (`jit_compile=True`); the baseline is
     float32 without XLA. Candidates that are traps on this hardware (float16 on a
     CPU, where it is emulated) are not run, nor XLA where it cannot train under
-    `strategy`: they are listed in `skipped` with the reason. A model XLA cannot
-    compile (an op without an XLA kernel) is measured again without XLA, and
-    `skipped["xla"]` says why.
+    `strategy` (`skipped["xla"]`): they are listed in `skipped` with the reason. A
+    candidate XLA cannot compile (an op without an XLA kernel) is dropped and the
+    rest measured again; `skipped["<policy>+xla"]` says why.
 
     Args:
         build_model: Returns a new, built Sequential or Functional model.
@@ -130,7 +133,9 @@ def tune(
         min_speedup: Median speed-up over float32 needed to choose a candidate.
         seed, loss, optimizer: As for `tfmp.compare_precision`.
         hardware: The hardware to decide for; detected when omitted.
-        xla: Measure XLA too. Its compilation happens in the untimed warm-up steps.
+        xla: True: measure each candidate with and without XLA; False: without;
+            `"only"`: with XLA only (training will compile with XLA whatever tune picks).
+            XLA's compilation happens in the untimed warm-up steps.
         strategy: The strategy the chosen configuration will train under (XLA is not
             measured where it cannot run there: `tfmp.distribute.xla_refusal`).
 
@@ -150,14 +155,14 @@ def tune(
     if not (isinstance(min_speedup, (int, float)) and math.isfinite(min_speedup)
             and min_speedup > 0):
         raise ValueError(f"min_speedup={min_speedup!r} must be a positive number")
-    if not isinstance(xla, bool):
-        raise ValueError(f"xla={xla!r} must be True or False")
+    if not (isinstance(xla, bool) or xla == XLA_ONLY):
+        raise ValueError(f"xla={xla!r} must be True, False or {XLA_ONLY!r}")
     hw = hardware if hardware is not None else detect_hardware()
     names = [parse_precision(c) for c in (candidates or CANDIDATES)]
     if "auto" in names or FLOAT32 in names:
         raise ValueError(f"candidates={tuple(candidates or ())!r}: name 16-bit policies "
                          "(float32 is always the baseline; auto is what tune replaces)")
-    skipped = {}
+    skipped: dict[str, str] = {}
     measured = []
     for name in dict.fromkeys(names):
         traps = trap_warnings(name, hw)
@@ -169,25 +174,37 @@ def tune(
     if refusal:
         skipped["xla"] = f"XLA {refusal}"
     elif xla:
-        measured = [FLOAT32 + XLA_SUFFIX] + [v for name in measured
-                                            for v in (name, name + XLA_SUFFIX)]
-    def measure(labels: Sequence[str]) -> Optional[Comparison]:
-        if not labels:
-            return None
-        return compare_precision(build_model, dataset, policies=(FLOAT32, *labels), steps=steps,
-                                 seed=seed, loss=loss, optimizer=optimizer, tolerance=tolerance,
-                                 hardware=hw)
-
-    try:
-        comparison = measure(measured)
-    except tf.errors.OpError as e:  # XLA cannot compile every op (a py_function, ...)
-        if not any(label.endswith(XLA_SUFFIX) for label in measured):
-            raise
-        skipped["xla"] = f"XLA could not compile this model's train step: {_first_line(e)}"
-        comparison = measure([label for label in measured if not label.endswith(XLA_SUFFIX)])
+        compiled = [FLOAT32 + XLA_SUFFIX] + [name + XLA_SUFFIX for name in measured]
+        measured = compiled if xla == XLA_ONLY else [
+            compiled[0], *(v for name in measured for v in (name, name + XLA_SUFFIX))]
+    while True:
+        try:
+            comparison = _measure(build_model, dataset, measured, steps=steps, seed=seed,
+                                  loss=loss, optimizer=optimizer, tolerance=tolerance, hardware=hw)
+            break
+        except (tf.errors.InvalidArgumentError, tf.errors.UnimplementedError) as e:
+            label = getattr(e, FAILED_ARM, "")  # XLA has no kernel for some op: drop that arm
+            if not label.endswith(XLA_SUFFIX):
+                raise
+            skipped[label] = f"XLA could not compile this model's train step: {_xla_error(e)}"
+            measured.remove(label)
     return choose(comparison, skipped, min_speedup)
 
 
-def _first_line(error: Exception) -> str:
-    text = str(getattr(error, "message", None) or error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+def _measure(build_model: Callable[[], keras.Model], dataset: Any, labels: Sequence[str],
+             **kwargs: Any) -> Optional[Comparison]:
+    if not labels:
+        return None
+    return compare_precision(build_model, dataset, policies=(FLOAT32, *labels), **kwargs)
+
+
+def _xla_error(error: Exception) -> str:
+    """The line of a TensorFlow error that says what XLA could not compile (TensorFlow puts
+    `Graph execution error:` and `Detected at node` lines first)."""
+    lines = [line.strip() for line in str(getattr(error, "message", None) or error).splitlines()]
+    for line in lines:
+        if "unsupported operation" in line.lower() or "no registered" in line.lower():
+            return line
+    lines = [line for line in lines if line and not line.startswith(("Graph execution error",
+                                                                     "Detected at node"))]
+    return lines[0] if lines else type(error).__name__

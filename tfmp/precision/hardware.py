@@ -16,6 +16,7 @@ import tensorflow as tf
 ACCELERATORS = ("tpu", "gpu", "cpu")
 # CPU flags (as spelled in /proc/cpuinfo) that change what precision is fast.
 CPU_FEATURES = ("amx_bf16", "avx512_bf16", "avx512_fp16")
+BF16_CPU_FEATURES = frozenset({"amx_bf16", "avx512_bf16"})  # bfloat16 arithmetic in hardware
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +141,7 @@ AUTO_RULES: tuple[Rule, ...] = (
     ),
     Rule(
         "cpu_bf16",
-        lambda hw: bool(hw.cpu_features & {"amx_bf16", "avx512_bf16"}),
+        lambda hw: bool(hw.cpu_features & BF16_CPU_FEATURES),
         "mixed_bfloat16",
         "The CPU has bfloat16 instructions (amx_bf16 or avx512_bf16), which oneDNN uses "
         "for fast bfloat16 matmuls.",
