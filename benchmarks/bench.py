@@ -78,11 +78,11 @@ def emulated(variant: str, hardware: Any) -> Optional[str]:
 
 def peak_device_memory(hardware: Any, read: Optional[Callable[[str], dict]] = None,
                        ) -> Optional[int]:
-    """Peak bytes allocated on the first GPU since the last reset, None off a GPU.
+    """Peak bytes allocated on the first GPU since the process started, None off a GPU.
 
-    TensorFlow's allocator statistics (`tf.config.experimental.get_memory_info`,
-    reset by `tf.config.experimental.reset_memory_stats`): on a GPU the process's
-    resident set says little, the tensors live in device memory.
+    TensorFlow's allocator statistics (`tf.config.experimental.get_memory_info`; each
+    variant has a process of its own, so nothing needs resetting): on a GPU the
+    process's resident set says little, the tensors live in device memory.
 
     Args:
         hardware: What the process trains on (`tfmp.detect_hardware()`).
@@ -317,7 +317,8 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header += ("peak device memory",) * device
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        policy = r.get("policy", "-") + (" (emulated)" if r.get("emulated") and "speed_wall" in r else "")
+        shown = r.get("emulated") and "speed_wall" in r  # a skipped row says why already
+        policy = r.get("policy", "-") + (" (emulated)" if shown else "")
         if "speed_wall" not in r:
             cells = (r["model"], r["size"], r["variant"], policy, r["note"],
                      *("",) * (len(header) - 5))
