@@ -32,7 +32,7 @@ PRECISIONS = (*ACCEPTED_NAMES, "tune")
 CONFIG_FLAGS = ("model", "dataset", "data_dir", "loss_scale", "initial_scale", "growth_interval",
                 "min_scale", "tpu", "num_cpu_devices", "batch_size", "epochs", "steps_per_epoch",
                 "learning_rate", "grad_accum_steps", "remat", "jit_compile", "seed", "tune_steps",
-                "nan_policy", "model_dir", "restart")
+                "nan_policy", "model_dir", "restart", "float32_layers")
 
 flags.DEFINE_enum("model", "mlp", MODELS, "Reference model.")
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
@@ -65,6 +65,9 @@ flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 flags.DEFINE_enum("nan_policy", "stop", NAN_POLICIES, "What NanMonitor does on divergence.")
 flags.DEFINE_string("model_dir", None, "Backups, TensorBoard logs, model.keras and summary.json.")
+flags.DEFINE_string("float32_layers", None, "Layers to keep in float32 beside outputs, softmax "
+                    "and normalization: 'auto' (tfmp.locate_overflows on 8 training batches "
+                    "under a 16-bit policy) or comma-separated layer names or paths.")
 flags.DEFINE_bool("restart", False, "Start the --model_dir's run over: move its backup/ and "
                   "tune.json aside under dated names (nothing is deleted) instead of resuming.")
 

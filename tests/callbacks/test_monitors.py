@@ -153,12 +153,47 @@ def test_nan_data_stop_names_data_not_overflow(caplog):
     assert hist.epoch == [0]  # stopped in the first epoch
     event = nan.stopped_event
     assert event.kind == "nonfinite_loss" and (event.epoch, event.batch, event.step) == (0, 1, 2)
-    assert "bad input data or divergence" in event.cause and "check the data" in event.fix
+    assert "bad input data" in event.cause and "check the data" in event.fix
+    # the bad batch, run again: its inputs hold the NaN, no layer is to blame
+    assert event.bad_inputs and event.first_nonfinite_layer is None
+    assert "the batch itself holds inf/NaN" in event.message()
     assert nan.overflow_steps == 0
     assert event.first_nonfinite_variable == opt.first_nonfinite_variable
     errors = [r.getMessage() for r in caplog.records if "Training stopped" in r.getMessage()]
     assert len(errors) == 1 and "non-finite loss" not in errors[0] and "nonfinite loss" in errors[0]
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def test_the_event_names_the_layer_that_overflows_float16():
+    from rewrite.overflow_models import Energy, functional, task
+    model, opt = tfmp.prepare(functional(Energy(name="energy")), "adam", "fp16",
+                              hardware=tfmp.HardwareInfo("gpu", ("GPU:0",), ((7, 5),)))
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = task(64)
+    nan = NanMonitor("stop")
+    model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[nan])
+    event = nan.stopped_event
+    assert event.kind == "nonfinite_loss" and event.first_nonfinite_layer == "energy"
+    assert not event.bad_inputs
+    assert "float32_layers=['energy']" in event.fix and "energy" in event.cause
+    assert "first layer to go non-finite=energy" in event.message()
+
+
+def test_a_clean_run_keeps_no_batch_and_a_skipped_step_keeps_its_own():
+    from tfmp.callbacks.culprit import last_bad_batch
+    keras.config.set_dtype_policy("mixed_float16")
+    x, y = make_data(64)
+    model = make_model(spikes={2})  # an injected gradient overflow at step 2 only
+    compile_fp16(model)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, shuffle=False,
+              callbacks=[NanMonitor("skip")])
+    kept = last_bad_batch(model)
+    assert kept is not None  # the batch of the skipped step, and only that one
+    np.testing.assert_array_equal(kept[0], x[32:48])
+    clean = make_model()
+    compile_fp16(clean)
+    clean.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[NanMonitor("skip")])
+    assert last_bad_batch(clean) is None
 
 
 def test_nan_data_raise_carries_the_facts():

@@ -1,5 +1,6 @@
 """tools/audit.py end to end, in subprocesses."""
 
+import json
 import os
 
 import keras
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 
 import helpers
+import models
 from rewrite import corpus
+from rewrite.overflow_models import Energy, functional, task
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
 from helpers import ROOT
 
@@ -31,6 +34,13 @@ def files(tmp_path_factory):
     subclassed = corpus.SubclassedNet(name="net")
     subclassed(np.zeros((1, 8), "float32"))
     subclassed.save(d / "sub.keras")
+    energy = functional(Energy(name="energy"))  # one layer overflows float16
+    energy.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    energy.save(d / "energy.keras")
+    x, y = task(64)
+    np.savez(d / "inputs.npz", x=x, y=y)
+    np.savez(d / "no_x.npz", z=x)
+    models.get("mlp")[0]().save(d / "mlp.keras")  # the reference MLP: 'synthetic' fits it
     return d
 
 
@@ -55,8 +65,13 @@ def all_runs(files):
         [f"--model_path={files / 'sub.keras'}", "--import_modules=rewrite.corpus"],
         [f"--model_path={files / 'sub.keras'}", "--import_modules=rewrite.corpus", "--fix",
          f"--output_path={files / 'sub_fixed.keras'}"],
+        [f"--model_path={files / 'energy.keras'}", f"--import_modules={OVERFLOWS}",
+         "--locate_overflows", f"--data={files / 'inputs.npz'}", "--steps=2"],
+        [f"--model_path={files / 'mlp.keras'}", "--locate_overflows", "--data=synthetic",
+         "--steps=1", "--json"],
     ], stdout=True, PYTHONPATH=os.path.join(ROOT, "tests"))
-    names = ("good", "bad", "fix", "fixed", "f16", "subclassed", "subclassed_fix")
+    names = ("good", "bad", "fix", "fixed", "f16", "subclassed", "subclassed_fix", "locate",
+             "locate_healthy")
     return dict(zip(names, codes[len(bad):])), [c[:2] for c in codes[:len(bad)]]
 
 
@@ -81,6 +96,7 @@ def test_bad_file_and_fix(files, runs):
     assert fixed.compiled  # the compile config was carried over
 
 
+OVERFLOWS = "rewrite.overflow_models"
 BAD_INPUT = [
     (["--model_path=/nonexistent/m.keras"], "--model_path='/nonexistent/m.keras' does not exist"),
     (["--model_path={d}/junk.keras"], "is not a loadable .keras model"),
@@ -91,6 +107,14 @@ BAD_INPUT = [
     (["--model_path={d}/sub.keras"], "a custom class: name its module with --import_modules"),
     (["--model_path={d}/bad.keras", "--import_modules=no_such_module"],
      "--import_modules: cannot import 'no_such_module' (ModuleNotFoundError"),
+    (["--model_path={d}/good.keras", "--locate_overflows", "--data={d}/no_x.npz"],
+     "no_x.npz' has no array 'x' (it has: z)"),
+    (["--model_path={d}/good.keras", "--locate_overflows", "--data={d}/none.npz"],
+     "none.npz': no such file"),
+    (["--model_path={d}/good.keras", "--locate_overflows", "--data=inputs.csv"],
+     "--data='inputs.csv': give 'synthetic' or a .npz file"),
+    (["--model_path={d}/sub.keras", "--import_modules=rewrite.corpus", "--locate_overflows"],
+     "the model takes inputs of shape (8,); dataset 'synthetic' has (64,)"),
 ]
 
 
@@ -126,3 +150,16 @@ def test_a_fixed_model_that_still_has_errors_exits_1(files, runs):
     assert f"wrote {out}" in stdout
     fixed_part = stdout.split("audit of the fixed model:")[1]
     assert "variable is float16" in fixed_part and "model output 0" not in fixed_part
+
+
+def test_locate_overflows_names_the_layer_and_exits_1(runs):
+    code, stderr, stdout = runs["locate"]
+    assert code == 1, stderr
+    assert "float32_layers=['energy']" in stdout
+    row = next(line for line in stdout.splitlines() if line.startswith("energy "))
+    assert "Square made inf/NaN in float16" in row
+    code, stderr, stdout = runs["locate_healthy"]
+    assert code == 0, stderr
+    report = json.loads(stdout[stdout.index("{"):])
+    assert report["float32_layers"] == {} and report["policy"] == "mixed_float16"
+    assert report["steps"] == 1 and len(report["rows"]) >= 2

@@ -108,6 +108,18 @@ def test_fp16_accumulation_remat_and_model_garden_flags(fit_runs):
     assert int(opt.inner_optimizer._iterations.numpy()) == 40  # micro-batches
     assert int(opt.inner_optimizer.iterations.numpy()) == 20  # optimizer updates
     assert s["loss_scale"]["loss_scale_end"] == 256.0 * 2**4
+    assert s["float32_layers"] == {}  # --float32_layers=auto: the reference MLP has no overflow
+
+
+def test_float32_layers_by_name_are_kept_and_recorded(fit_runs):
+    tmp, runs = fit_runs
+    code, stderr = runs["kept"]
+    assert code == 0, stderr[-2000:]
+    s = summary(tmp / "kept")
+    assert s["float32_layers"] == {"dense_0": "given in float32_layers"}
+    model = keras.models.load_model(os.path.join(tmp / "kept", "model.keras"))
+    policies = {layer.name: layer.dtype_policy.name for layer in model.layers}
+    assert policies["dense_0"] == "float32" and policies["dense_1"] == "mixed_bfloat16"
 
 
 BAD_INPUT = [
@@ -134,6 +146,10 @@ BAD_INPUT = [
      "--tpu=foo is only used with --strategy=tpu (or auto); got --strategy=one_device", 2),
     (["extra"], "unexpected positional arguments ['extra']", 2),
     (["--restart"], "--restart starts a --model_dir's run over; give --model_dir", 2),
+    (["--float32_layers=dense_0,,logits"], "--float32_layers='dense_0,,logits': give 'auto' or "
+                                           "layer names", 2),
+    (["--float32_layers=dense_0,nope", "--epochs=1"],
+     "--float32_layers: no layer of 'mlp' is named 'nope'; its layers: dense_0", 2),
 ]
 
 
@@ -152,9 +168,11 @@ def child_runs(tmp_path_factory):
     (tmp / "file").write_text("not a directory")
     fits = [[*args, "--epochs=2", "--steps_per_epoch=20", f"--model_dir={tmp / str(i)}"]
             for i, (args, _, _, _) in enumerate(STRATEGY_CASES)]
+    fits.append(["--dtype=bf16", "--float32_layers=dense_0", "--epochs=1", "--steps_per_epoch=5",
+                 f"--model_dir={tmp / 'kept'}"])
     fits.append(["--dtype=fp16", "--grad_accum_steps=2", "--remat", "--initial_scale=256",
                  "--growth_interval=5", "--epochs=2", "--steps_per_epoch=20",
-                 f"--model_dir={tmp / 'fp16'}"])
+                 "--float32_layers=auto", f"--model_dir={tmp / 'fp16'}"])
     fits.append(["--learning_rate=1e30", "--epochs=2", "--steps_per_epoch=20",
                  f"--model_dir={tmp / 'nan'}"])
     bad = [[a.format(tmp=tmp) for a in args] for args, _, _ in BAD_INPUT]
@@ -166,7 +184,8 @@ def child_runs(tmp_path_factory):
     results = {(kind, i): run for (kind, i, _), run in zip(cases, runs)}
     n_fit, n_bad = len(fits), len(BAD_INPUT)
     fit = [results["fit", i] for i in range(n_fit)]
-    return {"fit": (tmp, {"strategies": fit[:len(STRATEGY_CASES)], "fp16": fit[-2], "nan": fit[-1]}),
+    return {"fit": (tmp, {"strategies": fit[:len(STRATEGY_CASES)], "kept": fit[-3],
+                          "fp16": fit[-2], "nan": fit[-1]}),
             "bad": {**{i: results["bad", i] for i in range(n_bad)},
                     "env": results["bad", n_bad], "tfds": results["bad", n_bad + 1]}}
 

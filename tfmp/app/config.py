@@ -51,6 +51,15 @@ class TrainConfig:
     nan_policy: str = "stop"
     model_dir: Optional[str] = None
     restart: bool = False
+    float32_layers: Optional[str] = None  # "auto" or comma-separated layer names/paths
+
+    def float32_layer_list(self) -> Any:
+        """`float32_layers` for `tfmp.prepare`: `"auto"`, a list of names, or `()`."""
+        if not self.float32_layers:
+            return ()
+        if self.float32_layers.strip().lower() == "auto":
+            return "auto"
+        return [name.strip() for name in self.float32_layers.split(",")]
 
     def scale_args(self) -> dict[str, Any]:
         args = {"initial_scale": self.initial_scale, "growth_interval": self.growth_interval,
@@ -74,6 +83,10 @@ class TrainConfig:
                 parse_precision(env)
             except ValueError as e:
                 raise ConfigError(f"environment variable {ENV_VAR}={env!r}: {e}") from None
+        layers = self.float32_layer_list()
+        if layers != "auto" and any(not name for name in layers):
+            raise ConfigError(f"--float32_layers={self.float32_layers!r}: give 'auto' or layer "
+                              "names or paths separated by commas (no empty entry)")
         if self.restart and not self.model_dir:
             raise ConfigError("--restart starts a --model_dir's run over; give --model_dir")
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:

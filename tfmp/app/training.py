@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfmp import callbacks as tfmp_callbacks
-from tfmp.app.config import TrainConfig, check_cluster_config, check_config
+from tfmp.app.config import ConfigError, TrainConfig, check_cluster_config, check_config
 from tfmp.app.data import Data
 from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, checked_backup,
                               read_tuned, restart)
@@ -26,9 +26,10 @@ from tfmp.distribute import (WriteDirs, in_multi_worker_mode, read_tf_config, wr
                              xla_refusal)
 from tfmp.measure import XLA_ONLY, tune
 from tfmp.precision import HardwareInfo, PolicyChoice, detect_hardware, resolve_policy, set_policy
-from tfmp.rewrite import prepare
+from tfmp.rewrite import kept_float32, layer_matcher, prepare
 
 COUNTERS = (SCALE_KEY, SKIPPED_KEY, NAN_KEY)
+CALIBRATION_BATCHES = 8  # what --float32_layers=auto runs tfmp.locate_overflows on
 
 
 class TrainingStopped(RuntimeError):
@@ -87,8 +88,16 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
         keras.utils.set_random_seed(config.seed)
         model = build_model(**data.model_kwargs())
         # guard=True: under bf16/fp32 too, a non-finite step is skipped, never applied.
+        layers = config.float32_layer_list()
+        if layers and layers != "auto":
+            try:
+                layer_matcher(model, layers)
+            except ValueError as e:  # a name that is not in this model
+                raise ConfigError(f"--{e}") from None
         model, optimizer = prepare(model, optimizer, policy, loss_scale=config.loss_scale,
-                                   guard=True, hardware=hardware, **config.scale_args())
+                                   guard=True, hardware=hardware, float32_layers=layers,
+                                   calibration_data=data.train.take(CALIBRATION_BATCHES),
+                                   **config.scale_args())
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=jit_compile)
     return model, optimizer
@@ -199,6 +208,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         "flags": dataclasses.asdict(config),
         "policy": policy, "policy_reason": choice.reason, "policy_source": choice.source,
         "jit_compile": jit_compile,
+        "float32_layers": kept_float32(model),
         "hardware": hardware.describe().splitlines(),
         "strategy": type(strategy).__name__, "replicas": replicas,
         "cluster": None if cluster is None else {
@@ -277,6 +287,8 @@ def human_summary(summary: dict[str, Any]) -> str:
         f"precision {summary['policy']}{', XLA' if summary.get('jit_compile') else ''} "
         f"({summary['policy_source']}: {summary['policy_reason']})",
         _epochs_line(summary["epochs_completed"], summary["flags"]["epochs"], resumed),
+        *[f"kept in float32: {path} ({why})"
+          for path, why in summary.get("float32_layers", {}).items()],
         f"throughput {summary['samples_per_sec']} samples/s (epochs after the first)",
         f"metrics: {shown}",
         f"loss scale start={scale['loss_scale_start']:g} end={scale['loss_scale_end']:g} "

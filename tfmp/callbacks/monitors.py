@@ -29,6 +29,7 @@ from tfmp.callbacks.counters import (
     read_scale_state,
     readable_counters,
 )
+from tfmp.callbacks.culprit import find_culprit, keep_bad_batches
 from tfmp.callbacks.events import NanEvent, NonFiniteError, diagnose
 from tfmp.callbacks.summaries import ScalarWriter
 from tfmp.precision import global_policy_name
@@ -225,6 +226,11 @@ class NanMonitor(_CountersCallback):
       the scale pinned at its minimum for `patience` steps in a row: an event.
       After `patience` consecutive events, `on_nan` decides.
 
+    The event names the first layer, in model order, that made inf/NaN from finite
+    inputs, found by running the bad batch again (kept on the host only on a skipped
+    step: `tfmp.callbacks.culprit`; not under XLA or on a TPU), or says that the batch
+    itself held inf/NaN; its fix then suggests `float32_layers=[...]`.
+
     Args:
         on_nan: `"skip"` logs the event and continues; `"stop"` stops training
             with one diagnostic message; `"raise"` raises `tfmp.NonFiniteError`.
@@ -296,14 +302,22 @@ class NanMonitor(_CountersCallback):
         if kind:
             self._act(self._event(kind, batch, logs))
 
+    def set_model(self, model: keras.Model) -> None:
+        super().set_model(model)
+        keep_bad_batches(model)
+
     def _event(self, kind: str, batch: int, logs: dict) -> NanEvent:
         variable = first_nonfinite_variable(self.model.optimizer)
+        culprit = find_culprit(self.model)  # only now: the bad batch run again
+        layer = culprit.layer if culprit else None
+        bad_inputs = bool(culprit and culprit.bad_inputs)
         cause, fix = diagnose(kind, policy=global_policy_name(), variable=variable,
-                              min_scale=self._begin_state.min_scale, count=self._pinned)
+                              min_scale=self._begin_state.min_scale, count=self._pinned,
+                              layer=layer, bad_inputs=bad_inputs)
         loss = logs.get("loss")
         return NanEvent(kind, self._epoch, batch, self._step,
                         None if loss is None else float(loss), self._last[SCALE_KEY],
-                        int(self._last[SKIPPED_KEY]), variable, cause, fix)
+                        int(self._last[SKIPPED_KEY]), variable, cause, fix, layer, bad_inputs)
 
     def _act(self, event: NanEvent) -> None:
         self.events.append(event)

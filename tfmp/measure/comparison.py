@@ -172,11 +172,11 @@ class _Arm:
 
     def __init__(self, label: str, policy: str, jit_compile: bool, reference: keras.Model,
                  make_optimizer: Callable[[], keras.optimizers.Optimizer], loss_fn: Any,
-                 hardware: HardwareInfo) -> None:
+                 hardware: HardwareInfo, **prepare_args: Any) -> None:
         self.label, self.policy, self.jit_compile = label, policy, jit_compile
         with policy_scope(policy, hardware):
             self.model, self.opt = prepare(reference, make_optimizer(), policy, guard=True,
-                                           hardware=hardware)
+                                           hardware=hardware, **prepare_args)
         self.opt.build(self.model.trainable_variables)
         self.loss_fn = loss_fn
         self.losses: list[float] = []
@@ -241,6 +241,7 @@ def compare_precision(
     eval_data: Any = None,
     metrics: Sequence[Any] = (),
     hardware: Optional[HardwareInfo] = None,
+    float32_layers: Any = (),
 ) -> Comparison:
     """Trains `build_model()` under each policy from identical weights on identical batches.
 
@@ -265,6 +266,9 @@ def compare_precision(
         eval_data: Optional dataset for `model.evaluate` at the end (`final_metrics`).
         metrics: Metrics for that evaluation.
         hardware: The hardware `auto` decides for; detected when omitted.
+        float32_layers: Passed to `tfmp.prepare` for every policy: layers to keep in
+            float32, or `"auto"` (`tfmp.locate_overflows` on the first batches of
+            `dataset`, under each 16-bit policy).
 
     Returns:
         A `Comparison`: `.ok`, `.verdicts` (gap, gradient-norm and speed ratios, pass/fail),
@@ -301,7 +305,8 @@ def compare_precision(
         reference = build_model()
     weights, source, arms = reference.get_weights(), reference, []
     for i, (label, policy, jit) in enumerate(resolved):
-        arms.append(_Arm(label, policy, jit, source, make_optimizer, loss_fn, hw))
+        arms.append(_Arm(label, policy, jit, source, make_optimizer, loss_fn, hw,
+                         float32_layers=float32_layers, calibration_data=dataset))
         if arms[-1].model is source and i + 1 < len(resolved):  # converted in place: the
             source = _fresh_model(reference, weights, build_model, hw)  # next needs its own
     for i, (x, y) in enumerate(batches):

@@ -15,6 +15,7 @@ from tfmp.rewrite.classify import (
     UPCASTING_NORMALIZATION,
     expected_to_differ,
     is_normalization,
+    kept_float32,
     is_plain_model,
     is_softmax,
     iter_layers,
@@ -57,6 +58,10 @@ def _check_layers(model: keras.Model, ctx: "_Context") -> None:
         outputs |= {id(layer.layer) for layer in ctx.run.layers
                     if layer.path in ctx.run.output_producers}
     mismatched: list[str] = []
+    kept = kept_float32(model)
+    for path, why in kept.items():
+        ctx.add("kept-float32", "info", path, f"computes in float32 on purpose: {why}",
+                "nothing to do (tfmp.prepare's float32_layers)")
     for path, layer in iter_layers(model):
         compute = layer.compute_dtype
         if ctx.run is not None:
@@ -73,7 +78,8 @@ def _check_layers(model: keras.Model, ctx: "_Context") -> None:
                 ctx.add("variable-not-float32", "error", var.path,
                         f"variable is {_dtype(var)}: updates smaller than its precision are lost",
                         "use a mixed_* policy (float32 variables) instead of a pure 16-bit dtype")
-        if layer.dtype_policy.name != ctx.policy and not expected_to_differ(layer, outputs):
+        if (layer.dtype_policy.name != ctx.policy and not expected_to_differ(layer, outputs)
+                and path not in kept):
             mismatched.append(f"{path} ({layer.dtype_policy.name})")
         if ctx.align and id(layer) not in outputs:  # output sizes are set by the task
             _check_sizes(path, layer, ctx)

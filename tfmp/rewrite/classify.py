@@ -125,6 +125,22 @@ def output_layers(model: keras.Model) -> list[keras.layers.Layer]:
     return found
 
 
+KEPT_FLOAT32 = "_tfmp_float32_layers"  # on a prepared model: {path: why} of float32_layers
+
+
+def kept_float32(model: keras.Model) -> dict[str, str]:
+    """The layers `tfmp.prepare(..., float32_layers=...)` kept in float32: `{path: why}`
+    (empty for a model `prepare` did not make, or a reloaded one).
+
+    Args:
+        model: A Keras model.
+
+    Returns:
+        `{path: why}`.
+    """
+    return dict(vars(model).get(KEPT_FLOAT32, {}))
+
+
 def expected_to_differ(layer: keras.layers.Layer, outputs: set[int]) -> bool:
     """Layers expected to compute in another policy than the model's (float32 on purpose).
 

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any, Iterable, Optional, Union
 
 import keras
 from absl import logging
 
 from tfmp.distribute import enable_multi_worker_fit
-from tfmp.precision import HardwareInfo, detect_hardware, resolve_policy, set_policy
+from tfmp.precision import HardwareInfo, detect_hardware, set_policy
 from tfmp.rewrite.auditing import AuditReport, audit
-from tfmp.rewrite.classify import HALF_DTYPES, is_normalization, iter_layers, model_policy
-from tfmp.rewrite.cloning import policy_rule
-from tfmp.rewrite.enforcement import convert, float32_selector, normalizations_feeding
-from tfmp.rewrite.inplace import model_level_layers, policies_of, restore_policies
+from tfmp.rewrite.classify import HALF_DTYPES, KEPT_FLOAT32, iter_layers, kept_float32
+from tfmp.rewrite.conversion import convert_policy, layer_matcher
+from tfmp.rewrite.enforcement import LayerSpec
+from tfmp.rewrite.inplace import policies_of, restore_policies
 from tfmp.rewrite.islands import apply_islands
-from tfmp.rewrite.tracing import ModelRun, run_model
+from tfmp.rewrite.overflow_report import MODEL_OWN, OverflowReport
+from tfmp.rewrite.overflows import locate_overflows
 from tfmp.scaling import LossScale, guard_model_state, wrap_optimizer
 
 
@@ -33,114 +34,39 @@ class AuditError(ValueError):
         )
 
 
-def _check_computes_in(model: keras.Model, run: Optional[ModelRun], policy: str) -> None:
-    """Raises when a model converted to a 16-bit policy ran every matmul and convolution in
-    float32 anyway (its own code casts to float32)."""
-    half = keras.dtype_policies.get(policy).compute_dtype
-    if run is None or half not in HALF_DTYPES or not run.flops() or run.flops((half,)):
-        return
-    stuck = [layer.path for layer in run.layers if layer.flops() and layer.policy == policy]
-    if stuck:
-        raise ValueError(
-            f"{model.name!r} ({type(model).__name__}) under {policy} still computes every matmul "
-            f"and convolution in float32: {', '.join(stuck[:5])}{' ...' if len(stuck) > 5 else ''} "
-            f"run theirs in float32 although their policy is {policy} (does their code cast to "
-            "float32?); give those layers 16-bit computations or keep the model in float32")
+def _float32_layers(model: keras.Model, spec: Any, policy: str,
+                    calibration_data: Any) -> dict[Any, str]:
+    """The layers `float32_layers` keeps in float32, each with why."""
+    if isinstance(spec, str) and spec == "auto":
+        if keras.dtype_policies.get(policy).compute_dtype not in HALF_DTYPES:
+            return {}
+        if calibration_data is None:
+            raise ValueError("float32_layers='auto' needs calibration_data= (a few batches of "
+                             "the training data) to find the layers that overflow")
+        spec = locate_overflows(model, calibration_data, policy=policy)
+        logging.info("tfmp.prepare: %s", spec)
+    if isinstance(spec, OverflowReport):
+        if any(row.path == MODEL_OWN for row in spec.layers):
+            logging.warning("tfmp.prepare: the model's own call overflows under %s: no layer "
+                            "policy reaches it; cast to float32 in its code", policy)
+        return {row.path: row.reason for row in spec.layers if row.path != MODEL_OWN}
+    if isinstance(spec, str) or not isinstance(spec, (list, tuple, set, frozenset)):
+        raise ValueError(f"float32_layers={spec!r}: give 'auto', a list of layer names, paths "
+                         "or classes, or an OverflowReport")
+    return {item: "given in float32_layers" for item in spec}
 
 
-def _normalizations_with_half_statistics(model: keras.Model, run: Optional[ModelRun], policy: str,
-                                        data: Any) -> set[str]:
-    """Paths of the normalization layers that, under a 16-bit `policy`, take the square root
-    of a sum in 16 bits (as the audit sees it: by what they run, not by their class)."""
-    # Only the layers a conversion can change (not the sublayers a custom layer calls itself).
-    changeable = model_level_layers(model)
-    candidates = {path for path, layer in iter_layers(model) if id(layer) in changeable
-                  and is_normalization(layer) and layer.compute_dtype in HALF_DTYPES}
-    if not candidates or keras.dtype_policies.get(policy).compute_dtype not in HALF_DTYPES:
-        return set()
-    run = run if run is not None else run_model(model, data)
-    return {layer.path for layer in run.layers
-            if layer.path in candidates and layer.half_statistics()}
-
-
-def convert_policy(model: keras.Model, policy: str, *, data: Any = None) -> keras.Model:
-    """`model` made to compute under another dtype policy, weights kept bit for bit.
-
-    Outputs and softmax layers (and tfmp's float32 layers) stay in float32; every
-    other layer built under the model's policy takes `policy`; layers given
-    another dtype on purpose keep it. Normalization layers take `policy` (their
-    outputs are 16-bit tensors, half the activation memory) when their own code
-    computes the statistics in float32, as Keras' BatchNormalization,
-    LayerNormalization, GroupNormalization and RMSNormalization do: decided by
-    tracing what they run under `policy`; a normalization layer that would take
-    the root of a sum in 16 bits, or (in a Sequential or Functional graph, not
-    across a nested model's inputs) whose output goes straight into a float32
-    output layer or softmax, computes in float32. Variables are float32 under
-    every policy, so round trips (float32 -> mixed_bfloat16 -> mixed_float16 ->
-    float32) leave the weights bit-identical. Keras' global policy is not touched.
-    `tfmp.prepare` converts through this.
-
-    Copied or converted in place: a Sequential or Functional model of Keras' own
-    classes (nested ones too) is rebuilt as a new model and the input model is
-    not changed. Every other model (a subclassed model, a Functional subclass
-    such as a keras-hub task, a model holding a layer whose config does not
-    re-create it) is converted in place and returned itself: each layer takes
-    its new dtype policy, the layers that produce its outputs compute in float32
-    (found by running it), and an output its own `call` makes in 16 bits is cast
-    to float32. Such a model is checked by running it: one that still computes
-    every matmul in float32 under a 16-bit policy raises.
-
-    Args:
-        model: A built Keras model of any kind.
-        policy: `float32`, `mixed_float16` or `mixed_bfloat16` (any spelling
-            `tfmp.parse_precision` accepts; `auto` resolves from the hardware).
-        data: A batch to run a model converted in place on (`tfmp.rewrite.example_inputs`:
-            an array, a structure, `(x, y)` or a dataset); needed for a subclassed model
-            that takes integer ids or inputs other than those it was built from;
-            default: its input shapes.
-
-    Returns:
-        A new model, or `model` itself converted in place (see above).
-
-    Raises:
-        ValueError: a bad policy name; an unbuilt model; a model converted in place
-            whose code keeps every matmul in float32 under a 16-bit policy.
-
-    Example:
-    >>> f32 = tfmp.convert_policy(keras.models.load_model("mixed.keras"), "float32")
-    """
-    target = resolve_policy(policy).name
-    source = model_policy(model)
-    if source != target:
-        logging.info("tfmp: converting the %s model under %s", source, target)
-    before = policies_of(model)
-    rule = policy_rule(source, target, lambda layer: False)
-    # Normalization layers take the policy too unless their output feeds a float32 layer;
-    # those whose own code then computes the statistics in 16 bits go float32 (below).
-    chosen = float32_selector(model, normalization=False)
-    feeding = normalizations_feeding(model, chosen)
-
-    def first(layer: keras.layers.Layer) -> bool:
-        return chosen(layer) or id(layer) in feeding
-
-    converted, run = convert(model, rule, first, data=data)
-    try:
-        half_statistics = _normalizations_with_half_statistics(converted, run, target, data)
-        if half_statistics:
-            logging.info("tfmp: normalization statistics computed in 16 bits by %s: float32 "
-                         "for those layers", ", ".join(sorted(half_statistics)))
-            if converted is model:
-                restore_policies(model, before)
-            paths = {id(layer): path for path, layer in iter_layers(model)}
-            converted, run = convert(
-                model, rule, lambda layer: first(layer) or paths.get(id(layer)) in half_statistics,
-                data=data)
-        _check_computes_in(converted, run, target)
-    except BaseException:
-        if converted is model:  # converted in place: give the model back as it came
-            restore_policies(model, before)
-        raise
-    return converted
+def _record_kept(model: keras.Model, kept: dict[Any, str]) -> None:
+    """Notes on `model` which layers `float32_layers` kept in float32 and why, by path
+    (`tfmp.rewrite.kept_float32`: the audit lists them and does not flag their policy)."""
+    found = {}
+    for spec, why in kept.items():
+        matches = layer_matcher(model, [spec])
+        found.update({path: why for path, layer in iter_layers(model) if matches(layer)})
+    if found:
+        setattr(model, KEPT_FLOAT32, found)
+    else:
+        vars(model).pop(KEPT_FLOAT32, None)
 
 
 def prepare(
@@ -153,6 +79,8 @@ def prepare(
     float32_islands: bool = True,
     hardware: Optional[HardwareInfo] = None,
     data: Any = None,
+    float32_layers: Union[str, OverflowReport, Iterable[LayerSpec]] = (),
+    calibration_data: Any = None,
     **scale_args: Any,
 ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     """Sets the policy, fixes the model, wraps the optimizer and audits the result.
@@ -185,6 +113,14 @@ def prepare(
         hardware: The hardware to decide and audit for; detected when omitted.
         data: A batch to run the model on, to convert it and to audit it (see
             `tfmp.convert_policy`); default: its input shapes.
+        float32_layers: Layers to keep in float32 besides outputs, softmax and
+            normalization statistics: names, paths (`block/dense`) or classes; an
+            `OverflowReport` (`tfmp.locate_overflows`); or `"auto"`: under a 16-bit
+            policy, `tfmp.locate_overflows(model, calibration_data, policy=...)` finds
+            them. The audit lists each with why (an `info` finding, `kept-float32`;
+            `tfmp.rewrite.kept_float32(model)`).
+        calibration_data: The batches `"auto"` runs (a dataset, or `x`/`(x, y)`
+            arrays; 8 batches of it are run); required with `"auto"`.
 
     Returns:
         `(model, optimizer)`: compile and fit these. The model's train step is
@@ -196,7 +132,8 @@ def prepare(
     Raises:
         AuditError: the prepared model still has audit errors (a `ValueError`).
         ValueError: a bad precision name or optimizer argument; an unbuilt model; a
-            model whose own code keeps every matmul in float32 under a 16-bit policy.
+            model whose own code keeps every matmul in float32 under a 16-bit policy;
+            a `float32_layers` entry naming no layer; `"auto"` without `calibration_data`.
         On any error, Keras' global policy and the model given are as they were.
 
     Example:
@@ -205,19 +142,23 @@ def prepare(
     """
     hw = hardware if hardware is not None else detect_hardware()
     previous, before = keras.config.dtype_policy(), policies_of(model)
+    kept_before = kept_float32(model)
     policy = set_policy(precision, hw)
     try:
-        converted = convert_policy(model, policy, data=data)
+        kept = _float32_layers(model, float32_layers, policy, calibration_data)
+        converted = convert_policy(model, policy, data=data, float32_layers=list(kept))
         if float32_islands:  # the copy made above, or the model converted in place
             for change in apply_islands(converted, policy, hw):
                 logging.info("tfmp.prepare: float32 island %s", change)
         opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
+        _record_kept(converted, kept)
         report = audit(converted, opt, hw, data=data)
         if not report.ok:
             raise AuditError(report)
     except BaseException:  # nothing changed: Keras' policy and a model converted in place
         keras.config.set_dtype_policy(previous)
         restore_policies(model, before)
+        _record_kept(model, kept_before)
         raise
     model = converted
     for finding in report.warnings:

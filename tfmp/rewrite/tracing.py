@@ -26,6 +26,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmp import _compat
+from tfmp.rewrite.calls import CallRecorder
 from tfmp.rewrite.classify import HALF_DTYPES, iter_layers
 
 MATMUL_OPS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
@@ -195,34 +196,6 @@ def _op(op: Any) -> Op:
     return Op(op.type, dtype)
 
 
-def _owners(calls: list[tuple[Any, Any, int, int, int]]) -> dict[int, list[tuple[Any, Any]]]:
-    """Each layer's own ops: an op belongs to the innermost call that was open when it was made.
-
-    `calls`: `(layer, graph, first op, end op, order the call began in)`.
-    """
-    owned: dict[int, list[tuple[Any, Any]]] = {}
-    by_graph: dict[int, list[tuple[Any, Any, int, int, int]]] = {}
-    for call in calls:
-        by_graph.setdefault(id(call[1]), []).append(call)
-    for graph_calls in by_graph.values():
-        graph = graph_calls[0][1]
-        operations = graph.get_operations()
-        # Outer calls first: by first op, then the longer span, then the earlier start (a
-        # call that only wraps another one spans the same ops).
-        spans = sorted(graph_calls, key=lambda c: (c[2], -c[3], c[4]))
-        stack: list[tuple[Any, Any, int, int, int]] = []  # the open calls, innermost last
-        nxt = 0
-        for i, operation in enumerate(operations):
-            while nxt < len(spans) and spans[nxt][2] <= i:  # calls nest: outer ones first
-                stack.append(spans[nxt])
-                nxt += 1
-            while stack and stack[-1][3] <= i:
-                stack.pop()
-            if stack:
-                owned.setdefault(id(stack[-1][0]), []).append((operation, stack[-1][0]))
-    return owned
-
-
 def _is_x_y(data: Any, struct: Any) -> bool:
     """Whether a 2- or 3-tuple batch is `(x, y[, sample_weight])` rather than the inputs of a
     model taking two or three: by the model's input structure where it has one."""
@@ -233,6 +206,33 @@ def _is_x_y(data: Any, struct: Any) -> bool:
         return False  # the inputs themselves
     except (ValueError, TypeError):
         return True
+
+
+def _input_structure(model: keras.Model) -> Any:
+    """A Sequential or Functional model's input structure (None for other kinds)."""
+    if isinstance(model, _compat.functional_class()):
+        return model.input
+    if isinstance(model, keras.Sequential):
+        return model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    return None
+
+
+def split_batch(model: keras.Model, batch: Any) -> tuple[Any, Any]:
+    """`(inputs, targets)` of one batch: `(x, y)` and `(x, y, sample_weight)` are split
+    (for a Sequential or Functional model, only when `batch` is not the structure of its
+    own inputs); anything else is all inputs (targets None).
+
+    Args:
+        model: The model the batch is for.
+        batch: One batch.
+
+    Returns:
+        `(x, y)`; `y` is None when the batch has no targets.
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) in (2, 3) and _is_x_y(
+            batch, _input_structure(model)):
+        return batch[0], batch[1]
+    return batch, None
 
 
 def example_inputs(model: keras.Model, data: Any = None) -> Any:
@@ -258,19 +258,14 @@ def example_inputs(model: keras.Model, data: Any = None) -> Any:
         return tf.TensorSpec(dims, tf.as_dtype(keras.backend.standardize_dtype(dtype)))
 
     functional = isinstance(model, (_compat.functional_class(), keras.Sequential))
-    struct = None
-    if functional:
-        struct = model.input if isinstance(model, _compat.functional_class()) else (
-            model.inputs[0] if len(model.inputs) == 1 else model.inputs)
     if data is not None:
         if isinstance(data, tf.data.Dataset):
             data = next(iter(data))
-        if isinstance(data, (tuple, list)) and len(data) in (2, 3) and _is_x_y(data, struct):
-            data = data[0]  # (x, y) or (x, y, sample_weight)
+        data = split_batch(model, data)[0]
         return keras.tree.map_structure(
             lambda a: tf.TensorSpec(np.shape(a), tf.as_dtype(getattr(a, "dtype", "float32"))), data)
     if functional:
-        return keras.tree.map_structure(lambda t: spec(t.shape, t.dtype), struct)
+        return keras.tree.map_structure(lambda t: spec(t.shape, t.dtype), _input_structure(model))
     config = model.get_build_config() if model.built else None
     if config and "input_shape" in config:  # a shape, or a structure of shapes
         return keras.tree.map_shape_structure(spec, config["input_shape"])
@@ -325,33 +320,16 @@ def run_model(model: keras.Model, data: Any = None, *, training: bool = True) ->
     specs = example_inputs(model, data)
     paths = {id(layer): path for path, layer in iter_layers(model)}
     paths[id(model)] = MODEL_PATH
-    calls: list[tuple[Any, Any, int, int, int]] = []
-    outputs: dict[int, tuple[str, ...]] = {}
-    order: list[Any] = []
-    began_calls: list[Any] = []
-
-    def wrapper(layer: Any, call: Any) -> Any:
-        def traced_call(*args: Any, **kwargs: Any) -> Any:
-            graph = tf.compat.v1.get_default_graph()
-            start, began = len(graph.get_operations()), len(began_calls)
-            began_calls.append(layer)
-            if layer not in order:
-                order.append(layer)
-            result = call(*args, **kwargs)
-            calls.append((layer, graph, start, len(graph.get_operations()), began))
-            outputs[id(layer)] = _dtypes(result)
-            return result
-
-        return traced_call
-
-    layers = _compat.flatten_layers(model, include_self=True, recursive=True)
-    with _compat.calls_wrapped(layers, wrapper):
+    recorder = CallRecorder()
+    with recorder.recording(model):
         function = tf.function(lambda x: model(x, training=training), autograph=False)
         try:
             concrete = function.get_concrete_function(specs)
         finally:
             _compat.clear_losses(model)  # add_loss left the trace's graph tensors there
-    owned = _owners(calls)
+    order = recorder.order
+    outputs = {key: _dtypes(results[-1]) for key, results in recorder.results.items()}
+    owned = recorder.owned_ops()
     runs = []
     for layer in order:
         ops = tuple(_op(o) for o, _ in owned.get(id(layer), []) if o.type in RECORDED_OPS)

@@ -1,0 +1,118 @@
+"""The layer a bad step went non-finite in: the batch kept on a skipped step, run again.
+
+`keep_bad_batches(model)` wraps the model's train step so that, on a step the
+loss-scale optimizer skips (a non-finite loss or gradient), the batch is copied to
+the host. Only then: a `tf.cond` on the skip decision the step makes anyway, so a
+clean step costs one untaken branch. `find_culprit` runs that batch through the
+model again, every op checked (`tfmp.rewrite.overflows.nonfinite_origins`), and
+names the first layer, in model order, that made inf/NaN from finite inputs.
+
+TensorFlow-only (`tf.py_function`); not under XLA (`jit_compile=True`) or on a TPU,
+where a host callback cannot run inside the step: there nothing is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+from keras import ops
+
+from tfmp import _compat
+from tfmp.rewrite.overflows import nonfinite_origins
+from tfmp.scaling import DynamicLossScaleOptimizer
+
+_KEEPER = "_tfmp_bad_batch_keeper"
+
+
+@dataclasses.dataclass(frozen=True)
+class Culprit:
+    """Where a bad batch went non-finite.
+
+    Attributes:
+        layer: The first layer, in model order, one of whose ops made inf/NaN from
+            finite inputs (None: none did, or nothing could be checked).
+        origins: Every such layer, in model order.
+        bad_inputs: The batch itself held inf/NaN (bad data, no layer to blame).
+    """
+
+    layer: Optional[str]
+    origins: tuple[str, ...]
+    bad_inputs: bool
+
+
+class _Keeper:
+    """Holds the last batch a skipped step saw (host copies)."""
+
+    def __init__(self) -> None:
+        self.batch: Optional[Any] = None
+
+    def keep(self, structure: Any, *arrays: Any) -> Any:
+        self.batch = keras.tree.pack_sequence_as(structure, [np.array(a) for a in arrays])
+        return tf.constant(True)
+
+    def wrapper(self, model: keras.Model):
+        def wrap(original):
+            def train_step(data: Any) -> Any:
+                optimizer = getattr(model, "optimizer", None)
+                if (not isinstance(optimizer, DynamicLossScaleOptimizer) or not optimizer.built
+                        or model.jit_compile
+                        or isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy)):
+                    return original(data)
+                before = ops.copy(optimizer.skipped_steps.value)
+                logs = original(data)
+                flat = keras.tree.flatten(data)
+                tf.cond(optimizer.skipped_steps > before,
+                        lambda: tf.py_function(lambda *a: self.keep(data, *a), flat, tf.bool),
+                        lambda: tf.constant(False))
+                return logs
+
+            return train_step
+
+        return wrap
+
+
+def keep_bad_batches(model: keras.Model) -> None:
+    """Makes `model`'s train step keep (on the host) the batch of a step the loss-scale
+    optimizer skips. Idempotent; see the module's docstring for where it is off.
+
+    Args:
+        model: A Keras model compiled (or to be compiled) with a
+            `tfmp.DynamicLossScaleOptimizer`.
+    """
+    if getattr(model, _KEEPER, None) is not None:
+        return
+    keeper = _Keeper()
+    _compat.wrap_step(model, "train_step", keeper.wrapper(model))
+    setattr(model, _KEEPER, keeper)
+
+
+def last_bad_batch(model: keras.Model) -> Optional[Any]:
+    """The batch of the last skipped step `keep_bad_batches` kept, or None."""
+    keeper = getattr(model, _KEEPER, None)
+    return None if keeper is None else keeper.batch
+
+
+def find_culprit(model: keras.Model) -> Optional[Culprit]:
+    """Runs the last kept bad batch through `model` again and names where it went non-finite.
+
+    Args:
+        model: A model `keep_bad_batches` was called on.
+
+    Returns:
+        A `Culprit`, or None when no batch was kept or the check itself failed (logged).
+    """
+    batch = last_bad_batch(model)
+    if batch is None:
+        return None
+    try:
+        origins, _, bad_inputs = nonfinite_origins(model, batch)
+    except Exception as e:  # noqa: BLE001 (a diagnosis must not end the training it explains)
+        logging.warning("tfmp: could not check which layer went non-finite (%s: %s)",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return None
+    return Culprit(origins[0] if origins else None, tuple(origins), bad_inputs)
