@@ -10,6 +10,7 @@
 import json
 from typing import Sequence
 
+import tensorflow as tf
 from absl import flags
 
 from tfmp.app import cli, saved_models
@@ -43,8 +44,8 @@ def _locate(model) -> int:
         data = saved_models.calibration_data(model, FLAGS.data, FLAGS.batch_size)
         report = saved_models.locate_saved(model, data, policy=FLAGS.policy, steps=FLAGS.steps,
                                            batch_size=FLAGS.batch_size)
-    except ValueError as e:  # DatasetError, or data that do not fit the model
-        cli.fail(str(e).splitlines()[0])
+    except (ValueError, tf.errors.OpError) as e:  # DatasetError; data that do not fit the model
+        cli.fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
     print(json.dumps(report.to_dict(), indent=2) if FLAGS.json else report)
     return 0 if report.ok else cli.EXIT_FINDINGS
 

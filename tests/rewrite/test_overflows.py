@@ -37,6 +37,29 @@ def test_the_locator_names_exactly_the_overflowing_layer(layer, op):
     assert dict(report.policy_map.items()) == {"suspect": keras.dtype_policies.get("float32")}
     assert report.policy_map["d1"].name == "mixed_float16"
     assert report.to_dict()["float32_layers"] == {"suspect": row.reason}
+    # every row measured backward too (inputs watched: `suspect` uses no variable)
+    assert all(r.gradient_underflow is not None for r in report.rows), str(report)
+    if layer is Energy:  # log1p(inf): its output, and what follows, is not finite
+        outputs = {r.path: r.nonfinite_output_steps for r in report.rows}
+        assert outputs["suspect"] == 2 and outputs["d1"] == 0
+        assert report.first_nonfinite_output() == "suspect"
+
+
+def test_inputs_that_hold_nan_are_bad_data_not_a_layer():
+    x, y = task(64)
+    x[40, 3] = np.nan  # batch 1 of 2
+    report = locate_overflows(functional(keras.layers.Dense(1, name="plain")), (x, y), steps=2)
+    assert report.nonfinite_input_steps == (1,) and report.ok, str(report)
+    assert "the inputs themselves held inf/NaN on batch(es) 1: bad data" in str(report)
+
+
+def test_a_causal_mask_is_not_an_overflow():
+    inputs = keras.Input((6, 8))
+    h = keras.layers.MultiHeadAttention(2, 4, name="mha")(inputs, inputs, use_causal_mask=True)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.GlobalAveragePooling1D()(h)))
+    x = np.random.RandomState(0).randn(16, 6, 8).astype("float32")
+    report = locate_overflows(model, x, steps=1)
+    assert report.ok, str(report)
 
 
 def test_a_healthy_model_yields_no_layer():
@@ -131,6 +154,25 @@ def test_prepare_auto_keeps_the_found_layer_and_the_audit_says_why():
     assert dict(_policies(by_class))["energy"] == "float32"
     f32, _ = tfmp.prepare(model, "adam", "float32", hardware=GPU, float32_layers="auto")
     assert kept_float32(f32) == {}
+
+
+def test_a_layer_no_policy_can_reach_is_refused_not_silently_kept():
+    model = corpus.SubclassedNet(name="net")  # converted in place: block/dense is the custom
+    model(np.zeros((2, 8), "float32"))         # Block's own sublayer, out of prepare's reach
+    with pytest.raises(ValueError, match="float32_layers: block/dense could not be made float32"):
+        tfmp.prepare(model, "adam", "fp16", hardware=GPU, float32_layers=["block/dense"])
+    assert model.get_layer("block").dense.dtype_policy.name == "float32"  # as it came
+    prepared, _ = tfmp.prepare(model, "adam", "fp16", hardware=GPU, float32_layers=["block"])
+    assert prepared.get_layer("block").compute_dtype == "float32"
+
+
+def test_a_compiled_multi_output_loss_gives_gradient_figures():
+    kind = corpus.KINDS["subclassed_two_heads"]
+    model = kind.build()
+    model.compile("adam", [CE, "mse"])
+    x, y = corpus.data(kind, n=8)
+    report = locate_overflows(model, (x, y), steps=1, batch_size=8)
+    assert report.ok and all(r.gradient_underflow is not None for r in report.rows), str(report)
 
 
 @pytest.mark.parametrize("kwargs,message", [

@@ -59,9 +59,12 @@ class _Keeper:
         def wrap(original):
             def train_step(data: Any) -> Any:
                 optimizer = getattr(model, "optimizer", None)
-                if (not isinstance(optimizer, DynamicLossScaleOptimizer) or not optimizer.built
-                        or model.jit_compile
-                        or isinstance(tf.distribute.get_strategy(), tf.distribute.TPUStrategy)):
+                if not isinstance(optimizer, DynamicLossScaleOptimizer) or not optimizer.built:
+                    return original(data)
+                if model.jit_compile or isinstance(tf.distribute.get_strategy(),
+                                                   tf.distribute.TPUStrategy):
+                    logging.info("tfmp: under XLA or on a TPU a bad step's batch cannot be kept: "
+                                 "NanMonitor's events name the first non-finite variable only")
                     return original(data)
                 before = ops.copy(optimizer.skipped_steps.value)
                 logs = original(data)

@@ -70,6 +70,7 @@ def diagnose(kind: str, *, policy: str, variable: Optional[str], min_scale: floa
         return (f"{layer} made inf/NaN from finite inputs: its values leave the 16-bit range",
                 f"{keep} (or float32_layers='auto' with calibration_data), or switch to bfloat16")
     keep = f"keep the layer of {variable} in float32" if variable else "keep the overflowing layer in float32"
+    keep += " (tfmp.locate_overflows(model, a few batches) names the layer)"
     if kind == "nonfinite_loss":
         cause = ("the loss itself is not finite: bad input data or divergence, which loss "
                  "scaling cannot fix")

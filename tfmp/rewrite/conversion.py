@@ -86,6 +86,21 @@ def layer_matcher(model: keras.Model, specs: Iterable[LayerSpec]) -> Callable[[k
     return matches
 
 
+def _check_kept(model: keras.Model, float32_layers: Iterable[LayerSpec]) -> None:
+    """Raises when a layer `float32_layers` names still computes in 16 bits after conversion."""
+    specs = list(float32_layers)
+    if not specs:
+        return
+    kept = layer_matcher(model, specs)
+    stuck = [path for path, layer in iter_layers(model)
+             if kept(layer) and layer.compute_dtype != "float32"]
+    if stuck:
+        raise ValueError(
+            f"float32_layers: {', '.join(stuck[:3])}{' ...' if len(stuck) > 3 else ''} could not "
+            "be made float32 (a sublayer of a custom layer in a model converted in place, or one "
+            "its code fails with): keep the enclosing layer in float32, or cast in its code")
+
+
 def convert_policy(model: keras.Model, policy: str, *, data: Any = None,
                    float32_layers: Iterable[LayerSpec] = ()) -> keras.Model:
     """`model` made to compute under another dtype policy, weights kept bit for bit.
@@ -130,7 +145,8 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None,
 
     Raises:
         ValueError: a bad policy name; an unbuilt model; a `float32_layers` entry that
-            names no layer; a model converted in place
+            names no layer, or a layer it names that could not be made float32 (a sublayer
+            of a custom layer in a model converted in place); a model converted in place
             whose code keeps every matmul in float32 under a 16-bit policy.
 
     Example:
@@ -164,6 +180,7 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None,
                 model, rule, lambda layer: first(layer) or paths.get(id(layer)) in half_statistics,
                 data=data)
         _check_computes_in(converted, run, target)
+        _check_kept(converted, float32_layers)
     except BaseException:
         if converted is model:  # converted in place: give the model back as it came
             restore_policies(model, before)

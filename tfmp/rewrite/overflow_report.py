@@ -132,6 +132,11 @@ class OverflowReport:
             lines.append(f"the inputs themselves held inf/NaN on batch(es) "
                          f"{', '.join(map(str, self.nonfinite_input_steps))}: bad data")
         found = self.paths
-        lines.append(f"keep in float32: tfmp.prepare(..., float32_layers={found!r})" if found
-                     else "no layer needs float32")
+        if any(r.path == MODEL_OWN for r in self.layers):
+            lines.append("the model's own call (between its layers) overflows: no policy reaches "
+                         "it; cast to float32 in its code")
+        if found:
+            lines.append(f"keep in float32: tfmp.prepare(..., float32_layers={found!r})")
+        elif self.ok:
+            lines.append("no layer needs float32")
         return "\n".join(lines)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tfmp import _compat
 from tfmp.precision import resolve_policy
@@ -47,7 +48,7 @@ PASS_THROUGH_OPS = frozenset((
     "Identity", "IdentityN", "Reshape", "Transpose", "Squeeze", "ExpandDims", "ConcatV2",
     "Pack", "Unpack", "Split", "SplitV", "Slice", "StridedSlice", "GatherV2", "Tile", "Pad",
     "PadV2", "MirrorPad", "Relu", "Relu6", "MaxPool", "Maximum", "Minimum", "Neg", "Abs",
-    "Sigmoid", "Tanh", "Relu6", "Select", "SelectV2", "ZerosLike", "OnesLike", "StopGradient",
+    "Sigmoid", "Tanh", "Select", "SelectV2", "ZerosLike", "OnesLike", "StopGradient",
     "Floor", "Ceil", "Round", "Sign", "ClipByValue", "BroadcastTo"))
 
 
@@ -130,9 +131,11 @@ class _Probe:
                 if op.graph is not graph:
                     continue
                 checked = [t for t in op.outputs if t.dtype in self.checked]
-                if not checked or op.type in PASS_THROUGH_OPS:
-                    continue
-                inputs_ok = [finite(t) for t in op.inputs if t.dtype.is_floating]
+                floats = [t for t in op.inputs if t.dtype.is_floating]
+                if (not checked or op.type in PASS_THROUGH_OPS
+                        or all(t.op.type == "Const" for t in floats)):
+                    continue  # a constant (a -inf mask, its cast) is not a value the data made
+                inputs_ok = [finite(t) for t in floats]
                 for t in checked:
                     size = tf.abs(tf.cast(tf.reshape(t, [-1]), tf.float32))
                     largest.append(tf.reduce_max(tf.concat(
@@ -174,17 +177,41 @@ class _Probe:
                 variable.assign(value)
 
 
-def _loss_fn(model: keras.Model, loss: Any) -> Optional[Callable[[Any, Any], Any]]:
-    loss = loss if loss is not None else getattr(model, "loss", None)
-    if loss is None:
-        return None
-    fn = keras.losses.get(loss) if isinstance(loss, (str, dict)) else loss
+def _one_loss(loss: Any) -> Callable[[Any, Any], Any]:
+    fn = keras.losses.get(loss) if isinstance(loss, str) else loss
     if not callable(fn):
         raise ValueError(f"locate_overflows: loss={loss!r} is not a Keras loss or a callable")
+    return fn
+
+
+def _loss_fn(model: keras.Model, loss: Any) -> Optional[Callable[[Any, Any], Any]]:
+    """The loss of the gradient pass: `loss`, else the model's compiled one (one per output
+    as a list, or a dict by output name); None when there is none, or a compiled one that
+    cannot be read (logged: no gradient figures then)."""
+    given = loss is not None
+    loss = loss if given else getattr(model, "loss", None)
+    if loss is None:
+        return None
+    try:
+        if isinstance(loss, dict):
+            names = list(getattr(model, "output_names", None) or [])
+            fns = [_one_loss(loss[name]) for name in names]
+        elif isinstance(loss, (list, tuple)):
+            fns = [_one_loss(item) for item in loss]
+        else:
+            fns = [_one_loss(loss)]
+    except (ValueError, KeyError, TypeError) as e:
+        if given:
+            raise ValueError(str(e) if isinstance(e, ValueError) else
+                             f"locate_overflows: loss={loss!r} does not fit the outputs") from None
+        logging.info("tfmp.locate_overflows: the compiled loss %r cannot be used (%s); no "
+                     "gradient figures", loss, e)
+        return None
 
     def total(y: Any, outputs: Any) -> Any:
         ys, outs = keras.tree.flatten(y), keras.tree.flatten(outputs)
-        return tf.add_n([tf.reduce_mean(tf.cast(fn(a, b), tf.float32)) for a, b in zip(ys, outs)])
+        pairs = zip(fns * len(outs) if len(fns) == 1 else fns, ys, outs)
+        return tf.add_n([tf.reduce_mean(tf.cast(fn(a, b), tf.float32)) for fn, a, b in pairs])
 
     return total
 
@@ -300,7 +327,13 @@ def locate_overflows(
             p = _Probe(converted, (half,), None, scale)
             return p, p.run([(x, None) for x, _ in batches])
 
-        p, stats = _under(model, target, [k for k in found if k != MODEL_PATH], x0, probe16)
+        try:
+            p, stats = _under(model, target, [k for k in found if k != MODEL_PATH], x0, probe16)
+        except ValueError as e:  # a found layer no policy can reach (see convert_policy)
+            if not found:
+                raise
+            logging.warning("tfmp.locate_overflows: %s; the search stops there", e)
+            break
         new = {}
         for path, layer in p.layers.items():
             if path == MODEL_PATH and not p.origin_ops.get(path):
@@ -314,6 +347,10 @@ def locate_overflows(
         if not new:
             break
         found.update(new)
+    else:
+        logging.warning("tfmp.locate_overflows: still finding layers after %d rounds (%s); "
+                        "run it again with those in float32 to check the rest", MAX_ROUNDS,
+                        ", ".join(found))
     order = list(rows)
     fn = _loss_fn(model, loss)
     if fn is not None and half == "float16" and all(y is not None for _, y in batches):
