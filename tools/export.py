@@ -4,7 +4,8 @@
   python -m tools.export --model_path=m.keras --quantization=full_int8 --calibration_steps=20
   python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=0.01   # a gate: exit 1 if exceeded
 
-Writes model_<quantization>.tflite and export.json (one report per export) to
+Writes model_<quantization>.tflite (model_keras_bfloat16.keras and model_keras_float16.keras: the
+.keras file with 16-bit release weights) and export.json (one report per export) to
 --output_dir (default: <model_dir>/export, or export/) and prints the table.
 Exit code 0: written (and within --max_accuracy_drop); 1: the gate failed (the
 files are written, the figures are in the message); 2: bad input, one line.
@@ -21,7 +22,7 @@ from absl import flags
 from tfmp.app import cli, data, run_dir
 from tfmp.atomic import write_json_atomically
 from tfmp.litert import (QUANTIZATIONS, ExportError, array_batches, calibration_batches, export,
-                         format_reports, gate_failures)
+                         export_filename, format_reports, gate_failures)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "The .keras model to export.")
@@ -30,7 +31,7 @@ flags.DEFINE_string("model_dir", None, "A tools/train --model_dir (its model.ker
                     "dataset, data_dir and seed are the defaults here).")
 flags.DEFINE_list("quantization", list(QUANTIZATIONS),
                   f"Comma-separated: {', '.join(QUANTIZATIONS)} (float32: not quantized, the "
-                  "baseline row).")
+                  "baseline row; keras_*: the .keras file with 16-bit release weights).")
 flags.DEFINE_string("output_dir", None, "Where the .tflite files and export.json go "
                     "(default <model_dir>/export, or export).")
 flags.DEFINE_string("dataset", None, "'synthetic' or a tensorflow-datasets name "
@@ -125,7 +126,7 @@ def main(argv: Sequence[str]) -> int:
         data.check_fits(model, d)
         calibration = _calibration(d, model)
         reports = [export(
-            model, os.path.join(output_dir, f"model_{q}.tflite"), q,
+            model, os.path.join(output_dir, export_filename(q)), q,
             calibration_data=calibration, calibration_steps=FLAGS.calibration_steps,
             eval_data=d.eval, eval_steps=FLAGS.eval_steps, metric=FLAGS.metric,
             int8_only=FLAGS.int8_only,

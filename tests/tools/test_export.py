@@ -14,6 +14,8 @@ from keras import ops
 from tests import helpers
 from rewrite import corpus
 from tfmp.app import data, training
+from tfmp.litert import export_filename
+from tfmp.rewrite import model_policy
 
 import models
 
@@ -114,14 +116,20 @@ def test_a_training_run_is_exported_in_every_mode_with_its_report(runs):
     assert report["dataset"] == "synthetic" and report["gate_failures"] == []
     assert report["model_file_bytes"] == (run / "model.keras").stat().st_size
     assert [r["quantization"] for r in report["reports"]] == ["float32", "float16", "dynamic_int8",
-                                                              "full_int8"]
+                                                              "full_int8", "keras_bfloat16",
+                                                              "keras_float16"]
     for r in report["reports"]:
-        assert (run / "export" / f"model_{r['quantization']}.tflite").stat().st_size == r["size_bytes"]
+        assert (run / "export" / export_filename(r["quantization"])).stat().st_size == r["size_bytes"]
         assert r["model_policy"] == "mixed_bfloat16" and r["batches"] == 4
         assert abs(r["accuracy_drop"]) <= 0.05 and r["exported_ms"] > 0
         assert f"| {r['quantization']} | " in stdout
+    for r in report["reports"][-2:]:  # the .keras files with 16-bit weights, loaded by Keras
+        assert r["runtime"] == "keras" and r["size_ratio"] < 0.55 and r["relative_diff"] < 0.03
+        loaded = keras.models.load_model(run / "export" / export_filename(r["quantization"]))
+        assert model_policy(loaded) == "mixed_bfloat16"  # as trained: any policy loads it
     assert "KB (weights and optimizer state); wrote model_float32.tflite, model_float16.tflite, " \
-        "model_dynamic_int8.tflite, model_full_int8.tflite and export.json" in stdout
+        "model_dynamic_int8.tflite, model_full_int8.tflite, model_keras_bfloat16.keras, " \
+        "model_keras_float16.keras and export.json" in stdout
 
 
 def test_a_saved_subclassed_model_is_exported(runs):

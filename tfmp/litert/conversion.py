@@ -27,13 +27,16 @@ import tensorflow as tf
 from absl import logging as absl_logging
 
 from tfmp.atomic import atomic_path
+from tfmp.litert.release import KERAS_MODES, export_keras
 from tfmp.litert.report import ExportError, ExportReport, array_batches, checked_batch, evaluate
 from tfmp.litert.runner import Runner
 from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
                           model_policy, run_model, set_policies)
 
-QUANTIZATIONS = ("float32", "float16", "dynamic_int8", "full_int8")  # float32: the baseline
+LITERT_MODES = ("float32", "float16", "dynamic_int8", "full_int8")  # float32: the baseline
+# The .keras file with 16-bit weights (tfmp.weights), judged beside the LiteRT files.
+QUANTIZATIONS = LITERT_MODES + KERAS_MODES
 
 
 def _one_line(e: BaseException) -> str:
@@ -213,9 +216,22 @@ def _quiet_tensorflow():
         absl_logging.set_verbosity(verbosity)
 
 
-def _check_destination(path: str) -> None:
-    if not str(path).endswith(".tflite"):
-        raise ExportError(f"export path {path!r} must end with .tflite")
+def export_filename(quantization: str) -> str:
+    """The file name tools/export writes a mode to.
+
+    Args:
+        quantization: One of `QUANTIZATIONS`.
+
+    Returns:
+        `model_<mode>.tflite`, or `model_<mode>.keras` for the Keras modes.
+    """
+    return f"model_{quantization}.{'keras' if quantization in KERAS_MODES else 'tflite'}"
+
+
+def _check_destination(path: str, quantization: str) -> None:
+    suffix = ".keras" if quantization in KERAS_MODES else ".tflite"
+    if not str(path).endswith(suffix):
+        raise ExportError(f"export path {path!r} must end with {suffix} for {quantization}")
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise ExportError(f"cannot write {path!r}: {directory!r} is not a writable directory")
@@ -239,12 +255,15 @@ def export(
     Args:
         model: A built Keras model with one input and one output, under any
             policy (a 16-bit one is rebuilt in float32 first).
-        path: The `.tflite` file to write; its directory must exist.
+        path: The `.tflite` file to write (`.keras` for the Keras modes); its directory
+            must exist.
         quantization: `float32` (not quantized: the baseline to compare the
             others with), `float16` (weights in float16), `dynamic_int8` (weights in
             int8, activations quantized on the fly) or `full_int8` (weights and
             activations in int8, calibrated on `calibration_data`; the model's
-            input and output stay float32 / integer ids).
+            input and output stay float32 / integer ids); or `keras_bfloat16` /
+            `keras_float16`: the `.keras` file with 16-bit release weights
+            (`tfmp.litert.release`), loaded back and judged the same way.
         calibration_data: full_int8 only: a `tf.data.Dataset` or iterable of
             batches (`x` or `(x, y)`) drawn from the training data, or one
             array of examples.
@@ -274,8 +293,11 @@ def export(
     >>> report.accuracy_drop, report.size_bytes
     """
     check_quantization(quantization)  # before any work
-    _check_destination(path)
+    _check_destination(path, quantization)
     _check_model(model)
+    if quantization in KERAS_MODES:
+        return export_keras(model, path, quantization, eval_data=eval_data,
+                            eval_steps=eval_steps, metric=metric)
     calibration = (calibration_batches(calibration_data, calibration_steps, model)
                    if quantization == "full_int8" and calibration_data is not None else None)
     network = float32_model(model)

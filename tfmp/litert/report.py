@@ -218,7 +218,7 @@ def format_reports(reports: Iterable[ExportReport]) -> str:
     """
     rows = ["| export | size (vs float32 weights) | metric: Keras -> exported (drop) "
             "| max abs diff (relative) | ms per batch: Keras / exported (ratio, quartiles) "
-            "| ops left in float32 |", "|---|---|---|---|---|---|"]
+            "| left in float32 (ops; keras_*: variables) |", "|---|---|---|---|---|---|"]
     for r in reports:
         size = f"{_kb(r.size_bytes)} ({r.size_bytes / max(r.float32_bytes, 1):.2f}x)"
         metric = diff = latency = "not evaluated"
