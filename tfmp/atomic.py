@@ -25,17 +25,33 @@ def atomic_path(path: str, suffix: str) -> Iterator[str]:
     Yields:
         The temporary path to write to.
     """
-    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=os.path.dirname(os.path.abspath(path)))
+    directory = os.path.dirname(os.path.abspath(path))
+    # Hidden and named after its target: what a killed writer leaves is not taken for a
+    # file of the run (`*.weights.h5`, a checkpoint pattern).
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", suffix=suffix,
+                               dir=directory)
     os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make every output private
+        _fsync(tmp)  # the data on disk before the rename makes it the file
         os.replace(tmp, path)
+        _fsync(directory)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync a directory
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import keras
 
-from tfmp.weights import check_arguments, save_weights
+from tfmp.weights import check_arguments, check_destination, write_weights
 
 
 class _HalfWeightsWriter:
@@ -17,7 +17,8 @@ class _HalfWeightsWriter:
         self._model, self._dtype, self._keep = model, dtype, keep_float32
 
     def save_weights(self, filepath: str, overwrite: bool = True, **kwargs: Any) -> None:
-        save_weights(self._model, filepath, self._dtype, keep_float32=self._keep)
+        check_destination(filepath, ".weights.h5")
+        write_weights(self._model, filepath, self._dtype, self._keep, measure=False)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._model, name)
