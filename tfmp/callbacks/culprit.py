@@ -4,8 +4,9 @@
 loss-scale optimizer skips (a non-finite loss or gradient), the batch is copied to
 the host. Only then: a `tf.cond` on the skip decision the step makes anyway, so a
 clean step costs one untaken branch. `find_culprit` runs that batch through the
-model again, every op checked (`tfmp.rewrite.overflows.nonfinite_origins`), and
-names the first layer, in model order, that made inf/NaN from finite inputs.
+model again, every op checked (`tfmp.rewrite.overflows.OriginFinder`), and names
+the first layer, in model order, that made inf/NaN from finite inputs (else the first
+whose output was not finite).
 
 TensorFlow-only (`tf.py_function`); not under XLA (`jit_compile=True`) or on a TPU,
 where a host callback cannot run inside the step: there nothing is kept.
@@ -23,7 +24,7 @@ from absl import logging
 from keras import ops
 
 from tfmp import _compat
-from tfmp.rewrite.overflows import nonfinite_origins
+from tfmp.rewrite.overflows import OriginFinder
 from tfmp.scaling import DynamicLossScaleOptimizer
 
 _KEEPER = "_tfmp_bad_batch_keeper"
@@ -35,7 +36,8 @@ class Culprit:
 
     Attributes:
         layer: The first layer, in model order, one of whose ops made inf/NaN from
-            finite inputs (None: none did, or nothing could be checked).
+            finite inputs, else the first whose output was not finite (None: neither,
+            bad data, or nothing could be checked).
         origins: Every such layer, in model order.
         bad_inputs: The batch itself held inf/NaN (bad data, no layer to blame).
     """
@@ -50,6 +52,7 @@ class _Keeper:
 
     def __init__(self) -> None:
         self.batch: Optional[Any] = None
+        self.finder: Optional[OriginFinder] = None  # made at the first event, then reused
 
     def keep(self, structure: Any, *arrays: Any) -> Any:
         self.batch = keras.tree.pack_sequence_as(structure, [np.array(a) for a in arrays])
@@ -109,13 +112,17 @@ def find_culprit(model: keras.Model) -> Optional[Culprit]:
     Returns:
         A `Culprit`, or None when no batch was kept or the check itself failed (logged).
     """
-    batch = last_bad_batch(model)
-    if batch is None:
+    keeper = getattr(model, _KEEPER, None)
+    if keeper is None or keeper.batch is None:
         return None
     try:
-        origins, _, bad_inputs = nonfinite_origins(model, batch)
+        keeper.finder = keeper.finder or OriginFinder(model)
+        origins, outputs, bad_inputs = keeper.finder(keeper.batch)
     except Exception as e:  # noqa: BLE001 (a diagnosis must not end the training it explains)
         logging.warning("tfmp: could not check which layer went non-finite (%s: %s)",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
         return None
-    return Culprit(origins[0] if origins else None, tuple(origins), bad_inputs)
+    # No op made it from finite values (a layer's own code, a custom gradient): the first
+    # layer whose output was not finite.
+    first = origins[0] if origins else (outputs[0] if outputs and not bad_inputs else None)
+    return Culprit(first, tuple(origins), bad_inputs)

@@ -368,24 +368,32 @@ def locate_overflows(
                           tuple(bad_inputs), {p: original[p] for p in order if p in original})
 
 
-def nonfinite_origins(model: keras.Model, batch: Any) -> tuple[list[str], list[str], bool]:
-    """Where one batch goes non-finite in `model` as it is (no conversion; every float dtype
-    checked; the model's non-trainable variables left as they were).
+class OriginFinder:
+    """Where a batch goes non-finite in `model` as it is (no conversion; every float dtype
+    checked; the model's non-trainable variables left as they were). One traced function,
+    reused from call to call (traced again only for a new batch shape).
 
     Args:
         model: A built Keras model.
-        batch: One batch (`x` or `(x, y[, sample_weight])`).
-
-    Returns:
-        `(origins, outputs, bad_data)`: the layers, in model order, one of whose ops made
-        inf/NaN from finite inputs; the layers whose outputs were not finite; whether the
-        batch itself (inputs or targets) held inf/NaN.
     """
-    x, y = split_batch(model, batch)
-    probe = _Probe(model, ("float16", "bfloat16", "float32", "float64"), None, 1.0)
-    stats = probe.run([(x, None)])[0]
-    origins = [path for path in probe.layers if stats[path]["made"].any()]
-    outputs = [path for path in probe.layers if not stats[path]["outputs_ok"]]
-    arrays = [np.asarray(a) for a in keras.tree.flatten((x, y)) if a is not None]
-    bad = any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
-    return origins, outputs, bad
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        self._probe = _Probe(model, ("float16", "bfloat16", "float32", "float64"), None, 1.0)
+
+    def __call__(self, batch: Any) -> tuple[list[str], list[str], bool]:
+        """Runs one batch (`x` or `(x, y[, sample_weight])`).
+
+        Returns:
+            `(origins, outputs, bad_data)`: the layers, in model order, one of whose ops made
+            inf/NaN from finite inputs; the layers whose outputs were not finite; whether the
+            batch itself (inputs or targets) held inf/NaN.
+        """
+        x, y = split_batch(self.model, batch)
+        probe = self._probe
+        stats = probe.run([(x, None)])[0]
+        origins = [path for path in probe.layers if stats[path]["made"].any()]
+        outputs = [path for path in probe.layers if not stats[path]["outputs_ok"]]
+        arrays = [np.asarray(a) for a in keras.tree.flatten((x, y)) if a is not None]
+        bad = any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
+        return origins, outputs, bad
