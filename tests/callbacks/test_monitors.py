@@ -164,6 +164,16 @@ def test_nan_data_stop_names_data_not_overflow(caplog):
     assert all(np.isfinite(w).all() for w in model.get_weights())
 
 
+def test_bad_data_is_diagnosed_as_bad_data_not_divergence():
+    from tfmp.callbacks.events import diagnose
+    cause, fix = diagnose("nonfinite_loss", policy="mixed_float16", variable="d/kernel",
+                          min_scale=1.0, count=1, bad_inputs=True)
+    assert cause.startswith("the batch itself holds inf/NaN") and "learning rate" not in fix
+    cause, fix = diagnose("nonfinite_loss", policy="mixed_float16", variable="d/kernel",
+                          min_scale=1.0, count=1, layer="energy")
+    assert cause.startswith("energy made inf/NaN") and "float32_layers=['energy']" in fix
+
+
 def test_the_event_names_the_layer_that_overflows_float16():
     from rewrite.overflow_models import Energy, functional, task
     model, opt = tfmp.prepare(functional(Energy(name="energy")), "adam", "fp16",

@@ -4,6 +4,7 @@ layer that leaves float16's range, run for real (float16 is emulated on CPUs).""
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfmp
 from rewrite import corpus
@@ -51,6 +52,17 @@ def test_inputs_that_hold_nan_are_bad_data_not_a_layer():
     report = locate_overflows(functional(keras.layers.Dense(1, name="plain")), (x, y), steps=2)
     assert report.nonfinite_input_steps == (1,) and report.ok, str(report)
     assert "the inputs themselves held inf/NaN on batch(es) 1: bad data" in str(report)
+
+
+def test_a_constant_inf_is_not_an_overflow():
+    @keras.saving.register_keras_serializable("tfmp_overflow_tests")
+    class MaskedExp(keras.layers.Layer):  # exp(-inf) where masked: 0, on purpose
+        def call(self, x):
+            fill = tf.constant(-np.inf, dtype=x.dtype)
+            return keras.ops.exp(keras.ops.where(x > 0, keras.ops.zeros_like(x), fill))
+
+    report = locate_overflows(functional(MaskedExp(name="masked")), task(64), steps=1)
+    assert report.ok, str(report)
 
 
 def test_a_causal_mask_is_not_an_overflow():

@@ -119,6 +119,11 @@ def test_a_file_for_another_architecture_or_a_damaged_one_is_refused_in_one_line
         f["layers/dense/vars/1"], f["layers/dense_1/vars/1"] = second, first
     with pytest.raises(WeightsFileError, match="is damaged"):
         tfmp.load_weights(_build("mlp", hidden=(32, 32)), str(tmp_path / "copy.weights.h5"))
+    tfmp.save_weights(small, str(tmp_path / "renamed.weights.h5"), "bfloat16")
+    with h5py.File(tmp_path / "renamed.weights.h5", "r+") as f:  # same data, another name
+        f.move("layers/dense/vars/1", "layers/dense/vars/1x")
+    with pytest.raises(WeightsFileError, match="is damaged"):
+        tfmp.load_weights(_build("mlp", hidden=(32, 32)), str(tmp_path / "renamed.weights.h5"))
     with pytest.raises(WeightsFileError, match="no such file"):
         tfmp.load_weights(small, str(tmp_path / "none.weights.h5"))
 
@@ -292,3 +297,15 @@ def test_a_kill_during_a_write_leaves_the_previous_file(tmp_path):
     model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256), keras.layers.Dense(8)])
     assert tfmp.load_weights(model, str(path)) == "bfloat16"  # complete, checksum and all
     np.testing.assert_array_equal(model.layers[0].kernel.numpy(), np.full((64, 256), 3.0))
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_the_export_modes_write_the_dtype_they_name(dtype, tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="d")])
+    kernel = (1 / 3 + np.arange(12).reshape(4, 3) * 1e-3).astype(np.float32)
+    model.get_layer("d").kernel.assign(kernel)
+    path = tmp_path / "m.keras"
+    tfmp.export(model, str(path), f"keras_{dtype}")
+    loaded = keras.models.load_model(path)
+    np.testing.assert_array_equal(loaded.get_layer("d").kernel.numpy(),
+                                  kernel.astype(ROUND[dtype]).astype(np.float32))
