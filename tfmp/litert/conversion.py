@@ -28,7 +28,8 @@ from absl import logging as absl_logging
 
 from tfmp.atomic import atomic_path
 from tfmp.litert.release import KERAS_MODES, export_keras
-from tfmp.litert.report import ExportError, ExportReport, array_batches, checked_batch, evaluate
+from tfmp.litert.report import (ExportError, ExportReport, array_batches, checked_batch,
+                                eval_batches, evaluate)
 from tfmp.litert.runner import Runner
 from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
@@ -318,8 +319,6 @@ def export(
             float32_bytes=4 * int(model.count_params()), float_ops=float_ops,
             runtime=runner.runtime, model_policy=model_policy(model))
         if eval_data is not None:  # before the file is in place: bad eval data writes nothing
-            if isinstance(eval_data, tuple) and all(isinstance(a, np.ndarray) for a in eval_data):
-                eval_data = array_batches(eval_data)
-            report = dataclasses.replace(report, **evaluate(model, network, runner, eval_data,
-                                                             eval_steps, metric))
+            report = dataclasses.replace(report, **evaluate(
+                model, network, runner, eval_batches(eval_data), eval_steps, metric))
     return report

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmp.atomic import atomic_path
-from tfmp.litert.report import ExportError, ExportReport, array_batches, evaluate
+from tfmp.litert.report import ExportError, ExportReport, eval_batches, evaluate
 from tfmp.rewrite import model_policy
 from tfmp.weights import WeightsFileError, save_model
 
@@ -59,13 +59,11 @@ def export_keras(model: keras.Model, path: str, quantization: str, *,
         ExportError: a path not ending in `.keras`, an unwritable directory, or evaluation
             data that do not fit. Nothing is written then.
     """
-    if not str(path).endswith(".keras"):
-        raise ExportError(f"export path {path!r} must end with .keras for {quantization}")
     dtype = quantization[len(KERAS_PREFIX):]
     with atomic_path(path, ".keras") as tmp:
         try:
             written = save_model(model, tmp, dtype, keep_float32="overflow")
-        except WeightsFileError as e:
+        except WeightsFileError as e:  # a path not ending in .keras, or its directory
             raise ExportError(str(e)) from None
         kept = {f"variable {name}": 1 for name in written.kept_float32}
         report = ExportReport(
@@ -73,9 +71,7 @@ def export_keras(model: keras.Model, path: str, quantization: str, *,
             float32_bytes=written.float32_bytes, float_ops=kept, runtime=KerasRunner.runtime,
             model_policy=model_policy(model))
         if eval_data is not None:  # before the file is in place: bad eval data writes nothing
-            if isinstance(eval_data, tuple) and all(isinstance(a, np.ndarray) for a in eval_data):
-                eval_data = array_batches(eval_data)
             loaded = KerasRunner(keras.models.load_model(tmp, compile=False))
-            report = dataclasses.replace(report, **evaluate(model, model, loaded, eval_data,
-                                                             eval_steps, metric))
+            report = dataclasses.replace(report, **evaluate(
+                model, model, loaded, eval_batches(eval_data), eval_steps, metric))
     return report

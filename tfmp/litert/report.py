@@ -138,6 +138,21 @@ def array_batches(arrays: Any, size: int = ARRAY_BATCH) -> list[Any]:
     return [arrays[i:i + size] for i in range(0, len(arrays), size)]
 
 
+def eval_batches(eval_data: Any) -> Any:
+    """`eval_data` as batches: a tuple of two arrays `(x, y)` is cut into `ARRAY_BATCH`-example
+    batches; a dataset or an iterable of batches is returned as it is.
+
+    Args:
+        eval_data: `(x, y)` arrays, a `tf.data.Dataset` or an iterable of batches.
+
+    Returns:
+        Something to iterate batches `(x, y)` from.
+    """
+    if isinstance(eval_data, tuple) and all(isinstance(a, np.ndarray) for a in eval_data):
+        return array_batches(eval_data)
+    return eval_data
+
+
 def _metric(metric: Union[str, Any]) -> keras.metrics.Metric:
     """A fresh metric object: `keras.metrics.get` hands back a given object itself, and
     the Keras and the exported model must not add to one state (nor to the caller's)."""

@@ -34,10 +34,11 @@ from tfmp.precision.policy import (
     set_policy,
     trap_warnings,
 )
+from tfmp.precision.ranges import FLOAT16_TINY, HALF_MAX
 
 __all__ = [
     "ACCEPTED_NAMES", "AUTO", "AUTO_RULES", "BF16_CPU_FEATURES", "CPU_FEATURES", "ENV_VAR",
-    "FLOAT32", "HardwareInfo",
+    "FLOAT16_TINY", "FLOAT32", "HALF_MAX", "HardwareInfo",
     "MIXED_BFLOAT16", "MIXED_FLOAT16", "POLICIES", "PolicyChoice", "Rule", "TRAPS", "Trap",
     "detect_hardware", "global_policy_name", "parse_precision", "policy_scope",
     "read_cpu_features", "recommend_policy", "resolve_policy", "set_policy", "trap_warnings",

@@ -15,10 +15,10 @@ from tfmp.rewrite.classify import (HALF_DTYPES, is_normalization, is_plain_model
                                    iter_layers, kept_float32, model_policy, output_layers)
 from tfmp.rewrite.cloning import (ConfigRoundTripError, cast_op_outputs, clone_with_dtypes,
                                   policy_rule, rebuild_under_policy)
-from tfmp.rewrite.enforcement import LayerSpec, enforce_float32, float32_selector
+from tfmp.rewrite.enforcement import LayerSpec, enforce_float32, float32_selector, layer_matcher
 from tfmp.rewrite.islands import ISLANDS, Island, apply_islands, float32_gelu, float32_selu, float32_sigmoid
 from tfmp.rewrite.inplace import cast_outputs_to_float32, convert_in_place, is_copyable, set_policies
-from tfmp.rewrite.conversion import convert_policy, layer_matcher
+from tfmp.rewrite.conversion import convert_policy
 from tfmp.rewrite.overflow_report import LayerOverflow, OverflowReport
 from tfmp.rewrite.overflows import locate_overflows
 from tfmp.rewrite.preparation import AuditError, prepare

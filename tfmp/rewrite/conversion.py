@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import keras
 from absl import logging
@@ -10,7 +10,8 @@ from absl import logging
 from tfmp.precision import resolve_policy
 from tfmp.rewrite.classify import HALF_DTYPES, is_normalization, iter_layers, model_policy
 from tfmp.rewrite.cloning import policy_rule
-from tfmp.rewrite.enforcement import LayerSpec, convert, float32_selector, normalizations_feeding
+from tfmp.rewrite.enforcement import (LayerSpec, convert, float32_selector, layer_matcher,
+                                      normalizations_feeding)
 from tfmp.rewrite.inplace import model_level_layers, policies_of, restore_policies
 from tfmp.rewrite.tracing import ModelRun, run_model
 
@@ -43,47 +44,6 @@ def _normalizations_with_half_statistics(model: keras.Model, run: Optional[Model
     run = run if run is not None else run_model(model, data)
     return {layer.path for layer in run.layers
             if layer.path in candidates and layer.half_statistics()}
-
-
-def layer_matcher(model: keras.Model, specs: Iterable[LayerSpec]) -> Callable[[keras.layers.Layer], bool]:
-    """A predicate for the layers `specs` name: a class, or a string that is a layer's
-    name, its path in `model` (`outer/inner`, as `tfmp.rewrite.iter_layers` and
-    `tfmp.locate_overflows` give it) or its Keras `layer.path`.
-
-    Args:
-        model: The model the paths are in.
-        specs: Classes, names or paths.
-
-    Returns:
-        `matches(layer) -> bool`.
-
-    Raises:
-        ValueError: a spec is neither a class nor a non-empty string, or a string
-            matches no layer of `model` (the message names it and a few layer paths).
-    """
-    specs = list(specs)
-    layers = list(iter_layers(model))
-    strings = set()
-    for spec in specs:
-        if isinstance(spec, type):
-            continue
-        if not isinstance(spec, str) or not spec:
-            raise ValueError(f"float32_layers entries must be layer names, paths or classes; "
-                             f"got {spec!r}")
-        if not any(spec in (path, layer.name, getattr(layer, "path", None))
-                   for path, layer in layers):
-            shown = ", ".join(path for path, _ in layers[:8]) + (" ..." if len(layers) > 8 else "")
-            raise ValueError(f"float32_layers: no layer of {model.name!r} is named {spec!r}; "
-                             f"its layers: {shown}")
-        strings.add(spec)
-    classes = tuple(spec for spec in specs if isinstance(spec, type))
-    paths = {id(layer): path for path, layer in layers}
-
-    def matches(layer: keras.layers.Layer) -> bool:
-        return (isinstance(layer, classes) if classes else False) or bool(
-            strings & {paths.get(id(layer)), layer.name, getattr(layer, "path", None)})
-
-    return matches
 
 
 def _check_kept(model: keras.Model, float32_layers: Iterable[LayerSpec]) -> None:

@@ -8,7 +8,7 @@ changed in place (`tfmp.rewrite.inplace`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import keras
 from absl import logging
@@ -23,10 +23,51 @@ from tfmp.rewrite.tracing import ModelRun
 LayerSpec = Union[str, type]
 
 
-def _matches(layer: keras.layers.Layer, specs: Sequence[LayerSpec]) -> bool:
-    return any(
-        layer.name == s if isinstance(s, str) else isinstance(layer, s) for s in specs
-    )
+def layer_matcher(model: keras.Model, specs: Iterable[LayerSpec], *,
+                  check: bool = True) -> Callable[[keras.layers.Layer], bool]:
+    """A predicate for the layers `specs` name: a class, or a string that is a layer's
+    name, its path in `model` (`outer/inner`, as `tfmp.rewrite.iter_layers` and
+    `tfmp.locate_overflows` give it) or its Keras `layer.path`.
+
+    Args:
+        model: The model the paths are in.
+        specs: Classes, names or paths.
+        check: Refuse a spec that is not a class or a string, or names no layer.
+
+    Returns:
+        `matches(layer) -> bool`.
+
+    Raises:
+        ValueError: with `check`, a spec that is neither a class nor a non-empty string,
+            or a string that matches no layer of `model` (the message names it and a few
+            layer paths).
+    """
+    specs = list(specs)
+    layers = list(iter_layers(model))
+    strings = set()
+    for spec in specs:
+        if isinstance(spec, type):
+            continue
+        if not check:
+            strings.add(spec)
+            continue
+        if not isinstance(spec, str) or not spec:
+            raise ValueError(f"float32_layers entries must be layer names, paths or classes; "
+                             f"got {spec!r}")
+        if not any(spec in (path, layer.name, getattr(layer, "path", None))
+                   for path, layer in layers):
+            shown = ", ".join(path for path, _ in layers[:8]) + (" ..." if len(layers) > 8 else "")
+            raise ValueError(f"float32_layers: no layer of {model.name!r} is named {spec!r}; "
+                             f"its layers: {shown}")
+        strings.add(spec)
+    classes = tuple(spec for spec in specs if isinstance(spec, type))
+    paths = {id(layer): path for path, layer in layers}
+
+    def matches(layer: keras.layers.Layer) -> bool:
+        return (isinstance(layer, classes) if classes else False) or bool(
+            strings & {paths.get(id(layer)), layer.name, getattr(layer, "path", None)})
+
+    return matches
 
 
 def float32_selector(
@@ -47,14 +88,14 @@ def float32_selector(
         `chosen(layer) -> bool`.
     """
     out_ids = {id(layer) for layer in output_layers(model)} if outputs else set()
-    extra = tuple(extra_layers)
+    extra = layer_matcher(model, extra_layers, check=False)
 
     def chosen(layer: keras.layers.Layer) -> bool:
         return (
             id(layer) in out_ids
             or (normalization and is_normalization(layer))
             or (softmax and is_softmax(layer))
-            or _matches(layer, extra)
+            or extra(layer)
         )
 
     return chosen
@@ -109,7 +150,7 @@ def enforce_float32(
             a cast for an output that an op produces).
         normalization: Make normalization layers float32.
         softmax: Make softmax layers (and layers with a softmax activation) float32.
-        extra_layers: More layers to make float32, by name or class.
+        extra_layers: More layers to make float32, by name, path or class.
         data: A batch to run a model changed in place on (`tfmp.rewrite.example_inputs`):
             needed for a subclassed model built from inputs of another kind than float32
             arrays; default: its input shapes.

@@ -6,11 +6,9 @@ import dataclasses
 from typing import Any, Optional
 
 import keras
-import ml_dtypes
-import numpy as np
 
-HALF_MAX = {"float16": 65504.0, "bfloat16": float(np.finfo(ml_dtypes.bfloat16).max)}
-FLOAT16_TINY = 2.0 ** -24  # float16's smallest positive value: a gradient below it becomes 0
+from tfmp.precision import HALF_MAX
+
 MODEL_OWN = "<model>"  # tracing.MODEL_PATH: the model's own ops (its `call`)
 
 
@@ -66,7 +64,7 @@ class OverflowReport:
         rows: Every layer that ran, in the order its first call began.
         nonfinite_input_steps: Batches whose inputs already held inf/NaN (bad data: no
             layer is to blame for what they carry).
-        objects: The caller's layer objects, by path.
+        keras_paths: Keras' `layer.path` of each row's layer in the caller's model.
     """
 
     policy: str
@@ -75,7 +73,7 @@ class OverflowReport:
     margin: float
     rows: tuple[LayerOverflow, ...]
     nonfinite_input_steps: tuple[int, ...] = ()
-    objects: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+    keras_paths: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def layers(self) -> tuple[LayerOverflow, ...]:
@@ -106,8 +104,7 @@ class OverflowReport:
         model use `tfmp.prepare(..., float32_layers=report.paths)`."""
         policy_map = keras.dtype_policies.DTypePolicyMap(default_policy=self.policy)
         for path in self.paths:
-            layer = self.objects.get(path)
-            policy_map[getattr(layer, "path", None) or path] = keras.dtype_policies.get("float32")
+            policy_map[self.keras_paths.get(path, path)] = keras.dtype_policies.get("float32")
         return policy_map
 
     def to_dict(self) -> dict[str, Any]:

@@ -28,20 +28,18 @@ import tensorflow as tf
 from absl import logging
 
 from tfmp import _compat
-from tfmp.precision import resolve_policy
+from tfmp.precision import FLOAT16_TINY, HALF_MAX, resolve_policy
+from tfmp.rewrite.calls import CallRecorder
 from tfmp.rewrite.classify import HALF_DTYPES, iter_layers, model_policy
 from tfmp.rewrite.conversion import convert_policy
 from tfmp.rewrite.enforcement import LayerSpec
 from tfmp.rewrite.inplace import policies_of, restore_policies
-from tfmp.rewrite.overflow_report import (HALF_MAX, LayerOverflow, OverflowReport,
-                                          FLOAT16_TINY)
-from tfmp.rewrite.calls import CallRecorder
+from tfmp.rewrite.overflow_report import LayerOverflow, OverflowReport
 from tfmp.rewrite.tracing import MODEL_PATH, split_batch
 from tfmp.scaling import DEFAULT_INITIAL_SCALE
 
 DEFAULT_MARGIN = 0.5
 MAX_ROUNDS = 4
-INPUTS = "<inputs>"  # the batch itself, in a probe's stats
 # Ops that cannot make a value larger than their inputs' or a non-finite one from finite
 # inputs: not checked (a third of a convolutional network's ops).
 PASS_THROUGH_OPS = frozenset((
@@ -77,6 +75,12 @@ def _casts_to_their_consumer(owned: dict[int, list[tuple[Any, Any]]]) -> dict[in
                 ops_of[key].remove(op)
                 ops_of.setdefault(consumers.pop(), []).append(op)
     return ops_of
+
+
+def _holds_nonfinite(structure: Any) -> bool:
+    """Whether a batch's floating arrays (inputs, targets) hold inf/NaN: bad data."""
+    arrays = [np.asarray(a) for a in keras.tree.flatten(structure) if a is not None]
+    return any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
 
 
 def _floating(structure: Any, graph: Any) -> list[Any]:
@@ -120,8 +124,7 @@ class _Probe:
                 finite_of[t.ref()] = tf.reduce_all(tf.math.is_finite(t))
             return finite_of[t.ref()]
 
-        stats: dict[str, Any] = {INPUTS: {"ok": tf.reduce_all(tf.stack(
-            [finite(t) for t in _floating(x, graph)] + [True]))}}
+        stats: dict[str, Any] = {}
         layer_outputs: dict[str, list[Any]] = {}
         for layer in self.recorder.order:
             path = self.paths.get(id(layer), layer.name)
@@ -321,7 +324,7 @@ def locate_overflows(
     limit = margin * HALF_MAX[half]
     found: dict[str, LayerOverflow] = {}
     rows: dict[str, LayerOverflow] = {}
-    bad_inputs: list[int] = []
+    bad_inputs = [i for i, (x, _) in enumerate(batches) if _holds_nonfinite(x)]
     for _ in range(MAX_ROUNDS):
         def probe16(converted: keras.Model) -> tuple[Any, list]:
             p = _Probe(converted, (half,), None, scale)
@@ -343,7 +346,6 @@ def locate_overflows(
             rows[path] = _judge(path, layer, stats, p.origin_ops.get(path, []), limit, half)
             if rows[path].reason:
                 new[path] = rows[path]
-        bad_inputs = bad_inputs or [i for i, s in enumerate(stats) if not s[INPUTS]["ok"]]
         if not new:
             break
         found.update(new)
@@ -365,7 +367,8 @@ def locate_overflows(
                 rows[path] = rows[path].with_underflow(tiny / nonzero)
     original = dict(iter_layers(model))
     return OverflowReport(target, len(batches), scale, margin, tuple(rows[p] for p in order),
-                          tuple(bad_inputs), {p: original[p] for p in order if p in original})
+                          tuple(bad_inputs),
+                          {p: original[p].path for p in order if getattr(original.get(p), "path", None)})
 
 
 class OriginFinder:
@@ -394,6 +397,4 @@ class OriginFinder:
         stats = probe.run([(x, None)])[0]
         origins = [path for path in probe.layers if stats[path]["made"].any()]
         outputs = [path for path in probe.layers if not stats[path]["outputs_ok"]]
-        arrays = [np.asarray(a) for a in keras.tree.flatten((x, y)) if a is not None]
-        bad = any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
-        return origins, outputs, bad
+        return origins, outputs, _holds_nonfinite((x, y))

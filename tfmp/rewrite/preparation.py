@@ -11,8 +11,8 @@ from tfmp.distribute import enable_multi_worker_fit
 from tfmp.precision import HardwareInfo, detect_hardware, set_policy
 from tfmp.rewrite.auditing import AuditReport, audit
 from tfmp.rewrite.classify import HALF_DTYPES, KEPT_FLOAT32, iter_layers, kept_float32
-from tfmp.rewrite.conversion import convert_policy, layer_matcher
-from tfmp.rewrite.enforcement import LayerSpec
+from tfmp.rewrite.conversion import convert_policy
+from tfmp.rewrite.enforcement import LayerSpec, layer_matcher
 from tfmp.rewrite.inplace import policies_of, restore_policies
 from tfmp.rewrite.islands import apply_islands
 from tfmp.rewrite.overflow_report import MODEL_OWN, OverflowReport

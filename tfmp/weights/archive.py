@@ -11,7 +11,7 @@ import keras
 
 from tfmp.atomic import atomic_path
 from tfmp.weights.half import (HalfWeightsReport, check_arguments, check_destination,
-                               save_weights)
+                               write_weights)
 
 WEIGHTS_ENTRY = "model.weights.h5"  # where a .keras archive keeps its weights
 
@@ -45,9 +45,9 @@ def save_model(model: keras.Model, path: str, dtype: str = "bfloat16", *,
         full = os.path.join(scratch, "float32.keras")
         model.save(full)
         half = os.path.join(scratch, "half.weights.h5")
-        report = save_weights(model, half, dtype, keep_float32=keep_float32)
-        float32 = os.path.join(scratch, "float32.weights.h5")
-        save_weights(model, float32, "float32")
+        report = write_weights(model, half, dtype, keep_float32, measure=False)
+        float32 = os.path.join(scratch, "float32.weights.h5")  # the reference archive's
+        write_weights(model, float32, "float32", measure=False)
         with atomic_path(path, ".keras") as tmp:
             _with_weights(full, tmp, half)
             size = os.path.getsize(tmp)

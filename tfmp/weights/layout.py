@@ -18,12 +18,13 @@ import ml_dtypes
 import numpy as np
 
 from tfmp import _compat
+from tfmp.precision import FLOAT16_TINY, HALF_MAX
 from tfmp.rewrite import iter_layers
 
 OPTIMIZER_GROUP = "optimizer"  # where Keras' save_weights puts a compiled model's optimizer
 VARS_GROUP = "vars"
-FLOAT16_MAX = 65504.0
-FLOAT16_FLUSH = 2.0 ** -25  # float16 rounds a magnitude at or below this to zero
+FLOAT16_MAX = HALF_MAX["float16"]
+FLOAT16_FLUSH = FLOAT16_TINY / 2  # float16 rounds a magnitude at or below this to zero
 # Files readable by HDF5 1.8 and newer (its compact object headers: smaller files).
 LIBVER = ("v108", "v110")
 
