@@ -33,7 +33,7 @@ from tfmp.callbacks.culprit import find_culprit, keep_bad_batches
 from tfmp.callbacks.events import NanEvent, NonFiniteError, diagnose
 from tfmp.callbacks.summaries import ScalarWriter
 from tfmp.precision import global_policy_name
-from tfmp.scaling import guard_model_state
+from tfmp.scaling import build_optimizer, guard_model_state
 
 NAN_POLICIES = ("skip", "stop", "raise")
 
@@ -62,6 +62,7 @@ class _CountersCallback(keras.callbacks.Callback):
         guard_model_state(model)
 
     def on_train_begin(self, logs=None) -> None:
+        build_optimizer(self.model)  # before the step is traced: Keras then traces it once
         self._begin_state: Optional[ScaleState] = None
         self._epoch = 0
 

@@ -17,7 +17,7 @@ from tfmp.rewrite.inplace import policies_of, restore_policies
 from tfmp.rewrite.islands import apply_islands
 from tfmp.rewrite.overflow_report import MODEL_OWN, OverflowReport
 from tfmp.rewrite.overflows import locate_overflows
-from tfmp.scaling import LossScale, guard_model_state, wrap_optimizer
+from tfmp.scaling import LossScale, build_optimizer, guard_model_state, wrap_optimizer
 
 
 class AuditError(ValueError):
@@ -98,7 +98,8 @@ def prepare(
        and cast back.
     3. `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=..., **scale_args)`.
     4. `tfmp.audit`: raises on errors.
-    5. `tfmp.guard_model_state(model)`.
+    5. `tfmp.guard_model_state(model)`, and the optimizer built on the model's trainable
+       variables (`tfmp.scaling.build_optimizer`: Keras then traces the first step once).
     6. Under a MultiWorkerMirroredStrategy with several workers,
        `tfmp.distribute.enable_multi_worker_fit(model)`: Keras 3.15's `fit`
        fails there otherwise (keras-team/keras#20585).
@@ -164,6 +165,7 @@ def prepare(
     for finding in report.warnings:
         logging.warning("tfmp.prepare: %s: %s (%s)", finding.path, finding.problem, finding.fix)
     model = guard_model_state(model)
+    build_optimizer(model, opt)  # now, not in the first traced step: one trace instead of two
     for fix in enable_multi_worker_fit(model):
         logging.info("tfmp.prepare: multi-worker fit fix %s applied", fix)
     return model, opt

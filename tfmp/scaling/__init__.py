@@ -2,7 +2,8 @@
 
 `DynamicLossScaleOptimizer` (the optimizer), `wrap_optimizer` (the loss scaling a
 policy needs), `get_unscaled_gradients` (custom loops that clip by hand),
-`guard_model_state` (a skipped step changes no model state). The scale's rules are
+`guard_model_state` (a skipped step changes no model state), `build_optimizer` (built before
+the first step: Keras then traces that step once). The scale's rules are
 `keras.ops` functions in `numerics`; the one decision for every replica, the only
 TensorFlow-specific part, is in `replicas`.
 """
@@ -17,6 +18,7 @@ from tfmp.scaling.arguments import (
     ScaleRule,
     check_scale,
 )
+from tfmp.scaling.building import build_optimizer
 from tfmp.scaling.optimizer import DynamicLossScaleOptimizer
 from tfmp.scaling.state_guard import forward_state, guard_model_state
 from tfmp.scaling.wrapping import LossScale, get_unscaled_gradients, parse_loss_scale, wrap_optimizer
@@ -24,6 +26,6 @@ from tfmp.scaling.wrapping import LossScale, get_unscaled_gradients, parse_loss_
 __all__ = [
     "DEFAULT_GROWTH_INTERVAL", "DEFAULT_INITIAL_SCALE", "DEFAULT_MAX_SCALE", "DEFAULT_MIN_SCALE",
     "DynamicLossScaleOptimizer", "FLOAT32_MAX", "FLOAT32_MIN_NORMAL", "LossScale", "ScaleRule",
-    "check_scale", "forward_state", "get_unscaled_gradients", "guard_model_state",
+    "build_optimizer", "check_scale", "forward_state", "get_unscaled_gradients", "guard_model_state",
     "parse_loss_scale", "wrap_optimizer",
 ]
