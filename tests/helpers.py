@@ -86,11 +86,16 @@ tool = importlib.import_module("tools." + name)  # its flags are defined once
 from tfmp.app import cli
 results = []
 import os
+# absl.app.run sets logging up (its handler, INFO) in a process's first run only; unparsing
+# the flags then puts --verbosity back to -1 (WARNING): each later case gets the first's.
+verbosity = None
 for case in json.loads(sys.argv[2]):
     case = {"argv": case} if isinstance(case, list) else case
     argv, env = case["argv"], case.get("env", {})
     os.environ.update(env)
     flags.FLAGS.unparse_flags()  # every case starts from the defaults
+    if verbosity is not None:
+        absl_logging.set_verbosity(verbosity)
     sys.argv = [name + ".py", *argv]
     err, out = io.StringIO(), io.StringIO()
     mock = contextlib.nullcontext()
@@ -109,6 +114,7 @@ for case in json.loads(sys.argv[2]):
             code = e.code if isinstance(e.code, int) else 1
         finally:
             resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+    verbosity = absl_logging.get_verbosity() if verbosity is None else verbosity
     results.append([code, err.getvalue(), out.getvalue()])
     for key in env:
         del os.environ[key]

@@ -34,7 +34,9 @@ def _prepare(model, policy):
 @pytest.mark.parametrize("name", sorted(corpus.KINDS))
 def test_prepare_computes_what_was_asked_and_trains(name):
     kind = corpus.KINDS[name]
-    x, y = corpus.data(kind, n=32)
+    # MobileNet fits eagerly, ~0.8 s a step here: 2 steps of 8 (the others 4)
+    x, y = corpus.data(kind, n=16 if kind.inputs == "image" else 32)
+    steps = len(y if kind.outputs == 1 else y[0]) // 8
     for policy, half in HALF.items():
         keras.config.set_dtype_policy("float32")
         keras.utils.set_random_seed(0)
@@ -70,7 +72,7 @@ def test_prepare_computes_what_was_asked_and_trains(name):
         hist = prepared.fit(x, y, batch_size=8, epochs=1, verbose=0,
                             callbacks=[LossScaleMonitor(), NanMonitor("raise")])
         assert np.isfinite(hist.history["loss"][-1]), policy
-        assert hist.history["skipped_steps"][-1] < 4, policy  # 4 steps: some applied
+        assert hist.history["skipped_steps"][-1] < steps, policy  # some steps applied
         assert any(np.any(a != b) for a, b in zip(weights, prepared.get_weights())), policy
 
 

@@ -32,21 +32,18 @@ def summary(model_dir):
         return json.load(f)
 
 
-def test_default_run_no_flags():
-    start = time.time()
-    proc = train()
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert time.time() - start < 60
-    out = proc.stdout
+def test_default_run_no_flags(child_runs):
+    code, stderr, out = child_runs["default"]  # no flag at all, in the shared child
+    assert code == 0, stderr[-2000:]
     assert "=== tfmp training summary ===" in out and "model mlp on synthetic" in out
     accuracy = float(out.split("eval_accuracy=")[1].split(",")[0])
     assert accuracy > 0.5  # 10 classes: chance is 0.1
     # What a person reads: counters as whole numbers, the auto reason, epochs from 1.
     assert "loss_scale: 1 - nan_losses: 0 - skipped_steps: 0" in out and "e+00" not in out
     assert "epochs 1-3 of 3" in out
-    assert "asked for explicitly" not in proc.stderr
+    assert "asked for explicitly" not in stderr
     hw = tfmp.detect_hardware()
-    assert f"precision policy {hw.recommended_policy} ({hw.reason})" in proc.stderr
+    assert f"precision policy {hw.recommended_policy} ({hw.reason})" in stderr
 
 
 def _auto():
@@ -161,8 +158,8 @@ def bad_input_runs(child_runs):
 @pytest.fixture(scope="module")
 def child_runs(tmp_path_factory):
     """Every run of this module that needs no process of its own, through the binary's entry
-    point in one child process (TensorFlow imported once): training runs (three
-    strategies, float16 with accumulation, a NaN stop) and the bad-input cases. Those with
+    point in one child process (TensorFlow imported once): training runs (no flag at all,
+    three strategies, float16 with accumulation, a NaN stop) and the bad-input cases. Those with
     MirroredStrategy first: the CPU is split before anything initializes TensorFlow."""
     tmp = tmp_path_factory.mktemp("runs")
     (tmp / "file").write_text("not a directory")
@@ -179,12 +176,15 @@ def child_runs(tmp_path_factory):
     bad += [{"argv": ["--epochs=1"], "env": {"TFMP_PRECISION": "fp17"}},
             {"argv": ["--dataset=imdb_reviews", "--model=cnn"], "mock_data": 16}]
     cases = [("fit", i, c) for i, c in enumerate(fits)] + [("bad", i, c) for i, c in enumerate(bad)]
+    cases.append(("default", 0, []))
     cases.sort(key=lambda case: "--num_cpu_devices=2" not in str(case[2]))
-    runs = helpers.run_tool_cases("train", [case for _, _, case in cases])
-    results = {(kind, i): run for (kind, i, _), run in zip(cases, runs)}
+    runs = helpers.run_tool_cases("train", [case for _, _, case in cases], stdout=True)
+    results = {(kind, i): run if kind == "default" else run[:2]
+               for (kind, i, _), run in zip(cases, runs)}
     n_fit, n_bad = len(fits), len(BAD_INPUT)
     fit = [results["fit", i] for i in range(n_fit)]
-    return {"fit": (tmp, {"strategies": fit[:len(STRATEGY_CASES)], "kept": fit[-3],
+    return {"default": results["default", 0],
+            "fit": (tmp, {"strategies": fit[:len(STRATEGY_CASES)], "kept": fit[-3],
                           "fp16": fit[-2], "nan": fit[-1]}),
             "bad": {**{i: results["bad", i] for i in range(n_bad)},
                     "env": results["bad", n_bad], "tfds": results["bad", n_bad + 1]}}
