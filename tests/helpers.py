@@ -71,10 +71,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_tool(tool, *args, timeout=300, **extra_env):
-    """`python -m tools.<tool> args...` from the checkout, TF's C++ logging quiet."""
+    """`python -m tools.<tool> args...` from the checkout, TF's C++ logging quiet, in a
+    process of its own forked from this worker's `Zygote` (TensorFlow already imported)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
-    return subprocess.run([sys.executable, "-m", f"tools.{tool}", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return zygote().run(["-m", f"tools.{tool}", *args], env=env, timeout=timeout)
 
 
 _CASES_DRIVER = """
@@ -140,8 +140,120 @@ def run_tool_cases(tool, cases, timeout=300, stdout=False, **extra_env):
 
     env = {k: v for k, v in os.environ.items() if k != "TFMP_PRECISION"}  # cases set their own
     env.update(TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
-    proc = subprocess.run([sys.executable, "-c", _CASES_DRIVER, tool, json.dumps(cases)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = zygote().run(["-c", _CASES_DRIVER, tool, json.dumps(cases)], env=env, timeout=timeout)
     line = [l for l in proc.stdout.splitlines() if l.startswith("CASES=")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     return [tuple(r) if stdout else tuple(r[:2]) for r in json.loads(line[0][len("CASES="):])]
+
+
+_ZYGOTE = r"""
+import atexit, json, os, runpy, sys, traceback
+import absl.app, keras, tensorflow, tfmp, tfmp.app  # noqa: F401  (once, before any fork)
+control_in, control_out = sys.stdin.buffer, sys.stdout.buffer
+control_out.write(b"ready\n"); control_out.flush()
+for line in iter(control_in.readline, b""):
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:  # the child: what `python <argv>` would run, with its own stdio and cwd
+        code = 1
+        try:
+            os.chdir(request["cwd"])
+            os.environ.clear()
+            os.environ.update(request["env"])
+            for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
+                                   (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                   (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+                new = os.open(path, mode, 0o644)
+                os.dup2(new, fd)
+                os.close(new)
+            sys.stdin = open(os.devnull)
+            argv = request["argv"]
+            # sys.path as the interpreter starts it: the script's place, then PYTHONPATH
+            extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
+            try:
+                if argv[0] == "-m":
+                    sys.argv = argv[1:]
+                    sys.path[0:0] = [request["cwd"], *extra]
+                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+                else:  # -c CODE ARGS...
+                    sys.argv = ["-c", *argv[2:]]
+                    sys.path[0:0] = ["", *extra]
+                    exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+                code = 0
+            except SystemExit as e:
+                if e.code is None or isinstance(e.code, int):
+                    code = e.code or 0
+                else:
+                    print(e.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()
+            atexit._run_exitfuncs()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    control_out.write(json.dumps({"pid": pid}).encode() + b"\n"); control_out.flush()
+    status = os.waitpid(pid, 0)[1]
+    control_out.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
+    control_out.flush()
+"""
+
+
+class Zygote:
+    """A process with TensorFlow, Keras and tfmp imported that forks one child per binary run.
+
+    Importing TensorFlow takes 5-9 s of a core here, most of a binary's start: each pytest
+    worker pays it once, and every `run_tool` / `run_tool_cases` run is a real process of
+    its own (own pid, environment, working directory, stdio and exit status, `absl.app.run`
+    included) started in a fraction of a second. Nothing runs in the zygote but imports:
+    TensorFlow's runtime starts in each child (so `--num_cpu_devices` and cluster set-ups
+    still come first there). Runs that are about the interpreter itself (a fresh import,
+    a killed process) use `subprocess` directly.
+    """
+
+    def __init__(self):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _ZYGOTE], cwd=ROOT, stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, bufsize=0, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert self._line(120) == b"ready\n", "the zygote did not start"
+
+    def _line(self, timeout):
+        """One control line (read a byte at a time: nothing of the next line is buffered)."""
+        import select
+
+        if not select.select([self.proc.stdout], [], [], timeout)[0]:
+            return None
+        return self.proc.stdout.readline()
+
+    def run(self, argv, env, timeout=300, cwd=ROOT):
+        """`python *argv` as a child; a `subprocess.CompletedProcess` (text stdout/stderr)."""
+        import json
+        import signal
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+            request = dict(argv=list(argv), env=env, cwd=str(cwd), stdout=out, stderr=err)
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            pid = json.loads(self._line(30))["pid"]
+            done = self._line(timeout)
+            if done is None:
+                os.kill(pid, signal.SIGKILL)
+                self._line(30)
+                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
+            with open(out) as o, open(err) as e:
+                return subprocess.CompletedProcess([sys.executable, *argv],
+                                                   json.loads(done)["code"], o.read(), e.read())
+
+
+_zygote = None
+
+
+def zygote():
+    """This process's `Zygote`, started on first use (again if it died)."""
+    global _zygote
+    if _zygote is None or _zygote.proc.poll() is not None:
+        _zygote = Zygote()
+    return _zygote

@@ -1,5 +1,6 @@
 """Policy names, auto, env override, traps, scopes and what Keras builds."""
 
+import os
 import subprocess
 import sys
 import warnings
@@ -8,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 
+import helpers
 import tfmp
 from tfmp.precision import policy as policy_lib
 from tfmp.precision import HardwareInfo
@@ -181,9 +183,7 @@ def test_import_without_tensorflow_is_one_clear_line():
 
 
 def test_python_m_tfmp_prints_hardware():
-    proc = subprocess.run(
-        [sys.executable, "-m", "tfmp"], capture_output=True, text=True, timeout=120
-    )
+    proc = helpers.zygote().run(["-m", "tfmp"], env=dict(os.environ), timeout=120)
     assert proc.returncode == 0, proc.stderr
     flags = tfmp.detect_hardware().cpu_features
     expected = "mixed_bfloat16" if flags & {"amx_bf16", "avx512_bf16"} else "float32"

@@ -23,8 +23,7 @@ def env(**extra):
 
 
 def train(*args, timeout=300, **extra_env):
-    return subprocess.run([sys.executable, "-m", "tools.train", *args], cwd=ROOT,
-                          env=env(**extra_env), capture_output=True, text=True, timeout=timeout)
+    return helpers.run_tool("train", *args, timeout=timeout, **extra_env)
 
 
 def summary(model_dir):

@@ -3,8 +3,6 @@ files, real Keras loading, real fit."""
 
 import os
 import signal
-import subprocess
-import sys
 
 import h5py
 import keras
@@ -15,7 +13,7 @@ from keras import ops
 
 import models
 import tfmp
-from helpers import ROOT
+from helpers import ROOT, zygote
 from tfmp.callbacks import HalfPrecisionCheckpoint
 from tfmp.weights import WeightsFileError, save_model
 
@@ -288,8 +286,7 @@ tfmp.save_weights(model, sys.argv[1], "bfloat16")
 def test_a_kill_during_a_write_leaves_the_previous_file(tmp_path):
     path = tmp_path / "w.weights.h5"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    child = subprocess.run([sys.executable, "-c", WRITER, str(path)], env=env, timeout=120,
-                           capture_output=True, text=True)
+    child = zygote().run(["-c", WRITER, str(path)], env=env, timeout=120)  # a process of its own
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
     left = set(os.listdir(tmp_path)) - {"w.weights.h5"}
     assert "w.weights.h5" in os.listdir(tmp_path)
