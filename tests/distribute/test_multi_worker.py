@@ -43,12 +43,17 @@ def two_worker_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_workers")
     single = tmp / "single"
     single.mkdir()
-    proc = subprocess.Popen([sys.executable, JOB, str(single), "single", BF16_ACCUM],
-                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # alongside
+    single_run = []  # `python JOB ...`, forked from this worker's zygote, alongside
+    script = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+    alongside = threading.Thread(target=lambda: single_run.append(helpers.zygote().run(
+        ["-c", script, JOB, str(single), "single", BF16_ACCUM],
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=120)))
+    alongside.start()
     code, out = _two_workers(tmp, FP16_INJECT, BF16_ACCUM, NO_FIX)
-    single_code = proc.wait(timeout=120)
-    return tmp, code, out, single_code, proc.stdout.read()
+    alongside.join(timeout=150)
+    assert single_run, "the one-process run did not end"
+    return tmp, code, out, single_run[0].returncode, single_run[0].stderr + single_run[0].stdout
 
 
 def _workers(tmp, scenario):
