@@ -5,9 +5,9 @@ first traced train step (`_maybe_symbolic_build` in Keras' TensorFlow trainer:
 "defer building ... This maximizes backwards compatibility"). The optimizer's
 variables are then created inside that trace, and TensorFlow traces a function
 that created variables on its first call a second time. Building the optimizer
-beforehand, on the variables Keras would give it, saves that second trace: about
-half of the time to the first step (seconds for a large model), with the same
-variables and the same steps. Under a strategy Keras builds it before fit itself.
+beforehand, on the variables Keras would give it, saves that second trace, with the
+same variables and the same steps (on this project's test suite: 461 s of CPU time in
+its in-process tests before, 383 s after). Under a strategy Keras builds it before fit itself.
 """
 
 from __future__ import annotations
