@@ -6,20 +6,26 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-import keras
 import pytest
-import tensorflow as tf
 
-# Must happen before TensorFlow initializes its devices.
-_cpus = tf.config.list_physical_devices("CPU")
-tf.config.set_logical_device_configuration(
-    _cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2
-)
+
+def pytest_configure(config):
+    """Two logical CPUs, before TensorFlow initializes its devices; not in pytest-xdist's
+    controller, which runs no test (importing TensorFlow there took 6 s before any worker
+    started)."""
+    if getattr(config.option, "numprocesses", None) and "PYTEST_XDIST_WORKER" not in os.environ:
+        return
+    import tensorflow as tf
+
+    cpus = tf.config.list_physical_devices("CPU")
+    tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
 
 
 @pytest.fixture(autouse=True)
 def _float32_policy_and_clean_env(monkeypatch):
     """Each test starts in float32, without TFMP_PRECISION, and is restored after."""
+    import keras
+
     monkeypatch.delenv("TFMP_PRECISION", raising=False)
     keras.config.set_dtype_policy("float32")
     yield

@@ -1,4 +1,4 @@
-"""Small models, data and optimizer steps shared by the loss-scaling tests."""
+"""Small models, data and optimizer steps shared by the tests, and the zygote binaries fork from."""
 
 import functools
 import os
@@ -8,6 +8,10 @@ import sys
 import keras
 import numpy as np
 import tensorflow as tf
+
+if __name__ != "helpers":  # `tests.helpers` would be a second module: a second zygote per worker
+    raise ImportError(f"import this module as `helpers` (setup.cfg puts tests/ on the path), "
+                      f"not as {__name__!r}")
 
 INF = float("inf")
 

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from keras import ops
 
+import helpers
 import tfmp
-from tests import helpers
 from tfmp.app import data
 from tfmp.rewrite import islands
 from tfmp.litert import QUANTIZATIONS, ExportError, calibration_batches, export_filename

@@ -6,8 +6,8 @@ import keras
 import numpy as np
 import pytest
 
+import helpers
 import tfmp
-from tests import helpers
 from tfmp.precision import HardwareInfo
 
 GPU = HardwareInfo("gpu", ("GPU:0",), ((8, 0),))

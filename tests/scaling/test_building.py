@@ -58,6 +58,30 @@ def test_keras_alone_traces_the_first_step_twice_and_tfmp_once():
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
+def test_a_guarded_step_traced_before_the_optimizer_is_built_is_guarded():
+    # No callback and no prepare: Keras builds the optimizer in the first traced step,
+    # which the guard cannot guard (no counter to read yet); TensorFlow traces the step
+    # again, guarded, before it runs. A NaN in the first batch then leaves BatchNorm's
+    # statistics as they were: the model ends as if it had seen only the clean second
+    # batch (whose step moved them).
+    x, y = make_data(32)
+    x[3, 0] = np.nan
+    models = []
+    for first in (0, 16):
+        model = tfmp.guard_model_state(_model())
+        model.compile(tfmp.wrap_optimizer(keras.optimizers.SGD(0.1), "float32", guard=True),
+                      "mse")
+        model.fit(x[first:], y[first:], batch_size=16, epochs=1, verbose=0, shuffle=False)
+        models.append(model)
+    guarded, clean = models
+    assert int(guarded.optimizer.skipped_steps.numpy()) == 1
+    assert int(guarded.optimizer.iterations.numpy()) == int(clean.optimizer.iterations.numpy()) == 1
+    bn = guarded.layers[-2]
+    assert not np.array_equal(bn.moving_mean.numpy(), np.zeros(16))  # the clean step moved it
+    for a, b in zip(guarded.get_weights(), clean.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_a_guarded_step_skipped_on_the_first_trace_leaves_the_statistics():
     # The state guard needs a built optimizer when the step is traced: built early, the
     # first (only) trace is guarded. A NaN in the first batch then leaves BatchNorm's

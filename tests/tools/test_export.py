@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 from keras import ops
 
-from tests import helpers
+import helpers
 from rewrite import corpus
 from tfmp.app import data, training
 from tfmp.litert import export_filename
