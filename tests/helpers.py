@@ -53,6 +53,19 @@ class Subclassed(keras.Model):
         return self.dense(x)
 
 
+class CountCalls(keras.layers.Layer):
+    """The identity, counting how often Keras runs its Python code in training: once per
+    trace of a train step (or of `tfmp.rewrite.run_model`, which traces in training mode)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.training_calls = 0
+
+    def call(self, x, training=False):
+        self.training_calls += bool(training)
+        return x
+
+
 def make_data(n=256, seed=0):
     rng = np.random.RandomState(seed)
     x = rng.rand(n, 8).astype("float32")

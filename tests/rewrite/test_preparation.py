@@ -166,6 +166,34 @@ def _norms_model():
     return keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
 
 
+CPU_BF16 = HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))  # where GELU's island applies
+
+
+@pytest.mark.parametrize("case, traces", [("converted once", 1), ("converted twice", 1),
+                                          ("island", 2)])
+def test_prepare_traces_the_model_it_returns_once_unless_it_changed_after(case, traces):
+    # The trace the conversion made to place the normalization statistics is the audit's:
+    # not when a 16-bit-statistics norm made it convert again (that trace was of the first
+    # copy), nor when an island changed an activation after it.
+    keras.utils.set_random_seed(0)
+    x = inputs = keras.Input((16,))
+    x = keras.layers.Dense(16, activation="gelu" if case == "island" else "relu")(x)
+    x = keras.layers.LayerNormalization()(helpers.CountCalls(name="count")(x))
+    if case == "converted twice":
+        x = HalfRMSNorm()(x)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(16)(x)))
+    hardware = CPU_BF16 if case == "island" else GPU
+    prepared, opt = tfmp.prepare(model, keras.optimizers.Adam(), "bf16", hardware=hardware)
+    assert prepared is not model
+    count = prepared.get_layer("count")
+    assert count.training_calls == traces
+    # audit(run=) judges the trace it is given, as it would judge its own
+    run = tfmp.rewrite.run_model(prepared)
+    given = tfmp.audit(prepared, opt, hardware, run=run)
+    assert count.training_calls == traces + 1
+    assert given.to_dict() == tfmp.audit(prepared, opt, hardware).to_dict()
+
+
 @pytest.mark.parametrize("precision, half", [("bf16", "bfloat16"), ("fp16", "float16")])
 def test_normalization_outputs_stay_16_bit_where_statistics_are_float32_inside(precision, half):
     # Keras' LayerNormalization and BatchNormalization compute their statistics in float32

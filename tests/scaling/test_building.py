@@ -5,22 +5,9 @@ import numpy as np
 import tensorflow as tf
 
 import tfmp
-from helpers import Subclassed, make_data, mirrored
+from helpers import CountCalls, Subclassed, make_data, mirrored
 from tfmp.callbacks import NanMonitor
 from tfmp.scaling import build_optimizer
-
-
-class CountCalls(keras.layers.Layer):
-    """The identity, counting how often Keras runs its Python code in training: once per
-    trace of the train step."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.training_calls = 0
-
-    def call(self, x, training=False):
-        self.training_calls += bool(training)
-        return x
 
 
 def _model(seed=0):

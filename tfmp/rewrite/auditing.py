@@ -220,6 +220,7 @@ def audit(
     *,
     policy: Optional[str] = None,
     data: Any = None,
+    run: Optional[ModelRun] = None,
 ) -> AuditReport:
     """Checks what runs in which precision and reports what is wrong.
 
@@ -241,6 +242,8 @@ def audit(
         data: A batch to run the model on (an array, a structure of arrays, `(x, y)` or
             a `tf.data.Dataset`); default: the model's input shapes. A model that cannot
             be run is judged by its configs (an info finding says so).
+        run: The model's trace, `tfmp.rewrite.run_model(model, data)`, if you have it
+            (of the model as it is now): judged instead of tracing the model again.
 
     Returns:
         An `AuditReport`: `report.ok`, `report.errors`, `str(report)` (findings),
@@ -257,7 +260,7 @@ def audit(
     policy = policy or global_policy_name()
     align = {"tpu": 128, "gpu": 8}.get(hw.accelerator, 0)
     ctx = _Context(policy, hw, align, {l.compute_dtype for _, l in iter_layers(model)})
-    ctx.run = _run(model, data, ctx)
+    ctx.run = run if run is not None else _run(model, data, ctx)
     if ctx.run is not None:
         ctx.compute_dtypes |= {op.dtype for layer in ctx.run.layers for op in layer.ops}
     for check in CHECKS:

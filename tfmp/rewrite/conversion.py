@@ -32,18 +32,20 @@ def _check_computes_in(model: keras.Model, run: Optional[ModelRun], policy: str)
 
 
 def _normalizations_with_half_statistics(model: keras.Model, run: Optional[ModelRun], policy: str,
-                                        data: Any) -> set[str]:
+                                        data: Any) -> tuple[set[str], Optional[ModelRun]]:
     """Paths of the normalization layers that, under a 16-bit `policy`, take the square root
-    of a sum in 16 bits (as the audit sees it: by what they run, not by their class)."""
+    of a sum in 16 bits (as the audit sees it: by what they run, not by their class); and
+    the trace of `model` made here to find them (None when `run` was given or none was
+    needed)."""
     # Only the layers a conversion can change (not the sublayers a custom layer calls itself).
     changeable = model_level_layers(model)
     candidates = {path for path, layer in iter_layers(model) if id(layer) in changeable
                   and is_normalization(layer) and layer.compute_dtype in HALF_DTYPES}
     if not candidates or keras.dtype_policies.get(policy).compute_dtype not in HALF_DTYPES:
-        return set()
-    run = run if run is not None else run_model(model, data)
-    return {layer.path for layer in run.layers
-            if layer.path in candidates and layer.half_statistics()}
+        return set(), None
+    fresh = run_model(model, data) if run is None else None
+    return {layer.path for layer in (run or fresh).layers
+            if layer.path in candidates and layer.half_statistics()}, fresh
 
 
 def _check_kept(model: keras.Model, float32_layers: Iterable[LayerSpec]) -> None:
@@ -112,6 +114,29 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None,
     Example:
     >>> f32 = tfmp.convert_policy(keras.models.load_model("mixed.keras"), "float32")
     """
+    return convert_with_trace(model, policy, data=data, float32_layers=float32_layers)[0]
+
+
+def convert_with_trace(model: keras.Model, policy: str, *, data: Any = None,
+                       float32_layers: Iterable[LayerSpec] = ()
+                       ) -> tuple[keras.Model, Optional[ModelRun]]:
+    """`convert_policy`, and the trace of the converted model if the conversion made one.
+
+    A copied model with 16-bit normalization layers is traced once, to see where their
+    statistics are computed; that trace is of the model returned, as it is returned, and
+    `tfmp.prepare` hands it to `tfmp.audit` (`run=`) instead of tracing the model again.
+
+    Args:
+        model, policy, data, float32_layers: As for `convert_policy`.
+
+    Returns:
+        `(converted model, its ModelRun or None)`: None when no trace of the model as
+        returned was made (a model converted in place is traced before its outputs are
+        cast; a model converted twice was traced before the second conversion).
+
+    Raises:
+        ValueError: As `convert_policy`.
+    """
     target = resolve_policy(policy).name
     source = model_policy(model)
     if source != target:
@@ -129,8 +154,9 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None,
 
     converted, run = convert(model, rule, first, data=data)
     try:
-        half_statistics = _normalizations_with_half_statistics(converted, run, target, data)
+        half_statistics, fresh = _normalizations_with_half_statistics(converted, run, target, data)
         if half_statistics:
+            fresh = None  # of the model before this second conversion
             logging.info("tfmp: normalization statistics computed in 16 bits by %s: float32 "
                          "for those layers", ", ".join(sorted(half_statistics)))
             if converted is model:
@@ -145,4 +171,4 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None,
         if converted is model:  # converted in place: give the model back as it came
             restore_policies(model, before)
         raise
-    return converted
+    return converted, fresh

@@ -11,7 +11,7 @@ from tfmp.distribute import enable_multi_worker_fit
 from tfmp.precision import HardwareInfo, detect_hardware, set_policy
 from tfmp.rewrite.auditing import AuditReport, audit
 from tfmp.rewrite.classify import HALF_DTYPES, KEPT_FLOAT32, iter_layers, kept_float32
-from tfmp.rewrite.conversion import convert_policy
+from tfmp.rewrite.conversion import convert_with_trace
 from tfmp.rewrite.enforcement import LayerSpec, layer_matcher
 from tfmp.rewrite.inplace import policies_of, restore_policies
 from tfmp.rewrite.islands import apply_islands
@@ -97,7 +97,9 @@ def prepare(
        CPU under bfloat16: `tfmp.rewrite.ISLANDS`) are computed in float32
        and cast back.
     3. `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=..., **scale_args)`.
-    4. `tfmp.audit`: raises on errors.
+    4. `tfmp.audit`: raises on errors. It judges the trace step 2 made to place the
+       normalization statistics when that trace is of the model returned (not converted
+       again, no island applied since): the model is traced once, not twice.
     5. `tfmp.guard_model_state(model)`, and the optimizer built on the model's trainable
        variables (`tfmp.scaling.build_optimizer`: Keras then traces the first step once).
     6. Under a MultiWorkerMirroredStrategy with several workers,
@@ -147,13 +149,14 @@ def prepare(
     policy = set_policy(precision, hw)
     try:
         kept = _float32_layers(model, float32_layers, policy, calibration_data)
-        converted = convert_policy(model, policy, data=data, float32_layers=list(kept))
+        converted, run = convert_with_trace(model, policy, data=data, float32_layers=list(kept))
         if float32_islands:  # the copy made above, or the model converted in place
             for change in apply_islands(converted, policy, hw):
+                run = None  # traced before the change: the audit traces it again
                 logging.info("tfmp.prepare: float32 island %s", change)
         opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
         _record_kept(converted, kept)
-        report = audit(converted, opt, hw, data=data)
+        report = audit(converted, opt, hw, data=data, run=run)  # one trace, not two
         if not report.ok:
             raise AuditError(report)
     except BaseException:  # nothing changed: Keras' policy and a model converted in place
