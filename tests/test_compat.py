@@ -146,6 +146,22 @@ def test_attention_probabilities_come_from_the_float32_softmax():
 
 # ------------------------------------------------------------------------- optimizers
 
+def test_the_restated_loss_scale_build_is_keras_build():
+    v = [keras.Variable(np.ones(2, "float32"), name="a")]
+    stock = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(), initial_scale=8.0)
+    stock.build(v)
+    ours = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(), initial_scale=8.0)
+    _compat.build_scale_state(ours)  # the scale first (what scale_loss reads), then the rest
+    _compat.build_after_scale_state(ours, v)
+
+    def described(opt):
+        return [(x.name, x.dtype, tuple(x.shape), x.numpy().tolist()) for x in opt.variables]
+
+    expect(described(ours) == described(stock) and ours.built and ours.inner_optimizer.built,
+           "LossScaleOptimizer.build creates step_counter and dynamic_scale, then builds the "
+           "inner optimizer, then Optimizer.build")
+
+
 def test_optimizer_counters_and_variable_order():
     v = [keras.Variable(np.ones(2, "float32"), name="a"), keras.Variable(np.ones(3, "float32"))]
     opt = keras.optimizers.SGD(0.1, gradient_accumulation_steps=2)

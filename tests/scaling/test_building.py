@@ -24,10 +24,14 @@ def _fit(model, **kwargs):
 
 def test_keras_alone_traces_the_first_step_twice_and_tfmp_once():
     stock = _model()
-    stock.compile(tfmp.wrap_optimizer(keras.optimizers.Adam(), "float32", guard=True), "mse")
+    stock.compile(keras.optimizers.Adam(), "mse")
     # Keras 3 builds the optimizer inside the first trace (no strategy set), and
     # TensorFlow traces again a function that created variables: what tfmp saves.
     assert _fit(stock) == 2, f"Keras {keras.__version__} no longer traces the first step twice"
+    # tfmp's optimizer built by Keras in the step creates its variables out of the trace
+    in_step = _model()
+    in_step.compile(tfmp.wrap_optimizer(keras.optimizers.Adam(), "float32", guard=True), "mse")
+    assert _fit(in_step) == 1
     monitored = _model()
     monitored.compile(tfmp.wrap_optimizer(keras.optimizers.Adam(), "float32", guard=True), "mse")
     assert _fit(monitored, callbacks=[NanMonitor()]) == 1  # built at the start of fit
@@ -36,21 +40,22 @@ def test_keras_alone_traces_the_first_step_twice_and_tfmp_once():
     prepared.compile(opt, "mse")
     prepared.get_layer("count").training_calls = 0  # prepare's audit ran the model
     assert _fit(prepared) == 1
-    # The same variables, the same steps: bit-identical to Keras building it itself.
-    for a, b in zip(stock.get_weights(), monitored.get_weights()):
+    # The same variables, the same steps: bit-identical however it was built, and the
+    # weights those of Keras' own Adam (no step skipped, a scale of 1).
+    for a, b, c in zip(stock.get_weights(), in_step.get_weights(), monitored.get_weights()):
         np.testing.assert_array_equal(a, b)
-    assert [v.shape for v in stock.optimizer.variables] == [
+        np.testing.assert_array_equal(b, c)
+    assert [v.shape for v in in_step.optimizer.variables] == [
         v.shape for v in monitored.optimizer.variables]
-    for a, b in zip(stock.optimizer.variables, monitored.optimizer.variables):
+    for a, b in zip(in_step.optimizer.variables, monitored.optimizer.variables):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def test_a_guarded_step_traced_before_the_optimizer_is_built_is_guarded():
-    # No callback and no prepare: Keras builds the optimizer in the first traced step,
-    # which the guard cannot guard (no counter to read yet); TensorFlow traces the step
-    # again, guarded, before it runs. A NaN in the first batch then leaves BatchNorm's
-    # statistics as they were: the model ends as if it had seen only the clean second
-    # batch (whose step moved them).
+    # No callback and no prepare: Keras builds the optimizer in the first (only) traced
+    # step, and the guard has it built before it looks. A NaN in the first batch then
+    # leaves BatchNorm's statistics as they were: the model ends as if it had seen only
+    # the clean second batch (whose step moved them).
     x, y = make_data(32)
     x[3, 0] = np.nan
     models = []
@@ -59,6 +64,7 @@ def test_a_guarded_step_traced_before_the_optimizer_is_built_is_guarded():
         model.compile(tfmp.wrap_optimizer(keras.optimizers.SGD(0.1), "float32", guard=True),
                       "mse")
         model.fit(x[first:], y[first:], batch_size=16, epochs=1, verbose=0, shuffle=False)
+        assert model.get_layer("count").training_calls == 1
         models.append(model)
     guarded, clean = models
     assert int(guarded.optimizer.skipped_steps.numpy()) == 1

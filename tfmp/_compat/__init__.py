@@ -22,7 +22,8 @@ from tfmp._compat.layers import (AttentionWithOwnSoftmax, calls_wrapped, clear_l
                                  remove_instance_call, set_instance_call,
                                  no_automatic_dependency_tracking, outputs_structure,
                                  own_non_trainable_variables, own_variables, producer)
-from tfmp._compat.optimizers import (apply_decided, built_variables, ema_overwrite_due,
+from tfmp._compat.optimizers import (apply_decided, build_after_scale_state, build_scale_state,
+                                     built_variables, ema_overwrite_due,
                                      finish_apply, micro_batches, overwrite_with_ema,
                                      overwrites_with_gradient, variable_index)
 from tfmp._compat.tensorflow import (first_batch, in_multi_worker_mode, interpreter_ops,

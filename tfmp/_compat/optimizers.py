@@ -11,6 +11,27 @@ from keras import ops
 
 from tfmp._compat.base import relying_on
 
+def build_scale_state(optimizer: Any) -> None:
+    """What Keras' `LossScaleOptimizer.build` creates before it builds the inner optimizer:
+    `step_counter` and `dynamic_scale`, in that order, as Keras 3.15 creates them (without a
+    variable list: the scale exists before the variables the optimizer updates are known)."""
+    with relying_on("LossScaleOptimizer.build's step_counter and dynamic_scale"):
+        optimizer.step_counter = optimizer.add_variable(
+            shape=(), dtype="int", initializer=keras.initializers.Zeros(), aggregation="none",
+            name="step_counter")
+        optimizer.dynamic_scale = optimizer.add_variable(
+            shape=(), dtype="float32", initializer=keras.initializers.Constant(
+                optimizer.initial_scale), aggregation="none", name="dynamic_scale")
+
+
+def build_after_scale_state(optimizer: Any, var_list: Sequence[Any]) -> None:
+    """The rest of `LossScaleOptimizer.build`: the inner optimizer, then Keras'
+    `Optimizer.build` on the loss-scale optimizer itself."""
+    with relying_on("LossScaleOptimizer.build's order (inner optimizer, then Optimizer.build)"):
+        optimizer.inner_optimizer.build(var_list)
+        super(keras.optimizers.LossScaleOptimizer, optimizer).build(var_list)
+
+
 def micro_batches(optimizer: Any) -> Any:
     """`optimizer._iterations`: applied calls, micro-batches under gradient accumulation
     (`optimizer.iterations` counts updates there)."""

@@ -20,6 +20,7 @@ from keras import ops
 
 from tfmp import _compat
 from tfmp.scaling import numerics, replicas
+from tfmp.scaling.building import can_build_outside_the_trace, outside_the_trace
 from tfmp.scaling.arguments import (DEFAULT_GROWTH_INTERVAL, DEFAULT_INITIAL_SCALE, ScaleRule,
                                     check_scale, default_scale_bounds, one_of,
                                     validate_scale_args)
@@ -146,6 +147,26 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
 
     @_compat.no_automatic_dependency_tracking
     def build(self, var_list: Sequence[keras.Variable]) -> None:
+        """Creates the counters, the scale, and the inner optimizer's variables.
+
+        Built by Keras inside the first traced train step (no strategy set), the
+        variables are created out of the trace (`tfmp.scaling.building.outside_the_trace`):
+        TensorFlow then traces the step once instead of twice, with the same variables.
+
+        Args:
+            var_list: The variables the optimizer updates.
+        """
+        with outside_the_trace():
+            self._build_scale_state()
+            _compat.build_after_scale_state(self, var_list)
+
+    @_compat.no_automatic_dependency_tracking
+    def _build_scale_state(self) -> None:
+        """The counters and the scale (once): what `scale_loss` reads, known before the
+        variables the optimizer updates are."""
+        if getattr(self, "_scale_state_built", False):
+            return
+
         def counter(name: str, value: int) -> keras.Variable:
             return self.add_variable(
                 shape=(), dtype=_INT, aggregation="none", name=name,
@@ -156,7 +177,8 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         self.last_skipped_step = counter("last_skipped_step", 0)
         self.first_nonfinite_index = counter("first_nonfinite_index", -1)
         self.hysteresis_left = counter("hysteresis_left", self.hysteresis)
-        super().build(var_list)
+        _compat.build_scale_state(self)
+        self._scale_state_built = True
 
     # ------------------------------------------------------------------ state
 
@@ -208,7 +230,16 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         bad = replicas.any_replica(ops.logical_not(ops.all(ops.isfinite(loss))))
         # ONLY_FIRST_REPLICA: every replica adds the same all-reduced flag once.
         self.nonfinite_losses.value.assign_add(ops.cast(bad, "float32"))
-        return loss if self._unit_scale else super().scale_loss(loss)
+        if self._unit_scale:
+            return loss
+        if not self.built and can_build_outside_the_trace():
+            # The step is traced once (see `build`): it must read the scale variable, not
+            # the initial scale Keras reads before the optimizer is built.
+            with outside_the_trace():
+                self._build_scale_state()
+        scale = self.dynamic_scale if getattr(self, "_scale_state_built", False) else (
+            self.initial_scale)
+        return ops.multiply(loss, scale)
 
     @property
     def _unit_scale(self) -> bool:

@@ -17,6 +17,7 @@ import keras
 from keras import ops
 
 from tfmp import _compat
+from tfmp.scaling.building import build_optimizer
 from tfmp.scaling.optimizer import DynamicLossScaleOptimizer
 
 _MARK = "_tfmp_state_guard"
@@ -73,6 +74,8 @@ def guard_model_state(model: keras.Model) -> keras.Model:
         def train_step(data: Any) -> Any:
             optimizer = getattr(model, "optimizer", None)
             state = forward_state(model)
+            if isinstance(optimizer, DynamicLossScaleOptimizer) and state:
+                build_optimizer(model, optimizer)  # now: built later in this (only) trace, unguarded
             if not (isinstance(optimizer, DynamicLossScaleOptimizer) and optimizer.built
                     and state):
                 return original(data)
