@@ -9,6 +9,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from keras import ops
 
 import tfmp
 from tfmp import DynamicLossScaleOptimizer as DLSO
@@ -366,6 +367,36 @@ def test_custom_loop_keras3_way_and_unscaled_clipping():
     assert losses[-1] < losses[0]
     for a, b in zip(model.get_weights(), ref.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_a_traced_custom_loop_unscales_by_the_scale_it_scaled_with():
+    # The first trace builds the optimizer (one trace): after an overflow backs the scale off,
+    # the unscaled gradients are those of the eager loop, not off by the scale's change.
+    x, y = make_data(64)
+    y[3] = INF  # the first batch overflows
+    runs = []
+    for traced in (False, True):
+        with tfmp.policy_scope("fp16", hardware=tfmp.HardwareInfo("gpu", ("g",), ((7, 0),))):
+            model = make_model()
+        opt = tfmp.wrap_optimizer(keras.optimizers.SGD(0.05), "mixed_float16",
+                                  initial_scale=2.0**12)
+
+        def step(xb, yb):
+            with tf.GradientTape() as tape:
+                scaled = opt.scale_loss(ops.mean((model(xb, training=True) - yb) ** 2))
+            grads = tfmp.get_unscaled_gradients(opt, tape.gradient(scaled,
+                                                                   model.trainable_variables))
+            opt.apply_unscaled(grads, model.trainable_variables)
+            return tf.linalg.global_norm(grads)
+
+        step = tf.function(step) if traced else step
+        norms = [float(step(x[i:i + 16], y[i:i + 16])) for i in range(0, 64, 16)]
+        runs.append((norms, model.get_weights(), _state(opt)))
+    (eager, eager_weights, eager_state), (graph, graph_weights, graph_state) = runs
+    assert eager_state == graph_state == (2.0**11, 1, 3)  # backed off once, then 3 clean steps
+    np.testing.assert_allclose(graph, eager, rtol=1e-5)
+    for a, b in zip(graph_weights, eager_weights):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_custom_loop_apply_skips_overflow():

@@ -237,9 +237,17 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             # the initial scale Keras reads before the optimizer is built.
             with outside_the_trace():
                 self._build_scale_state()
-        scale = self.dynamic_scale if getattr(self, "_scale_state_built", False) else (
+        return ops.multiply(loss, self.current_scale())
+
+    def current_scale(self) -> Any:
+        """What `scale_loss` multiplies by, and unscaling must divide by: the `dynamic_scale`
+        variable once it exists (it may, in a traced step, before `built`), else `initial_scale`.
+
+        Returns:
+            The scale variable, or the initial scale as a Python float.
+        """
+        return self.dynamic_scale if getattr(self, "_scale_state_built", False) else (
             self.initial_scale)
-        return ops.multiply(loss, scale)
 
     @property
     def _unit_scale(self) -> bool:

@@ -192,5 +192,8 @@ def get_unscaled_gradients(
     """
     if not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         return list(grads)
-    scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
+    if isinstance(optimizer, DynamicLossScaleOptimizer):  # its scale may exist before `built`
+        scale = optimizer.current_scale()
+    else:
+        scale = optimizer.dynamic_scale if optimizer.built else optimizer.initial_scale
     return [None if g is None else g / keras.ops.cast(scale, g.dtype) for g in grads]
