@@ -20,10 +20,10 @@ from keras import ops
 
 from tfmp import _compat
 from tfmp.scaling import numerics, replicas
-from tfmp.scaling.building import can_build_outside_the_trace, outside_the_trace
 from tfmp.scaling.arguments import (DEFAULT_GROWTH_INTERVAL, DEFAULT_INITIAL_SCALE, ScaleRule,
                                     check_scale, default_scale_bounds, one_of,
                                     validate_scale_args)
+from tfmp.scaling.building import can_build_outside_the_trace, outside_the_trace
 
 _INT = "int"
 
