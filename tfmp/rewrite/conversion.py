@@ -44,7 +44,7 @@ def _normalizations_with_half_statistics(model: keras.Model, run: Optional[Model
     if not candidates or keras.dtype_policies.get(policy).compute_dtype not in HALF_DTYPES:
         return set(), None
     fresh = run_model(model, data) if run is None else None
-    return {layer.path for layer in (run or fresh).layers
+    return {layer.path for layer in (run if run is not None else fresh).layers
             if layer.path in candidates and layer.half_statistics()}, fresh
 
 

@@ -74,10 +74,10 @@ def guard_model_state(model: keras.Model) -> keras.Model:
         def train_step(data: Any) -> Any:
             optimizer = getattr(model, "optimizer", None)
             state = forward_state(model)
-            if isinstance(optimizer, DynamicLossScaleOptimizer) and state:
-                build_optimizer(model, optimizer)  # now: built later in this (only) trace, unguarded
-            if not (isinstance(optimizer, DynamicLossScaleOptimizer) and optimizer.built
-                    and state):
+            if not (isinstance(optimizer, DynamicLossScaleOptimizer) and state):
+                return original(data)
+            build_optimizer(model, optimizer)  # else Keras builds it later in this one trace
+            if not optimizer.built:  # a model not built yet, or with nothing to train
                 return original(data)
             before = [ops.copy(v.value) for v in state]
             skipped_before = ops.copy(optimizer.skipped_steps.value)
