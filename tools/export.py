@@ -21,8 +21,8 @@ from absl import flags
 
 from tfmp.app import cli, data, run_dir
 from tfmp.atomic import write_json_atomically
-from tfmp.litert import (QUANTIZATIONS, ExportError, array_batches, calibration_batches, export,
-                         export_filename, format_reports, gate_failures)
+from tfmp.litert import (QUANTIZATIONS, ExportError, array_batches, calibration_batches,
+                         export_all, format_reports, gate_failures)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "The .keras model to export.")
@@ -71,9 +71,9 @@ def _source() -> tuple[str, dict]:
 
 def _validate() -> str:
     bad = [q for q in FLAGS.quantization if q not in QUANTIZATIONS]
-    if bad or not FLAGS.quantization:
+    if bad or not FLAGS.quantization or len(set(FLAGS.quantization)) < len(FLAGS.quantization):
         cli.fail(f"--quantization={','.join(FLAGS.quantization)!r}: accepted values are "
-                 f"{', '.join(QUANTIZATIONS)} (comma-separated)")
+                 f"{', '.join(QUANTIZATIONS)} (comma-separated, each once)")
     if FLAGS.max_accuracy_drop is not None and not math.isfinite(FLAGS.max_accuracy_drop):
         cli.fail(f"--max_accuracy_drop={FLAGS.max_accuracy_drop} must be a finite number")
     try:
@@ -125,12 +125,11 @@ def main(argv: Sequence[str]) -> int:
                       FLAGS.data_dir or trained_with.get("data_dir"), seed)
         data.check_fits(model, d)
         calibration = _calibration(d, model)
-        reports = [export(
-            model, os.path.join(output_dir, export_filename(q)), q,
+        reports = export_all(
+            model, output_dir, FLAGS.quantization,
             calibration_data=calibration, calibration_steps=FLAGS.calibration_steps,
             eval_data=d.eval, eval_steps=FLAGS.eval_steps, metric=FLAGS.metric,
-            int8_only=FLAGS.int8_only,
-            runtime=FLAGS.runtime) for q in FLAGS.quantization]
+            int8_only=FLAGS.int8_only, runtime=FLAGS.runtime)
     except (data.DatasetError, ExportError, ValueError) as e:
         cli.fail(str(e).splitlines()[0])
     failures = ([] if FLAGS.max_accuracy_drop is None

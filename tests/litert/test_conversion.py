@@ -1,6 +1,8 @@
 """tfmp.export: the reference models, trained briefly in bfloat16, exported in every mode;
 the interpreter's outputs against the Keras model's; ops LiteRT cannot run; bad input."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -10,7 +12,8 @@ import helpers
 import tfmp
 from tfmp.app import data
 from tfmp.rewrite import islands
-from tfmp.litert import QUANTIZATIONS, ExportError, calibration_batches, export_filename
+from tfmp.litert import (LITERT_MODES, QUANTIZATIONS, ExportError, calibration_batches,
+                         converter_settings, export_all, export_filename, float32_model)
 
 import models
 
@@ -53,11 +56,13 @@ def test_reference_model_exports_in_every_mode(name, tmp_path):
     model, d = _trained(name, steps=5 if name == "cnn" else 60)
     if name == "transformer":  # tfmp's layers and the GELU island are in the exported graph
         assert model.get_layer("block0_ff1").activation is islands.float32_gelu
-    for quantization in QUANTIZATIONS:
-        path = tmp_path / f"{name}_{export_filename(quantization)}"
-        report = tfmp.export(model, str(path), quantization, calibration_data=d.train,
-                             eval_data=d.eval)
-        assert path.stat().st_size == report.size_bytes
+    # Every mode from one float32 copy and one SavedModel (the files and reports of one
+    # tfmp.export per mode: test_export_all_writes_what_export_writes).
+    reports = export_all(model, str(tmp_path), calibration_data=d.train, eval_data=d.eval)
+    assert [r.quantization for r in reports] == list(QUANTIZATIONS)
+    for quantization, report in zip(QUANTIZATIONS, reports):
+        path = tmp_path / export_filename(quantization)
+        assert report.path == str(path) and path.stat().st_size == report.size_bytes
         assert report.size_bytes < SIZE[quantization] * report.float32_bytes, report
         assert report.runtime == ("keras" if quantization.startswith("keras_") else "litert")
         assert report.model_policy == "mixed_bfloat16"
@@ -101,6 +106,44 @@ def test_an_op_without_an_int8_kernel_stays_float32_or_is_refused_by_name(tmp_pa
     with pytest.raises(ExportError, match=r"no int8 kernel for CUMSUM \(x1\)"):
         tfmp.export(model, str(path), "full_int8", calibration_data=CALIBRATION, int8_only=True)
     assert path.read_bytes() == b"previous export"  # not replaced by the refused model
+
+
+def test_export_all_writes_what_keras_litert_export_and_export_write(tmp_path):
+    keras.utils.set_random_seed(0)
+    with tfmp.policy_scope("mixed_bfloat16"):  # its float32 copy is the reference
+        model = _with_op(ops.relu)
+    labels = np.zeros(len(CALIBRATION), "int32")
+    reports = export_all(model, str(tmp_path), LITERT_MODES, calibration_data=CALIBRATION,
+                         eval_data=(CALIBRATION, labels))
+    calibration = calibration_batches(CALIBRATION, 10, model)
+    network = float32_model(model)
+    for quantization, report in zip(LITERT_MODES, reports):
+        keras_path = tmp_path / f"keras_{quantization}.tflite"  # Keras' own export, fresh
+        network.export(str(keras_path), format="litert", verbose=False,
+                       **converter_settings(quantization, calibration))
+        # One SavedModel converted once per mode: each mode's settings alone, not the last one's
+        assert Path(report.path).read_bytes() == keras_path.read_bytes(), quantization
+    one = tfmp.export(model, str(tmp_path / "one.tflite"), "float16",
+                      eval_data=(CALIBRATION, labels))
+    assert one.max_abs_diff == reports[1].max_abs_diff > 0  # against the same float32 copy
+    assert (one.keras_metric, one.exported_metric) == (reports[1].keras_metric,
+                                                       reports[1].exported_metric)
+
+
+@pytest.mark.parametrize("quantizations, eval_data, message", [
+    (["float16", "float16"], None, r"give each mode once, at least one, of float32"),
+    ([], None, r"quantizations=\[\]: give each mode once"),
+    (["float16", "int4"], None, "unknown quantization 'int4'"),
+    (["float16", "full_int8"], None, "full_int8 needs calibration data"),
+    (["float16", "float32"], iter([(CALIBRATION, np.zeros(64, "int32"))]),
+     "eval_data is a one-shot iterator and each mode reads it"),
+])
+def test_export_all_refuses_bad_input_before_writing_anything(tmp_path, quantizations, eval_data,
+                                                               message):
+    with pytest.raises(ExportError, match=message) as e:
+        export_all(_with_op(ops.relu), str(tmp_path), quantizations, eval_data=eval_data)
+    assert "\n" not in str(e.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("op, message", [

@@ -90,6 +90,9 @@ BAD = [
     (["--model_dir={run}", "--model_path={d}/cumsum.keras"], "one of them"),
     (["--model_dir={run}", "--quantization=float16,int4"],
      "--quantization='float16,int4': accepted values are float32, float16, dynamic_int8, full_int8"),
+    (["--model_dir={run}", "--quantization=float16,float16"],
+     "--quantization='float16,float16': accepted values are float32, float16, dynamic_int8, "
+     "full_int8, keras_bfloat16, keras_float16 (comma-separated, each once)"),
     (["--model_dir={run}", "--max_accuracy_drop=nan"], "must be a finite number"),
     (["--model_dir={run}", "--metric=accuracy_of_sorts"],
      "--metric='accuracy_of_sorts' is not a Keras metric"),

@@ -1,22 +1,23 @@
 """Deployment to LiteRT (TFLite): conversion, the report it is judged by, and the interpreter.
 
-`tfmp.export(model, path, quantization, ...)` (`conversion`) writes a quantized
-LiteRT file and returns an `ExportReport` (`report`: metric, output difference,
-size, latency; `format_reports` and `gate_failures` for a run of them); `Runner`
+`tfmp.export(model, path, quantization, ...)` (`conversion`; `export_all` for several
+modes at once) writes a quantized LiteRT file and returns an `ExportReport` (`report`:
+metric, output difference, size, latency; `format_reports` and `gate_failures` for a run of them); `Runner`
 (`runner`) runs a file on LiteRT's interpreter or tf.lite's. The `keras_bfloat16` /
 `keras_float16` modes (`release`) write the `.keras` file with 16-bit release weights
 instead, judged the same way.
 """
 
-from tfmp.litert.conversion import (LITERT_MODES, QUANTIZATIONS, calibration_batches,
-                                    check_quantization, converter_settings, export,
-                                    export_filename, float32_model)
+from tfmp.litert.conversion import (QUANTIZATIONS, calibration_batches, check_quantization,
+                                    export, export_all, export_filename, float32_model)
+from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
 from tfmp.litert.release import KERAS_MODES, KerasRunner, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, array_batches, checked_batch,
                                 format_reports, gate_failures)
 from tfmp.litert.runner import RUNTIMES, Runner
 
 __all__ = ["ExportError", "ExportReport", "KERAS_MODES", "KerasRunner", "LITERT_MODES",
-           "QUANTIZATIONS", "RUNTIMES", "Runner", "array_batches", "calibration_batches",
-           "check_quantization", "checked_batch", "converter_settings", "export",
-           "export_filename", "export_keras", "float32_model", "format_reports", "gate_failures"]
+           "QUANTIZATIONS", "RUNTIMES", "Runner", "SavedModelConverter", "array_batches",
+           "calibration_batches", "check_quantization", "checked_batch", "converter_settings",
+           "export", "export_all", "export_filename", "export_keras", "float32_model",
+           "format_reports", "gate_failures"]

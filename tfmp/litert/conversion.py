@@ -5,37 +5,33 @@ training (float16 weights, or int8 calibrated on a representative dataset) and
 check on held-out data that accuracy held. LiteRT's kernels compute in float32
 or int8, not bfloat16, so the model is first rebuilt with every layer in float32
 (the clone `tfmp.convert_policy` makes, weights bit-identical: variables are
-float32 under every policy); tfmp's float32 layers and islands stay in the graph. Conversion goes
-through Keras' own `model.export(format="litert")` with TensorFlow's converter
-settings for each mode, restricted to LiteRT's builtin ops (no TF Select ops,
-which LiteRT's standard runtime cannot run).
+float32 under every policy); tfmp's float32 layers and islands stay in the graph. Conversion
+takes the two steps of Keras' own `model.export(format="litert")` (`tfmp.litert.converter`)
+with TensorFlow's converter settings for each mode, restricted to LiteRT's builtin ops (no TF
+Select ops, which LiteRT's standard runtime cannot run). `export_all` exports one model in
+several modes: its float32 copy, its SavedModel and its traced inference are made once.
 """
 
 from __future__ import annotations
 
-import contextlib
+import collections.abc
 import dataclasses
-import logging
 import os
-import re
-import sys
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 import keras
 import numpy as np
-import tensorflow as tf
-from absl import logging as absl_logging
 
 from tfmp.atomic import atomic_path
+from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
 from tfmp.litert.release import KERAS_MODES, export_keras
-from tfmp.litert.report import (ExportError, ExportReport, array_batches, checked_batch,
-                                eval_batches, evaluate)
+from tfmp.litert.report import (ExportError, ExportReport, Inference, array_batches,
+                                checked_batch, eval_batches, evaluate)
 from tfmp.litert.runner import Runner
 from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
                           model_policy, run_model, set_policies)
 
-LITERT_MODES = ("float32", "float16", "dynamic_int8", "full_int8")  # float32: the baseline
 # The .keras file with 16-bit weights (tfmp.weights), judged beside the LiteRT files.
 QUANTIZATIONS = LITERT_MODES + KERAS_MODES
 
@@ -146,77 +142,6 @@ def check_quantization(quantization: str) -> None:
         raise ExportError(f"unknown quantization {quantization!r}; accepted: {', '.join(QUANTIZATIONS)}")
 
 
-def converter_settings(quantization: str, calibration: Optional[list[np.ndarray]]) -> dict[str, Any]:
-    """TensorFlow's converter settings (for `model.export(format="litert", **settings)`).
-
-    Args:
-        quantization: One of `QUANTIZATIONS`.
-        calibration: full_int8's input batches (None for the other modes).
-
-    Returns:
-        Keyword arguments for `model.export(format="litert", ...)`.
-
-    Raises:
-        ExportError: an unknown mode, or full_int8 without calibration data.
-    """
-    check_quantization(quantization)
-    settings: dict[str, Any] = {"target_spec": {"supported_ops": [tf.lite.OpsSet.TFLITE_BUILTINS]}}
-    if quantization != "float32":
-        settings["optimizations"] = [tf.lite.Optimize.DEFAULT]
-    if quantization == "float16":
-        settings["target_spec"]["supported_types"] = [tf.float16]
-    elif quantization == "full_int8":
-        if calibration is None:
-            raise ExportError("full_int8 needs calibration data (a representative sample of "
-                              "the training inputs)")
-        settings["target_spec"]["supported_ops"] = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        settings["representative_dataset"] = lambda: ([x] for x in calibration)
-    return settings
-
-
-_NO_KERNEL = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
-_WHERE = re.compile(r'fused\["(\w+):", "([^"@]+)@')
-
-
-def _converter_error(e: Exception) -> ExportError:
-    """The converter's multi-page error as one line, naming the ops it could not convert."""
-    text = str(e)
-    missing = sorted(set(_NO_KERNEL.findall(text)))
-    if missing:
-        where = f"(at {', '.join(sorted({p for op, p in _WHERE.findall(text) if op in missing}))})"
-        if "bf16>" in text:  # the ops exist, not for bfloat16
-            return ExportError(f"LiteRT has no bfloat16 kernel for {', '.join(missing)} {where}: "
-                               "something computes in bfloat16 whatever the layers' policy (a cast "
-                               "in the model's code?); LiteRT runs float32 and int8")
-        return ExportError(f"LiteRT has no builtin kernel for {', '.join(missing)} {where}: "
-                           "replace the op, or export with TensorFlow's converter and TF Select "
-                           "ops yourself")
-    errors = [l.strip() for l in text.splitlines() if "error:" in l]
-    return ExportError(f"the LiteRT converter failed: {(errors or [_one_line(e)])[0][:300]}")
-
-
-@contextlib.contextmanager
-def _quiet_tensorflow():
-    """TensorFlow's INFO lines about the intermediate SavedModel (assets, fingerprint) and
-    the quantizer's C++ `fully_quantize: 0, inference_type: ...` on stdout, hidden.
-    Errors still arrive: the converter raises them."""
-    logger, verbosity = tf.get_logger(), absl_logging.get_verbosity()
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    sys.stdout.flush()
-    saved = os.dup(1)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 1)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)
-        logger.setLevel(level)
-        absl_logging.set_verbosity(verbosity)
-
-
 def export_filename(quantization: str) -> str:
     """The file name tools/export writes a mode to.
 
@@ -236,6 +161,80 @@ def _check_destination(path: str, quantization: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
         raise ExportError(f"cannot write {path!r}: {directory!r} is not a writable directory")
+
+
+
+class _Exports:
+    """One model's exports. What they share is made once, on first use: the model's traced
+    inference; for the LiteRT modes its float32 copy, that copy's traced inference and its
+    SavedModel (removed on exit)."""
+
+    def __init__(self, model: keras.Model, runtime: str) -> None:
+        self.model, self.runtime = model, runtime
+        self.inference = Inference(model)
+        self._converter: Optional[SavedModelConverter] = None
+        self._reference: Optional[Inference] = None
+
+    def __enter__(self) -> "_Exports":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._converter is not None:
+            self._converter.__exit__(*exc)
+
+    def _litert(self) -> tuple[SavedModelConverter, Inference]:
+        if self._converter is None:
+            network = float32_model(self.model)
+            self._reference = self.inference if network is self.model else Inference(network)
+            self._converter = SavedModelConverter(network).__enter__()
+        return self._converter, self._reference
+
+    def export(self, path: str, quantization: str, settings: Optional[dict[str, Any]],
+               eval_data: Any, eval_steps: Optional[int], metric: Union[str, Any],
+               int8_only: bool) -> ExportReport:
+        """One mode: `settings` are its converter settings (None for the Keras modes)."""
+        if quantization in KERAS_MODES:
+            return export_keras(self.inference, path, quantization, eval_data=eval_data,
+                                eval_steps=eval_steps, metric=metric)
+        converter, reference = self._litert()
+        flatbuffer = converter.convert(settings)
+        with atomic_path(path, ".tflite") as tmp:
+            with open(tmp, "wb") as f:
+                f.write(flatbuffer)
+            runner = Runner(tmp, self.runtime)
+            float_ops = dict(runner.float_ops) if quantization == "full_int8" else {}
+            if int8_only and float_ops:
+                raise ExportError("full_int8 with int8_only: no int8 kernel for " + ", ".join(
+                    f"{op} (x{n})" for op, n in sorted(float_ops.items())) + "; they would stay "
+                    "float32")
+            report = ExportReport(
+                quantization=quantization, path=str(path), size_bytes=os.path.getsize(tmp),
+                float32_bytes=4 * int(self.model.count_params()), float_ops=float_ops,
+                runtime=runner.runtime, model_policy=model_policy(self.model))
+            if eval_data is not None:  # before the file is in place: bad eval data writes nothing
+                report = dataclasses.replace(report, **evaluate(
+                    self.inference, reference, runner, eval_batches(eval_data), eval_steps, metric))
+        return report
+
+
+def _export_modes(model: keras.Model, destinations: Sequence[tuple[str, str]], *,
+                  calibration_data: Any, calibration_steps: int, eval_data: Any,
+                  eval_steps: Optional[int], metric: Union[str, Any], int8_only: bool,
+                  runtime: str) -> list[ExportReport]:
+    """`export` for each `(path, quantization)`, everything checked before any work."""
+    for path, quantization in destinations:
+        check_quantization(quantization)
+        _check_destination(path, quantization)
+    _check_model(model)
+    int8 = any(quantization == "full_int8" for _, quantization in destinations)
+    calibration = (calibration_batches(calibration_data, calibration_steps, model)
+                   if int8 and calibration_data is not None else None)
+    settings = [None if quantization in KERAS_MODES else converter_settings(quantization, calibration)
+                for _, quantization in destinations]  # full_int8 without calibration: refused
+    with _Exports(model, runtime) as exports:
+        return [exports.export(path, quantization, mode_settings, eval_data, eval_steps, metric,
+                               int8_only)
+                for (path, quantization), mode_settings in zip(destinations, settings)]
 
 
 def export(
@@ -293,32 +292,63 @@ def export(
     ...                      eval_data=eval_ds)
     >>> report.accuracy_drop, report.size_bytes
     """
-    check_quantization(quantization)  # before any work
-    _check_destination(path, quantization)
-    _check_model(model)
-    if quantization in KERAS_MODES:
-        return export_keras(model, path, quantization, eval_data=eval_data,
-                            eval_steps=eval_steps, metric=metric)
-    calibration = (calibration_batches(calibration_data, calibration_steps, model)
-                   if quantization == "full_int8" and calibration_data is not None else None)
-    network = float32_model(model)
-    settings = converter_settings(quantization, calibration)
-    with atomic_path(path, ".tflite") as tmp:
-        try:
-            with _quiet_tensorflow():
-                network.export(tmp, format="litert", verbose=False, **settings)
-        except Exception as e:  # noqa: BLE001 (the converter raises several kinds)
-            raise _converter_error(e) from None
-        runner = Runner(tmp, runtime)
-        float_ops = dict(runner.float_ops) if quantization == "full_int8" else {}
-        if int8_only and float_ops:
-            raise ExportError("full_int8 with int8_only: no int8 kernel for " + ", ".join(
-                f"{op} (x{n})" for op, n in sorted(float_ops.items())) + "; they would stay float32")
-        report = ExportReport(
-            quantization=quantization, path=str(path), size_bytes=os.path.getsize(tmp),
-            float32_bytes=4 * int(model.count_params()), float_ops=float_ops,
-            runtime=runner.runtime, model_policy=model_policy(model))
-        if eval_data is not None:  # before the file is in place: bad eval data writes nothing
-            report = dataclasses.replace(report, **evaluate(
-                model, network, runner, eval_batches(eval_data), eval_steps, metric))
-    return report
+    return _export_modes(model, [(path, quantization)], calibration_data=calibration_data,
+                         calibration_steps=calibration_steps, eval_data=eval_data,
+                         eval_steps=eval_steps, metric=metric, int8_only=int8_only,
+                         runtime=runtime)[0]
+
+
+def export_all(
+    model: keras.Model,
+    output_dir: str,
+    quantizations: Sequence[str] = QUANTIZATIONS,
+    *,
+    calibration_data: Union[np.ndarray, Iterable[Any], None] = None,
+    calibration_steps: int = 10,
+    eval_data: Optional[Iterable[Any]] = None,
+    eval_steps: Optional[int] = None,
+    metric: Union[str, Any] = "sparse_categorical_accuracy",
+    int8_only: bool = False,
+    runtime: str = "auto",
+) -> list[ExportReport]:
+    """`tfmp.export` in several modes, each to `output_dir/export_filename(mode)`.
+
+    The same files and reports as one `tfmp.export` call per mode, in less time: the
+    model's float32 copy, its SavedModel and the traced Keras inference the reports
+    compare with are made once for all the modes, not once per mode.
+
+    Args:
+        model: As for `tfmp.export`.
+        output_dir: An existing, writable directory.
+        quantizations: Modes, in the order they are exported (`QUANTIZATIONS`).
+        calibration_data, calibration_steps, eval_steps, metric, int8_only, runtime: As
+            for `tfmp.export`.
+        eval_data: As for `tfmp.export`, read once per mode: a `tf.data.Dataset`, a list
+            of batches or a tuple of two arrays, not a one-shot iterator.
+
+    Returns:
+        One `ExportReport` per mode, in order.
+
+    Raises:
+        ExportError: as `tfmp.export`; an unknown mode, a repeated one, an unwritable
+            directory, a one-shot `eval_data` iterator or a model that cannot be
+            exported are refused before anything is written. A mode that fails later
+            writes no file; the modes before it have written theirs.
+
+    Example:
+    >>> reports = tfmp.litert.export_all(model, "export", calibration_data=train_ds.take(10),
+    ...                                  eval_data=eval_ds)
+    >>> print(tfmp.litert.format_reports(reports))
+    """
+    repeated = sorted({q for q in quantizations if list(quantizations).count(q) > 1})
+    if repeated or not quantizations:
+        raise ExportError(f"quantizations={list(quantizations)!r}: give each mode once, at "
+                          f"least one, of {', '.join(QUANTIZATIONS)}")
+    if isinstance(eval_data, collections.abc.Iterator) and len(quantizations) > 1:
+        raise ExportError("eval_data is a one-shot iterator and each mode reads it: give a "
+                          "tf.data.Dataset, a list of batches or a tuple of two arrays")
+    return _export_modes(model, [(os.path.join(output_dir, export_filename(q)), q)
+                                 for q in quantizations],
+                         calibration_data=calibration_data, calibration_steps=calibration_steps,
+                         eval_data=eval_data, eval_steps=eval_steps, metric=metric,
+                         int8_only=int8_only, runtime=runtime)

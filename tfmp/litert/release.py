@@ -9,10 +9,9 @@ from typing import Any, Iterable, Optional, Union
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from tfmp.atomic import atomic_path
-from tfmp.litert.report import ExportError, ExportReport, eval_batches, evaluate
+from tfmp.litert.report import ExportError, ExportReport, Inference, eval_batches, evaluate
 from tfmp.rewrite import model_policy
 from tfmp.weights import WeightsFileError, save_model
 
@@ -20,8 +19,9 @@ KERAS_MODES = ("keras_bfloat16", "keras_float16")
 KERAS_PREFIX = "keras_"
 
 
-class KerasRunner:
-    """A loaded Keras model behind the interface `evaluate` runs an export through.
+class KerasRunner(Inference):
+    """A loaded Keras model behind the interface `evaluate` runs an export through,
+    called as the Keras side is (`Inference`).
 
     Args:
         model: The model loaded from the exported `.keras` file.
@@ -29,15 +29,11 @@ class KerasRunner:
 
     runtime = "keras"
 
-    def __init__(self, model: keras.Model) -> None:
-        self.model = model
-        self._call = tf.function(lambda x: model(x, training=False))  # as the Keras side runs
-
     def __call__(self, x: Any) -> np.ndarray:
-        return np.asarray(self._call(x))
+        return np.asarray(super().__call__(x))
 
 
-def export_keras(model: keras.Model, path: str, quantization: str, *,
+def export_keras(model: Union[keras.Model, Inference], path: str, quantization: str, *,
                  eval_data: Optional[Iterable[Any]] = None, eval_steps: Optional[int] = None,
                  metric: Union[str, Any] = "sparse_categorical_accuracy") -> ExportReport:
     """Writes `model` as a `.keras` file with 16-bit weights (`tfmp.weights.save_model`,
@@ -47,7 +43,7 @@ def export_keras(model: keras.Model, path: str, quantization: str, *,
     of the weights alone).
 
     Args:
-        model: A built Keras model.
+        model: A built Keras model, or its `Inference` (traced once for several exports).
         path: The `.keras` file to write (atomically, after the evaluation).
         quantization: `keras_bfloat16` or `keras_float16`.
         eval_data, eval_steps, metric: As for `tfmp.export`.
@@ -60,6 +56,8 @@ def export_keras(model: keras.Model, path: str, quantization: str, *,
             data that do not fit. Nothing is written then.
     """
     dtype = quantization[len(KERAS_PREFIX):]
+    inference = model if isinstance(model, Inference) else Inference(model)
+    model = inference.model
     with atomic_path(path, ".keras") as tmp:
         try:
             written = save_model(model, tmp, dtype, keep_float32="overflow")
@@ -73,5 +71,5 @@ def export_keras(model: keras.Model, path: str, quantization: str, *,
         if eval_data is not None:  # before the file is in place: bad eval data writes nothing
             loaded = KerasRunner(keras.models.load_model(tmp, compile=False))
             report = dataclasses.replace(report, **evaluate(
-                model, model, loaded, eval_batches(eval_data), eval_steps, metric))
+                inference, inference, loaded, eval_batches(eval_data), eval_steps, metric))
     return report

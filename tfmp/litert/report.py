@@ -162,23 +162,39 @@ def _metric(metric: Union[str, Any]) -> keras.metrics.Metric:
     return keras.metrics.MeanMetricWrapper(found)
 
 
-def evaluate(model: keras.Model, reference: keras.Model, runner: Runner, data: Iterable[Any],
+class Inference:
+    """`model(x, training=False)` as one `tf.function`: traced on its first batch, then
+    reused by every export the model is compared with.
+
+    Args:
+        model: A built Keras model.
+    """
+
+    def __init__(self, model: keras.Model) -> None:
+        self.model = model
+        self._call = tf.function(lambda x: model(x, training=False))
+
+    def __call__(self, x: Any) -> Any:
+        return self._call(x)
+
+
+def evaluate(keras_model: Inference, reference: Inference, runner: Any, data: Iterable[Any],
              steps: Optional[int], metric: Union[str, Any]) -> dict[str, Any]:
     """The evaluation fields of an `ExportReport`.
 
     Args:
-        model: The Keras model as given (its metric and latency).
-        reference: The same network computing in float32 (the output difference).
-        runner: The exported model.
+        keras_model: The Keras model as given (its metric and latency).
+        reference: The same network computing in float32 (the output difference);
+            `keras_model` itself when the model computes in float32.
+        runner: The exported model (a `Runner`, or anything called like one).
         data: Batches `(x, y[, ...])`; `steps` of them (None: all).
         metric: A Keras metric name or object, higher is better.
 
     Raises:
         ExportError: no batch, a batch without labels, or inputs that do not fit.
     """
-    keras_fn = tf.function(lambda x: model(x, training=False))
     # A float32 model is its own reference: its outputs are not computed twice.
-    reference_fn = None if reference is model else tf.function(lambda x: reference(x, training=False))
+    reference_fn = None if reference is keras_model else reference
     keras_metric, exported_metric = _metric(metric), _metric(metric)
     keras_ms, exported_ms, diff, scale, batches, batch_size = [], [], 0.0, 0.0, 0, 0
     for i, batch in enumerate(data):
@@ -188,12 +204,12 @@ def evaluate(model: keras.Model, reference: keras.Model, runner: Runner, data: I
             raise ExportError("evaluation data must be batches (x, y): labels are needed for "
                               f"the metric; got {type(batch).__name__}")
         x, y = batch[0], batch[1]  # sample weights, if any, are not used
-        x = checked_batch(x, model, "evaluation data")
-        if i == 0:  # warm-up: traces the functions, allocates the interpreter
-            keras_fn(x), runner(x)
+        x = checked_batch(x, keras_model.model, "evaluation data")
+        if i == 0:  # warm-up: traces the functions (once per model), allocates the interpreter
+            keras_model(x), runner(x)
             batch_size = len(x)
         t0 = time.perf_counter()
-        out = keras_fn(x).numpy()
+        out = keras_model(x).numpy()
         t1 = time.perf_counter()
         exported = runner(x)
         t2 = time.perf_counter()
