@@ -12,15 +12,18 @@ from helpers import _vars, make_data, make_model, mirrored
 
 # -------------------------------------------------- gradient accumulation
 
-def _fit_weights(strategy, accum, batch, epochs=2, scale_opt=True, adam=False):
+def _fit_weights(strategy, accum, batch, passes=2, scale_opt=True, adam=False):
     x, y = make_data(128)
+    # `passes` over the data in one epoch (the batches of `epochs=passes`, unshuffled): under
+    # MirroredStrategy each epoch builds its per-replica iterators again.
+    x, y = np.tile(x, (passes, 1)), np.tile(y, (passes, 1))
     with strategy.scope():
         model = make_model()
         inner = (keras.optimizers.Adam(1e-2, gradient_accumulation_steps=accum) if adam else
                  keras.optimizers.SGD(0.05, gradient_accumulation_steps=accum))
         opt = DLSO(inner, initial_scale=1024.0) if scale_opt else inner
         model.compile(opt, "mse")
-    model.fit(x, y, epochs=epochs, batch_size=batch, verbose=0, shuffle=False)
+    model.fit(x, y, epochs=1, batch_size=batch, verbose=0, shuffle=False)
     return model, opt
 
 
