@@ -5,7 +5,7 @@ One reference model, trained a few steps under mixed_bfloat16, is exported in ev
 alternating), after one unmeasured round of each. Both write the same files; `export_all`
 makes the float32 copy, its SavedModel and the traced Keras inference once.
 
-  python -m benchmarks.export_modes --model=transformer --rounds=6
+  python -m benchmarks.export_modes --model=transformer --rounds=5
 """
 
 import os

@@ -395,3 +395,15 @@ def test_interpreter_ops_of_a_litert_file(tmp_path):
     runner = tfmp.litert.Runner(report.path)
     ops = [op["op_name"] for op in _compat.interpreter_ops(runner._interpreter)]
     expect(ops == ["FULLY_CONNECTED"], f"Interpreter._get_ops_details: {ops}")
+
+
+def test_the_export_input_signature_is_keras_own():
+    inputs = keras.Input((4,), dtype="int32")
+    functional = keras.Model(inputs, keras.layers.Embedding(10, 2)(inputs))
+    (spec,) = _compat.export_input_signature(functional)  # one positional argument
+    expect((tuple(spec.shape), keras.backend.standardize_dtype(spec.dtype)) == ((None, 4), "int32"),
+           f"export_utils.get_input_signature of a Functional model: {spec}")
+    subclassed = Subclassed()
+    subclassed(np.zeros((2, 3), "float32"))
+    (spec,) = _compat.export_input_signature(subclassed)
+    expect(tuple(spec.shape) == (None, 3), f"get_input_signature of a called subclass: {spec}")

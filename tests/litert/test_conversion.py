@@ -12,8 +12,11 @@ import helpers
 import tfmp
 from tfmp.app import data
 from tfmp.rewrite import islands
-from tfmp.litert import (LITERT_MODES, QUANTIZATIONS, ExportError, calibration_batches,
-                         converter_settings, export_all, export_filename, float32_model)
+from tfmp.litert import (LITERT_MODES, QUANTIZATIONS, ExportError, SavedModelConverter,
+                         calibration_batches, converter_settings, export_all, export_filename,
+                         float32_model)
+from tfmp.litert import conversion
+from tfmp.litert.report import Inference
 
 import models
 
@@ -57,7 +60,7 @@ def test_reference_model_exports_in_every_mode(name, tmp_path):
     if name == "transformer":  # tfmp's layers and the GELU island are in the exported graph
         assert model.get_layer("block0_ff1").activation is islands.float32_gelu
     # Every mode from one float32 copy and one SavedModel (the files and reports of one
-    # tfmp.export per mode: test_export_all_writes_what_export_writes).
+    # tfmp.export per mode: test_export_all_writes_what_keras_litert_export_and_export_write).
     reports = export_all(model, str(tmp_path), calibration_data=d.train, eval_data=d.eval)
     assert [r.quantization for r in reports] == list(QUANTIZATIONS)
     for quantization, report in zip(QUANTIZATIONS, reports):
@@ -108,13 +111,41 @@ def test_an_op_without_an_int8_kernel_stays_float32_or_is_refused_by_name(tmp_pa
     assert path.read_bytes() == b"previous export"  # not replaced by the refused model
 
 
-def test_export_all_writes_what_keras_litert_export_and_export_write(tmp_path):
+def test_export_all_writes_what_keras_litert_export_and_export_write(tmp_path, monkeypatch):
     keras.utils.set_random_seed(0)
     with tfmp.policy_scope("mixed_bfloat16"):  # its float32 copy is the reference
-        model = _with_op(ops.relu)
+        model = _with_op(lambda x: ops.relu(HalfUnlessInference()(x)))
     labels = np.zeros(len(CALIBRATION), "int32")
-    reports = export_all(model, str(tmp_path), LITERT_MODES, calibration_data=CALIBRATION,
+    made = {"copies": 0, "saved_models": 0, "inferences": 0}
+
+    def counting(key, function):
+        def counted(*args, **kwargs):
+            made[key] += 1
+            return function(*args, **kwargs)
+        return counted
+
+    monkeypatch.setattr(conversion, "float32_model", counting("copies", float32_model))
+    write = SavedModelConverter.write
+
+    def counted_write(self):
+        made["saved_models"] += not self._written  # a SavedModel written, not one reused
+        write(self)
+
+    monkeypatch.setattr(SavedModelConverter, "write", counted_write)
+    init = Inference.__init__
+
+    def counted_init(self, traced):
+        made["inferences"] += type(self) is Inference  # not the loaded .keras file's runner
+        init(self, traced)
+
+    monkeypatch.setattr(Inference, "__init__", counted_init)
+    modes = (*LITERT_MODES, "keras_bfloat16")
+    reports = export_all(model, str(tmp_path), modes, calibration_data=CALIBRATION,
                          eval_data=(CALIBRATION, labels))
+    # One float32 copy, one SavedModel, one traced inference of the model and one of its
+    # copy, for five modes.
+    assert made == {"copies": 1, "saved_models": 1, "inferences": 2}
+    monkeypatch.undo()
     calibration = calibration_batches(CALIBRATION, 10, model)
     network = float32_model(model)
     for quantization, report in zip(LITERT_MODES, reports):
@@ -130,20 +161,31 @@ def test_export_all_writes_what_keras_litert_export_and_export_write(tmp_path):
                                                        reports[1].exported_metric)
 
 
-@pytest.mark.parametrize("quantizations, eval_data, message", [
-    (["float16", "float16"], None, r"give each mode once, at least one, of float32"),
-    ([], None, r"quantizations=\[\]: give each mode once"),
-    (["float16", "int4"], None, "unknown quantization 'int4'"),
-    (["float16", "full_int8"], None, "full_int8 needs calibration data"),
-    (["float16", "float32"], iter([(CALIBRATION, np.zeros(64, "int32"))]),
+@pytest.mark.parametrize("quantizations, kwargs, message", [
+    (["float16", "float16"], {}, r"give each mode once, at least one, of float32"),
+    ([], {}, r"quantizations=\[\]: give each mode once"),
+    ("int4", {}, "unknown quantization 'int4'"),  # one name, not its letters
+    (["float16", "int4"], {}, "unknown quantization 'int4'"),
+    (["float16", "full_int8"], {}, "full_int8 needs calibration data"),
+    (["float16", "float32"], {"eval_data": iter([(CALIBRATION, np.zeros(64, "int32"))])},
      "eval_data is a one-shot iterator and each mode reads it"),
+    (["float16"], {"runtime": "onnx"}, "unknown runtime 'onnx'; accepted: auto, litert, tf"),
 ])
-def test_export_all_refuses_bad_input_before_writing_anything(tmp_path, quantizations, eval_data,
+def test_export_all_refuses_bad_input_before_writing_anything(tmp_path, quantizations, kwargs,
                                                                message):
     with pytest.raises(ExportError, match=message) as e:
-        export_all(_with_op(ops.relu), str(tmp_path), quantizations, eval_data=eval_data)
+        export_all(_with_op(ops.relu), str(tmp_path), quantizations, **kwargs)
     assert "\n" not in str(e.value)
     assert list(tmp_path.iterdir()) == []
+
+
+@keras.saving.register_keras_serializable(package="tests")  # the keras_* modes load it back
+class HalfUnlessInference(keras.layers.Layer):
+    """`x / 2` unless told it is inference (`training=False`): Keras' own LiteRT export
+    serves `model(x, training=False)`, so the exported model is the identity here."""
+
+    def call(self, x, training=None):
+        return x if training is False else x / 2
 
 
 @pytest.mark.parametrize("op, message", [

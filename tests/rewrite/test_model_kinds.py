@@ -218,6 +218,9 @@ def test_export_of_subclassed_models(tmp_path):
     with pytest.raises(tfmp.litert.ExportError, match=r"^cannot copy 'opaque_net' \(OpaqueNet\) "
                        "in float32 for export: "):
         tfmp.export(opaque, str(tmp_path / "opaque.tflite"), "float16")
+    # Several modes: refused before the .keras file of the first is written.
+    with pytest.raises(tfmp.litert.ExportError, match=r"^cannot copy 'opaque_net'"):
+        tfmp.litert.export_all(opaque, str(tmp_path), ["keras_bfloat16", "float16"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sub.tflite"]
 
 

@@ -26,7 +26,8 @@ from tfmp._compat.optimizers import (apply_decided, build_after_scale_state, bui
                                      built_variables, ema_overwrite_due,
                                      finish_apply, micro_batches, overwrite_with_ema,
                                      overwrites_with_gradient, variable_index)
-from tfmp._compat.tensorflow import (first_batch, in_multi_worker_mode, interpreter_ops,
+from tfmp._compat.tensorflow import (export_input_signature, first_batch, in_multi_worker_mode,
+                                     interpreter_ops,
                                      keras_reduces_scalar_logs_along_axis_0,
                                      supports_no_merge_call, symbolic_build, wrap_symbolic_build)
 from tfmp._compat.trainers import (BACKUP_SAVE_HOOK, BackupFiles, attach_metric, backup_files,

@@ -94,3 +94,14 @@ def interpreter_ops(interpreter: Any) -> list[dict[str, Any]]:
     `inputs`, `outputs`), read before the first allocation (delegates replace ops then)."""
     with relying_on("Interpreter._get_ops_details"):
         return list(interpreter._get_ops_details())
+
+
+def export_input_signature(model: Any) -> list[Any]:
+    """The input signature Keras' own exports serve a model with
+    (`keras.src.export.export_utils.get_input_signature`), as a list of positional
+    arguments, as Keras' LiteRT exporter normalizes it."""
+    with relying_on("keras.src.export.export_utils.get_input_signature"):
+        from keras.src.export.export_utils import get_input_signature
+
+        signature = get_input_signature(model)
+    return list(signature) if isinstance(signature, (list, tuple)) else [signature]

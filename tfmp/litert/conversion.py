@@ -27,7 +27,7 @@ from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_s
 from tfmp.litert.release import KERAS_MODES, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, Inference, array_batches,
                                 checked_batch, eval_batches, evaluate)
-from tfmp.litert.runner import Runner
+from tfmp.litert.runner import RUNTIMES, Runner
 from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
                           model_policy, run_model, set_policies)
@@ -182,11 +182,13 @@ class _Exports:
         if self._converter is not None:
             self._converter.__exit__(*exc)
 
-    def _litert(self) -> tuple[SavedModelConverter, Inference]:
+    def litert(self) -> tuple[SavedModelConverter, Inference]:
+        """The float32 copy's SavedModel (written) and that copy's inference, made once."""
         if self._converter is None:
             network = float32_model(self.model)
             self._reference = self.inference if network is self.model else Inference(network)
             self._converter = SavedModelConverter(network).__enter__()
+        self._converter.write()
         return self._converter, self._reference
 
     def export(self, path: str, quantization: str, settings: Optional[dict[str, Any]],
@@ -196,7 +198,7 @@ class _Exports:
         if quantization in KERAS_MODES:
             return export_keras(self.inference, path, quantization, eval_data=eval_data,
                                 eval_steps=eval_steps, metric=metric)
-        converter, reference = self._litert()
+        converter, reference = self.litert()
         flatbuffer = converter.convert(settings)
         with atomic_path(path, ".tflite") as tmp:
             with open(tmp, "wb") as f:
@@ -222,6 +224,8 @@ def _export_modes(model: keras.Model, destinations: Sequence[tuple[str, str]], *
                   eval_steps: Optional[int], metric: Union[str, Any], int8_only: bool,
                   runtime: str) -> list[ExportReport]:
     """`export` for each `(path, quantization)`, everything checked before any work."""
+    if runtime not in RUNTIMES:
+        raise ExportError(f"unknown runtime {runtime!r}; accepted: {', '.join(RUNTIMES)}")
     for path, quantization in destinations:
         check_quantization(quantization)
         _check_destination(path, quantization)
@@ -232,6 +236,8 @@ def _export_modes(model: keras.Model, destinations: Sequence[tuple[str, str]], *
     settings = [None if quantization in KERAS_MODES else converter_settings(quantization, calibration)
                 for _, quantization in destinations]  # full_int8 without calibration: refused
     with _Exports(model, runtime) as exports:
+        if any(mode is not None for mode in settings):
+            exports.litert()  # a model that cannot be copied or saved: before any file
         return [exports.export(path, quantization, mode_settings, eval_data, eval_steps, metric,
                                int8_only)
                 for (path, quantization), mode_settings in zip(destinations, settings)]
@@ -281,7 +287,7 @@ def export(
         when `eval_data` is given).
 
     Raises:
-        ExportError: a bad quantization name or destination, a model that is
+        ExportError: a bad quantization name, runtime or destination, a model that is
             not single-input/single-output, calibration or evaluation data of
             the wrong shape or dtype, an op LiteRT has no kernel for (named),
             or with `int8_only` an op left in float32 (named). Nothing is
@@ -320,7 +326,7 @@ def export_all(
     Args:
         model: As for `tfmp.export`.
         output_dir: An existing, writable directory.
-        quantizations: Modes, in the order they are exported (`QUANTIZATIONS`).
+        quantizations: Modes, in the order they are exported (`QUANTIZATIONS`), or one mode.
         calibration_data, calibration_steps, eval_steps, metric, int8_only, runtime: As
             for `tfmp.export`.
         eval_data: As for `tfmp.export`, read once per mode: a `tf.data.Dataset`, a list
@@ -330,16 +336,21 @@ def export_all(
         One `ExportReport` per mode, in order.
 
     Raises:
-        ExportError: as `tfmp.export`; an unknown mode, a repeated one, an unwritable
-            directory, a one-shot `eval_data` iterator or a model that cannot be
-            exported are refused before anything is written. A mode that fails later
-            writes no file; the modes before it have written theirs.
+        ExportError: as `tfmp.export`. Refused before anything is written: an unknown or
+            repeated mode, an unwritable directory, full_int8 without calibration data or
+            with calibration data that does not fit, a one-shot `eval_data` iterator, a
+            model that is not single-input/single-output or cannot be copied in float32
+            and saved. A mode that fails later (an op LiteRT has no kernel for,
+            `int8_only`, evaluation data that does not fit) writes no file; the modes
+            before it have written theirs.
 
     Example:
     >>> reports = tfmp.litert.export_all(model, "export", calibration_data=train_ds.take(10),
     ...                                  eval_data=eval_ds)
     >>> print(tfmp.litert.format_reports(reports))
     """
+    if isinstance(quantizations, str):  # one mode, not its letters
+        quantizations = [quantizations]
     repeated = sorted({q for q in quantizations if list(quantizations).count(q) > 1})
     if repeated or not quantizations:
         raise ExportError(f"quantizations={list(quantizations)!r}: give each mode once, at "
