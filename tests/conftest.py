@@ -52,7 +52,11 @@ LONGEST_FIRST = (  # CPU-seconds per module on a 2-core AVX2-only EPYC
     "callbacks/test_monitors.py",
     "tools/test_train_run_dir.py",
     "tools/test_export.py",
+    "scaling/test_optimizer.py",  # ~11
+    "weights/test_half.py",  # ~10: last in file order, it ran alone at the end
     "test_benchmarks.py",
+    "app/test_training.py",
+    "scaling/test_state_guard.py",
 )
 
 
