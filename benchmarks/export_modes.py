@@ -20,7 +20,7 @@ from benchmarks import interleave
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", "transformer", ("mlp", "cnn", "transformer"), "Reference model.")
-flags.DEFINE_integer("rounds", 6, "Measured rounds (each way once per round).")
+flags.DEFINE_integer("rounds", 5, "Measured rounds (each way once per round).")
 
 
 def main(argv: Sequence[str]) -> None:

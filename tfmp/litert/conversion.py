@@ -15,6 +15,7 @@ several modes: its float32 copy, its SavedModel and its traced inference are mad
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import dataclasses
 import os
 from typing import Any, Iterable, Optional, Sequence, Union
@@ -26,7 +27,7 @@ from tfmp.atomic import atomic_path
 from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
 from tfmp.litert.release import KERAS_MODES, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, Inference, array_batches,
-                                checked_batch, eval_batches, evaluate)
+                                checked_batch, eval_batches, evaluate, one_line)
 from tfmp.litert.runner import RUNTIMES, Runner
 from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
@@ -34,10 +35,6 @@ from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_cop
 
 # The .keras file with 16-bit weights (tfmp.weights), judged beside the LiteRT files.
 QUANTIZATIONS = LITERT_MODES + KERAS_MODES
-
-
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _half(layer: keras.layers.Layer) -> bool:
@@ -76,7 +73,7 @@ def float32_model(model: keras.Model) -> keras.Model:
         return copy
     except (ValueError, TypeError, KeyError, NotImplementedError) as e:
         raise ExportError(f"cannot copy {model.name!r} ({type(model).__name__}) in float32 for "
-                          f"export: {_one_line(e)}") from None
+                          f"export: {one_line(e)}") from None
 
 
 def _check_model(model: keras.Model) -> None:
@@ -86,7 +83,7 @@ def _check_model(model: keras.Model) -> None:
         inputs = keras.tree.flatten(example_inputs(model))
         outputs = run_model(model, training=False).output_dtypes
     except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)
-        raise ExportError(f"cannot run {model.name!r} to export it: {_one_line(e)}") from None
+        raise ExportError(f"cannot run {model.name!r} to export it: {one_line(e)}") from None
     if len(inputs) != 1 or len(outputs) != 1:
         raise ExportError(f"tfmp.export takes a model with one input and one output; "
                           f"{model.name!r} has {len(inputs)} inputs and {len(outputs)} outputs")
@@ -163,7 +160,6 @@ def _check_destination(path: str, quantization: str) -> None:
         raise ExportError(f"cannot write {path!r}: {directory!r} is not a writable directory")
 
 
-
 class _Exports:
     """One model's exports. What they share is made once, on first use: the model's traced
     inference; for the LiteRT modes its float32 copy, that copy's traced inference and its
@@ -172,6 +168,7 @@ class _Exports:
     def __init__(self, model: keras.Model, runtime: str) -> None:
         self.model, self.runtime = model, runtime
         self.inference = Inference(model)
+        self._stack = contextlib.ExitStack()
         self._converter: Optional[SavedModelConverter] = None
         self._reference: Optional[Inference] = None
 
@@ -179,15 +176,14 @@ class _Exports:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._converter is not None:
-            self._converter.__exit__(*exc)
+        self._stack.close()
 
     def litert(self) -> tuple[SavedModelConverter, Inference]:
         """The float32 copy's SavedModel (written) and that copy's inference, made once."""
         if self._converter is None:
             network = float32_model(self.model)
             self._reference = self.inference if network is self.model else Inference(network)
-            self._converter = SavedModelConverter(network).__enter__()
+            self._converter = self._stack.enter_context(SavedModelConverter(network))
         self._converter.write()
         return self._converter, self._reference
 

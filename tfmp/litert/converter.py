@@ -25,7 +25,7 @@ import tensorflow as tf
 from absl import logging as absl_logging
 
 from tfmp import _compat
-from tfmp.litert.report import ExportError
+from tfmp.litert.report import ExportError, one_line
 
 
 LITERT_MODES = ("float32", "float16", "dynamic_int8", "full_int8")  # float32: the baseline
@@ -67,10 +67,6 @@ _NO_KERNEL = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
 _WHERE = re.compile(r'fused\["(\w+):", "([^"@]+)@')
 
 
-def _one_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 def converter_error(e: Exception) -> ExportError:
     """The converter's multi-page error as one line, naming the ops it could not convert."""
     text = str(e)
@@ -85,7 +81,7 @@ def converter_error(e: Exception) -> ExportError:
                            "replace the op, or export with TensorFlow's converter and TF Select "
                            "ops yourself")
     errors = [l.strip() for l in text.splitlines() if "error:" in l]
-    return ExportError(f"the LiteRT converter failed: {(errors or [_one_line(e)])[0][:300]}")
+    return ExportError(f"the LiteRT converter failed: {(errors or [one_line(e)])[0][:300]}")
 
 
 @contextlib.contextmanager
