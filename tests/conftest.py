@@ -1,6 +1,7 @@
 """Shared test set-up: two logical CPU devices (for MirroredStrategy tests) and
 a float32 global policy restored around every test."""
 
+import gc
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,9 +31,17 @@ def _float32_policy_and_clean_env(monkeypatch):
     keras.config.set_dtype_policy("float32")
     yield
     keras.config.set_dtype_policy("float32")
-    # Keras' state reset without its forced gc.collect(): that took 0.2-0.5 s after every
-    # test (a third of the suite's time); Python's own collector still runs.
+    # Keras' state reset without its own gc.collect(), which scans the whole heap (0.3-1
+    # million objects, 0.2-0.5 s after every test). Instead this test's garbage is collected
+    # here and what survives is frozen (never scanned again), so this collection and Python's
+    # own ones scan only the objects made since the last test (a few ms). And the tf.data
+    # iterators a test leaves in reference cycles die at its end: left to Python's collector,
+    # one died minutes later in another test, and its destructor (`~RootDataset::Iterator`,
+    # native stack in issue 17's note) waited 14-40 s, the CPU idle, for tf.data's
+    # autotuning thread, whose sleep between runs grows with the iterator's age (to 60 s).
     keras.backend.clear_session(free_memory=False)
+    gc.collect()
+    gc.freeze()
 
 
 # The longest modules first (measured CPU-seconds), the rest in file order: each module
