@@ -1,9 +1,11 @@
 """Small models, data and optimizer steps shared by the tests, and the zygote binaries fork from."""
 
+import dataclasses
 import functools
 import os
 import subprocess
 import sys
+import threading
 
 import keras
 import numpy as np
@@ -164,57 +166,76 @@ def run_tool_cases(tool, cases, timeout=300, stdout=False, **extra_env):
 
 
 _ZYGOTE = r"""
-import atexit, json, os, runpy, sys, traceback
+import atexit, json, os, runpy, select, sys, traceback
 import absl.app, keras, tensorflow, tfmp, tfmp.app  # noqa: F401  (once, before any fork)
-control_in, control_out = sys.stdin.buffer, sys.stdout.buffer
-control_out.write(b"ready\n"); control_out.flush()
-for line in iter(control_in.readline, b""):
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:  # the child: what `python <argv>` would run, with its own stdio and cwd
-        code = 1
+
+
+def reply(message):
+    os.write(1, json.dumps(message).encode() + b"\n")
+
+
+def child(request):  # what `python <argv>` would run, with its own stdio and cwd; never returns
+    code = 1
+    try:
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
+                               (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                               (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
+            new = os.open(path, mode, 0o644)
+            os.dup2(new, fd)
+            os.close(new)
+        sys.stdin = open(os.devnull)
+        argv = request["argv"]
+        # sys.path as the interpreter starts it: the script's place, then PYTHONPATH
+        extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
         try:
-            os.chdir(request["cwd"])
-            os.environ.clear()
-            os.environ.update(request["env"])
-            for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
-                                   (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                                   (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-                new = os.open(path, mode, 0o644)
-                os.dup2(new, fd)
-                os.close(new)
-            sys.stdin = open(os.devnull)
-            argv = request["argv"]
-            # sys.path as the interpreter starts it: the script's place, then PYTHONPATH
-            extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
-            try:
-                if argv[0] == "-m":
-                    sys.argv = argv[1:]
-                    sys.path[0:0] = [request["cwd"], *extra]
-                    runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-                else:  # -c CODE ARGS...
-                    sys.argv = ["-c", *argv[2:]]
-                    sys.path[0:0] = ["", *extra]
-                    exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
-                code = 0
-            except SystemExit as e:
-                if e.code is None or isinstance(e.code, int):
-                    code = e.code or 0
-                else:
-                    print(e.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()
-            atexit._run_exitfuncs()
+            if argv[0] == "-m":
+                sys.argv = argv[1:]
+                sys.path[0:0] = [request["cwd"], *extra]
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:  # -c CODE ARGS...
+                sys.argv = ["-c", *argv[2:]]
+                sys.path[0:0] = ["", *extra]
+                exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+            code = 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                code = e.code or 0
+            else:
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        atexit._run_exitfuncs()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
         finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    control_out.write(json.dumps({"pid": pid}).encode() + b"\n"); control_out.flush()
-    status = os.waitpid(pid, 0)[1]
-    control_out.write(json.dumps({"code": os.waitstatus_to_exitcode(status)}).encode() + b"\n")
-    control_out.flush()
+            os._exit(code)
+
+
+os.write(1, b"ready\n")
+pending, running = b"", set()
+while True:  # requests on stdin (one JSON line each); while children run, polled every 20 ms
+    if select.select([0], [], [], 0.02 if running else None)[0]:
+        data = os.read(0, 1 << 16)
+        if not data:
+            break
+        pending += data
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            pid = os.fork()
+            if pid == 0:
+                child(json.loads(line))
+            running.add(pid)
+            reply({"pid": pid})
+    for pid in list(running):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            running.discard(pid)
+            reply({"pid": pid, "code": os.waitstatus_to_exitcode(status)})
 """
 
 
@@ -224,45 +245,91 @@ class Zygote:
     Importing TensorFlow takes 5-9 s of a core here, most of a binary's start: each pytest
     worker pays it once, and every `run_tool` / `run_tool_cases` run is a real process of
     its own (own pid, environment, working directory, stdio and exit status, `absl.app.run`
-    included) started in a fraction of a second. Nothing runs in the zygote but imports:
-    TensorFlow's runtime starts in each child (so `--num_cpu_devices` and cluster set-ups
-    still come first there). Runs that are about the interpreter itself (a fresh import,
-    a killed process) use `subprocess` directly.
+    included) started in a fraction of a second. Children may run side by side (`start`):
+    the workers of a cluster. Nothing runs in the zygote but imports: TensorFlow's runtime
+    starts in each child (so `--num_cpu_devices` and cluster set-ups still come first
+    there). Runs that are about the interpreter itself (a fresh import, a killed process,
+    the launcher's own workers) use `subprocess` directly.
     """
 
     def __init__(self):
+        import queue
+        import select
+
         self.proc = subprocess.Popen(
             [sys.executable, "-c", _ZYGOTE], cwd=ROOT, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, bufsize=0, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-        assert self._line(120) == b"ready\n", "the zygote did not start"
+        started = select.select([self.proc.stdout], [], [], 120)[0]
+        assert started and self.proc.stdout.readline() == b"ready\n", "the zygote did not start"
+        self._send = threading.Lock()  # one request at a time: its pid is the next pid reply
+        self._pids: queue.Queue = queue.Queue()
+        self._codes: dict[int, int] = {}
+        self._done = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
 
-    def _line(self, timeout):
-        """One control line (read a byte at a time: nothing of the next line is buffered)."""
-        import select
+    def _read(self):
+        """Sorts the zygote's replies: a started child's pid, or a child's exit code."""
+        import json
 
-        if not select.select([self.proc.stdout], [], [], timeout)[0]:
-            return None
-        return self.proc.stdout.readline()
+        for line in iter(self.proc.stdout.readline, b""):
+            reply = json.loads(line)
+            with self._done:
+                if "code" not in reply:  # a new child: a code left for an earlier one of its pid
+                    self._codes.pop(reply["pid"], None)  # (never waited for) is not its own
+                    self._pids.put(reply["pid"])
+                    continue
+                self._codes[reply["pid"]] = reply["code"]
+                self._done.notify_all()
+
+    def start(self, argv, env, cwd=ROOT) -> "Child":
+        """`python *argv` as a child, not waited for (`Child.wait`)."""
+        import json
+        import tempfile
+
+        tmp = tempfile.mkdtemp()
+        out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+        request = dict(argv=list(argv), env=env, cwd=str(cwd), stdout=out, stderr=err)
+        with self._send:
+            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
+            pid = self._pids.get(timeout=30)
+        return Child(self, pid, list(argv), tmp)
 
     def run(self, argv, env, timeout=300, cwd=ROOT):
         """`python *argv` as a child; a `subprocess.CompletedProcess` (text stdout/stderr)."""
-        import json
-        import signal
-        import tempfile
+        return self.start(argv, env, cwd).wait(timeout)
 
-        with tempfile.TemporaryDirectory() as tmp:
-            out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-            request = dict(argv=list(argv), env=env, cwd=str(cwd), stdout=out, stderr=err)
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-            pid = json.loads(self._line(30))["pid"]
-            done = self._line(timeout)
-            if done is None:
-                os.kill(pid, signal.SIGKILL)
-                self._line(30)
-                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout)
-            with open(out) as o, open(err) as e:
-                return subprocess.CompletedProcess([sys.executable, *argv],
-                                                   json.loads(done)["code"], o.read(), e.read())
+    def exit_code(self, pid, timeout):
+        """The child's exit code once it ends (None after `timeout` seconds)."""
+        with self._done:
+            self._done.wait_for(lambda: pid in self._codes, timeout)
+            return self._codes.pop(pid, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Child:
+    """A process a `Zygote` forked: its pid, and its output once it ends."""
+
+    zygote: Zygote
+    pid: int
+    argv: list
+    tmp: str  # its stdout and stderr files
+
+    def wait(self, timeout=300):
+        """A `subprocess.CompletedProcess` (text stdout/stderr); killed after `timeout` s."""
+        import shutil
+        import signal
+
+        try:
+            code = self.zygote.exit_code(self.pid, timeout)
+            if code is None:
+                os.kill(self.pid, signal.SIGKILL)
+                self.zygote.exit_code(self.pid, 30)
+                raise subprocess.TimeoutExpired([sys.executable, *self.argv], timeout)
+            with open(os.path.join(self.tmp, "out")) as o, open(os.path.join(self.tmp, "err")) as e:
+                return subprocess.CompletedProcess([sys.executable, *self.argv], code,
+                                                   o.read(), e.read())
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
 
 
 _zygote = None

@@ -6,7 +6,6 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -43,17 +42,14 @@ def two_worker_runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("two_workers")
     single = tmp / "single"
     single.mkdir()
-    single_run = []  # `python JOB ...`, forked from this worker's zygote, alongside
     script = ("import runpy, sys; sys.argv = sys.argv[1:]; "
               "runpy.run_path(sys.argv[0], run_name='__main__')")
-    alongside = threading.Thread(target=lambda: single_run.append(helpers.zygote().run(
+    alongside = helpers.zygote().start(  # `python JOB ...`, forked from this worker's zygote
         ["-c", script, JOB, str(single), "single", BF16_ACCUM],
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), timeout=120)))
-    alongside.start()
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
     code, out = _two_workers(tmp, FP16_INJECT, BF16_ACCUM, NO_FIX)
-    alongside.join(timeout=150)
-    assert single_run, "the one-process run did not end"
-    return tmp, code, out, single_run[0].returncode, single_run[0].stderr + single_run[0].stdout
+    single_run = alongside.wait(timeout=150)
+    return tmp, code, out, single_run.returncode, single_run.stderr + single_run.stdout
 
 
 def _workers(tmp, scenario):
@@ -177,11 +173,15 @@ def _launch_train(model_dir):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _train_on_two_workers(model_dir, result):
-    """The same workers through `tfmp.distribute.launch` (what the binary calls), from this
-    process: no launcher process to start. `result` gets the exit code and the output."""
-    result.extend(_launch([sys.executable, "-m", "tools.train", *TRAIN_FLAGS,
-                           f"--model_dir={model_dir}"], PYTHONPATH=helpers.ROOT))
+def _start_two_workers(model_dir):
+    """The binary (`tools.train` with TRAIN_FLAGS) as the two workers of a cluster, each a
+    process forked from this worker's zygote (TensorFlow imported once, not once per worker):
+    what `launch` starts, for the runs that are not about the launcher. Not waited for."""
+    ports = distribute.free_ports(2)
+    return [helpers.zygote().start(["-m", "tools.train", *TRAIN_FLAGS, f"--model_dir={model_dir}"],
+                                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                                            TF_CONFIG=distribute.tf_config(ports, i)))
+            for i in (0, 1)]
 
 
 def _backup_epoch(backup_dir):
@@ -197,9 +197,8 @@ def _children(pid):
 
 
 def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tmp_path):
-    full, straight_run = tmp_path / "uninterrupted", []
-    uninterrupted = threading.Thread(target=_train_on_two_workers, args=(full, straight_run))
-    uninterrupted.start()  # the same training, never killed (runs alongside)
+    full = tmp_path / "uninterrupted"
+    uninterrupted = _start_two_workers(full)  # the same training, never killed, alongside
     tmp_path = tmp_path / "killed"
     launcher = _launch_train(tmp_path)
     try:
@@ -218,18 +217,17 @@ def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tm
     assert not (tmp_path / "model.keras").exists()
     # The reference run ends before the relaunch starts: six TensorFlow processes at once on
     # two cores once starved a worker past the coordination service's heartbeat timeout.
-    uninterrupted.join(timeout=120)
+    straight_runs = [worker.wait(timeout=120) for worker in uninterrupted]
 
-    resumed = []
-    _train_on_two_workers(tmp_path, resumed)
-    code, out = resumed
-    assert code == 0, out[-3000:]
-    for worker in (0, 1):
-        assert f"[worker {worker}] epochs 2 of 2 (resumed after epoch 1)" in out
+    relaunch = _start_two_workers(tmp_path)  # on the killed run's directory
+    for worker in [worker.wait(timeout=120) for worker in relaunch]:
+        assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
+        assert "epochs 2 of 2 (resumed after epoch 1)" in worker.stdout + worker.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["resumed_from_epoch"] == 1 and summary["cluster"]["workers"] == 2
     assert sorted(os.listdir(tmp_path)) == ["model.keras", "summary.json", "tensorboard"]
-    assert straight_run and straight_run[0] == 0, straight_run[-1][-3000:]
+    for worker in straight_runs:
+        assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
     import keras
 
     import tfmp  # noqa: F401  (registers tfmp's classes for load_model)
