@@ -299,10 +299,10 @@ class Zygote:
         return self.start(argv, env, cwd).wait(timeout)
 
     def exit_code(self, pid, timeout):
-        """The child's exit code once it ends (None after `timeout` seconds)."""
+        """The child's exit code once it ends (None while it runs after `timeout` seconds)."""
         with self._done:
             self._done.wait_for(lambda: pid in self._codes, timeout)
-            return self._codes.pop(pid, None)
+            return self._codes.get(pid)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,6 +313,10 @@ class Child:
     pid: int
     argv: list
     tmp: str  # its stdout and stderr files
+
+    def poll(self):
+        """Its exit code (negative: the signal that ended it), or None while it runs."""
+        return self.zygote.exit_code(self.pid, 0)
 
     def wait(self, timeout=300):
         """A `subprocess.CompletedProcess` (text stdout/stderr); killed after `timeout` s."""
@@ -329,6 +333,8 @@ class Child:
                 return subprocess.CompletedProcess([sys.executable, *self.argv], code,
                                                    o.read(), e.read())
         finally:
+            with self.zygote._done:
+                self.zygote._codes.pop(self.pid, None)
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 

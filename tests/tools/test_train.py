@@ -3,8 +3,6 @@
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import keras
@@ -13,8 +11,6 @@ import pytest
 import helpers
 
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
-
-ROOT = helpers.ROOT
 
 
 def env(**extra):
@@ -235,8 +231,7 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
     # The precision auto picks on this CPU: resuming is the point here, not bfloat16.
     args = ["--epochs=3", "--steps_per_epoch=80", "--batch_size=64", f"--model_dir={tmp_path}"]
     backup = os.path.join(tmp_path, "backup")
-    proc = subprocess.Popen([sys.executable, "-m", "tools.train", *args], cwd=ROOT, env=env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = helpers.zygote().start(["-m", "tools.train", *args], env=env())  # a process of its own
     try:
         seen = {}
         deadline = time.time() + 240
@@ -249,8 +244,10 @@ def test_sigkill_mid_epoch_then_resume(tmp_path):
         assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
-        proc.kill()
-        proc.wait()
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        killed = proc.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert _metadata_epoch(backup) == 2
     assert not os.path.exists(os.path.join(tmp_path, "summary.json"))
 
