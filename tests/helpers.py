@@ -248,8 +248,9 @@ class Zygote:
     included) started in a fraction of a second. Children may run side by side (`start`):
     the workers of a cluster. Nothing runs in the zygote but imports: TensorFlow's runtime
     starts in each child (so `--num_cpu_devices` and cluster set-ups still come first
-    there). Runs that are about the interpreter itself (a fresh import, a killed process,
-    the launcher's own workers) use `subprocess` directly.
+    there). A child can be killed like any process (`Child.pid`). Runs that are about the
+    interpreter itself (a fresh import) or the launcher (`launch` starts its workers as
+    fresh processes) use `subprocess` directly.
     """
 
     def __init__(self):
