@@ -1,4 +1,4 @@
-"""One worker of the two-worker tests (run by tests/distribute/test_multi_worker.py through tfmp.distribute.launch).
+"""One worker of the two-worker tests (tests/distribute/test_multi_worker.py starts two, each with its TF_CONFIG).
 
 A tiny regression model built under MultiWorkerMirroredStrategy, set up by
 tfmp.prepare, trained with plain `model.fit`. Each worker reads its own data

@@ -18,17 +18,29 @@ from tfmp import _compat, distribute
 JOB = os.path.join(helpers.ROOT, "tests", "distribute", "multi_worker_job.py")
 
 
-def _launch(command, **env):
-    """`command` as two workers through `tfmp.distribute.launch`; (exit code, their output)."""
+# `python SCRIPT ARGS...` in a zygote child: `["-c", RUN_SCRIPT, SCRIPT, *ARGS]`
+RUN_SCRIPT = ("import runpy, sys; sys.argv = sys.argv[1:]; "
+              "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def _start_cluster(argv):
+    """`python *argv` as the two workers of a cluster on 127.0.0.1, each with its TF_CONFIG and
+    each a process forked from this worker's zygote (TensorFlow imported once, not once per
+    worker): what `launch` starts, for the runs that are not about the launcher (the
+    launcher itself: the launch test and the `launch_local` run below). Not waited for."""
+    ports = distribute.free_ports(2)
+    return [helpers.zygote().start(argv, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+                                                  TF_CONFIG=distribute.tf_config(ports, i)))
+            for i in (0, 1)]
+
+
+def test_launch_gives_each_worker_its_tf_config_and_prefixes_its_lines():
+    code = ("import json, os; config = json.loads(os.environ['TF_CONFIG']); "
+            "print('task', config['task']['index'], 'of', len(config['cluster']['worker']))")
     out = io.StringIO()
-    code = distribute.launch(command, 2, out=out, stop_grace=0.5,
-                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env))
-    return code, out.getvalue()
-
-
-def _two_workers(tmp_path, *job_args, **env):
-    """Runs tests/multi_worker_job.py as two workers; returns (exit code, their output)."""
-    return _launch([sys.executable, JOB, str(tmp_path), *job_args], **env)
+    assert distribute.launch([sys.executable, "-c", code], 2, out=out, stop_grace=0.5) == 0
+    assert sorted(out.getvalue().splitlines()) == ["[worker 0] task 0 of 2",
+                                                   "[worker 1] task 1 of 2"]
 
 
 FP16_INJECT, BF16_ACCUM, NO_FIX = "fp16+inject", "bf16+accum", "bf16+nofix"
@@ -36,19 +48,20 @@ FP16_INJECT, BF16_ACCUM, NO_FIX = "fp16+inject", "bf16+accum", "bf16+nofix"
 
 @pytest.fixture(scope="module")
 def two_worker_runs(tmp_path_factory):
-    """One two-worker launch trains the scenarios in turn (TensorFlow and the cluster
+    """One two-worker cluster trains the scenarios in turn (TensorFlow and the cluster
     started once), the one without tfmp's fix last; one process trains the accumulation
     scenario alongside on the same global batches."""
     tmp = tmp_path_factory.mktemp("two_workers")
     single = tmp / "single"
     single.mkdir()
-    script = ("import runpy, sys; sys.argv = sys.argv[1:]; "
-              "runpy.run_path(sys.argv[0], run_name='__main__')")
     alongside = helpers.zygote().start(  # `python JOB ...`, forked from this worker's zygote
-        ["-c", script, JOB, str(single), "single", BF16_ACCUM],
+        ["-c", RUN_SCRIPT, JOB, str(single), "single", BF16_ACCUM],
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    code, out = _two_workers(tmp, FP16_INJECT, BF16_ACCUM, NO_FIX)
+    cluster = _start_cluster(["-c", RUN_SCRIPT, JOB, str(tmp), FP16_INJECT, BF16_ACCUM, NO_FIX])
+    workers = [worker.wait(timeout=300) for worker in cluster]
     single_run = alongside.wait(timeout=150)
+    code = next((worker.returncode for worker in workers if worker.returncode), 0)
+    out = "".join(f"--- worker {i}\n{w.stdout}{w.stderr}" for i, w in enumerate(workers))
     return tmp, code, out, single_run.returncode, single_run.stderr + single_run.stdout
 
 
@@ -64,7 +77,6 @@ def test_fp16_overflow_on_one_worker_is_skipped_by_both(two_worker_runs):
     assert w0["loss_scale"] == w1["loss_scale"] == 2.0**14  # one backoff from 2^15, on both
     assert w0["weights"] == w1["weights"]  # bit-identical (JSON of the float32 values)
     assert w0["loss"] == w1["loss"] and w0["loss"][-1] < w0["loss"][0]
-    assert "[worker 0]" in out and "[worker 1]" in out
 
 
 def test_with_the_fix_off_keras_fails_as_upstream(two_worker_runs):
@@ -173,17 +185,6 @@ def _launch_train(model_dir):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _start_two_workers(model_dir):
-    """The binary (`tools.train` with TRAIN_FLAGS) as the two workers of a cluster, each a
-    process forked from this worker's zygote (TensorFlow imported once, not once per worker):
-    what `launch` starts, for the runs that are not about the launcher. Not waited for."""
-    ports = distribute.free_ports(2)
-    return [helpers.zygote().start(["-m", "tools.train", *TRAIN_FLAGS, f"--model_dir={model_dir}"],
-                                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
-                                            TF_CONFIG=distribute.tf_config(ports, i)))
-            for i in (0, 1)]
-
-
 def _backup_epoch(backup_dir):
     try:
         return json.loads((backup_dir / "training_metadata.json").read_text())["epoch"]
@@ -198,7 +199,8 @@ def _children(pid):
 
 def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tmp_path):
     full = tmp_path / "uninterrupted"
-    uninterrupted = _start_two_workers(full)  # the same training, never killed, alongside
+    train = ["-m", "tools.train", *TRAIN_FLAGS]
+    uninterrupted = _start_cluster([*train, f"--model_dir={full}"])  # never killed, alongside
     tmp_path = tmp_path / "killed"
     launcher = _launch_train(tmp_path)
     try:
@@ -214,12 +216,13 @@ def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tm
         launcher.kill()
     assert launcher.returncode == 1, out[-3000:]
     assert "launch_local: worker 1 failed (signal SIGKILL); stopping the others" in out
+    assert "[worker 0] " in out and "[worker 1] " in out  # the binary's launcher prefixed them
     assert not (tmp_path / "model.keras").exists()
     # The reference run ends before the relaunch starts: six TensorFlow processes at once on
     # two cores once starved a worker past the coordination service's heartbeat timeout.
     straight_runs = [worker.wait(timeout=120) for worker in uninterrupted]
 
-    relaunch = _start_two_workers(tmp_path)  # on the killed run's directory
+    relaunch = _start_cluster([*train, f"--model_dir={tmp_path}"])  # on the killed run's dir
     for worker in [worker.wait(timeout=120) for worker in relaunch]:
         assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
         assert "epochs 2 of 2 (resumed after epoch 1)" in worker.stdout + worker.stderr
