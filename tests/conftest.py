@@ -48,7 +48,7 @@ def _float32_policy_and_clean_env(monkeypatch):
 # runs on one of the two workers (--dist loadscope), so a long one started last would leave
 # the other worker idle at the end.
 LONGEST_FIRST = (  # CPU-seconds per module on a 2-core AVX2-only EPYC
-    "distribute/test_multi_worker.py",  # ~57: real two-worker clusters
+    "distribute/test_multi_worker.py",  # ~40 over ~30 s: two-worker clusters
     "rewrite/test_model_kinds.py",  # ~42
     "litert/test_conversion.py",  # ~38
     "measure/test_tuning.py",  # ~31: XLA compiles
