@@ -305,6 +305,11 @@ class Zygote:
             self._done.wait_for(lambda: pid in self._codes, timeout)
             return self._codes.get(pid)
 
+    def forget(self, pid):
+        """Drops a waited-for child's exit code."""
+        with self._done:
+            self._codes.pop(pid, None)
+
 
 @dataclasses.dataclass(frozen=True)
 class Child:
@@ -334,8 +339,7 @@ class Child:
                 return subprocess.CompletedProcess([sys.executable, *self.argv], code,
                                                    o.read(), e.read())
         finally:
-            with self.zygote._done:
-                self.zygote._codes.pop(self.pid, None)
+            self.zygote.forget(self.pid)
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
