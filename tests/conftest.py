@@ -3,6 +3,7 @@ a float32 global policy restored around every test."""
 
 import gc
 import os
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -20,6 +21,23 @@ def pytest_configure(config):
 
     cpus = tf.config.list_physical_devices("CPU")
     tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_under_basetemp(tmp_path_factory):
+    """TMPDIR (this process's and its children's) under pytest's basetemp, which pytest
+    prunes: what a killed process cannot delete (autograph's files, a worker's scratch
+    directory, a half-written save's) and what libraries leave (Keras' asset directory after
+    a failed save, tensorflow-datasets' empty ones) no longer piles up in /tmp."""
+    path = str(tmp_path_factory.mktemp("tmpdir"))
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = tempfile.tempdir = path
+    yield
+    tempfile.tempdir = None
+    if before is None:
+        os.environ.pop("TMPDIR")
+    else:
+        os.environ["TMPDIR"] = before
 
 
 @pytest.fixture(autouse=True)

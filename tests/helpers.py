@@ -180,6 +180,8 @@ def child(request):  # what `python <argv>` would run, with its own stdio and cw
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
+        import tempfile
+        tempfile.tempdir = None  # from TMPDIR as a fresh interpreter would, not the zygote's
         for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
                                (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
                                (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
