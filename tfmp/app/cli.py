@@ -12,6 +12,7 @@ import keras
 from absl import app
 
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
+from tfmp._messages import first_line
 from tfmp.atomic import save_model_atomically
 
 EXIT_FINDINGS = 1
@@ -84,7 +85,7 @@ def import_modules(names: Sequence[str]) -> None:
         try:
             importlib.import_module(name)
         except Exception as e:  # noqa: BLE001 (a module may raise anything on import)
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             fail(f"--import_modules: cannot import {name!r} ({type(e).__name__}: {first})")
 
 
@@ -114,7 +115,7 @@ def load_keras_model(path: str, modules: Sequence[str] = ()):
     try:
         return keras.models.load_model(path)
     except Exception as e:  # noqa: BLE001 (Keras raises many kinds)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         hint = (" (a custom class: name its module with --import_modules)"
                 if "register_keras_serializable" in str(e) or "Could not locate" in str(e) else "")
         fail(f"--model_path={path!r} is not a loadable .keras model ({type(e).__name__}: "

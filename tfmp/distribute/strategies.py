@@ -7,6 +7,7 @@ from typing import Optional
 import tensorflow as tf
 from absl import logging
 
+from tfmp._messages import first_line
 from tfmp.distribute import cluster
 from tfmp.precision.hardware import HardwareInfo, detect_hardware
 
@@ -75,7 +76,7 @@ def _connect_tpu(tpu: Optional[str]) -> tf.distribute.Strategy:
             tf.config.experimental_connect_to_cluster(resolver)
         tf.tpu.experimental.initialize_tpu_system(resolver)
     except (ValueError, RuntimeError, tf.errors.OpError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         raise ValueError(f"No TPU found at tpu={address!r}: {first}") from None
     return tf.distribute.TPUStrategy(resolver)
 

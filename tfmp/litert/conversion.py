@@ -23,11 +23,12 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import keras
 import numpy as np
 
+from tfmp._messages import first_line
 from tfmp.atomic import atomic_path
 from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
 from tfmp.litert.release import KERAS_MODES, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, Inference, array_batches,
-                                checked_batch, eval_batches, evaluate, one_line)
+                                checked_batch, eval_batches, evaluate)
 from tfmp.litert.runner import RUNTIMES, Runner
 from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
@@ -73,7 +74,7 @@ def float32_model(model: keras.Model) -> keras.Model:
         return copy
     except (ValueError, TypeError, KeyError, NotImplementedError) as e:
         raise ExportError(f"cannot copy {model.name!r} ({type(model).__name__}) in float32 for "
-                          f"export: {one_line(e)}") from None
+                          f"export: {first_line(e)}") from None
 
 
 def _check_model(model: keras.Model) -> None:
@@ -83,7 +84,7 @@ def _check_model(model: keras.Model) -> None:
         inputs = keras.tree.flatten(example_inputs(model))
         outputs = run_model(model, training=False).output_dtypes
     except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)
-        raise ExportError(f"cannot run {model.name!r} to export it: {one_line(e)}") from None
+        raise ExportError(f"cannot run {model.name!r} to export it: {first_line(e)}") from None
     if len(inputs) != 1 or len(outputs) != 1:
         raise ExportError(f"tfmp.export takes a model with one input and one output; "
                           f"{model.name!r} has {len(inputs)} inputs and {len(outputs)} outputs")

@@ -25,7 +25,8 @@ import tensorflow as tf
 from absl import logging as absl_logging
 
 from tfmp import _compat
-from tfmp.litert.report import ExportError, one_line
+from tfmp._messages import first_line
+from tfmp.litert.report import ExportError
 
 
 LITERT_MODES = ("float32", "float16", "dynamic_int8", "full_int8")  # float32: the baseline
@@ -81,7 +82,7 @@ def converter_error(e: Exception) -> ExportError:
                            "replace the op, or export with TensorFlow's converter and TF Select "
                            "ops yourself")
     errors = [l.strip() for l in text.splitlines() if "error:" in l]
-    return ExportError(f"the LiteRT converter failed: {(errors or [one_line(e)])[0][:300]}")
+    return ExportError(f"the LiteRT converter failed: {(errors or [first_line(e)])[0][:300]}")
 
 
 @contextlib.contextmanager

@@ -29,11 +29,6 @@ class ExportError(ValueError):
     """A model or input that cannot be exported; the message is one line."""
 
 
-def one_line(e: BaseException) -> str:
-    """The first line of an exception's message (its class name if it has none)."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportReport:
     """What one export produced and how it compares with the Keras model.

@@ -8,6 +8,7 @@ from typing import Any, Callable, Optional
 import keras
 
 from tfmp import _compat
+from tfmp._messages import first_line
 from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
 from tfmp.rewrite.audit_report import SEVERITIES, AuditReport, Finding, LayerSummary
 from tfmp.rewrite.classify import (
@@ -198,7 +199,7 @@ def _run(model: keras.Model, data: Any, ctx: "_Context") -> Optional[ModelRun]:
     try:
         return run_model(model, data)
     except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = first_line(e)
         ctx.add("not-run", "info", "<model>",
                 f"the model could not be run to see what it computes ({type(e).__name__}: "
                 f"{first}); outputs, softmax and normalization judged by the layers' configs",

@@ -12,6 +12,7 @@ import keras
 
 from tfmp import _compat
 from tfmp import layers as tfmp_layers
+from tfmp._messages import first_line
 from tfmp.rewrite.classify import FLOAT32_BY_CONSTRUCTION, HALF_DTYPES, is_plain_model, iter_layers
 
 
@@ -76,7 +77,7 @@ def clone_with_dtypes(
         try:
             return type(layer).from_config(config)
         except (TypeError, ValueError, KeyError, NotImplementedError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            first = first_line(e)
             raise ConfigRoundTripError(
                 f"layer {layer.name!r} ({type(layer).__name__}) cannot be re-created from its "
                 f"config ({type(e).__name__}: {first})") from None

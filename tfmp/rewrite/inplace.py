@@ -27,6 +27,7 @@ import keras
 from keras import ops
 
 from tfmp import _compat
+from tfmp._messages import first_line
 from tfmp.rewrite.classify import HALF_DTYPES, iter_layers
 from tfmp.rewrite.tracing import MODEL_PATH, ModelRun, run_model
 
@@ -217,7 +218,7 @@ def convert_in_place(
             restore_policies(model, before)
             changes = set_policies(model, dtype_for) + [
                 f"{MODEL_PATH}: no layer made float32: the model fails with them "
-                f"({type(e).__name__}: {_first_line(e)})"]
+                f"({type(e).__name__}: {first_line(e)})"]
             run = _run(model, "once converted", data)
         if outputs and any(d in HALF_DTYPES for d in run.output_dtypes):
             cast_outputs_to_float32(model)
@@ -230,9 +231,6 @@ def convert_in_place(
     return changes, run
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
-
 
 def _run(model: keras.Model, when: str, data: Any) -> ModelRun:
     try:
@@ -241,4 +239,4 @@ def _run(model: keras.Model, when: str, data: Any) -> ModelRun:
         raise
     except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)
         raise ValueError(f"cannot run {model.name!r} ({type(model).__name__}) {when}: "
-                         f"{type(e).__name__}: {_first_line(e)}") from None
+                         f"{type(e).__name__}: {first_line(e)}") from None
