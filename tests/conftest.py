@@ -30,14 +30,10 @@ def _temporary_files_under_basetemp(tmp_path_factory):
     directory, a half-written save's) and what libraries leave (Keras' asset directory after
     a failed save, tensorflow-datasets' empty ones) no longer piles up in /tmp."""
     path = str(tmp_path_factory.mktemp("tmpdir"))
-    before = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = tempfile.tempdir = path
-    yield
-    tempfile.tempdir = None
-    if before is None:
-        os.environ.pop("TMPDIR")
-    else:
-        os.environ["TMPDIR"] = before
+    with pytest.MonkeyPatch.context() as patch:  # both put back at the session's end
+        patch.setenv("TMPDIR", path)
+        patch.setattr(tempfile, "tempdir", path)
+        yield
 
 
 @pytest.fixture(autouse=True)
