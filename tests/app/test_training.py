@@ -75,6 +75,7 @@ def test_nan_stop_keeps_backup_and_writes_summary(tmp_path):
         with pytest.raises(training.TrainingStopped, match="nonfinite loss at epoch 1"):
             training.train(config, models.get("mlp")[0], d, tf.distribute.get_strategy())
     summary = json.loads((tmp_path / training.SUMMARY).read_text())
-    assert summary["stopped_by_nan"] and summary["nan_events"][0]["kind"] == "nonfinite_loss"
+    event = summary["nan_events"][0]
+    assert summary["stopped_by_nan"] and (event["kind"], event["trigger"]) == ("data", "nonfinite_loss")
     assert (tmp_path / training.BACKUP / "latest.weights.h5").exists()
     assert not (tmp_path / training.FINAL_MODEL).exists()

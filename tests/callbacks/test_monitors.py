@@ -152,7 +152,8 @@ def test_nan_data_stop_names_data_not_overflow(caplog):
         hist = model.fit(x, y, epochs=5, batch_size=16, verbose=0, shuffle=False, callbacks=[nan])
     assert hist.epoch == [0]  # stopped in the first epoch
     event = nan.stopped_event
-    assert event.kind == "nonfinite_loss" and (event.epoch, event.batch, event.step) == (0, 1, 2)
+    assert (event.kind, event.trigger) == ("data", "nonfinite_loss")
+    assert (event.epoch, event.batch, event.step) == (0, 1, 2)
     assert "bad input data" in event.cause and "check the data" in event.fix
     # the bad batch, run again: its inputs hold the NaN, no layer is to blame
     assert event.bad_inputs and event.first_nonfinite_layer is None
@@ -165,13 +166,15 @@ def test_nan_data_stop_names_data_not_overflow(caplog):
 
 
 def test_bad_data_is_diagnosed_as_bad_data_not_divergence():
-    from tfmp.callbacks.events import diagnose
-    cause, fix = diagnose("nonfinite_loss", policy="mixed_float16", variable="d/kernel",
-                          min_scale=1.0, count=1, bad_inputs=True)
-    assert cause.startswith("the batch itself holds inf/NaN") and "learning rate" not in fix
-    cause, fix = diagnose("nonfinite_loss", policy="mixed_float16", variable="d/kernel",
-                          min_scale=1.0, count=1, layer="energy")
-    assert cause.startswith("energy made inf/NaN") and "float32_layers=['energy']" in fix
+    from tfmp.callbacks.events import Evidence, diagnose
+    kind, cause, fix = diagnose(Evidence("nonfinite_loss", "float16", "d/kernel",
+                                         bad_inputs=True, float32_finite=False))
+    assert kind == "data" and cause.startswith("the batch itself holds inf/NaN")
+    assert "learning rate" not in fix
+    kind, cause, fix = diagnose(Evidence("nonfinite_loss", "float16", "d/kernel",
+                                         bad_inputs=False, layer="energy", float32_finite=True))
+    assert kind == "precision" and cause.startswith("energy made inf/NaN")
+    assert "float32_layers=['energy']" in fix
 
 
 def test_the_event_names_the_layer_that_overflows_float16():
@@ -183,7 +186,8 @@ def test_the_event_names_the_layer_that_overflows_float16():
     nan = NanMonitor("stop")
     model.fit(x, y, epochs=1, batch_size=32, verbose=0, callbacks=[nan])
     event = nan.stopped_event
-    assert event.kind == "nonfinite_loss" and event.first_nonfinite_layer == "energy"
+    assert (event.kind, event.trigger) == ("precision", "nonfinite_loss")
+    assert event.first_nonfinite_layer == "energy"
     assert not event.bad_inputs
     assert "float32_layers=['energy']" in event.fix and "energy" in event.cause
     assert "first layer to go non-finite=energy" in event.message()
@@ -215,7 +219,8 @@ def test_nan_data_raise_carries_the_facts():
         model.fit(x, y, epochs=2, batch_size=16, verbose=0, shuffle=False,
                   callbacks=[NanMonitor("raise")])
     e = err.value.event
-    assert (e.kind, e.epoch, e.batch, e.step, e.skipped_steps) == ("nonfinite_loss", 0, 1, 2, 1)
+    assert (e.kind, e.trigger, e.epoch, e.batch, e.step, e.skipped_steps) == (
+        "data", "nonfinite_loss", 0, 1, 2, 1)
     assert e.loss_scale == 512.0 and e.first_nonfinite_variable.startswith("sequential/dense")
     assert not np.isfinite(e.loss)
     for fact in ("epoch 0", "batch 1", "step 2", "loss_scale=512", "skipped_steps=1",
@@ -244,8 +249,8 @@ def test_scale_pinned_at_minimum_stops():
     nan = NanMonitor("stop", patience=3)
     model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[nan])
     event = nan.stopped_event
-    assert event.kind == "scale_at_minimum" and event.loss_scale == 1.0
-    assert "minimum 1" in event.cause and "bfloat16" in event.fix
+    assert event.trigger == "scale_at_minimum" and event.loss_scale == 1.0
+    assert "minimum 1" in event.cause  # the kinds: tests/callbacks/test_events.py
     # spikes from call 2: scale 4 -> 2 -> 1 (calls 2, 3), then pinned at calls 4, 5, 6
     assert event.step == 7 and nan.overflow_steps == 5
 

@@ -6,7 +6,9 @@ the host. Only then: a `tf.cond` on the skip decision the step makes anyway, so 
 clean step costs one untaken branch. `find_culprit` runs that batch through the
 model again, every op checked (`tfmp.rewrite.overflows.OriginFinder`), and names
 the first layer, in model order, that made inf/NaN from finite inputs (else the first
-whose output was not finite).
+whose output was not finite); then once more in float32 with the same weights
+(`tfmp.rewrite.replay`), which tells a precision problem (finite in float32) from
+divergence (non-finite in float32 too). All of it only when an event is diagnosed.
 
 TensorFlow-only (`tf.py_function`); not under XLA (`jit_compile=True`) or on a TPU,
 where a host callback cannot run inside the step: there nothing is kept.
@@ -24,7 +26,9 @@ from absl import logging
 from keras import ops
 
 from tfmp import _compat
+from tfmp._messages import first_line
 from tfmp.rewrite.overflows import OriginFinder
+from tfmp.rewrite.replay import Float32Replay, replay_in_float32
 from tfmp.scaling import DynamicLossScaleOptimizer
 
 _KEEPER = "_tfmp_bad_batch_keeper"
@@ -40,11 +44,35 @@ class Culprit:
             bad data, or nothing could be checked).
         origins: Every such layer, in model order.
         bad_inputs: The batch itself held inf/NaN (bad data, no layer to blame).
+        float32: The same batch run in float32 with the same weights (None: bad data,
+            or the replay itself failed).
+        largest_weight: `(variable path, largest absolute value)` over the trainable
+            weights as they are now (None: no finite weight).
+        nonfinite_weights: The trainable weights that hold inf/NaN.
     """
 
     layer: Optional[str]
     origins: tuple[str, ...]
     bad_inputs: bool
+    float32: Optional[Float32Replay] = None
+    largest_weight: Optional[tuple[str, float]] = None
+    nonfinite_weights: tuple[str, ...] = ()
+
+
+def weight_sizes(model: keras.Model) -> tuple[Optional[tuple[str, float]], tuple[str, ...]]:
+    """`(largest, nonfinite)`: the trainable weight with the largest finite absolute value
+    and that value (None when there is none), and the paths of those holding inf/NaN."""
+    largest, nonfinite = None, []
+    for variable in model.trainable_variables:
+        values = np.abs(np.asarray(variable.numpy(), dtype=np.float64))
+        finite = np.isfinite(values)
+        if not finite.all():
+            nonfinite.append(variable.path)
+        if finite.any():
+            size = float(values[finite].max())
+            if largest is None or size > largest[1]:
+                largest = (variable.path, size)
+    return largest, tuple(nonfinite)
 
 
 class _Keeper:
@@ -103,11 +131,18 @@ def last_bad_batch(model: keras.Model) -> Optional[Any]:
     return None if keeper is None else keeper.batch
 
 
-def find_culprit(model: keras.Model) -> Optional[Culprit]:
-    """Runs the last kept bad batch through `model` again and names where it went non-finite.
+def _could_not(what: str, e: Exception) -> None:
+    logging.warning("tfmp: could not %s (%s: %s)", what, type(e).__name__, first_line(e))
+
+
+def find_culprit(model: keras.Model, *, gradients: bool = False) -> Optional[Culprit]:
+    """Runs the last kept bad batch through `model` again, as it is and in float32, and
+    says where it went non-finite.
 
     Args:
         model: A model `keep_bad_batches` was called on.
+        gradients: The float32 run computes the gradients too (the event was about
+            gradients, not the loss).
 
     Returns:
         A `Culprit`, or None when no batch was kept or the check itself failed (logged).
@@ -119,10 +154,15 @@ def find_culprit(model: keras.Model) -> Optional[Culprit]:
         keeper.finder = keeper.finder or OriginFinder(model)
         origins, outputs, bad_inputs = keeper.finder(keeper.batch)
     except Exception as e:  # noqa: BLE001 (a diagnosis must not end the training it explains)
-        logging.warning("tfmp: could not check which layer went non-finite (%s: %s)",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        _could_not("check which layer went non-finite", e)
         return None
     # No op made it from finite values (a layer's own code, a custom gradient): the first
     # layer whose output was not finite.
     first = origins[0] if origins else (outputs[0] if outputs and not bad_inputs else None)
-    return Culprit(first, tuple(origins), bad_inputs)
+    float32 = None
+    if not bad_inputs:
+        try:
+            float32 = replay_in_float32(model, keeper.batch, gradients=gradients)
+        except Exception as e:  # noqa: BLE001
+            _could_not("run the bad batch again in float32", e)
+    return Culprit(first, tuple(origins), bad_inputs, float32, *weight_sizes(model))

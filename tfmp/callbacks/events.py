@@ -5,18 +5,31 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+# What an event is, once the bad batch has been run again (`diagnose`).
+PRECISION = "precision"    # finite in float32 with the same weights, not in 16 bits
+DIVERGENCE = "divergence"  # non-finite in float32 too: the weights, the model's own code
+DATA = "data"              # the batch itself holds inf/NaN
+UNVERIFIED = "unverified"  # no batch was kept, or it ran finite again: not checked
+KINDS = (PRECISION, DIVERGENCE, DATA, UNVERIFIED)
+# What happened on the step (`NanMonitor`).
+NONFINITE_LOSS = "nonfinite_loss"
+SCALE_AT_MINIMUM = "scale_at_minimum"
+
 
 @dataclasses.dataclass(frozen=True)
 class NanEvent:
     """A non-finite event that needs attention, with its diagnosis.
 
-    `kind` is `"nonfinite_loss"` (the unscaled loss was NaN/inf: bad data or
-    divergence) or `"scale_at_minimum"` (gradients overflowed with the scale
-    pinned at its floor for `patience` steps). Overflows that loss scaling
-    recovers from are counted, not reported as events.
-
     Attributes:
-        kind: `"nonfinite_loss"` or `"scale_at_minimum"`.
+        kind: What the bad batch, run again, showed the cause to be: `"precision"` (finite
+            in float32 with the same weights: the 16-bit range), `"divergence"` (non-finite
+            in float32 too: the updates, not the precision), `"data"` (the batch itself
+            holds inf/NaN) or `"unverified"` (no batch was kept, as under XLA or on a TPU,
+            or it ran finite again).
+        trigger: What happened: `"nonfinite_loss"` (the unscaled loss was NaN/inf) or
+            `"scale_at_minimum"` (gradients overflowed with the loss scale pinned at its
+            floor for `patience` steps). Overflows that loss scaling recovers from are
+            counted, not reported as events.
         epoch, batch, step: Where it happened (the step counted over the whole run).
         loss: The batch's loss (None if the logs had none).
         loss_scale: The scale after the step.
@@ -30,6 +43,7 @@ class NanEvent:
     """
 
     kind: str
+    trigger: str
     epoch: int
     batch: int
     step: int
@@ -48,39 +62,138 @@ class NanEvent:
                  if self.first_nonfinite_layer else "")
         data = ", the batch itself holds inf/NaN" if self.bad_inputs else ""
         return (
-            f"tfmp: {self.kind.replace('_', ' ')} at epoch {self.epoch}, batch {self.batch} "
-            f"(step {self.step}): loss={self.loss}, loss_scale={self.loss_scale:g}, "
-            f"skipped_steps={self.skipped_steps}, first non-finite variable={variable}"
-            f"{layer}{data}. Likely cause: {self.cause}. Fix: {self.fix}."
+            f"tfmp: {self.trigger.replace('_', ' ')} at epoch {self.epoch}, batch {self.batch} "
+            f"(step {self.step}), diagnosed as {self.kind}: loss={self.loss}, "
+            f"loss_scale={self.loss_scale:g}, skipped_steps={self.skipped_steps}, first "
+            f"non-finite variable={variable}{layer}{data}. Likely cause: {self.cause}. "
+            f"Fix: {self.fix}."
         )
 
 
-def diagnose(kind: str, *, policy: str, variable: Optional[str], min_scale: float,
-             count: int, layer: Optional[str] = None, bad_inputs: bool = False) -> tuple[str, str]:
-    """`(cause, fix)` for a NaN event of `kind`; `layer`: the first layer that made inf/NaN
-    from finite inputs on the bad batch; `bad_inputs`: the batch itself held inf/NaN."""
-    if bad_inputs:
-        return ("the batch itself holds inf/NaN: bad input data, which loss scaling cannot fix",
+@dataclasses.dataclass(frozen=True)
+class Evidence:
+    """What is known about an event when it is diagnosed.
+
+    Attributes:
+        trigger: `"nonfinite_loss"` or `"scale_at_minimum"`.
+        half: The 16-bit dtype the model computes in (`"float16"`, `"bfloat16"`), or
+            None under float32.
+        variable: The first variable whose gradient was not finite.
+        min_scale: The loss scale's floor; `count`: steps in a row pinned there.
+        bad_inputs: The kept batch holds inf/NaN (None: no batch was kept).
+        layer: The first layer that made inf/NaN from finite inputs (or whose output
+            was not finite) when the batch ran again as it ran in training (None: that
+            run was finite, or did not happen).
+        float32_finite: The same batch with the same weights was finite in float32
+            (None: not run). `float32_layer`: the first layer that made inf/NaN there;
+            `float32_op`: the type of the op in it that did.
+        largest_weight: `(variable, largest absolute value)` of the trainable weights.
+        nonfinite_weights: The trainable weights holding inf/NaN.
+        learning_rate: The optimizer's learning rate now (None: unknown).
+        clipping: The optimizer already clips gradients.
+        bfloat16_fast: The hardware computes bfloat16 natively (`auto` picks it).
+    """
+
+    trigger: str
+    half: Optional[str]
+    variable: Optional[str] = None
+    min_scale: float = 1.0
+    count: int = 0
+    bad_inputs: Optional[bool] = None
+    layer: Optional[str] = None
+    float32_finite: Optional[bool] = None
+    float32_layer: Optional[str] = None
+    float32_op: Optional[str] = None
+    largest_weight: Optional[tuple[str, float]] = None
+    nonfinite_weights: tuple[str, ...] = ()
+    learning_rate: Optional[float] = None
+    clipping: bool = False
+    bfloat16_fast: bool = False
+
+
+# Ops that make inf/NaN from finite inputs by leaving their domain (log of 0, division by
+# 0, root of a negative), not by the size of their inputs: their layer's code is suspect.
+DOMAIN_OPS = frozenset(("Log", "Log1p", "Sqrt", "Rsqrt", "RealDiv", "Div", "Reciprocal",
+                        "Inv", "Pow", "Xlogy", "Xdivy", "Acos", "Asin", "Atanh", "Lgamma",
+                        "Digamma"))
+
+
+def _lower_lr(e: Evidence) -> str:
+    now = f" (now {e.learning_rate:g})" if e.learning_rate is not None else ""
+    return f"lower the learning rate{now}" + ("" if e.clipping else " or clip gradients (clipnorm=1.0)")
+
+
+def _or_bfloat16(e: Evidence) -> str:
+    """The advice to switch to bfloat16, where it applies: a float16 run on hardware that
+    computes bfloat16 natively."""
+    return ", or switch to bfloat16 (mixed_bfloat16)" if e.half == "float16" and e.bfloat16_fast else ""
+
+
+def _weights(e: Evidence) -> str:
+    if e.nonfinite_weights:
+        return f"the weights {', '.join(e.nonfinite_weights)} already hold inf/NaN"
+    if e.largest_weight:
+        return f"the largest weight is now {e.largest_weight[1]:.3g} ({e.largest_weight[0]})"
+    return "no weight could be read"
+
+
+def diagnose(e: Evidence) -> tuple[str, str, str]:
+    """`(kind, cause, fix)` for an event: data, divergence, precision, or unverified.
+
+    Precision is blamed only when the float32 run of the same batch with the same
+    weights was finite; a precision the run already uses, or bfloat16 on hardware
+    without it, is never advised.
+
+    Args:
+        e: The `Evidence`.
+
+    Returns:
+        The kind (one of `KINDS`), the likely cause and the fix, one sentence each.
+    """
+    if e.bad_inputs:
+        return (DATA, "the batch itself holds inf/NaN: bad input data, which neither loss "
+                      "scaling nor another precision can fix",
                 "check the data for NaN/inf: drop or repair those records")
-    if layer:
-        keep = f"keep {layer} in float32: tfmp.prepare(..., float32_layers=[{layer!r}])"
-        if kind == "nonfinite_loss" and policy not in ("mixed_float16", "mixed_bfloat16"):
-            return (f"{layer} made inf/NaN from finite inputs in {policy}: divergence or an "
-                    "op outside its domain", "lower the learning rate, check that layer's code")
-        return (f"{layer} made inf/NaN from finite inputs: its values leave the 16-bit range",
-                f"{keep} (or float32_layers='auto' with calibration_data), or switch to bfloat16")
-    keep = f"keep the layer of {variable} in float32" if variable else "keep the overflowing layer in float32"
-    keep += " (tfmp.locate_overflows(model, a few batches) names the layer)"
-    if kind == "nonfinite_loss":
-        cause = ("the loss itself is not finite: bad input data or divergence, which loss "
-                 "scaling cannot fix")
-        fix = "check the data for NaN/inf, lower the learning rate"
-        if policy == "mixed_float16":
-            fix += f"; if it only happens in float16, {keep} or switch to bfloat16"
-        return cause, fix
-    cause = (f"gradients overflowed {count} step(s) in a row with the loss scale at its "
-             f"minimum {min_scale:g}: they are too large for float16")
-    return cause, f"lower the learning rate or clip gradients, switch to bfloat16, or {keep}"
+    what = "the loss" if e.trigger == NONFINITE_LOSS else "the gradients"
+    if e.float32_finite is False:
+        op = f"'s {e.float32_op}" if e.float32_op else ""
+        inside = (f"; {e.float32_layer}{op} makes inf/NaN from finite inputs in float32"
+                  if e.float32_layer else "")
+        fix = _lower_lr(e)
+        if e.float32_layer and e.float32_op in DOMAIN_OPS:
+            fix += f", and check {e.float32_layer}'s {e.float32_op} for inputs outside its domain"
+        return (DIVERGENCE, f"the same batch with the same weights makes {what} non-finite in "
+                            f"float32 too, so precision is not the cause: {_weights(e)}{inside}",
+                fix + "; resume from a backup made before it diverged")
+    if e.float32_finite and e.half:
+        if e.trigger == SCALE_AT_MINIMUM:
+            keep = (f"keep the layer of {e.variable} in float32" if e.variable
+                    else "keep the overflowing layer in float32")
+            clip = "" if e.clipping else "clip gradients (clipnorm=1.0), "
+            return (PRECISION, f"gradients overflowed {e.count} step(s) in a row with the loss "
+                               f"scale at its minimum {e.min_scale:g}: they are too large for "
+                               f"{e.half} (the same batch is finite in float32)",
+                    f"{clip}{keep} (tfmp.locate_overflows(model, a few batches) names the "
+                    f"layer){_or_bfloat16(e)}")
+        if e.layer:  # the 16-bit run of the batch went non-finite again, float32 did not
+            auto = " (or float32_layers='auto' with calibration_data)" if e.half == "float16" else ""
+            return (PRECISION, f"{e.layer} made inf/NaN from finite inputs in {e.half} and the "
+                               f"same batch is finite in float32: its values leave the {e.half} "
+                               "range",
+                    f"keep {e.layer} in float32: tfmp.prepare(..., float32_layers="
+                    f"[{e.layer!r}]){auto}{_or_bfloat16(e)}")
+    if e.bad_inputs is None or e.float32_finite is None:
+        cause = ("the bad batch was not kept (XLA or a TPU) or could not be run again, so "
+                 "the cause was not checked: bad data or divergence")
+    else:
+        cause = ("the bad batch ran finite when run again with the same weights: not "
+                 "reproducible (a random op such as dropout, or a transient fault)")
+    fix = f"check the data for NaN/inf, {_lower_lr(e)}"
+    if e.half:
+        cause += f", or values past the {e.half} range"
+        fix += ("; if it only happens in 16 bits, keep the overflowing layer in float32 "
+                f"(tfmp.locate_overflows names it){_or_bfloat16(e)}")
+    return UNVERIFIED, cause, fix
 
 
 class NonFiniteError(RuntimeError):

@@ -30,9 +30,17 @@ from tfmp.callbacks.counters import (
     readable_counters,
 )
 from tfmp.callbacks.culprit import find_culprit, keep_bad_batches
-from tfmp.callbacks.events import NanEvent, NonFiniteError, diagnose
+from tfmp.callbacks.events import (
+    NONFINITE_LOSS,
+    SCALE_AT_MINIMUM,
+    Evidence,
+    NanEvent,
+    NonFiniteError,
+    diagnose,
+)
 from tfmp.callbacks.summaries import ScalarWriter
-from tfmp.precision import global_policy_name
+from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
+from tfmp.rewrite.classify import HALF_DTYPES, model_policy
 from tfmp.scaling import build_optimizer, guard_model_state
 
 NAN_POLICIES = ("skip", "stop", "raise")
@@ -46,6 +54,14 @@ def _warn(message: str) -> None:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer; got {name}={value!r}.")
+
+
+def _learning_rate(optimizer: Any) -> Optional[float]:
+    """The optimizer's learning rate now (a schedule's current value), or None."""
+    try:
+        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    except Exception:  # noqa: BLE001 (no learning rate, or not a number: not said)
+        return None
 
 
 class _CountersCallback(keras.callbacks.Callback):
@@ -227,10 +243,15 @@ class NanMonitor(_CountersCallback):
       the scale pinned at its minimum for `patience` steps in a row: an event.
       After `patience` consecutive events, `on_nan` decides.
 
-    The event names the first layer, in model order, that made inf/NaN from finite
-    inputs, found by running the bad batch again (kept on the host only on a skipped
-    step: `tfmp.callbacks.culprit`; not under XLA or on a TPU), or says that the batch
-    itself held inf/NaN; its fix then suggests `float32_layers=[...]`.
+    The event says what the cause is, found by running the bad batch again (kept on
+    the host only on a skipped step: `tfmp.callbacks.culprit`; not under XLA or on a
+    TPU): `kind="data"` when the batch itself holds inf/NaN; `"divergence"` when the
+    same batch with the same weights goes non-finite in float32 too (the learning rate,
+    no clipping: precision is not the cause); `"precision"` only when float32 is finite
+    where 16 bits is not, naming the first layer that made inf/NaN from finite inputs
+    and suggesting `float32_layers=[...]`; `"unverified"` when nothing could be run
+    again. It never suggests the precision the run already uses, nor bfloat16 on
+    hardware without it.
 
     Args:
         on_nan: `"skip"` logs the event and continues; `"stop"` stops training
@@ -241,6 +262,8 @@ class NanMonitor(_CountersCallback):
             backup's deletion at the end of training are suppressed, so the
             next run resumes from the last good save. Restored on the next
             `on_train_begin`.
+        hardware: The `tfmp.HardwareInfo` the advice is for (default: detected at
+            the first event); bfloat16 is suggested only where it is native.
 
     Without a `tfmp.DynamicLossScaleOptimizer`, a NaN loss is read from
     `logs["loss"]`, which Keras averages over the epoch: after one bad batch
@@ -252,7 +275,8 @@ class NanMonitor(_CountersCallback):
     """
 
     def __init__(self, on_nan: str = "stop", patience: int = 1,
-                 protect: Sequence[keras.callbacks.Callback] = ()) -> None:
+                 protect: Sequence[keras.callbacks.Callback] = (),
+                 hardware: Optional[HardwareInfo] = None) -> None:
         super().__init__()
         if on_nan not in NAN_POLICIES:
             raise ValueError(f"on_nan={on_nan!r} is not accepted; use one of {', '.join(NAN_POLICIES)}.")
@@ -260,6 +284,9 @@ class NanMonitor(_CountersCallback):
         self.on_nan = on_nan
         self.patience = patience
         self.protect = list(protect)
+        if hardware is not None and not isinstance(hardware, HardwareInfo):
+            raise ValueError(f"hardware must be a tfmp.HardwareInfo; got {hardware!r}.")
+        self.hardware = hardware
         self.events: list[NanEvent] = []
         self.overflow_steps = 0
         self.stopped_event: Optional[NanEvent] = None
@@ -290,14 +317,14 @@ class NanMonitor(_CountersCallback):
         if nan_loss:
             self._consecutive += 1
             self._pinned = 0
-            kind = "nonfinite_loss" if self._consecutive >= self.patience else None
+            kind = NONFINITE_LOSS if self._consecutive >= self.patience else None
         elif skipped:
             self.overflow_steps += skipped
             self._consecutive = 0
             self._pinned = self._pinned + 1 if at_min else 0
             logging.info("tfmp: float16 overflow, step skipped (%d so far), loss scale now %g",
                          self.overflow_steps, now[SCALE_KEY])
-            kind = "scale_at_minimum" if self._pinned >= self.patience else None
+            kind = SCALE_AT_MINIMUM if self._pinned >= self.patience else None
         else:
             self._consecutive = self._pinned = 0
         if kind:
@@ -307,18 +334,34 @@ class NanMonitor(_CountersCallback):
         super().set_model(model)
         keep_bad_batches(model)
 
-    def _event(self, kind: str, batch: int, logs: dict) -> NanEvent:
-        variable = first_nonfinite_variable(self.model.optimizer)
-        culprit = find_culprit(self.model)  # only now: the bad batch run again
-        layer = culprit.layer if culprit else None
-        bad_inputs = bool(culprit and culprit.bad_inputs)
-        cause, fix = diagnose(kind, policy=global_policy_name(), variable=variable,
-                              min_scale=self._begin_state.min_scale, count=self._pinned,
-                              layer=layer, bad_inputs=bad_inputs)
+    def _event(self, trigger: str, batch: int, logs: dict) -> NanEvent:
+        optimizer = self.model.optimizer
+        variable = first_nonfinite_variable(optimizer)
+        # Only now: the bad batch run again, as it ran and in float32.
+        culprit = find_culprit(self.model, gradients=trigger == SCALE_AT_MINIMUM)
+        replay = culprit.float32 if culprit else None
+        compute = keras.dtype_policies.get(model_policy(self.model)).compute_dtype
+        self.hardware = self.hardware or detect_hardware()
+        inner = getattr(optimizer, "inner_optimizer", optimizer)
+        kind, cause, fix = diagnose(Evidence(
+            trigger, compute if compute in HALF_DTYPES else None, variable,
+            self._begin_state.min_scale, self._pinned,
+            bad_inputs=culprit.bad_inputs if culprit else None,
+            layer=culprit.layer if culprit else None,
+            float32_finite=replay.finite if replay else None,
+            float32_layer=replay.origins[0] if replay and replay.origins else None,
+            float32_op=replay.origin_op if replay else None,
+            largest_weight=culprit.largest_weight if culprit else None,
+            nonfinite_weights=culprit.nonfinite_weights if culprit else (),
+            learning_rate=_learning_rate(inner),
+            clipping=any(getattr(inner, name, None) for name in ("clipnorm", "clipvalue",
+                                                                 "global_clipnorm")),
+            bfloat16_fast=self.hardware.recommended_policy == "mixed_bfloat16"))
         loss = logs.get("loss")
-        return NanEvent(kind, self._epoch, batch, self._step,
+        return NanEvent(kind, trigger, self._epoch, batch, self._step,
                         None if loss is None else float(loss), self._last[SCALE_KEY],
-                        int(self._last[SKIPPED_KEY]), variable, cause, fix, layer, bad_inputs)
+                        int(self._last[SKIPPED_KEY]), variable, cause, fix,
+                        culprit.layer if culprit else None, bool(culprit and culprit.bad_inputs))
 
     def _act(self, event: NanEvent) -> None:
         self.events.append(event)

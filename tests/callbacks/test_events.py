@@ -1,0 +1,172 @@
+"""NanMonitor's diagnosis in real fits: data, divergence or precision, told apart by running
+the bad batch again in float32 with the same weights (tfmp.rewrite.replay)."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from keras import ops
+
+import tfmp
+from rewrite.overflow_models import Energy, chain, functional, task
+from tfmp.callbacks import NanMonitor
+from tfmp.callbacks import culprit as culprit_module
+from tfmp.callbacks.events import DATA, DIVERGENCE, PRECISION, UNVERIFIED, Evidence, diagnose
+
+GPU = tfmp.HardwareInfo("gpu", ("GPU:0",), ((7, 5),))  # float16 fast, bfloat16 not
+BF16_CPU = tfmp.HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))
+PLAIN_CPU = tfmp.HardwareInfo("cpu")
+POLICIES = ["float32", "bf16", "fp16"]
+
+
+class LogOneMinus(keras.layers.Layer):
+    """log(1.0001 - min(|x|, 1)): finite in float32 (log 1e-4 at worst); in bfloat16 and
+    float16 1.0001 rounds to 1, and every |x| >= 1 gives log(0) = -inf."""
+
+    def call(self, x):
+        return ops.log(1.0001 - ops.minimum(ops.abs(x), 1.0))
+
+
+class AmplifiedGradient(keras.layers.Layer):
+    """Identity forward; the gradient times 1e4, twice: past float16's range (65504), not
+    float32's."""
+
+    def call(self, x):
+        @tf.custom_gradient
+        def identity(t):
+            big = tf.cast(1e4, t.dtype)
+            return tf.identity(t), lambda dy: dy * big * big
+
+        return identity(x)
+
+
+class InjectedInf(keras.layers.Layer):
+    """Identity forward; an inf gradient in every precision (no precision is to blame)."""
+
+    def call(self, x):
+        @tf.custom_gradient
+        def identity(t):
+            return tf.identity(t), lambda dy: dy * tf.cast(np.inf, dy.dtype)
+
+        return identity(x)
+
+
+def _fast(precision):
+    """Hardware on which `precision` is no trap (no warning from prepare)."""
+    return GPU if precision == "fp16" else BF16_CPU
+
+
+def _fit(layer, precision, *, optimizer=None, x=None, hardware=PLAIN_CPU, patience=1,
+         build=functional, **scale):
+    keras.utils.set_random_seed(0)
+    model, opt = tfmp.prepare(build(layer), optimizer or keras.optimizers.Adam(1e-3),
+                              precision, guard=True, hardware=_fast(precision), **scale)
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    tx, ty = task(64)
+    nan = NanMonitor("stop", patience=patience, hardware=hardware)
+    model.fit(tx if x is None else x, ty, epochs=1, batch_size=16, shuffle=False, verbose=0,
+              callbacks=[nan])
+    assert nan.stopped_event is not None, "no event"
+    return nan.stopped_event
+
+
+@pytest.mark.parametrize("precision", POLICIES)
+def test_a_batch_holding_nan_is_data_in_every_precision(precision):
+    x, _ = task(64)
+    x[20, 3] = np.nan  # batch 1
+    event = _fit(keras.layers.Identity(), precision, x=x)
+    assert (event.kind, event.trigger, event.batch) == (DATA, "nonfinite_loss", 1)
+    assert event.bad_inputs and "check the data" in event.fix
+    assert "learning rate" not in event.fix and "float32" not in event.fix
+
+
+@pytest.mark.parametrize("precision", POLICIES)
+def test_a_huge_learning_rate_is_divergence_in_every_precision(precision):
+    clip = precision == "bf16"  # one run already clips: clipping is then not advised
+    opt = keras.optimizers.Adam(1e30, clipnorm=1.0 if clip else None)
+    event = _fit(keras.layers.Identity(), precision, optimizer=opt, hardware=BF16_CPU)
+    assert (event.kind, event.trigger) == (DIVERGENCE, "nonfinite_loss")
+    assert "non-finite in float32 too, so precision is not the cause" in event.cause
+    assert "the largest weight is now 1e+30" in event.cause or "hold inf/NaN" in event.cause
+    assert event.fix.startswith("lower the learning rate (now 1e+30)")
+    assert ("clip gradients" in event.fix) is not clip
+    assert "float32_layers" not in event.fix and "bfloat16" not in event.fix
+    assert "diagnosed as divergence" in event.message() and "outside its domain" not in event.fix
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("hardware", [BF16_CPU, PLAIN_CPU], ids=["bf16_cpu", "plain_cpu"])
+def test_a_layer_past_the_16_bit_range_is_precision(precision, hardware):
+    event = _fit(LogOneMinus(name="log_one_minus"), precision, hardware=hardware)
+    half = "bfloat16" if precision == "bf16" else "float16"
+    assert (event.kind, event.first_nonfinite_layer) == (PRECISION, "log_one_minus")
+    assert f"in {half} and the same batch is finite in float32" in event.cause
+    assert "float32_layers=['log_one_minus']" in event.fix
+    # bfloat16 only for a float16 run, and only where the hardware has it
+    assert ("switch to bfloat16" in event.fix) is (precision == "fp16" and hardware is BF16_CPU)
+    assert "learning rate" not in event.fix
+
+
+def test_the_float16_overflow_locator_layer_is_precision():
+    event = _fit(Energy(name="energy"), "fp16", hardware=GPU)
+    assert (event.kind, event.first_nonfinite_layer) == (PRECISION, "energy")
+    assert "float32_layers=['energy']" in event.fix and "bfloat16" not in event.fix
+
+
+@pytest.mark.parametrize("layer, kind", [(AmplifiedGradient(), PRECISION),
+                                         (InjectedInf(), DIVERGENCE)], ids=["amplified", "inf"])
+def test_gradients_pinned_at_the_minimum_scale_are_replayed_with_gradients(layer, kind):
+    after_weights = lambda l: chain(keras.layers.Dense(8, name="d0"), l)  # noqa: E731
+    event = _fit(layer, "fp16", patience=2, initial_scale=2.0, min_scale=1.0, build=after_weights)
+    assert (event.kind, event.trigger) == (kind, "scale_at_minimum")
+    if kind == PRECISION:
+        assert "too large for float16 (the same batch is finite in float32)" in event.cause
+        assert "clip gradients" in event.fix
+    else:
+        assert "makes the gradients non-finite in float32 too" in event.cause
+
+
+def test_the_replay_runs_only_for_an_event(monkeypatch):
+    calls = []
+    real = culprit_module.replay_in_float32
+    monkeypatch.setattr(culprit_module, "replay_in_float32",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    keras.utils.set_random_seed(0)
+    model, opt = tfmp.prepare(functional(keras.layers.Identity()), "adam", "bf16", guard=True,
+                              hardware=BF16_CPU)
+    model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = task(64)
+    nan = NanMonitor("skip", hardware=PLAIN_CPU)
+    model.fit(x, y, epochs=1, batch_size=16, verbose=0, callbacks=[nan])
+    assert not calls and not nan.events  # a clean run: nothing run again
+    x[20, 0] = x[40, 0] = np.nan  # batches 1 and 2: bad data is not replayed in float32
+    model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0, callbacks=[nan])
+    assert [e.kind for e in nan.events] == [DATA, DATA] and not calls
+    model.optimizer.inner_optimizer.learning_rate.assign(1e30)
+    model.fit(task(64)[0], y, epochs=1, batch_size=16, shuffle=False, verbose=0, callbacks=[nan])
+    assert [e.kind for e in nan.events[2:]] == [DIVERGENCE] * len(calls) and calls
+
+
+def test_without_a_kept_batch_nothing_is_blamed_on_precision():
+    e = Evidence("nonfinite_loss", "float16", "d/kernel", bfloat16_fast=False)
+    kind, cause, fix = diagnose(e)
+    assert kind == UNVERIFIED and "was not kept" in cause
+    assert "switch to bfloat16" not in fix and "lower the learning rate" in fix
+    kind, _, fix = diagnose(Evidence("nonfinite_loss", None, bad_inputs=False,
+                                     float32_finite=True))
+    assert kind == UNVERIFIED and "16 bits" not in fix  # a float32 run that ran finite again
+
+
+class Log(keras.layers.Layer):
+    """log(x): NaN for the negative inputs of the task, in every precision."""
+
+    def call(self, x):
+        return ops.log(x)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bf16"])
+def test_an_op_outside_its_domain_is_not_blamed_on_precision(precision):
+    event = _fit(Log(name="log"), precision, hardware=BF16_CPU)
+    assert event.kind == DIVERGENCE and "log's Log makes inf/NaN from finite inputs" in event.cause
+    assert "check log's Log for inputs outside its domain" in event.fix
+    assert "float32_layers" not in event.fix and "bfloat16" not in event.fix
