@@ -1,5 +1,6 @@
 """wrap_optimizer and parse_loss_scale."""
 
+import logging as py_logging
 import re
 
 import keras
@@ -131,5 +132,16 @@ def test_an_optimizers_own_loss_scale_factor_becomes_the_fixed_scale():
     assert tfmp.wrap_optimizer(plain, "bf16") is plain and plain.loss_scale_factor == 8.0
     with pytest.raises(ValueError, match="loss_scale=1024 and the optimizer's loss_scale_factor=8.0"):
         tfmp.wrap_optimizer(keras.optimizers.SGD(loss_scale_factor=8.0), "fp16", loss_scale=1024)
-    with pytest.raises(ValueError, match="has loss_scale_factor=8.0, which a LossScaleOptimizer"):
-        DLSO(keras.optimizers.SGD(loss_scale_factor=8.0))
+
+
+def test_given_directly_the_inner_factor_is_turned_off_as_keras_does(caplog):
+    # Keras' LossScaleOptimizer takes such an optimizer and updates with its own scale only
+    # (its test_finite_step_with_inner_loss_scale); tfmp does too, and says so.
+    caplog.set_level(py_logging.WARNING)
+    inner = keras.optimizers.SGD(0.5, loss_scale_factor=100.0)
+    opt = DLSO(inner, initial_scale=4.0)
+    assert inner.loss_scale_factor is None and opt.initial_scale == 4.0
+    assert "loss_scale_factor=100.0 is not used" in caplog.text
+    variable = keras.Variable([1.0, 2.0])
+    opt.apply([tf.constant([4.0, 8.0])], [variable])  # gradients of the loss scaled by 4
+    np.testing.assert_allclose(variable.numpy(), [0.5, 1.0])  # unscaled by 4 only, lr 0.5
