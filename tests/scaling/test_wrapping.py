@@ -93,6 +93,31 @@ def test_bad_policy_and_scale_args():
         tfmp.wrap_optimizer("sgd", "fp16", min_scale=0)
 
 
+@pytest.mark.parametrize("policy", ["fp16", "bf16", "float32"])
+@pytest.mark.parametrize("guard", [False, True])
+def test_a_keyword_no_precision_takes_is_refused_under_every_precision(policy, guard):
+    with pytest.raises(ValueError) as error:
+        tfmp.wrap_optimizer("sgd", policy, guard=guard, foo=1, initail_scale=3)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(
+        "tfmp.wrap_optimizer() got keyword arguments no precision takes: foo=1, "
+        "initail_scale=3 (did you mean initial_scale?); it takes optimizer, policy, loss_scale, "
+        "guard and DynamicLossScaleOptimizer's initial_scale, "), message
+    assert message.endswith(", hysteresis, dynamic."), message
+    dlso = tfmp.wrap_optimizer("sgd", "fp16", min_scale=2.0)  # an existing one: the same check
+    with pytest.raises(ValueError, match=r"foo=1; it takes optimizer"):
+        tfmp.wrap_optimizer(dlso, policy, guard=guard, foo=1)
+
+
+@pytest.mark.parametrize("policy", ["bf16", "float32"])
+def test_a_loss_scale_argument_only_float16_uses_is_ignored_with_one_line(policy, caplog):
+    caplog.set_level(py_logging.WARNING)
+    sgd = keras.optimizers.SGD()
+    assert tfmp.wrap_optimizer(sgd, policy, hysteresis=2, min_scale=4.0) is sgd
+    ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(ignored) == 1 and "hysteresis, min_scale ignored" in ignored[0], ignored
+
+
 def test_guard_keeps_bf16_weights_finite_where_keras_writes_nan():
     keras.config.set_dtype_policy("mixed_bfloat16")
     x = np.random.RandomState(0).rand(64, 4).astype("float32")
