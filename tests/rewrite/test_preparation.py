@@ -59,13 +59,17 @@ def test_prepare_float32_keeps_model_and_only_enforces():
 def test_a_keyword_no_precision_takes_is_refused_under_every_precision(precision):
     with pytest.raises(ValueError) as error:
         tfmp.prepare(_float32_model(), keras.optimizers.Adam(), precision, hardware=GPU, foo=1,
-                     initail_scale=3, float32_layer=["dense"])
+                     initail_scale=3, float32_layer=["dense"], dat=X)
     message = str(error.value)
     assert "\n" not in message and message.startswith(
         "tfmp.prepare() got keyword arguments no precision takes: foo=1, initail_scale=3 (did "
-        "you mean initial_scale?), float32_layer=['dense'] (did you mean float32_layers?); it "
-        "takes model, optimizer, precision, loss_scale, guard, float32_islands, hardware, data, "
-        "float32_layers, calibration_data and DynamicLossScaleOptimizer's initial_scale, "), message
+        "you mean initial_scale?), float32_layer=['dense'] (did you mean float32_layers?), "
+        "dat=array(["), message  # an array's many lines: short, on one line
+    assert message.endswith(
+        " (did you mean data?); it takes model, optimizer, precision, loss_scale, guard, "
+        "float32_islands, hardware, data, float32_layers, calibration_data and "
+        "DynamicLossScaleOptimizer's initial_scale, dynamic_growth_steps, name, growth_interval, "
+        "growth_factor, backoff_factor, min_scale, max_scale, hysteresis, dynamic."), message
     assert keras.config.dtype_policy().name == "float32"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import math
+import reprlib
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import keras
@@ -22,8 +23,8 @@ SCALE_ARGS = tuple(
 
 
 def check_keywords(function: Callable[..., Any], scale_args: Mapping[str, Any]) -> None:
-    """Refuses, under every precision, a keyword that `function` (which passes its
-    `**scale_args` on to `DynamicLossScaleOptimizer`) and the optimizer both do not take.
+    """Refuses a keyword argument that neither `function` nor `DynamicLossScaleOptimizer`
+    (to which `function` passes its `**scale_args`) takes, whatever the precision.
 
     Args:
         function: `tfmp.wrap_optimizer` or `tfmp.prepare`, for the message.
@@ -41,7 +42,8 @@ def check_keywords(function: Callable[..., Any], scale_args: Mapping[str, Any]) 
     given = []
     for key in unknown:
         close = difflib.get_close_matches(key, own + list(SCALE_ARGS), n=1)
-        given.append(f"{key}={scale_args[key]!r}" + (f" (did you mean {close[0]}?)" if close else ""))
+        value = " ".join(reprlib.repr(scale_args[key]).split())  # an array: short, one line
+        given.append(f"{key}={value}" + (f" (did you mean {close[0]}?)" if close else ""))
     raise ValueError(
         f"tfmp.{function.__name__}() got keyword arguments no precision takes: "
         f"{', '.join(given)}; it takes {', '.join(own)} and DynamicLossScaleOptimizer's "
