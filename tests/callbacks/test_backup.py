@@ -68,6 +68,42 @@ def test_each_save_keeps_the_last_complete_checkpoint_as_the_previous_one(two_ep
     assert inspect_backup(str(directory)).epoch == 2
 
 
+def test_keras_arguments_in_keras_order_and_tfmps_by_keyword_only(tmp_path):
+    callback = SafeBackupAndRestore(str(tmp_path), 2, False, False)  # Keras' positional order
+    assert (callback.save_freq, callback.double_checkpoint, callback.delete_checkpoint) == (
+        2, False, False)
+    assert SafeBackupAndRestore(str(tmp_path)).double_checkpoint  # tfmp's default: two copies
+    with pytest.raises(TypeError):
+        SafeBackupAndRestore(str(tmp_path), "epoch", True, True, str(tmp_path))
+    with pytest.raises(ValueError, match="double_checkpoint='yes'"):
+        SafeBackupAndRestore(str(tmp_path), double_checkpoint="yes")
+
+
+def _fail_the_metadata_of_epoch_3(directory, model, callback, monkeypatch):
+    """Trains on to epoch 3, whose save fails writing the metadata (the disk is full): a
+    restore must then take the checkpoint of epoch 2, the previous copy."""
+
+    def full_disk(path, payload):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(backup_module, "write_json_atomically", full_disk)
+    with pytest.raises(OSError):
+        model.fit(X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
+    checkpoint = inspect_backup(str(directory))
+    assert (checkpoint.epoch, checkpoint.previous) == (2, True), checkpoint
+
+
+def test_double_checkpoint_false_keeps_the_previous_copy_only_while_saving(tmp_path, monkeypatch):
+    # As Keras' default, one checkpoint on disk; but a save cut short between the new weights
+    # and their metadata still leaves the previous checkpoint to restore.
+    directory, model = tmp_path / "b", _model()
+    callback = SafeBackupAndRestore(str(directory), double_checkpoint=False, delete_checkpoint=False)
+    model.fit(X, Y, epochs=2, batch_size=8, verbose=0, callbacks=[callback])
+    assert sorted(os.listdir(directory)) == [LATEST_W, LATEST_M]
+    assert inspect_backup(str(directory)).epoch == 2
+    _fail_the_metadata_of_epoch_3(directory, model, callback, monkeypatch)
+
+
 def test_a_resume_restores_weights_optimizer_and_epoch(two_epochs, tmp_path):
     directory = _copy(two_epochs, tmp_path)
     fresh = _model()
@@ -217,15 +253,7 @@ def test_a_save_that_fails_writing_the_metadata_restores_the_previous_checkpoint
              SafeBackupAndRestore(str(directory), delete_checkpoint=False))
     model.fit(X, Y, epochs=2, batch_size=8, verbose=0, callbacks=[first])
     callback = SafeBackupAndRestore(str(directory), delete_checkpoint=False)
-
-    def full_disk(path, payload):
-        raise OSError(28, "No space left on device", path)
-
-    monkeypatch.setattr(backup_module, "write_json_atomically", full_disk)
-    with pytest.raises(OSError):
-        model.fit(X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])
-    checkpoint = inspect_backup(str(directory))
-    assert (checkpoint.epoch, checkpoint.previous) == (2, True), checkpoint
+    _fail_the_metadata_of_epoch_3(directory, model, callback, monkeypatch)
     monkeypatch.undo()
     history = model.fit(X, Y, epochs=3, batch_size=8, verbose=0, callbacks=[callback])  # again
     assert history.epoch == [2]

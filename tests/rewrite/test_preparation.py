@@ -1,5 +1,6 @@
 """tfmp.prepare: float32 -> mixed conversion, training, and raising on errors."""
 
+import logging
 import warnings
 
 import keras
@@ -52,6 +53,34 @@ def test_prepare_float32_keeps_model_and_only_enforces():
     assert [l.compute_dtype for l in prepared.layers] == ["bfloat16", "float32"]
     assert isinstance(opt, keras.optimizers.Adam)
     assert tfmp.precision.global_policy_name() == "mixed_bfloat16"
+
+
+@pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16", "float32"])
+def test_a_keyword_no_precision_takes_is_refused_under_every_precision(precision):
+    with pytest.raises(ValueError) as error:
+        tfmp.prepare(_float32_model(), keras.optimizers.Adam(), precision, hardware=GPU, foo=1,
+                     initail_scale=3, float32_layer=["dense"], dat=X)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(
+        "tfmp.prepare() got keyword arguments no precision takes: foo=1, initail_scale=3 (did "
+        "you mean initial_scale?), float32_layer=['dense'] (did you mean float32_layers?), "
+        "dat=array(["), message  # an array's many lines: short, on one line
+    assert message.endswith(
+        " (did you mean data?); it takes model, optimizer, precision, loss_scale, guard, "
+        "float32_islands, hardware, data, float32_layers, calibration_data and "
+        "DynamicLossScaleOptimizer's initial_scale, dynamic_growth_steps, name, growth_interval, "
+        "growth_factor, backoff_factor, min_scale, max_scale, hysteresis, dynamic."), message
+    assert keras.config.dtype_policy().name == "float32"
+
+
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "float32"])
+def test_a_loss_scale_argument_only_float16_uses_is_ignored_with_one_line(precision, caplog):
+    caplog.set_level(logging.WARNING)
+    _, opt = tfmp.prepare(_float32_model(), "adam", precision, hardware=GPU, hysteresis=2)
+    assert isinstance(opt, keras.optimizers.Adam)
+    ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert ignored == [f"tfmp: hysteresis ignored: {precision} uses no loss scaling (pass "
+                       "guard=True for the NaN guard)."], ignored
 
 
 def test_prepare_raises_on_audit_errors():

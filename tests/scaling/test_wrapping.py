@@ -1,5 +1,6 @@
 """wrap_optimizer and parse_loss_scale."""
 
+import logging as py_logging
 import re
 
 import keras
@@ -92,6 +93,31 @@ def test_bad_policy_and_scale_args():
         tfmp.wrap_optimizer("sgd", "fp16", min_scale=0)
 
 
+@pytest.mark.parametrize("policy", ["fp16", "bf16", "float32"])
+@pytest.mark.parametrize("guard", [False, True])
+def test_a_keyword_no_precision_takes_is_refused_under_every_precision(policy, guard):
+    with pytest.raises(ValueError) as error:
+        tfmp.wrap_optimizer("sgd", policy, guard=guard, foo=1, initail_scale=3)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(
+        "tfmp.wrap_optimizer() got keyword arguments no precision takes: foo=1, "
+        "initail_scale=3 (did you mean initial_scale?); it takes optimizer, policy, loss_scale, "
+        "guard and DynamicLossScaleOptimizer's initial_scale, "), message
+    assert message.endswith(", hysteresis, dynamic."), message
+    dlso = tfmp.wrap_optimizer("sgd", "fp16", min_scale=2.0)  # an existing one: the same check
+    with pytest.raises(ValueError, match=r"foo=1; it takes optimizer"):
+        tfmp.wrap_optimizer(dlso, policy, guard=guard, foo=1)
+
+
+@pytest.mark.parametrize("policy", ["bf16", "float32"])
+def test_a_loss_scale_argument_only_float16_uses_is_ignored_with_one_line(policy, caplog):
+    caplog.set_level(py_logging.WARNING)
+    sgd = keras.optimizers.SGD()
+    assert tfmp.wrap_optimizer(sgd, policy, hysteresis=2, min_scale=4.0) is sgd
+    ignored = [r.getMessage() for r in caplog.records if "ignored" in r.getMessage()]
+    assert len(ignored) == 1 and "hysteresis, min_scale ignored" in ignored[0], ignored
+
+
 def test_guard_keeps_bf16_weights_finite_where_keras_writes_nan():
     keras.config.set_dtype_policy("mixed_bfloat16")
     x = np.random.RandomState(0).rand(64, 4).astype("float32")
@@ -131,5 +157,16 @@ def test_an_optimizers_own_loss_scale_factor_becomes_the_fixed_scale():
     assert tfmp.wrap_optimizer(plain, "bf16") is plain and plain.loss_scale_factor == 8.0
     with pytest.raises(ValueError, match="loss_scale=1024 and the optimizer's loss_scale_factor=8.0"):
         tfmp.wrap_optimizer(keras.optimizers.SGD(loss_scale_factor=8.0), "fp16", loss_scale=1024)
-    with pytest.raises(ValueError, match="has loss_scale_factor=8.0, which a LossScaleOptimizer"):
-        DLSO(keras.optimizers.SGD(loss_scale_factor=8.0))
+
+
+def test_given_directly_the_inner_factor_is_turned_off_as_keras_does(caplog):
+    # Keras' LossScaleOptimizer takes such an optimizer and updates with its own scale only
+    # (its test_finite_step_with_inner_loss_scale); tfmp does too, and says so.
+    caplog.set_level(py_logging.WARNING)
+    inner = keras.optimizers.SGD(0.5, loss_scale_factor=100.0)
+    opt = DLSO(inner, initial_scale=4.0)
+    assert inner.loss_scale_factor is None and opt.initial_scale == 4.0
+    assert "loss_scale_factor=100.0 is not used" in caplog.text
+    variable = keras.Variable([1.0, 2.0])
+    opt.apply([tf.constant([4.0, 8.0])], [variable])  # gradients of the loss scaled by 4
+    np.testing.assert_allclose(variable.numpy(), [0.5, 1.0])  # unscaled by 4 only, lr 0.5

@@ -168,19 +168,31 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
     """`keras.callbacks.BackupAndRestore` whose saves survive a crash or a full disk, and
     whose restore checks the files and says what it restored.
 
-    Always keeps two checkpoints (Keras' `double_checkpoint=True`). A save that fails
-    raises (an `OSError`) and leaves the last complete checkpoint in place; one that
-    fails while writing the new weights changes nothing on disk.
+    Takes Keras' arguments, in Keras' order, with Keras' meaning. Every save keeps the
+    last complete checkpoint as the previous copy (Keras' `.bkp` files) until the new
+    one is complete, whatever `double_checkpoint` says: that is what makes the save
+    safe. `double_checkpoint` says whether the previous copy stays once the new
+    checkpoint is complete: True (the default here; Keras' is False) keeps two
+    checkpoints on disk, as Keras' `double_checkpoint=True` does; False deletes the
+    previous copy after each complete save, leaving one, as Keras' default does. A
+    restore takes the previous copy whenever the latest checkpoint is damaged and it
+    is there (after a crash in the middle of a save, under either setting). A save
+    that fails raises (an `OSError`) and leaves the last complete checkpoint in place;
+    one that fails while writing the new weights changes nothing on disk.
 
     Args:
         backup_dir: Where the backup is saved.
         save_freq: `"epoch"`, or a number of batches (as Keras').
+        double_checkpoint: Keep the previous checkpoint beside the latest one (True,
+            the default), or only while a save is under way (False).
         delete_checkpoint: Delete the backup when training ends (as Keras').
         restore_dir: Where to restore from, if not `backup_dir` (a non-chief worker
             restores from the chief's backup, so that every worker resumes in step).
         restore: False to start from scratch whatever `restore_dir` holds.
 
     Raises:
+        ValueError: `backup_dir` is empty, `save_freq` is neither `"epoch"` nor an
+            integer (Keras' checks), or `double_checkpoint` is not True or False.
         BackupError: (at the start of `fit`) the backup is damaged, or does not fit
             the model.
 
@@ -189,9 +201,13 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
     ...           callbacks=[tfmp.callbacks.SafeBackupAndRestore("/tmp/backup")])
     """
 
-    def __init__(self, backup_dir: str, save_freq: Any = "epoch", delete_checkpoint: bool = True,
-                 restore_dir: Optional[str] = None, restore: bool = True) -> None:
-        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=True,
+    def __init__(self, backup_dir: str, save_freq: Any = "epoch", double_checkpoint: bool = True,
+                 delete_checkpoint: bool = True, *, restore_dir: Optional[str] = None,
+                 restore: bool = True) -> None:
+        if not isinstance(double_checkpoint, bool):
+            raise ValueError("`double_checkpoint` must be True or False; got "
+                             f"double_checkpoint={double_checkpoint!r}.")
+        super().__init__(backup_dir, save_freq=save_freq, double_checkpoint=double_checkpoint,
                          delete_checkpoint=delete_checkpoint)
         self.restore_dir = restore_dir or backup_dir
         self.restore = restore
@@ -243,6 +259,10 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         epoch, batch = _compat.backup_progress(self)
         write_json_atomically(metadata, {"epoch": epoch, "batch": batch, SIZE: size, SHA256: sha})
         self._saved = (sha, _identity(weights))
+        if not self.double_checkpoint:  # the previous copy was needed only during the save
+            for path in (previous_metadata, previous_weights):
+                if os.path.exists(path):
+                    os.remove(path)
 
     def _latest_is_complete(self, weights: str, metadata: str) -> bool:
         """Whether the latest pair is complete (known without reading it when this callback

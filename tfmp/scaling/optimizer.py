@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any, Optional, Sequence
 
 import keras
+from absl import logging
 from keras import ops
 
 from tfmp import _compat
@@ -50,7 +51,8 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
     Args:
         inner_optimizer: The `keras.optimizers.Optimizer` to wrap. Put
             `gradient_accumulation_steps`, `use_ema`, `weight_decay` and clipping
-            on it.
+            on it. Its `loss_scale_factor`, if any, is set to None (as Keras does;
+            a warning says so): this optimizer's own scale is the one used.
         initial_scale: Starting loss scale.
         dynamic_growth_steps: Stock Keras' name for `growth_interval`.
         name: Optimizer name.
@@ -71,10 +73,8 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             use `initial_scale=1.0`).
 
     Raises:
-        ValueError: An argument is out of range, `growth_interval` and
-            `dynamic_growth_steps` disagree, or the inner optimizer has a
-            `loss_scale_factor` (stock Keras drops it silently); the message names
-            them and their values.
+        ValueError: An argument is out of range, or `growth_interval` and
+            `dynamic_growth_steps` disagree; the message names them and their values.
 
     Example:
     >>> opt = tfmp.DynamicLossScaleOptimizer(keras.optimizers.Adam(), min_scale=1.0)
@@ -110,13 +110,6 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
                 "again would scale the loss twice. Use tfmp.wrap_optimizer(), which "
                 "converts it."
             )
-        if inner_optimizer.loss_scale_factor is not None:
-            factor = inner_optimizer.loss_scale_factor
-            raise ValueError(
-                f"`inner_optimizer` has loss_scale_factor={factor!r}, which a LossScaleOptimizer "
-                "turns off (the loss would be scaled twice): give it as the scale, "
-                f"initial_scale={factor!r}, dynamic=False, or use tfmp.wrap_optimizer(), which "
-                "converts it.")
         if not isinstance(dynamic, bool):
             raise ValueError(f"`dynamic` must be True or False; got dynamic={dynamic!r}.")
         growth_interval = one_of("growth_interval", growth_interval, "dynamic_growth_steps",
@@ -127,13 +120,21 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             initial_scale, growth_factor, backoff_factor, growth_interval,
             min_scale, max_scale, hysteresis,
         )
-        super().__init__(
+        factor = inner_optimizer.loss_scale_factor
+        super().__init__(  # sets the inner optimizer's loss_scale_factor to None
             inner_optimizer,
             initial_scale=float(initial_scale),
             dynamic_growth_steps=int(growth_interval),
             name=name,
             **kwargs,
         )
+        if factor is not None:  # Keras turns it off without a word
+            logging.warning(
+                "tfmp: the inner optimizer's loss_scale_factor=%r is not used (turned off, as "
+                "Keras' LossScaleOptimizer does: the loss would be scaled twice); the loss "
+                "scale starts at initial_scale=%r. For a fixed scale of %r pass "
+                "initial_scale=%r, dynamic=False, or use tfmp.wrap_optimizer(), which converts it.",
+                factor, initial_scale, factor, factor)
         self.rule = ScaleRule(float(growth_factor), float(backoff_factor), int(growth_interval),
                               float(min_scale), float(max_scale), int(hysteresis), dynamic)
         # Created here rather than in build(): scale_loss() may be traced before

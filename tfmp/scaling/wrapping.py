@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
-from typing import Any, Optional, Sequence, Union
+import reprlib
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import keras
 from absl import logging
@@ -12,6 +15,39 @@ from tfmp.precision.policy import MIXED_BFLOAT16, MIXED_FLOAT16, parse_precision
 from tfmp.scaling.optimizer import DynamicLossScaleOptimizer
 
 LossScale = Union[str, float, int]
+
+# What `**scale_args` may hold: `DynamicLossScaleOptimizer`'s own arguments.
+SCALE_ARGS = tuple(
+    name for name, parameter in inspect.signature(DynamicLossScaleOptimizer).parameters.items()
+    if name != "inner_optimizer" and parameter.kind is not parameter.VAR_KEYWORD)
+
+
+def check_keywords(function: Callable[..., Any], scale_args: Mapping[str, Any]) -> None:
+    """Refuses a keyword argument that neither `function` nor `DynamicLossScaleOptimizer`
+    (to which `function` passes its `**scale_args`) takes, whatever the precision.
+
+    Args:
+        function: `tfmp.wrap_optimizer` or `tfmp.prepare`, for the message.
+        scale_args: The keywords its signature did not name.
+
+    Raises:
+        ValueError: one line naming the unknown keywords and their values (with the
+            closest accepted name, if any) and every accepted one.
+    """
+    unknown = [key for key in scale_args if key not in SCALE_ARGS]
+    if not unknown:
+        return
+    own = [name for name, parameter in inspect.signature(function).parameters.items()
+           if parameter.kind is not parameter.VAR_KEYWORD]
+    given = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, own + list(SCALE_ARGS), n=1)
+        value = " ".join(reprlib.repr(scale_args[key]).split())  # an array: short, one line
+        given.append(f"{key}={value}" + (f" (did you mean {close[0]}?)" if close else ""))
+    raise ValueError(
+        f"tfmp.{function.__name__}() got keyword arguments no precision takes: "
+        f"{', '.join(given)}; it takes {', '.join(own)} and DynamicLossScaleOptimizer's "
+        f"{', '.join(SCALE_ARGS)}.")
 
 
 def parse_loss_scale(loss_scale: LossScale) -> Optional[float]:
@@ -62,7 +98,10 @@ def wrap_optimizer(
             `loss_scale_factor` becomes the fixed scale wherever it is wrapped
             (Keras' LossScaleOptimizer would drop it).
         **scale_args: Passed to `DynamicLossScaleOptimizer` (`initial_scale`,
-            `growth_interval`, `min_scale`, `hysteresis`, ...).
+            `growth_interval`, `min_scale`, `hysteresis`, ...: `SCALE_ARGS`). Where no
+            loss-scale optimizer is made (bfloat16 / float32 without `guard`) they are
+            ignored, with one warning; a keyword that is none of them is refused
+            under every precision.
 
     Returns:
         A `DynamicLossScaleOptimizer` under mixed_float16 (or with `guard=True`),
@@ -71,7 +110,8 @@ def wrap_optimizer(
         `LossScaleOptimizer` is converted.
 
     Raises:
-        ValueError: bad `policy`, `loss_scale` or scale arguments, a `loss_scale`
+        ValueError: bad `policy`, `loss_scale` or scale arguments, an unknown keyword
+            argument (`check_keywords`), a `loss_scale`
             that disagrees with the optimizer's `loss_scale_factor`, a stock
             LossScaleOptimizer that was already used (its state would be lost),
             or a `DynamicLossScaleOptimizer` that does not match the request
@@ -82,6 +122,7 @@ def wrap_optimizer(
     >>> tfmp.wrap_optimizer(opt) is opt
     True
     """
+    check_keywords(wrap_optimizer, scale_args)
     fixed = parse_loss_scale(loss_scale)
     name = _policy_name(policy)
     if isinstance(optimizer, DynamicLossScaleOptimizer):
@@ -152,10 +193,8 @@ def _check_matches(optimizer: DynamicLossScaleOptimizer, policy: Optional[str],
                          f"{optimizer.initial_scale:g}")
     config = optimizer.get_config()
     config["growth_interval"] = optimizer.growth_interval
-    for key, value in sorted(scale_args.items()):
-        if key not in config:
-            conflicts.append(f"{key!r} is not an argument of DynamicLossScaleOptimizer")
-        elif config[key] != value:
+    for key, value in sorted(scale_args.items()):  # SCALE_ARGS, each in the config
+        if config[key] != value:
             conflicts.append(f"{key}={value!r} but the optimizer has {key}={config[key]!r}")
     if conflicts:
         raise ValueError(
