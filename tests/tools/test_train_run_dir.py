@@ -87,6 +87,8 @@ CASES = {
     "a file missing": ([], 0, "Restoring the previous checkpoint"),
     "restart": (["--restart"], 0, "--restart: moved"),
     "another model": (["--model=cnn"], 2, "(epoch 2) does not fit this model (ValueError: "),
+    "another accumulation": (["--grad_accum_steps=2"], 2,
+                             "(epoch 2) was made with --grad_accum_steps=1, not 2: its optimizer"),
 }
 
 

@@ -14,7 +14,8 @@ import os
 import time
 from typing import Any, Optional
 
-from tfmp.callbacks.backup import BackupError, Checkpoint, error_line, inspect_backup
+from tfmp.callbacks.backup import (BackupError, Checkpoint, error_line, inspect_backup,
+                                   other_accumulation)
 from tfmp.precision import POLICIES
 
 BACKUP, TENSORBOARD, FINAL_MODEL, SUMMARY = "backup", "tensorboard", "model.keras", "summary.json"
@@ -41,22 +42,33 @@ def _read_json(path: str) -> dict[str, Any]:
     return payload
 
 
-def checked_backup(backup_dir: str) -> Optional[Checkpoint]:
+def checked_backup(backup_dir: str, grad_accum_steps: int = 1) -> Optional[Checkpoint]:
     """The checkpoint a resume from `backup_dir` restores (None: nothing to resume).
 
     Args:
         backup_dir: The run's backup directory.
+        grad_accum_steps: This run's `--grad_accum_steps`.
 
     Returns:
         The latest complete checkpoint (see `tfmp.callbacks.inspect_backup`), or None.
 
     Raises:
-        RunDirError: backup files are there but none is complete.
+        RunDirError: backup files are there but none is complete, or the checkpoint's
+            optimizer accumulated gradients where this run's does not, or the other way
+            round (`--grad_accum_steps=1` against more): its optimizer has other variables,
+            and Keras would restore the weights alone.
     """
     try:
-        return inspect_backup(backup_dir)
+        checkpoint = inspect_backup(backup_dir)
     except BackupError as e:
         raise RunDirError(f"{e}; {RESTART_HINT}") from None
+    saved = checkpoint.gradient_accumulation_steps if checkpoint else None
+    if other_accumulation(saved, grad_accum_steps):
+        raise RunDirError(f"the backup in {backup_dir} (epoch {checkpoint.epoch}) was made with "
+                          f"--grad_accum_steps={saved}, not {grad_accum_steps}: its optimizer "
+                          f"state would not fit; give --grad_accum_steps={saved} to resume it, "
+                          f"or {RESTART_HINT}")
+    return checkpoint
 
 
 def read_tuned(model_dir: Optional[str]) -> Optional[dict[str, Any]]:

@@ -110,7 +110,8 @@ def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[C
     deleted) and nothing is resumed; otherwise a damaged backup or `tune.json` raises.
 
     Raises:
-        RunDirError: a damaged backup, or a damaged `tune.json` with `--precision=tune`.
+        RunDirError: a damaged backup, one made with gradient accumulation where this run
+            has none or the other way round, or a damaged `tune.json` with `--precision=tune`.
     """
     if dirs is None:
         return None
@@ -121,7 +122,7 @@ def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[C
         return None
     if config.precision == "tune":
         read_tuned(config.model_dir)
-    return checked_backup(dirs.restore_dir)
+    return checked_backup(dirs.restore_dir, config.grad_accum_steps)
 
 
 def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
