@@ -1,6 +1,12 @@
-"""tfmp.app.run_dir: moving a run's files aside never overwrites one moved before."""
+"""tfmp.app.run_dir: moving a run's files aside never overwrites one moved before; what a
+killed save leaves is recognized."""
 
+import hashlib
+import json
+import logging
 import os
+
+import pytest
 
 from tfmp.app import run_dir
 
@@ -26,3 +32,46 @@ def test_restart_moves_the_backup_and_tune_json_and_nothing_else(tmp_path):
                   ) == ["model.keras", "summary.json"]
     assert (tmp_path / os.path.basename(moved[0][1]) / "latest.weights.h5").read_text() \
         == "backup/latest.weights.h5"
+
+
+def _backup(tmp_path, *names):
+    """A backup directory holding `names` (the previous pair complete: metadata with the
+    size and SHA-256 of its weights, as SafeBackupAndRestore writes it)."""
+    backup = tmp_path / "backup"
+    backup.mkdir()
+    for name in names:
+        (backup / name).write_bytes(f"weights of {name}".encode())
+    if "training_metadata.json.bkp" in names:
+        weights = (backup / "latest.weights.h5.bkp").read_bytes()
+        (backup / "training_metadata.json.bkp").write_text(json.dumps(
+            {"epoch": 1, "batch": -1, "weights_bytes": len(weights),
+             "weights_sha256": hashlib.sha256(weights).hexdigest()}))
+    return backup
+
+
+def test_the_lone_weights_of_an_interrupted_first_save_are_moved_aside(tmp_path, caplog):
+    backup = _backup(tmp_path, "latest.weights.h5")
+    caplog.set_level(logging.WARNING)
+    assert run_dir.checked_backup(str(backup)) is None  # nothing to resume: train from the start
+    (moved,) = [p for p in os.listdir(tmp_path) if p.startswith("backup.")]
+    assert not backup.exists()
+    assert (tmp_path / moved / "latest.weights.h5").read_bytes() == b"weights of latest.weights.h5"
+    (line,) = [r.getMessage() for r in caplog.records if "interrupted" in r.getMessage()]
+    assert "only latest.weights.h5, of a first save interrupted" in line and moved in line
+
+
+def test_a_worker_that_does_not_own_the_backup_leaves_it_to_its_owner(tmp_path):
+    backup = _backup(tmp_path, "latest.weights.h5")
+    assert run_dir.checked_backup(str(backup), owner=False) is None
+    assert os.listdir(tmp_path) == ["backup"] and os.listdir(backup) == ["latest.weights.h5"]
+
+
+def test_lone_latest_weights_beside_a_previous_copy_are_no_interrupted_first_save(tmp_path):
+    backup = _backup(tmp_path, "latest.weights.h5", "latest.weights.h5.bkp",
+                     "training_metadata.json.bkp")
+    checkpoint = run_dir.checked_backup(str(backup))  # the previous copy, as before
+    assert (checkpoint.epoch, checkpoint.previous) == (1, True)
+    os.remove(backup / "training_metadata.json.bkp")  # a damaged previous copy: not resumable
+    with pytest.raises(run_dir.RunDirError, match="training_metadata.json is missing; previous"):
+        run_dir.checked_backup(str(backup))
+    assert sorted(os.listdir(tmp_path)) == ["backup"]  # nothing moved

@@ -57,7 +57,7 @@ def _damage(run, kind):
         _truncate(backup / LATEST_W)
     elif kind == "a file missing":
         (backup / LATEST_W).unlink()
-    elif kind == "one file left":
+    elif kind == "interrupted first save":  # killed between the weights' rename and the metadata
         for name in (LATEST_M, PREV_W, PREV_M):
             (backup / name).unlink()
     elif kind == "tune truncated":
@@ -75,7 +75,6 @@ def _damage(run, kind):
 # (damage, extra flags, exit code, what stderr says)
 CASES = {
     "all truncated": ([], 2, "backup is damaged: training_metadata.json is unreadable"),
-    "one file left": ([], 2, "is damaged: training_metadata.json is missing"),
     "tune truncated": (["--precision=tune"], 2, "tune.json is damaged (JSONDecodeError"),
     "tune garbage": (["--precision=tune"], 2, "tune.json is damaged (UnicodeDecodeError"),
     "tune not an object": (["--precision=tune"], 2, "tune.json is damaged (a JSON list, not"),
@@ -85,6 +84,7 @@ CASES = {
                             "tune.json is damaged (jit_compile=1, expected true or false)"),
     "latest truncated": ([], 0, "Restoring the previous checkpoint"),
     "a file missing": ([], 0, "Restoring the previous checkpoint"),
+    "interrupted first save": ([], 0, "holds only latest.weights.h5, of a first save interrupted"),
     "restart": (["--restart"], 0, "--restart: moved"),
     "another model": (["--model=cnn"], 2, "(epoch 2) does not fit this model (ValueError: "),
     "another accumulation": (["--grad_accum_steps=2"], 2,
@@ -151,16 +151,31 @@ def test_restart_moves_the_damaged_backup_and_tune_json_aside_and_starts_over(ru
     assert code == 0, stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from_epoch"] is None and summary["epochs_completed"] == [0, 1, 2]
-    aside = {name: [p for p in os.listdir(run) if p.startswith(name + ".")]
-             for name in (BACKUP, "tune.json")}
-    assert all(len(v) == 1 for v in aside.values()), os.listdir(run)
     assert stderr.count("--restart: moved") == 2
-    for name, (moved,) in aside.items():  # byte for byte what was there
+    _assert_moved_aside(run, before["restart"], BACKUP, "tune.json")
+
+
+def _assert_moved_aside(run, before, *names):
+    """Each of `names` is in `run` once under a dated name, byte for byte what was there."""
+    aside = {name: [p for p in os.listdir(run) if p.startswith(name + ".")] for name in names}
+    assert all(len(v) == 1 for v in aside.values()), os.listdir(run)
+    for name, (moved,) in aside.items():
         if name == BACKUP:
-            assert _tree(run / moved) == {k[len(BACKUP) + 1:]: v for k, v in before["restart"].items()
+            assert _tree(run / moved) == {k[len(BACKUP) + 1:]: v for k, v in before.items()
                                           if k.startswith(BACKUP + "/")}
         else:
-            assert (run / moved).read_bytes() == before["restart"]["tune.json"]
+            assert (run / moved).read_bytes() == before[name]
+
+
+def test_the_lone_weights_of_an_interrupted_first_save_are_moved_aside_and_training_starts(runs):
+    dirs, before, results = runs
+    run = dirs["interrupted first save"]
+    code, stderr = results["interrupted first save"]
+    assert code == 0, stderr[-2000:]
+    assert stderr.count(CASES["interrupted first save"][2]) == 1  # one line says so
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] is None and summary["epochs_completed"] == [0, 1, 2]
+    _assert_moved_aside(run, before["interrupted first save"], BACKUP)
 
 
 def _one_error_line(results, case, fragment):

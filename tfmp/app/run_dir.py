@@ -14,8 +14,10 @@ import os
 import time
 from typing import Any, Optional
 
+from absl import logging
+
 from tfmp.callbacks.backup import (BackupError, Checkpoint, error_line, inspect_backup,
-                                   other_accumulation)
+                                   interrupted_first_save, other_accumulation)
 from tfmp.precision import POLICIES
 
 BACKUP, TENSORBOARD, FINAL_MODEL, SUMMARY = "backup", "tensorboard", "model.keras", "summary.json"
@@ -42,12 +44,19 @@ def _read_json(path: str) -> dict[str, Any]:
     return payload
 
 
-def checked_backup(backup_dir: str, grad_accum_steps: int = 1) -> Optional[Checkpoint]:
+def checked_backup(backup_dir: str, grad_accum_steps: int = 1,
+                   owner: bool = True) -> Optional[Checkpoint]:
     """The checkpoint a resume from `backup_dir` restores (None: nothing to resume).
+
+    A backup holding nothing but the weights of a first save interrupted before its
+    metadata was written (no previous copy beside them) has nothing to resume: its owner
+    moves it aside as `restart` does (logged), and None is returned.
 
     Args:
         backup_dir: The run's backup directory.
         grad_accum_steps: This run's `--grad_accum_steps`.
+        owner: Whether this process writes `backup_dir` (a non-chief worker restores from
+            the chief's backup and leaves it to the chief).
 
     Returns:
         The latest complete checkpoint (see `tfmp.callbacks.inspect_backup`), or None.
@@ -58,6 +67,14 @@ def checked_backup(backup_dir: str, grad_accum_steps: int = 1) -> Optional[Check
             round (`--grad_accum_steps=1` against more): its optimizer has other variables,
             and Keras would restore the weights alone.
     """
+    lone = interrupted_first_save(backup_dir)
+    if lone is not None:
+        if owner:
+            moved = move_aside(backup_dir)
+            logging.warning("%s holds only %s, of a first save interrupted before its metadata "
+                            "was written (nothing to resume): moved it to %s; training from the "
+                            "start", backup_dir, os.path.basename(lone), moved)
+        return None
     try:
         checkpoint = inspect_backup(backup_dir)
     except BackupError as e:

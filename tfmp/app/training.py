@@ -107,7 +107,8 @@ def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[C
     """What the run resumes from, checked before anything is measured or trained.
 
     With `config.restart` the chief moves `backup/` and `tune.json` aside (dated, never
-    deleted) and nothing is resumed; otherwise a damaged backup or `tune.json` raises.
+    deleted) and nothing is resumed; so it does with a backup of an interrupted first save
+    alone; otherwise a damaged backup or `tune.json` raises.
 
     Raises:
         RunDirError: a damaged backup, one made with gradient accumulation where this run
@@ -122,7 +123,7 @@ def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[C
         return None
     if config.precision == "tune":
         read_tuned(config.model_dir)
-    return checked_backup(dirs.restore_dir, config.grad_accum_steps)
+    return checked_backup(dirs.restore_dir, config.grad_accum_steps, owner=not dirs.temporary)
 
 
 def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,

@@ -166,6 +166,24 @@ def inspect_backup(backup_dir: str) -> Optional[Checkpoint]:
     raise BackupError(f"the backup in {backup_dir} is damaged: {problem}")
 
 
+def interrupted_first_save(backup_dir: str) -> Optional[str]:
+    """The weights file of a first save killed before its metadata was written, when that is
+    all of a backup `backup_dir` holds (no metadata, no previous copy), else None.
+
+    Such weights belong to no recorded epoch: there is nothing to resume from them.
+
+    Args:
+        backup_dir: A `BackupAndRestore` / `SafeBackupAndRestore` directory.
+
+    Returns:
+        The path of the lone weights file, or None.
+    """
+    (weights, metadata), previous = _files(backup_dir)
+    if os.path.isfile(weights) and not any(os.path.lexists(p) for p in (metadata, *previous)):
+        return weights
+    return None
+
+
 def accumulation_steps(optimizer: keras.optimizers.Optimizer) -> int:
     """An optimizer's `gradient_accumulation_steps` (1: none), or the one of the optimizer a
     loss-scale optimizer wraps (`inner_optimizer`), which is where it is set."""
