@@ -5,10 +5,12 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 
 import pytest
 
 from tfmp.app import run_dir
+from tfmp.atomic import atomic_path
 
 
 def test_move_aside_never_overwrites_what_an_earlier_restart_moved(tmp_path):
@@ -75,3 +77,29 @@ def test_lone_latest_weights_beside_a_previous_copy_are_no_interrupted_first_sav
     with pytest.raises(run_dir.RunDirError, match="training_metadata.json is missing; previous"):
         run_dir.checked_backup(str(backup))
     assert sorted(os.listdir(tmp_path)) == ["backup"]  # nothing moved
+
+
+def test_what_killed_saves_left_is_removed_and_nothing_else(tmp_path, caplog):
+    backup = _backup(tmp_path, "latest.weights.h5")
+    writers, temporaries = [], []  # each stopped inside atomic_path, as if killed mid-write
+    for target, suffix in (("model.keras", ".keras"), ("summary.json", ".json"),
+                           ("tune.json", ".json"), ("backup/latest.weights.h5", ".weights.h5"),
+                           ("backup/training_metadata.json", ".json")):
+        writers.append(atomic_path(str(tmp_path / target), suffix))
+        temporaries.append(writers[-1].__enter__())
+        with open(temporaries[-1], "w") as f:
+            f.write("half a file")
+    _, unnamed = tempfile.mkstemp(suffix=".weights.h5", dir=backup)  # as tfmp wrote before
+    kept = ["model.keras", "notes.txt", "tmpabcd1234.keras", ".model.keras.tmp-notes",
+            ".model_float16.tflite.tmp-abcd1234.tflite"]  # a user's, or another writer's
+    for name in kept:
+        (tmp_path / name).write_text(name)
+    expected = sorted(temporaries[:3]) + sorted([*temporaries[3:], unnamed])
+    assert run_dir.leftovers(str(tmp_path)) == expected
+    caplog.set_level(logging.WARNING)
+    assert run_dir.remove_leftovers(str(tmp_path)) == expected
+    assert sorted(os.listdir(tmp_path)) == sorted(["backup", *kept])
+    assert os.listdir(backup) == ["latest.weights.h5"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith(f"removed 6 temporary file(s) that interrupted saves left in {tmp_path}")
+    assert run_dir.remove_leftovers(str(tmp_path / "none")) == []  # a new run directory

@@ -12,7 +12,7 @@ import tensorflow as tf
 import helpers
 import models
 import tfmp
-from tfmp.app import data, training
+from tfmp.app import data, run_dir, training
 from tfmp.callbacks import SafeBackupAndRestore
 
 ARGS = ["--epochs=3", "--steps_per_epoch=5", "--batch_size=64"]
@@ -21,6 +21,10 @@ EARLIER = {"model.keras": b"the model of an earlier run", "summary.json": b'{"ea
 BACKUP = "backup"
 LATEST_W, LATEST_M = "latest.weights.h5", "training_metadata.json"
 PREV_W, PREV_M = LATEST_W + ".bkp", LATEST_M + ".bkp"
+# What saves killed mid-write leave (atomic_path's hidden names; tfmp's earlier unhidden one),
+# in the order they are found: the run directory's, then the backup's, by name.
+LEFTOVERS = (".summary.json.tmp-abcd1234.json", "backup/.latest.weights.h5.tmp-x_9z8y7w.weights.h5",
+             "backup/tmpabcd1234.weights.h5")
 
 
 def _truncate(path):
@@ -106,6 +110,9 @@ def runs(tmp_path_factory):
         _damage(run, "all truncated" if name == "restart" else name)
         if name == "restart":
             (run / "tune.json").write_text("{")
+        if name == "latest truncated":
+            for path in LEFTOVERS:
+                (run / path).write_bytes(b"half a file")
         dirs[name], before[name] = run, _tree(run)
     cases = [[*ARGS, *flags, f"--model_dir={dirs[name]}"] for name, (flags, _, _) in CASES.items()]
     # The next backup (epoch 3) cannot be written: a file-size limit half its size.
@@ -142,6 +149,14 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(runs, case):
     assert CASES[case][2] in stderr and "(epoch 1)" in stderr
     summary = json.loads((dirs[case] / "summary.json").read_text())
     assert summary["resumed_from_epoch"] == 1 and summary["epochs_completed"] == [1, 2]
+
+
+def test_what_killed_saves_left_is_removed_at_the_next_start(runs):
+    dirs, _, results = runs
+    _, stderr = results["latest truncated"]
+    assert f"removed 3 temporary file(s) that interrupted saves left in {dirs['latest truncated']}: " \
+        f"{', '.join(LEFTOVERS)}" in stderr  # (listed in the order they are found)
+    assert not any((dirs["latest truncated"] / path).exists() for path in LEFTOVERS)
 
 
 def test_restart_moves_the_damaged_backup_and_tune_json_aside_and_starts_over(runs):
@@ -192,7 +207,7 @@ def test_a_write_that_fails_half_way_keeps_the_last_complete_backup(runs):
     after = _tree(run)
     for path, content in before["disk full"].items():  # the backup and every earlier file
         assert after[path] == content, path
-    assert not [p for p in os.listdir(run / BACKUP) if p.startswith("tmp")]  # no half file left
+    assert not run_dir.leftovers(str(run))  # no half file left
     # The next run resumes from the last complete backup (the library here: no new process).
     policy = tfmp.detect_hardware().recommended_policy
     config = training.TrainConfig(batch_size=64, epochs=4, steps_per_epoch=5, model_dir=str(run))
