@@ -8,8 +8,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
+
+_RANDOM = "[a-z0-9_]{8}"  # the part of a name `tempfile` makes up
+_TEMPORARY = re.compile(rf"\.(.+)\.tmp-{_RANDOM}(\..*)?")  # .<target>.tmp-<random><suffix>
+# What `atomic_path` wrote before its temporary files were hidden and named after their target.
+_UNNAMED_TEMPORARY = re.compile(rf"tmp{_RANDOM}(\..*)?")
 
 
 @contextlib.contextmanager
@@ -42,6 +48,25 @@ def atomic_path(path: str, suffix: str) -> Iterator[str]:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def temporary_target(name: str, unnamed: bool = False) -> Optional[str]:
+    """The file an `atomic_path` temporary file named `name` was to become, or None if `name`
+    is not one: what a writer killed in the middle of a write leaves beside its target.
+
+    Args:
+        name: A file name (no directory).
+        unnamed: Also recognize the `tmp<random><suffix>` names earlier versions of
+            `atomic_path` used, which do not say their target (`""` is returned for them): only
+            where no other writer puts such names.
+
+    Returns:
+        The target's name, `""`, or None.
+    """
+    match = _TEMPORARY.fullmatch(name)
+    if match:
+        return match.group(1)
+    return "" if unnamed and _UNNAMED_TEMPORARY.fullmatch(name) else None
 
 
 def _fsync(path: str) -> None:

@@ -6,6 +6,7 @@ import logging as py_logging
 import os
 import resource
 import shutil
+import warnings
 
 import keras
 import numpy as np
@@ -20,11 +21,11 @@ LATEST_W, LATEST_M = "latest.weights.h5", "training_metadata.json"
 PREV_W, PREV_M = LATEST_W + ".bkp", LATEST_M + ".bkp"
 
 
-def _model(units=3):
+def _model(units=3, optimizer=None):
     keras.utils.set_random_seed(0)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(units), keras.layers.Dense(1)])
     # Eager steps: the callback is the point, and tracing a step would cost more than the test.
-    model.compile(keras.optimizers.Adam(0.01), "mse", run_eagerly=True)
+    model.compile(optimizer or keras.optimizers.Adam(0.01), "mse", run_eagerly=True)
     return model
 
 
@@ -65,6 +66,7 @@ def test_each_save_keeps_the_last_complete_checkpoint_as_the_previous_one(two_ep
     for meta, weights in ((latest, LATEST_W), (previous, PREV_W)):
         assert meta["weights_bytes"] == (directory / weights).stat().st_size
     assert latest["weights_sha256"] != previous["weights_sha256"]  # two different states
+    assert latest["gradient_accumulation_steps"] == 1
     assert inspect_backup(str(directory)).epoch == 2
 
 
@@ -190,6 +192,43 @@ def test_a_backup_that_does_not_fit_the_model_is_one_line(two_epochs, tmp_path):
     assert "\n" not in str(error.value)
 
 
+# (optimizer saved, optimizer resumed, what the error says)
+OPTIMIZERS = {
+    "another gradient_accumulation_steps": (
+        lambda: keras.optimizers.Adam(0.01, gradient_accumulation_steps=2),
+        lambda: keras.optimizers.Adam(0.01),
+        "optimizer: it was saved with gradient_accumulation_steps=2, this optimizer has 1"),
+    "another optimizer": (  # nothing recorded tells: the numbers of variables do
+        lambda: keras.optimizers.Adam(0.01), lambda: keras.optimizers.SGD(0.01),
+        "optimizer: it holds 10 optimizer variables where this optimizer has 2 (another"),
+}
+
+
+@pytest.mark.parametrize("case", OPTIMIZERS)
+def test_a_backup_of_an_optimizer_with_other_variables_is_one_line(tmp_path, case):
+    saved, resumed, message = OPTIMIZERS[case]
+    _fit(tmp_path / "b", 1, model=_model(optimizer=saved()))
+    before = _bytes(tmp_path / "b")
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(BackupError) as error:
+        warnings.simplefilter("always")
+        _fit(tmp_path / "b", 2, model=_model(optimizer=resumed()))
+    assert "\n" not in str(error.value) and message in str(error.value), error.value
+    assert f"the backup in {tmp_path / 'b'} (epoch 1) does not fit this model's" in str(error.value)
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]  # said once
+    assert _bytes(tmp_path / "b") == before
+
+
+def test_another_number_of_accumulation_steps_restores_the_whole_state(tmp_path):
+    _fit(tmp_path / "b", 1, model=_model(optimizer=keras.optimizers.Adam(
+        0.01, gradient_accumulation_steps=2)))
+    with warnings.catch_warnings(record=True) as caught:  # the same variables: all restored
+        warnings.simplefilter("always")
+        _, history, callback = _fit(tmp_path / "b", 2, model=_model(
+            optimizer=keras.optimizers.Adam(0.01, gradient_accumulation_steps=4)))
+    assert history.epoch == [1] and callback.restored.gradient_accumulation_steps == 2
+    assert not [w for w in caught if "Skipping variable loading" in str(w.message)]
+
+
 def test_no_backup_starts_at_epoch_zero_and_restore_false_ignores_one(two_epochs, tmp_path):
     assert inspect_backup(str(tmp_path / "none")) is None
     directory = _copy(two_epochs, tmp_path)
@@ -259,4 +298,5 @@ def test_a_save_that_fails_writing_the_metadata_restores_the_previous_checkpoint
     assert history.epoch == [2]
     latest, previous = (json.loads((directory / m).read_text())["epoch"] for m in (LATEST_M, PREV_M))
     assert (latest, previous) == (3, 2) and inspect_backup(str(directory)).epoch == 3
-    assert backup_module._problem(str(directory / PREV_W), str(directory / PREV_M)) == (None, 2)
+    problem, meta = backup_module._problem(str(directory / PREV_W), str(directory / PREV_M))
+    assert problem is None and meta["epoch"] == 2

@@ -12,7 +12,7 @@ import tensorflow as tf
 import helpers
 import models
 import tfmp
-from tfmp.app import data, training
+from tfmp.app import data, run_dir, training
 from tfmp.callbacks import SafeBackupAndRestore
 
 ARGS = ["--epochs=3", "--steps_per_epoch=5", "--batch_size=64"]
@@ -21,6 +21,10 @@ EARLIER = {"model.keras": b"the model of an earlier run", "summary.json": b'{"ea
 BACKUP = "backup"
 LATEST_W, LATEST_M = "latest.weights.h5", "training_metadata.json"
 PREV_W, PREV_M = LATEST_W + ".bkp", LATEST_M + ".bkp"
+# What saves killed mid-write leave (atomic_path's hidden names; tfmp's earlier unhidden one),
+# in the order they are found: the run directory's, then the backup's, by name.
+LEFTOVERS = (".summary.json.tmp-abcd1234.json", "backup/.latest.weights.h5.tmp-x_9z8y7w.weights.h5",
+             "backup/tmpabcd1234.weights.h5")
 
 
 def _truncate(path):
@@ -57,7 +61,7 @@ def _damage(run, kind):
         _truncate(backup / LATEST_W)
     elif kind == "a file missing":
         (backup / LATEST_W).unlink()
-    elif kind == "one file left":
+    elif kind == "interrupted first save":  # killed between the weights' rename and the metadata
         for name in (LATEST_M, PREV_W, PREV_M):
             (backup / name).unlink()
     elif kind == "tune truncated":
@@ -75,7 +79,6 @@ def _damage(run, kind):
 # (damage, extra flags, exit code, what stderr says)
 CASES = {
     "all truncated": ([], 2, "backup is damaged: training_metadata.json is unreadable"),
-    "one file left": ([], 2, "is damaged: training_metadata.json is missing"),
     "tune truncated": (["--precision=tune"], 2, "tune.json is damaged (JSONDecodeError"),
     "tune garbage": (["--precision=tune"], 2, "tune.json is damaged (UnicodeDecodeError"),
     "tune not an object": (["--precision=tune"], 2, "tune.json is damaged (a JSON list, not"),
@@ -85,8 +88,11 @@ CASES = {
                             "tune.json is damaged (jit_compile=1, expected true or false)"),
     "latest truncated": ([], 0, "Restoring the previous checkpoint"),
     "a file missing": ([], 0, "Restoring the previous checkpoint"),
+    "interrupted first save": ([], 0, "holds only latest.weights.h5, of a first save interrupted"),
     "restart": (["--restart"], 0, "--restart: moved"),
     "another model": (["--model=cnn"], 2, "(epoch 2) does not fit this model (ValueError: "),
+    "another accumulation": (["--grad_accum_steps=2"], 2,
+                             "(epoch 2) was made with --grad_accum_steps=1, not 2: its optimizer"),
 }
 
 
@@ -104,6 +110,9 @@ def runs(tmp_path_factory):
         _damage(run, "all truncated" if name == "restart" else name)
         if name == "restart":
             (run / "tune.json").write_text("{")
+        if name == "latest truncated":
+            for path in LEFTOVERS:
+                (run / path).write_bytes(b"half a file")
         dirs[name], before[name] = run, _tree(run)
     cases = [[*ARGS, *flags, f"--model_dir={dirs[name]}"] for name, (flags, _, _) in CASES.items()]
     # The next backup (epoch 3) cannot be written: a file-size limit half its size.
@@ -142,6 +151,14 @@ def test_a_damaged_latest_checkpoint_resumes_from_the_previous_one(runs, case):
     assert summary["resumed_from_epoch"] == 1 and summary["epochs_completed"] == [1, 2]
 
 
+def test_what_killed_saves_left_is_removed_at_the_next_start(runs):
+    dirs, _, results = runs
+    _, stderr = results["latest truncated"]
+    assert f"removed 3 temporary file(s) that interrupted saves left in {dirs['latest truncated']}: " \
+        f"{', '.join(LEFTOVERS)}" in stderr  # (listed in the order they are found)
+    assert not any((dirs["latest truncated"] / path).exists() for path in LEFTOVERS)
+
+
 def test_restart_moves_the_damaged_backup_and_tune_json_aside_and_starts_over(runs):
     dirs, before, results = runs
     run = dirs["restart"]
@@ -149,16 +166,31 @@ def test_restart_moves_the_damaged_backup_and_tune_json_aside_and_starts_over(ru
     assert code == 0, stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["resumed_from_epoch"] is None and summary["epochs_completed"] == [0, 1, 2]
-    aside = {name: [p for p in os.listdir(run) if p.startswith(name + ".")]
-             for name in (BACKUP, "tune.json")}
-    assert all(len(v) == 1 for v in aside.values()), os.listdir(run)
     assert stderr.count("--restart: moved") == 2
-    for name, (moved,) in aside.items():  # byte for byte what was there
+    _assert_moved_aside(run, before["restart"], BACKUP, "tune.json")
+
+
+def _assert_moved_aside(run, before, *names):
+    """Each of `names` is in `run` once under a dated name, byte for byte what was there."""
+    aside = {name: [p for p in os.listdir(run) if p.startswith(name + ".")] for name in names}
+    assert all(len(v) == 1 for v in aside.values()), os.listdir(run)
+    for name, (moved,) in aside.items():
         if name == BACKUP:
-            assert _tree(run / moved) == {k[len(BACKUP) + 1:]: v for k, v in before["restart"].items()
+            assert _tree(run / moved) == {k[len(BACKUP) + 1:]: v for k, v in before.items()
                                           if k.startswith(BACKUP + "/")}
         else:
-            assert (run / moved).read_bytes() == before["restart"]["tune.json"]
+            assert (run / moved).read_bytes() == before[name]
+
+
+def test_the_lone_weights_of_an_interrupted_first_save_are_moved_aside_and_training_starts(runs):
+    dirs, before, results = runs
+    run = dirs["interrupted first save"]
+    code, stderr = results["interrupted first save"]
+    assert code == 0, stderr[-2000:]
+    assert stderr.count(CASES["interrupted first save"][2]) == 1  # one line says so
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["resumed_from_epoch"] is None and summary["epochs_completed"] == [0, 1, 2]
+    _assert_moved_aside(run, before["interrupted first save"], BACKUP)
 
 
 def _one_error_line(results, case, fragment):
@@ -175,7 +207,7 @@ def test_a_write_that_fails_half_way_keeps_the_last_complete_backup(runs):
     after = _tree(run)
     for path, content in before["disk full"].items():  # the backup and every earlier file
         assert after[path] == content, path
-    assert not [p for p in os.listdir(run / BACKUP) if p.startswith("tmp")]  # no half file left
+    assert not run_dir.leftovers(str(run))  # no half file left
     # The next run resumes from the last complete backup (the library here: no new process).
     policy = tfmp.detect_hardware().recommended_policy
     config = training.TrainConfig(batch_size=64, epochs=4, steps_per_epoch=5, model_dir=str(run))

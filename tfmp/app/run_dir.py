@@ -4,21 +4,28 @@
 `tensorboard/`, `model.keras`, `summary.json` and, with `--precision=tune`,
 `tune.json`; `tools/export --model_dir=DIR` reads the model and the run's flags.
 Everything read back is checked first: a damaged file is a `RunDirError` naming it and
-what the user can do; `restart` moves what a run resumes from aside (never deleting it).
+what the user can do; `restart` moves what a run resumes from aside (never deleting it);
+`remove_leftovers` deletes the temporary files of saves killed mid-write, and nothing else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
 from typing import Any, Optional
 
-from tfmp.callbacks.backup import BackupError, Checkpoint, error_line, inspect_backup
+from absl import logging
+
+from tfmp.atomic import temporary_target
+from tfmp.callbacks.backup import (BackupError, Checkpoint, error_line, inspect_backup,
+                                   interrupted_first_save, other_accumulation)
 from tfmp.precision import POLICIES
 
 BACKUP, TENSORBOARD, FINAL_MODEL, SUMMARY = "backup", "tensorboard", "model.keras", "summary.json"
 TUNED = "tune.json"  # the policy --precision=tune chose, kept so that a resumed run keeps it
+WRITTEN = (FINAL_MODEL, SUMMARY, TUNED)  # what a run writes in model_dir through a temporary file
 
 
 class RunDirError(ValueError):
@@ -41,22 +48,48 @@ def _read_json(path: str) -> dict[str, Any]:
     return payload
 
 
-def checked_backup(backup_dir: str) -> Optional[Checkpoint]:
+def checked_backup(backup_dir: str, grad_accum_steps: int = 1,
+                   owner: bool = True) -> Optional[Checkpoint]:
     """The checkpoint a resume from `backup_dir` restores (None: nothing to resume).
+
+    A backup holding nothing but the weights of a first save interrupted before its
+    metadata was written (no previous copy beside them) has nothing to resume: its owner
+    moves it aside as `restart` does (logged), and None is returned.
 
     Args:
         backup_dir: The run's backup directory.
+        grad_accum_steps: This run's `--grad_accum_steps`.
+        owner: Whether this process writes `backup_dir` (a non-chief worker restores from
+            the chief's backup and leaves it to the chief).
 
     Returns:
         The latest complete checkpoint (see `tfmp.callbacks.inspect_backup`), or None.
 
     Raises:
-        RunDirError: backup files are there but none is complete.
+        RunDirError: backup files are there but none is complete, or the checkpoint's
+            optimizer accumulated gradients where this run's does not, or the other way
+            round (`--grad_accum_steps=1` against more): its optimizer has other variables,
+            and Keras would restore the weights alone.
     """
+    lone = interrupted_first_save(backup_dir)
+    if lone is not None:
+        if owner:
+            moved = move_aside(backup_dir)
+            logging.warning("%s holds only %s, of a first save interrupted before its metadata "
+                            "was written (nothing to resume): moved it to %s; training from the "
+                            "start", backup_dir, os.path.basename(lone), moved)
+        return None
     try:
-        return inspect_backup(backup_dir)
+        checkpoint = inspect_backup(backup_dir)
     except BackupError as e:
         raise RunDirError(f"{e}; {RESTART_HINT}") from None
+    saved = checkpoint.gradient_accumulation_steps if checkpoint else None
+    if other_accumulation(saved, grad_accum_steps):
+        raise RunDirError(f"the backup in {backup_dir} (epoch {checkpoint.epoch}) was made with "
+                          f"--grad_accum_steps={saved}, not {grad_accum_steps}: its optimizer "
+                          f"state would not fit; give --grad_accum_steps={saved} to resume it, "
+                          f"or {RESTART_HINT}")
+    return checkpoint
 
 
 def read_tuned(model_dir: Optional[str]) -> Optional[dict[str, Any]]:
@@ -120,6 +153,49 @@ def restart(model_dir: str) -> list[tuple[str, str]]:
     moved = [(path, move_aside(path)) for path in
              (os.path.join(model_dir, BACKUP), os.path.join(model_dir, TUNED))]
     return [(old, new) for old, new in moved if new]
+
+
+def leftovers(model_dir: str) -> list[str]:
+    """The temporary files that saves killed in the middle of a write left in a run directory.
+
+    Args:
+        model_dir: The run directory.
+
+    Returns:
+        The paths of those of its `model.keras`, `summary.json` and `tune.json`, and of any
+        in its `backup/`, which the backup alone writes (there the unhidden `tmp<random>`
+        names of earlier versions too, `tmp*.weights.h5`).
+    """
+    found = []
+    for directory, targets in ((model_dir, WRITTEN), (os.path.join(model_dir, BACKUP), None)):
+        names = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
+        for name in names:
+            target = temporary_target(name, unnamed=targets is None)
+            path = os.path.join(directory, name)
+            if target is not None and (targets is None or target in targets) and \
+                    os.path.isfile(path):
+                found.append(path)
+    return found
+
+
+def remove_leftovers(model_dir: str) -> list[str]:
+    """Removes `leftovers(model_dir)`, saying so in one log line.
+
+    Args:
+        model_dir: The run directory (a run starts; nothing writes there yet).
+
+    Returns:
+        The paths removed.
+    """
+    removed = leftovers(model_dir)
+    for path in removed:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    if removed:
+        logging.warning("removed %d temporary file(s) that interrupted saves left in %s: %s",
+                        len(removed), model_dir,
+                        ", ".join(os.path.relpath(p, model_dir) for p in removed))
+    return removed
 
 
 def trained_model(model_dir: str) -> tuple[str, dict[str, Any]]:

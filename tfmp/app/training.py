@@ -18,7 +18,7 @@ from tfmp import callbacks as tfmp_callbacks
 from tfmp.app.config import ConfigError, TrainConfig, check_cluster_config, check_config
 from tfmp.app.data import Data
 from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, checked_backup,
-                              read_tuned, restart)
+                              read_tuned, remove_leftovers, restart)
 from tfmp.atomic import atomic_path, write_json, write_json_atomically
 from tfmp.callbacks.backup import Checkpoint
 from tfmp.callbacks.counters import NAN_KEY, SCALE_KEY, SKIPPED_KEY
@@ -106,22 +106,28 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
 def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[Checkpoint]:
     """What the run resumes from, checked before anything is measured or trained.
 
-    With `config.restart` the chief moves `backup/` and `tune.json` aside (dated, never
-    deleted) and nothing is resumed; otherwise a damaged backup or `tune.json` raises.
+    The chief first removes the temporary files of saves killed mid-write. With
+    `config.restart` it moves `backup/` and `tune.json` aside (dated, never deleted) and
+    nothing is resumed; so it does with a backup of an interrupted first save alone;
+    otherwise a damaged backup or `tune.json` raises.
 
     Raises:
-        RunDirError: a damaged backup, or a damaged `tune.json` with `--precision=tune`.
+        RunDirError: a damaged backup, one made with gradient accumulation where this run
+            has none or the other way round, or a damaged `tune.json` with `--precision=tune`.
     """
     if dirs is None:
         return None
+    owner = not dirs.temporary  # the chief, or a single process
+    if owner:
+        remove_leftovers(config.model_dir)
     if config.restart:
-        if not dirs.temporary:  # the chief, or a single process
+        if owner:
             for old, new in restart(config.model_dir):
                 logging.warning("--restart: moved %s to %s", old, new)
         return None
     if config.precision == "tune":
         read_tuned(config.model_dir)
-    return checked_backup(dirs.restore_dir)
+    return checked_backup(dirs.restore_dir, config.grad_accum_steps, owner=owner)
 
 
 def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,

@@ -17,7 +17,11 @@ copies end in a traceback. Here:
   checked by opening its weights file);
 - a restore takes the latest complete checkpoint (logging which one and why) and raises
   `BackupError`, one line naming the files and what is wrong with them, when the
-  directory holds files but no complete checkpoint, or one that does not fit the model.
+  directory holds files but no complete checkpoint, or one that does not fit the model
+  or its optimizer (Keras' own restore loads the weights and, with a warning, skips an
+  optimizer state of another length: a resume with gradient accumulation of a backup saved
+  without, or the other way round, would go on with fresh moments). The metadata records
+  the optimizer's `gradient_accumulation_steps`, so that the message can name it.
 
 The file names are Keras' own, so either callback can read the other's backup.
 """
@@ -30,6 +34,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from typing import Any, Optional
 
 import h5py  # Keras' own dependency, for .weights.h5 files
@@ -38,8 +43,10 @@ from absl import logging
 
 from tfmp import _compat
 from tfmp.atomic import atomic_path, write_json_atomically
+from tfmp.weights.layout import optimizer_variables
 
 SHA256, SIZE = "weights_sha256", "weights_bytes"
+ACCUMULATION = "gradient_accumulation_steps"  # the optimizer's, recorded in the metadata
 
 
 class BackupError(ValueError):
@@ -56,6 +63,8 @@ class Checkpoint:
         epoch: Epochs completed when it was saved.
         previous: It is the previous copy (the latest one is damaged or missing).
         problem: Why the latest copy was not taken (when `previous`).
+        gradient_accumulation_steps: The optimizer's when it was saved (1: none; None:
+            not recorded, as in a backup Keras' own `BackupAndRestore` wrote).
     """
 
     weights: str
@@ -63,6 +72,7 @@ class Checkpoint:
     epoch: int
     previous: bool = False
     problem: str = ""
+    gradient_accumulation_steps: Optional[int] = None
 
 
 def _sha256(path: str) -> str:
@@ -87,33 +97,39 @@ def error_line(error: BaseException, lines: int = 1) -> str:
     return f"{type(error).__name__}: {' '.join(text)}" if text else type(error).__name__
 
 
-def _problem(weights: str, metadata: str) -> tuple[Optional[str], int]:
-    """What is wrong with one (weights, metadata) pair, or `(None, epoch)` if it is complete."""
+def _count(name: str, value: Any, least: int) -> None:
+    """Raises `ValueError` unless `value` is an int (not a bool) of at least `least`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{name}={value!r} is not a whole number of at least {least}")
+
+
+def _problem(weights: str, metadata: str) -> tuple[Optional[str], dict[str, Any]]:
+    """What is wrong with one (weights, metadata) pair (None: it is complete), and its metadata."""
     name_w, name_m = os.path.basename(weights), os.path.basename(metadata)
     if not os.path.isfile(metadata):
-        return f"{name_m} is missing", 0
+        return f"{name_m} is missing", {}
     try:
         with open(metadata) as f:
             meta = json.load(f)
-        epoch = meta["epoch"]
-        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
-            raise ValueError(f"epoch={epoch!r} is not a count of epochs")
+        _count("epoch", meta["epoch"], 0)
+        if meta.get(ACCUMULATION) is not None:
+            _count(ACCUMULATION, meta[ACCUMULATION], 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{name_m} is unreadable ({error_line(e)})", 0
+        return f"{name_m} is unreadable ({error_line(e)})", {}
     if not os.path.isfile(weights):
-        return f"{name_w} is missing", 0
+        return f"{name_w} is missing", meta
     if SHA256 not in meta:  # written by Keras' own BackupAndRestore: can HDF5 open it?
         try:
             h5py.File(weights, "r").close()
         except OSError as e:
-            return f"{name_w} is not a readable HDF5 file ({error_line(e)})", 0
-        return None, epoch
+            return f"{name_w} is not a readable HDF5 file ({error_line(e)})", meta
+        return None, meta
     size = os.path.getsize(weights)
     if size != meta.get(SIZE):
-        return f"{name_w} has {size} bytes where {meta.get(SIZE)} were written", 0
+        return f"{name_w} has {size} bytes where {meta.get(SIZE)} were written", meta
     if _sha256(weights) != meta[SHA256]:
-        return f"{name_w} is not the file {name_m} was written with (SHA-256 differs)", 0
-    return None, epoch
+        return f"{name_w} is not the file {name_m} was written with (SHA-256 differs)", meta
+    return None, meta
 
 
 def _files(backup_dir: str) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -137,15 +153,75 @@ def inspect_backup(backup_dir: str) -> Optional[Checkpoint]:
     latest, previous = _files(backup_dir)
     if not any(os.path.exists(p) for p in (*latest, *previous)):
         return None
-    problem, epoch = _problem(*latest)
+    problem, meta = _problem(*latest)
     if problem is None:
-        return Checkpoint(*latest, epoch)
+        return Checkpoint(*latest, meta["epoch"],
+                          gradient_accumulation_steps=meta.get(ACCUMULATION))
     if any(os.path.exists(p) for p in previous):
-        previous_problem, epoch = _problem(*previous)
+        previous_problem, meta = _problem(*previous)
         if previous_problem is None:
-            return Checkpoint(*previous, epoch, previous=True, problem=problem)
+            return Checkpoint(*previous, meta["epoch"], previous=True, problem=problem,
+                              gradient_accumulation_steps=meta.get(ACCUMULATION))
         problem += f"; previous copy: {previous_problem}"
     raise BackupError(f"the backup in {backup_dir} is damaged: {problem}")
+
+
+def interrupted_first_save(backup_dir: str) -> Optional[str]:
+    """The weights file of a first save killed before its metadata was written, when that is
+    all of a backup `backup_dir` holds (no metadata, no previous copy), else None.
+
+    Such weights belong to no recorded epoch: there is nothing to resume from them.
+
+    Args:
+        backup_dir: A `BackupAndRestore` / `SafeBackupAndRestore` directory.
+
+    Returns:
+        The path of the lone weights file, or None.
+    """
+    (weights, metadata), previous = _files(backup_dir)
+    if os.path.isfile(weights) and not any(os.path.lexists(p) for p in (metadata, *previous)):
+        return weights
+    return None
+
+
+def accumulation_steps(optimizer: keras.optimizers.Optimizer) -> int:
+    """An optimizer's `gradient_accumulation_steps` (1: none), or the one of the optimizer a
+    loss-scale optimizer wraps (`inner_optimizer`), which is where it is set."""
+    while optimizer is not None:
+        if optimizer.gradient_accumulation_steps:
+            return int(optimizer.gradient_accumulation_steps)
+        optimizer = getattr(optimizer, "inner_optimizer", None)
+    return 1
+
+
+def other_accumulation(saved: Optional[int], steps: int) -> bool:
+    """Whether an optimizer state saved with `saved` gradient accumulation steps has other
+    variables than an optimizer accumulating `steps` (accumulators come with 2 or more).
+
+    Args:
+        saved: The backup's `gradient_accumulation_steps` (None: not recorded).
+        steps: This optimizer's (1: none).
+
+    Returns:
+        True when exactly one of them accumulates.
+    """
+    return saved is not None and (saved > 1) != (steps > 1)
+
+
+def _optimizer_mismatch(optimizer: Optional[keras.optimizers.Optimizer],
+                        checkpoint: Checkpoint) -> Optional[str]:
+    """How `checkpoint`'s optimizer state does not fit `optimizer` (built), or None."""
+    if optimizer is None:
+        return None
+    steps, saved = accumulation_steps(optimizer), checkpoint.gradient_accumulation_steps
+    if other_accumulation(saved, steps):
+        return f"it was saved with {ACCUMULATION}={saved}, this optimizer has {steps}"
+    with h5py.File(checkpoint.weights, "r") as f:
+        count = optimizer_variables(f)
+    if count != len(optimizer.variables):
+        return (f"it holds {count} optimizer variables where this optimizer has "
+                f"{len(optimizer.variables)} (another optimizer, or other arguments to it)")
+    return None
 
 
 def _identity(path: str) -> tuple[int, ...]:
@@ -194,7 +270,8 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         ValueError: `backup_dir` is empty, `save_freq` is neither `"epoch"` nor an
             integer (Keras' checks), or `double_checkpoint` is not True or False.
         BackupError: (at the start of `fit`) the backup is damaged, or does not fit
-            the model.
+            the model, or its optimizer (another optimizer, or accumulating gradients
+            where the backup's did not, or the other way round).
 
     Example:
     >>> model.fit(x, y, epochs=10,
@@ -226,15 +303,23 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         optimizer = self.model.optimizer
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)  # as Keras does before loading
+        where = f"the backup in {self.restore_dir} (epoch {checkpoint.epoch})"
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 # Keras loads only files named *.weights.h5, not the previous copy's *.bkp
                 weights = os.path.join(tmp, "restored.weights.h5")
                 _link_or_copy(checkpoint.weights, weights)
-                self.model.load_weights(weights)
+                mismatch = _optimizer_mismatch(optimizer, checkpoint)
+                with warnings.catch_warnings():  # Keras' warning for it: the error below says it
+                    if mismatch:
+                        warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
+                    self.model.load_weights(weights)
         except (OSError, ValueError) as e:
-            raise BackupError(f"the backup in {self.restore_dir} (epoch {checkpoint.epoch}) does "
-                              f"not fit this model ({error_line(e, lines=3)})") from None
+            raise BackupError(f"{where} does not fit this model "
+                              f"({error_line(e, lines=3)})") from None
+        if mismatch:  # raised after the load: a model of another architecture is named as such
+            raise BackupError(f"{where} does not fit this model's optimizer: {mismatch}; "
+                              "Keras would restore the weights alone")
         _compat.resume_after_epoch(self.model, checkpoint.epoch)
 
     def on_epoch_end(self, epoch, logs=None) -> None:
@@ -257,7 +342,10 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
                 os.remove(metadata)
         # Until the metadata below is written, the previous checkpoint is the complete one.
         epoch, batch = _compat.backup_progress(self)
-        write_json_atomically(metadata, {"epoch": epoch, "batch": batch, SIZE: size, SHA256: sha})
+        progress = {"epoch": epoch, "batch": batch, SIZE: size, SHA256: sha}
+        if self.model.optimizer is not None:
+            progress[ACCUMULATION] = accumulation_steps(self.model.optimizer)
+        write_json_atomically(metadata, progress)
         self._saved = (sha, _identity(weights))
         if not self.double_checkpoint:  # the previous copy was needed only during the save
             for path in (previous_metadata, previous_weights):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import zipfile
@@ -14,16 +15,20 @@ from tfmp.weights.half import (HalfWeightsReport, check_arguments, check_destina
                                write_weights)
 
 WEIGHTS_ENTRY = "model.weights.h5"  # where a .keras archive keeps its weights
+CONFIG_ENTRY = "config.json"  # and its config, the compile settings in "compile_config"
 
 
 def save_model(model: keras.Model, path: str, dtype: str = "bfloat16", *,
                keep_float32: Optional[str] = None) -> HalfWeightsReport:
-    """`model.save(path)` with the weights in 16 bits and no optimizer state (atomically).
+    """`model.save(path)` with the weights in 16 bits and no training set-up (atomically).
 
-    The `.keras` archive Keras writes (config, compile settings, metadata), its weights
-    entry replaced by `tfmp.save_weights`' 16-bit file: `keras.models.load_model` reads
-    it as it is, under the policy the model was built with, each variable holding the
-    16-bit value as float32; a compiled model comes back compiled with a fresh optimizer.
+    The `.keras` archive Keras writes (config, metadata), its weights entry replaced by
+    `tfmp.save_weights`' 16-bit file, which holds no optimizer state, and its compile
+    settings left out as for a model never compiled: `keras.models.load_model` reads it
+    as it is, without a warning, under the policy the model was built with, each variable
+    holding the 16-bit value as float32, and returns it uncompiled (`compile` it to train
+    or evaluate). Compiled, it would build the optimizer of the compile settings and warn
+    that the archive holds none of its variables.
 
     Args:
         model: A built Keras model.
@@ -33,7 +38,7 @@ def save_model(model: keras.Model, path: str, dtype: str = "bfloat16", *,
 
     Returns:
         A `HalfWeightsReport` for the archive: its size, and `float32_bytes` the size of
-        the same archive with float32 weights (and no optimizer state either).
+        the same archive with float32 weights (and no training set-up either).
 
     Raises:
         WeightsFileError: a bad `path`, or what `tfmp.save_weights` refuses. Nothing is
@@ -49,20 +54,24 @@ def save_model(model: keras.Model, path: str, dtype: str = "bfloat16", *,
         float32 = os.path.join(scratch, "float32.weights.h5")  # the reference archive's
         write_weights(model, float32, "float32", measure=False)
         with atomic_path(path, ".keras") as tmp:
-            _with_weights(full, tmp, half)
+            _release(full, tmp, half)
             size = os.path.getsize(tmp)
         reference = os.path.join(scratch, "reference.keras")
-        _with_weights(full, reference, float32)
+        _release(full, reference, float32)
         float32_bytes = os.path.getsize(reference)
     return HalfWeightsReport(str(path), dtype, size, float32_bytes, report.variables,
                              report.kept_float32)
 
 
-def _with_weights(archive: str, target: str, weights: str) -> None:
-    """A copy of the `.keras` `archive` at `target` holding `weights` as its weights entry."""
+def _release(archive: str, target: str, weights: str) -> None:
+    """A copy of the `.keras` `archive` at `target` holding `weights` as its weights entry, and
+    in its config the compile settings of a model never compiled (Keras writes `{}`)."""
     with zipfile.ZipFile(archive) as source, zipfile.ZipFile(target, "w") as copy:
         for item in source.infolist():
             if item.filename == WEIGHTS_ENTRY:
                 copy.write(weights, WEIGHTS_ENTRY, compress_type=item.compress_type)
+            elif item.filename == CONFIG_ENTRY:
+                config = json.loads(source.read(item.filename))
+                copy.writestr(item, json.dumps({**config, "compile_config": {}}))
             else:
                 copy.writestr(item, source.read(item.filename))

@@ -148,3 +148,17 @@ def write_release(source: h5py.File, target: h5py.File, dtype: str, keep: set[st
             group.attrs[key] = value
 
     source.visititems(copy)
+
+
+def optimizer_variables(f: h5py.File) -> int:
+    """How many variables of a compiled model's optimizer a file Keras wrote holds (0: none).
+
+    Args:
+        f: A `.weights.h5` file of a model, open.
+
+    Returns:
+        The datasets of its `optimizer/vars` group: one per variable of the model's
+        `optimizer.variables` (a loss-scale optimizer's include those of the one it wraps).
+    """
+    group = f.get(f"{OPTIMIZER_GROUP}/{VARS_GROUP}")
+    return len(group) if isinstance(group, h5py.Group) else 0
