@@ -77,6 +77,7 @@ LONGEST_FIRST = (  # CPU-seconds per module on a 2-core AVX2-only EPYC
     "tools/test_export.py",
     "scaling/test_optimizer.py",  # ~11
     "weights/test_half.py",  # ~10: last in file order, it ran alone at the end
+    "callbacks/test_events.py",  # ~9: NanMonitor's replays, fits of tiny models
     "test_benchmarks.py",
     "app/test_training.py",
     "scaling/test_state_guard.py",
