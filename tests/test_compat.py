@@ -407,3 +407,17 @@ def test_the_export_input_signature_is_keras_own():
     subclassed(np.zeros((2, 3), "float32"))
     (spec,) = _compat.export_input_signature(subclassed)
     expect(tuple(spec.shape) == (None, 3), f"get_input_signature of a called subclass: {spec}")
+
+
+def test_traced_steps_put_back_after_they_were_forgotten_run_on():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile("sgd", "mse")
+    x, y = np.ones((4, 4)), np.ones((4, 2))
+    model.fit(x, y, verbose=0)
+    saved = _compat.traced_functions([model])
+    expect([name for _, name, _ in saved] == ["train_function"], f"Trainer.train_function ({saved})")
+    _compat.forget_traced_functions(model)
+    _compat.restore_traced_functions(saved)
+    expect(model.train_function is saved[0][2], "Trainer.train_function: set back")
+    model.fit(x, y, verbose=0)  # Keras calls the function it holds: no new trace
+    expect(model.train_function is saved[0][2], "Trainer.train_function: reused by fit")

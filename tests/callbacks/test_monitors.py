@@ -250,7 +250,10 @@ def test_scale_pinned_at_minimum_stops():
     model.fit(x, y, epochs=3, batch_size=16, verbose=0, callbacks=[nan])
     event = nan.stopped_event
     assert event.trigger == "scale_at_minimum" and event.loss_scale == 1.0
-    assert "minimum 1" in event.cause  # the kinds: tests/callbacks/test_events.py
+    # The injected gradient is inf in float32 too (the float32 replay keeps the layer's call
+    # counter): not blamed on float16; tests/callbacks/test_events.py has one that only
+    # float16 overflows.
+    assert event.kind == "divergence" and "gradients non-finite in float32 too" in event.cause
     # spikes from call 2: scale 4 -> 2 -> 1 (calls 2, 3), then pinned at calls 4, 5, 6
     assert event.step == 7 and nan.overflow_steps == 5
 

@@ -50,6 +50,22 @@ def forget_traced_functions(model: Any) -> None:
             setattr(model, name, None)
 
 
+def traced_functions(models: Any) -> list[tuple[Any, str, Any]]:
+    """`(model, name, function)` for every traced train, test and predict step of `models`,
+    for `restore_traced_functions` after a change that `forget_traced_functions` undid
+    (a policy changed and changed back in the middle of `fit`, whose loop calls
+    `model.train_function` again at the next step)."""
+    return [(model, name, getattr(model, name)) for model in models
+            for name in ("train_function", "test_function", "predict_function")
+            if getattr(model, name, None) is not None]
+
+
+def restore_traced_functions(saved: list[tuple[Any, str, Any]]) -> None:
+    """Puts back what `traced_functions` returned."""
+    for model, name, function in saved:
+        setattr(model, name, function)
+
+
 def suspend_saving(callback: Any) -> dict[str, Any]:
     """Stops a `BackupAndRestore` / `ModelCheckpoint` from saving and from deleting its
     backup at the end of training; returns what to `setattr` back to undo it.

@@ -196,7 +196,9 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         model, optimizer = _build_compiled(config, build_model, data, policy, hardware,
                                            jit_compile)
     throughput = _Throughput(config.batch_size)
-    callbacks, monitor, nan = _callbacks(config, throughput, dirs, resume=not config.restart)
+    # Restore exactly what was checked (None: nothing to resume, or a lone first-save file
+    # the chief moves aside, which a worker must not try to read meanwhile).
+    callbacks, monitor, nan = _callbacks(config, throughput, dirs, resume=resume_from is not None)
     if config.model_dir:
         os.makedirs(config.model_dir, exist_ok=True)
     # Keras restores the weights, not the input iterator: a resumed run skips the

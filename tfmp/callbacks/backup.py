@@ -75,6 +75,11 @@ class Checkpoint:
     gradient_accumulation_steps: Optional[int] = None
 
 
+def _assign(values: list[tuple[Any, Any]]) -> None:
+    for variable, value in values:
+        variable.assign(value)
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -304,6 +309,10 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         if optimizer is not None and not optimizer.built:
             optimizer.build(self.model.trainable_variables)  # as Keras does before loading
         where = f"the backup in {self.restore_dir} (epoch {checkpoint.epoch})"
+        # What the model and its optimizer hold now, given back when the backup does not fit:
+        # a caller who catches the error keeps the state it had, not half a restore.
+        before = [(v, v.numpy()) for v in [*self.model.weights,
+                                             *(optimizer.variables if optimizer else [])]]
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 # Keras loads only files named *.weights.h5, not the previous copy's *.bkp
@@ -315,9 +324,11 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
                         warnings.filterwarnings("ignore", "Skipping variable loading for optimizer")
                     self.model.load_weights(weights)
         except (OSError, ValueError) as e:
+            _assign(before)
             raise BackupError(f"{where} does not fit this model "
                               f"({error_line(e, lines=3)})") from None
         if mismatch:  # raised after the load: a model of another architecture is named as such
+            _assign(before)
             raise BackupError(f"{where} does not fit this model's optimizer: {mismatch}; "
                               "Keras would restore the weights alone")
         _compat.resume_after_epoch(self.model, checkpoint.epoch)

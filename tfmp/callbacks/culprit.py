@@ -4,7 +4,7 @@
 loss-scale optimizer skips (a non-finite loss or gradient), the batch is copied to
 the host. Only then: a `tf.cond` on the skip decision the step makes anyway, so a
 clean step costs one untaken branch. `find_culprit` runs that batch through the
-model again, every op checked (`tfmp.rewrite.overflows.OriginFinder`), and names
+model again, every op checked (`tfmp.rewrite.replay.OriginFinder`), and names
 the first layer, in model order, that made inf/NaN from finite inputs (else the first
 whose output was not finite); then once more in float32 with the same weights
 (`tfmp.rewrite.replay`), which tells a precision problem (finite in float32) from
@@ -27,8 +27,7 @@ from keras import ops
 
 from tfmp import _compat
 from tfmp._messages import first_line
-from tfmp.rewrite.overflows import OriginFinder
-from tfmp.rewrite.replay import Float32Replay, replay_in_float32
+from tfmp.rewrite.replay import Float32Replay, OriginFinder, replay_in_float32
 from tfmp.scaling import DynamicLossScaleOptimizer
 
 _KEEPER = "_tfmp_bad_batch_keeper"
@@ -76,15 +75,28 @@ def weight_sizes(model: keras.Model) -> tuple[Optional[tuple[str, float]], tuple
 
 
 class _Keeper:
-    """Holds the last batch a skipped step saw (host copies)."""
+    """Holds the batch of the last skipped step (host copies): under a strategy with several
+    local replicas, each replica's shard, put back together when read."""
 
     def __init__(self) -> None:
-        self.batch: Optional[Any] = None
+        self.shards: dict[int, tuple[int, Any]] = {}  # replica -> (skipped_steps then, shard)
         self.finder: Optional[OriginFinder] = None  # made at the first event, then reused
 
-    def keep(self, structure: Any, *arrays: Any) -> Any:
-        self.batch = keras.tree.pack_sequence_as(structure, [np.array(a) for a in arrays])
+    def keep(self, structure: Any, replica: Any, skipped: Any, *arrays: Any) -> Any:
+        self.shards[int(replica)] = (int(skipped), keras.tree.pack_sequence_as(
+            structure, [np.array(a) for a in arrays]))
         return tf.constant(True)
+
+    @property
+    def batch(self) -> Optional[Any]:
+        """The last skipped step's batch: every local replica's shard, in replica order."""
+        if not self.shards:
+            return None
+        last = max(skipped for skipped, _ in self.shards.values())
+        shards = [shard for _, (skipped, shard) in sorted(self.shards.items()) if skipped == last]
+        if len(shards) == 1:
+            return shards[0]
+        return keras.tree.map_structure(lambda *a: np.concatenate(a), *shards)
 
     def wrapper(self, model: keras.Model):
         def wrap(original):
@@ -99,7 +111,9 @@ class _Keeper:
                     return original(data)
                 before = ops.copy(optimizer.skipped_steps.value)
                 logs = original(data)
-                flat = keras.tree.flatten(data)
+                replica = tf.convert_to_tensor(
+                    tf.distribute.get_replica_context().replica_id_in_sync_group)
+                flat = [replica, optimizer.skipped_steps.value, *keras.tree.flatten(data)]
                 tf.cond(optimizer.skipped_steps > before,
                         lambda: tf.py_function(lambda *a: self.keep(data, *a), flat, tf.bool),
                         lambda: tf.constant(False))
@@ -108,6 +122,18 @@ class _Keeper:
             return train_step
 
         return wrap
+
+
+def not_kept_because(model: keras.Model) -> Optional[str]:
+    """Why no batch of a bad step is kept for `model` (one clause), or None: one is."""
+    if last_bad_batch(model) is not None:
+        return None
+    if not isinstance(getattr(model, "optimizer", None), DynamicLossScaleOptimizer):
+        return ("the optimizer is not tfmp's loss-scale optimizer, which keeps it "
+                "(tfmp.prepare(..., guard=True) or tfmp.wrap_optimizer(..., guard=True))")
+    if getattr(model, _KEEPER, None) is None:
+        return "NanMonitor was not attached to the model"
+    return "under XLA or on a TPU it cannot be kept"
 
 
 def keep_bad_batches(model: keras.Model) -> None:
@@ -148,21 +174,23 @@ def find_culprit(model: keras.Model, *, gradients: bool = False) -> Optional[Cul
         A `Culprit`, or None when no batch was kept or the check itself failed (logged).
     """
     keeper = getattr(model, _KEEPER, None)
-    if keeper is None or keeper.batch is None:
+    batch = None if keeper is None else keeper.batch
+    if batch is None:
         return None
     try:
         keeper.finder = keeper.finder or OriginFinder(model)
-        origins, outputs, bad_inputs = keeper.finder(keeper.batch)
+        origins, outputs, bad_inputs = keeper.finder(batch)
     except Exception as e:  # noqa: BLE001 (a diagnosis must not end the training it explains)
         _could_not("check which layer went non-finite", e)
         return None
     # No op made it from finite values (a layer's own code, a custom gradient): the first
     # layer whose output was not finite.
     first = origins[0] if origins else (outputs[0] if outputs and not bad_inputs else None)
+    if bad_inputs:
+        return Culprit(first, tuple(origins), bad_inputs)
     float32 = None
-    if not bad_inputs:
-        try:
-            float32 = replay_in_float32(model, keeper.batch, gradients=gradients)
-        except Exception as e:  # noqa: BLE001
-            _could_not("run the bad batch again in float32", e)
+    try:
+        float32 = replay_in_float32(model, batch, gradients=gradients)
+    except Exception as e:  # noqa: BLE001
+        _could_not("run the bad batch again in float32", e)
     return Culprit(first, tuple(origins), bad_inputs, float32, *weight_sizes(model))

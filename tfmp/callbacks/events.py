@@ -24,8 +24,9 @@ class NanEvent:
         kind: What the bad batch, run again, showed the cause to be: `"precision"` (finite
             in float32 with the same weights: the 16-bit range), `"divergence"` (non-finite
             in float32 too: the updates, not the precision), `"data"` (the batch itself
-            holds inf/NaN) or `"unverified"` (no batch was kept, as under XLA or on a TPU,
-            or it ran finite again).
+            holds inf/NaN) or `"unverified"` (no batch was kept: no
+            `tfmp.DynamicLossScaleOptimizer`, as under `tfmp.prepare`'s default
+            `guard=False` in bfloat16 or float32, or XLA, or a TPU; or it ran finite again).
         trigger: What happened: `"nonfinite_loss"` (the unscaled loss was NaN/inf) or
             `"scale_at_minimum"` (gradients overflowed with the loss scale pinned at its
             floor for `patience` steps). Overflows that loss scaling recovers from are
@@ -92,6 +93,7 @@ class Evidence:
         learning_rate: The optimizer's learning rate now (None: unknown).
         clipping: The optimizer already clips gradients.
         bfloat16_fast: The hardware computes bfloat16 natively (`auto` picks it).
+        not_kept: Why no batch was kept for the event (None: one was).
     """
 
     trigger: str
@@ -109,6 +111,7 @@ class Evidence:
     learning_rate: Optional[float] = None
     clipping: bool = False
     bfloat16_fast: bool = False
+    not_kept: Optional[str] = None
 
 
 # Ops that make inf/NaN from finite inputs by leaving their domain (log of 0, division by
@@ -137,12 +140,46 @@ def _weights(e: Evidence) -> str:
     return "no weight could be read"
 
 
+def _not_precision(e: Evidence, what: str) -> tuple[str, str, str]:
+    """Non-finite in float32 too: the op's domain (the layer's code) or the updates."""
+    same = (f"the same batch with the same weights makes {what} non-finite in float32 too, "
+            "so precision is not the cause")
+    if e.float32_layer and e.float32_op in DOMAIN_OPS:
+        return (DIVERGENCE, f"{same}: {e.float32_layer}'s {e.float32_op} gets inputs outside "
+                            f"its domain ({_weights(e)})",
+                f"check what {e.float32_layer} passes to {e.float32_op} (log of 0 or of a "
+                f"negative, division by 0, root of a negative); if the weights grew, "
+                f"{_lower_lr(e)}")
+    inside = (f"; {e.float32_layer}'s {e.float32_op or 'op'} makes inf/NaN from finite inputs "
+              "in float32" if e.float32_layer else "")
+    return (DIVERGENCE, f"{same}: {_weights(e)}{inside}",
+            f"{_lower_lr(e)}; resume from a backup made before it diverged")
+
+
+def _precision(e: Evidence) -> tuple[str, str, str]:
+    """Finite in float32 where the run's 16 bits are not."""
+    if e.trigger == SCALE_AT_MINIMUM:
+        return (PRECISION, f"gradients overflowed {e.count} step(s) in a row with the loss "
+                           f"scale at its minimum {e.min_scale:g}: they are too large for "
+                           f"{e.half} (the same batch's gradients are finite in float32)",
+                f"let the scale go lower (min_scale={e.min_scale / 256:g}: the scale shrinks "
+                f"the gradients into {e.half}'s range){_or_bfloat16(e)}, or train in float32")
+    auto = " (or float32_layers='auto' with calibration_data)" if e.half == "float16" else ""
+    why = ("bfloat16's 8 bits of precision round its values (its range is float32's)"
+           if e.half == "bfloat16" else "its values leave float16's range or precision")
+    return (PRECISION, f"{e.layer} made inf/NaN from finite inputs in {e.half} and the same "
+                       f"batch is finite in float32: {why}",
+            f"keep {e.layer} in float32: tfmp.prepare(..., float32_layers=[{e.layer!r}])"
+            f"{auto}{_or_bfloat16(e)}")
+
+
 def diagnose(e: Evidence) -> tuple[str, str, str]:
     """`(kind, cause, fix)` for an event: data, divergence, precision, or unverified.
 
     Precision is blamed only when the float32 run of the same batch with the same
-    weights was finite; a precision the run already uses, or bfloat16 on hardware
-    without it, is never advised.
+    weights was finite (and, for a non-finite loss, the 16-bit run of it was not); a
+    precision the run already uses, bfloat16 on hardware without it, and clipping to
+    an optimizer that clips, are never advised.
 
     Args:
         e: The `Evidence`.
@@ -156,35 +193,13 @@ def diagnose(e: Evidence) -> tuple[str, str, str]:
                 "check the data for NaN/inf: drop or repair those records")
     what = "the loss" if e.trigger == NONFINITE_LOSS else "the gradients"
     if e.float32_finite is False:
-        op = f"'s {e.float32_op}" if e.float32_op else ""
-        inside = (f"; {e.float32_layer}{op} makes inf/NaN from finite inputs in float32"
-                  if e.float32_layer else "")
-        fix = _lower_lr(e)
-        if e.float32_layer and e.float32_op in DOMAIN_OPS:
-            fix += f", and check {e.float32_layer}'s {e.float32_op} for inputs outside its domain"
-        return (DIVERGENCE, f"the same batch with the same weights makes {what} non-finite in "
-                            f"float32 too, so precision is not the cause: {_weights(e)}{inside}",
-                fix + "; resume from a backup made before it diverged")
-    if e.float32_finite and e.half:
-        if e.trigger == SCALE_AT_MINIMUM:
-            keep = (f"keep the layer of {e.variable} in float32" if e.variable
-                    else "keep the overflowing layer in float32")
-            clip = "" if e.clipping else "clip gradients (clipnorm=1.0), "
-            return (PRECISION, f"gradients overflowed {e.count} step(s) in a row with the loss "
-                               f"scale at its minimum {e.min_scale:g}: they are too large for "
-                               f"{e.half} (the same batch is finite in float32)",
-                    f"{clip}{keep} (tfmp.locate_overflows(model, a few batches) names the "
-                    f"layer){_or_bfloat16(e)}")
-        if e.layer:  # the 16-bit run of the batch went non-finite again, float32 did not
-            auto = " (or float32_layers='auto' with calibration_data)" if e.half == "float16" else ""
-            return (PRECISION, f"{e.layer} made inf/NaN from finite inputs in {e.half} and the "
-                               f"same batch is finite in float32: its values leave the {e.half} "
-                               "range",
-                    f"keep {e.layer} in float32: tfmp.prepare(..., float32_layers="
-                    f"[{e.layer!r}]){auto}{_or_bfloat16(e)}")
-    if e.bad_inputs is None or e.float32_finite is None:
-        cause = ("the bad batch was not kept (XLA or a TPU) or could not be run again, so "
-                 "the cause was not checked: bad data or divergence")
+        return _not_precision(e, what)
+    if e.float32_finite and e.half and (e.layer or e.trigger == SCALE_AT_MINIMUM):
+        return _precision(e)
+    if e.not_kept or e.float32_finite is None:
+        cause = (f"the bad batch was not kept ({e.not_kept})" if e.not_kept
+                 else "the bad batch could not be run again")
+        cause += ", so the cause was not checked: bad data or divergence"
     else:
         cause = ("the bad batch ran finite when run again with the same weights: not "
                  "reproducible (a random op such as dropout, or a transient fault)")

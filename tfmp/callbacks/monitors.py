@@ -29,7 +29,7 @@ from tfmp.callbacks.counters import (
     read_scale_state,
     readable_counters,
 )
-from tfmp.callbacks.culprit import find_culprit, keep_bad_batches
+from tfmp.callbacks.culprit import find_culprit, keep_bad_batches, not_kept_because
 from tfmp.callbacks.events import (
     NONFINITE_LOSS,
     SCALE_AT_MINIMUM,
@@ -40,7 +40,7 @@ from tfmp.callbacks.events import (
 )
 from tfmp.callbacks.summaries import ScalarWriter
 from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
-from tfmp.rewrite.classify import HALF_DTYPES, model_policy
+from tfmp.rewrite.replay import half_dtypes
 from tfmp.scaling import build_optimizer, guard_model_state
 
 NAN_POLICIES = ("skip", "stop", "raise")
@@ -340,11 +340,12 @@ class NanMonitor(_CountersCallback):
         # Only now: the bad batch run again, as it ran and in float32.
         culprit = find_culprit(self.model, gradients=trigger == SCALE_AT_MINIMUM)
         replay = culprit.float32 if culprit else None
-        compute = keras.dtype_policies.get(model_policy(self.model)).compute_dtype
+        halves = half_dtypes(self.model)  # what any layer computes in, not the most of them
+        half = "float16" if "float16" in halves else "bfloat16" if halves else None
         self.hardware = self.hardware or detect_hardware()
         inner = getattr(optimizer, "inner_optimizer", optimizer)
         kind, cause, fix = diagnose(Evidence(
-            trigger, compute if compute in HALF_DTYPES else None, variable,
+            trigger, half, variable,
             self._begin_state.min_scale, self._pinned,
             bad_inputs=culprit.bad_inputs if culprit else None,
             layer=culprit.layer if culprit else None,
@@ -356,7 +357,8 @@ class NanMonitor(_CountersCallback):
             learning_rate=_learning_rate(inner),
             clipping=any(getattr(inner, name, None) for name in ("clipnorm", "clipvalue",
                                                                  "global_clipnorm")),
-            bfloat16_fast=self.hardware.recommended_policy == "mixed_bfloat16"))
+            bfloat16_fast=self.hardware.recommended_policy == "mixed_bfloat16",
+            not_kept=not_kept_because(self.model)))
         loss = logs.get("loss")
         return NanEvent(kind, trigger, self._epoch, batch, self._step,
                         None if loss is None else float(loss), self._last[SCALE_KEY],

@@ -20,7 +20,8 @@ larger loss scale would save. TensorFlow-only (the traced graph).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional
+import contextlib
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 import keras
 import numpy as np
@@ -77,8 +78,8 @@ def _casts_to_their_consumer(owned: dict[int, list[tuple[Any, Any]]]) -> dict[in
     return ops_of
 
 
-def _holds_nonfinite(structure: Any) -> bool:
-    """Whether a batch's floating arrays (inputs, targets) hold inf/NaN: bad data."""
+def holds_nonfinite(structure: Any) -> bool:
+    """Whether a batch's floating arrays (inputs, targets, sample weights) hold inf/NaN: bad data."""
     arrays = [np.asarray(a) for a in keras.tree.flatten(structure) if a is not None]
     return any(a.dtype.kind == "f" and not np.isfinite(a).all() for a in arrays)
 
@@ -88,7 +89,19 @@ def _floating(structure: Any, graph: Any) -> list[Any]:
             if tf.is_tensor(t) and t.dtype.is_floating and getattr(t, "graph", None) is graph]
 
 
-class _Probe:
+@contextlib.contextmanager
+def non_trainable_state_kept(model: keras.Model) -> Iterator[None]:
+    """The model's non-trainable variables (a BatchNormalization's moving statistics, which
+    a training-mode call updates) given back their values on exit."""
+    saved = [(v, np.array(v.numpy())) for v in model.non_trainable_variables]
+    try:
+        yield
+    finally:
+        for variable, value in saved:
+            variable.assign(value)
+
+
+class Probe:
     """One instrumented pass of a model: per layer, what its own ops computed in the
     `checked` dtypes (largest finite value, inf/NaN made from finite inputs), whether its
     outputs were finite, and with a loss, its activation gradients' size."""
@@ -170,14 +183,9 @@ class _Probe:
 
     def run(self, batches: list[Any]) -> list[dict[str, dict[str, np.ndarray]]]:
         """The stats of each batch, as numpy values; the model's variables as they were."""
-        saved = [(v, np.array(v.numpy())) for v in self.model.non_trainable_variables]
-        try:
-            with self.recorder.recording(self.model):
-                return [keras.tree.map_structure(np.asarray, self.function(*batch))
-                        for batch in batches]
-        finally:
-            for variable, value in saved:
-                variable.assign(value)
+        with non_trainable_state_kept(self.model), self.recorder.recording(self.model):
+            return [keras.tree.map_structure(np.asarray, self.function(*batch))
+                    for batch in batches]
 
 
 def _one_loss(loss: Any) -> Callable[[Any, Any], Any]:
@@ -187,7 +195,7 @@ def _one_loss(loss: Any) -> Callable[[Any, Any], Any]:
     return fn
 
 
-def _loss_fn(model: keras.Model, loss: Any) -> Optional[Callable[[Any, Any], Any]]:
+def compiled_loss(model: keras.Model, loss: Any) -> Optional[Callable[[Any, Any], Any]]:
     """The loss of the gradient pass: `loss`, else the model's compiled one (one per output
     as a list, or a dict by output name); None when there is none, or a compiled one that
     cannot be read (logged: no gradient figures then)."""
@@ -324,10 +332,10 @@ def locate_overflows(
     limit = margin * HALF_MAX[half]
     found: dict[str, LayerOverflow] = {}
     rows: dict[str, LayerOverflow] = {}
-    bad_inputs = [i for i, (x, _) in enumerate(batches) if _holds_nonfinite(x)]
+    bad_inputs = [i for i, (x, _) in enumerate(batches) if holds_nonfinite(x)]
     for _ in range(MAX_ROUNDS):
         def probe16(converted: keras.Model) -> tuple[Any, list]:
-            p = _Probe(converted, (half,), None, scale)
+            p = Probe(converted, (half,), None, scale)
             return p, p.run([(x, None) for x, _ in batches])
 
         try:
@@ -354,10 +362,10 @@ def locate_overflows(
                         "run it again with those in float32 to check the rest", MAX_ROUNDS,
                         ", ".join(found))
     order = list(rows)
-    fn = _loss_fn(model, loss)
+    fn = compiled_loss(model, loss)
     if fn is not None and half == "float16" and all(y is not None for _, y in batches):
         def probe32(converted: keras.Model) -> list:
-            return _Probe(converted, (), fn, scale).run(batches)
+            return Probe(converted, (), fn, scale).run(batches)
 
         grad_stats = _under(model, "float32", [], x0, probe32)
         for path in order:
@@ -369,32 +377,3 @@ def locate_overflows(
     return OverflowReport(target, len(batches), scale, margin, tuple(rows[p] for p in order),
                           tuple(bad_inputs),
                           {p: original[p].path for p in order if getattr(original.get(p), "path", None)})
-
-
-class OriginFinder:
-    """Where a batch goes non-finite in `model` as it is (no conversion; every float dtype
-    checked; the model's non-trainable variables left as they were). One traced function,
-    reused from call to call (traced again only for a new batch shape).
-
-    Args:
-        model: A built Keras model.
-    """
-
-    def __init__(self, model: keras.Model) -> None:
-        self.model = model
-        self._probe = _Probe(model, ("float16", "bfloat16", "float32", "float64"), None, 1.0)
-
-    def __call__(self, batch: Any) -> tuple[list[str], list[str], bool]:
-        """Runs one batch (`x` or `(x, y[, sample_weight])`).
-
-        Returns:
-            `(origins, outputs, bad_data)`: the layers, in model order, one of whose ops made
-            inf/NaN from finite inputs; the layers whose outputs were not finite; whether the
-            batch itself (inputs or targets) held inf/NaN.
-        """
-        x, y = split_batch(self.model, batch)
-        probe = self._probe
-        stats = probe.run([(x, None)])[0]
-        origins = [path for path in probe.layers if stats[path]["made"].any()]
-        outputs = [path for path in probe.layers if not stats[path]["outputs_ok"]]
-        return origins, outputs, _holds_nonfinite((x, y))
