@@ -133,6 +133,8 @@ def test_tool_end_to_end(tool_runs):
     out = tmp / "e2e"
     report = json.loads((out / "compare.json").read_text())
     assert report["ok"] and len(report["runs"]) == 2 and len(report["runs"][0]["losses"]) == 6
+    assert report["loss"] == ("SparseCategoricalCrossentropy(from_logits=True): logits output "
+                              "('logits' applies no softmax or sigmoid)")
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert oct((out / "compare.json").stat().st_mode & 0o777) != oct(0o600)

@@ -2,16 +2,18 @@
 
 `compare_precision` trains one model under several policies from identical weights
 on identical batches, the policies taking turns step by step; `tune` picks the
-fastest policy whose numerics pass; `quartiles` summarizes ratios measured side by
-side; `plot_comparison` draws a comparison (matplotlib).
+fastest policy whose numerics pass; both train with the loss `choose_loss` picks
+(given, compiled, or one matching the model's output); `quartiles` summarizes ratios
+measured side by side; `plot_comparison` draws a comparison (matplotlib).
 """
 
 from tfmp.measure.comparison import WARMUP_STEPS, Comparison, PolicyRun, Verdict, compare_precision
+from tfmp.measure.losses import ChosenLoss, choose_loss
 from tfmp.measure.plot import plot_comparison
 from tfmp.measure.stats import quartiles
 from tfmp.measure.tuning import (CANDIDATES, DEFAULT_MIN_SPEEDUP, XLA_ONLY, TuneResult, choose,
                                  tune)
 
-__all__ = ["CANDIDATES", "Comparison", "DEFAULT_MIN_SPEEDUP", "PolicyRun", "TuneResult", "Verdict",
-           "WARMUP_STEPS", "XLA_ONLY", "choose", "compare_precision", "plot_comparison",
-           "quartiles", "tune"]
+__all__ = ["CANDIDATES", "ChosenLoss", "Comparison", "DEFAULT_MIN_SPEEDUP", "PolicyRun",
+           "TuneResult", "Verdict", "WARMUP_STEPS", "XLA_ONLY", "choose", "choose_loss",
+           "compare_precision", "plot_comparison", "quartiles", "tune"]

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import keras
 import numpy as np
 
+from tfmp.measure.losses import choose_loss
 from tfmp.measure.stats import quartiles
 from tfmp.measure.steps import train_step
 from tfmp.precision import FLOAT32, HardwareInfo, detect_hardware, policy_scope, resolve_policy
@@ -100,12 +101,15 @@ class Comparison:
         steps: Training steps per policy.
         runs: One `PolicyRun` per policy, the baseline first.
         verdicts: One `Verdict` per policy after the baseline.
+        loss: The loss every policy trained with, and why: `"<loss>: <why>"` (given,
+            the model's compiled loss, or the output's kind: probabilities or logits).
     """
 
     tolerance: float
     steps: int
     runs: tuple[PolicyRun, ...]
     verdicts: tuple[Verdict, ...]
+    loss: str = ""
 
     @property
     def ok(self) -> bool:
@@ -119,7 +123,7 @@ class Comparison:
     def __str__(self) -> str:
         base = self.runs[0]
         lines = [f"tfmp compare_precision: {self.steps} steps, baseline {base.label} "
-                 f"({base.policy}), tolerance {self.tolerance:g}"]
+                 f"({base.policy}), tolerance {self.tolerance:g}", f"loss: {self.loss}"]
         header = ("policy", "max loss gap", "grad-norm ratio", "speed vs baseline", "skipped",
                   "verdict")
         rows = [header]
@@ -260,7 +264,11 @@ def compare_precision(
             (the train step compiled by XLA, `jit_compile=True`); the first is the baseline.
         steps: Training steps per policy.
         seed: Seed for the initial weights.
-        loss: A Keras loss; default sparse categorical cross-entropy on logits.
+        loss: A Keras loss (name, `keras.losses.Loss`, or function of `(y_true, y_pred)`).
+            Default: the model's compiled loss, else one that matches its output, read
+            from its traced graph: sparse categorical cross-entropy with
+            `from_logits=False` after a softmax, `True` on logits; binary cross-entropy
+            after a sigmoid. `Comparison.loss` says which, and why.
         optimizer: A Keras optimizer name, or a function returning a new optimizer.
         tolerance: Largest relative loss gap to the baseline a policy may show and pass.
         eval_data: Optional dataset for `model.evaluate` at the end (`final_metrics`).
@@ -276,8 +284,10 @@ def compare_precision(
 
     Raises:
         ValueError: fewer than two policies, a bad name, `steps` or `tolerance` out of
-            range, or a dataset shorter than `steps`. An error from one policy's train step
-            is raised as it is, with that policy's label in its `tfmp_arm` attribute.
+            range, a dataset shorter than `steps`, or no loss that fits (a loss per
+            output compiled, outputs needing different losses: give `loss=`). An error
+            from one policy's train step is raised as it is, with that policy's label
+            in its `tfmp_arm` attribute.
 
     Example:
     >>> result = tfmp.compare_precision(build, train_ds, policies=("fp32", "bf16"), steps=100)
@@ -294,18 +304,15 @@ def compare_precision(
     resolved = [(p, resolve_policy(name, hw).name, jit)
                 for p, (name, jit) in ((p, parse_variant(p)) for p in policies)]
     batches = _batches(dataset, steps)
-    if loss is None:
-        loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    else:
-        loss_fn = keras.losses.get(loss) if isinstance(loss, str) else loss
     make_optimizer = (optimizer if callable(optimizer)
                       else lambda: keras.optimizers.get(optimizer))
     keras.utils.set_random_seed(seed)
     with policy_scope(FLOAT32, hw):
         reference = build_model()
     weights, source, arms = reference.get_weights(), reference, []
+    chosen = choose_loss(reference, loss, batches[0])  # traces it: after the weights are read
     for i, (label, policy, jit) in enumerate(resolved):
-        arms.append(_Arm(label, policy, jit, source, make_optimizer, loss_fn, hw,
+        arms.append(_Arm(label, policy, jit, source, make_optimizer, chosen.fn, hw,
                          float32_layers=float32_layers, calibration_data=dataset))
         if arms[-1].model is source and i + 1 < len(resolved):  # converted in place: the
             source = _fresh_model(reference, weights, build_model, hw)  # next needs its own
@@ -321,4 +328,5 @@ def compare_precision(
         tolerance=float(tolerance), steps=steps,
         runs=tuple(arm.result(eval_data, metrics) for arm in arms),
         verdicts=tuple(_verdict(base, arm, tolerance) for arm in arms[1:]),
+        loss=chosen.description,
     )

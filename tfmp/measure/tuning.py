@@ -44,6 +44,8 @@ class TuneResult:
             cannot train under the strategy; `<policy>+xla`: XLA could not compile the step.
         comparison: The `Comparison` behind it (None when nothing was measured).
         jit_compile: Whether to compile the train step with XLA (the chosen candidate's).
+        loss: The loss it measured with, and why (`Comparison.loss`; empty when nothing
+            was measured).
     """
 
     policy: str
@@ -53,11 +55,12 @@ class TuneResult:
     skipped: dict[str, str]
     comparison: Optional[Comparison]
     jit_compile: bool = False
+    loss: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """The choice and its figures, JSON-serializable (the full comparison omitted)."""
         return {"policy": self.policy, "jit_compile": self.jit_compile,
-                "reason": self.reason, "speedups": self.speedups,
+                "reason": self.reason, "loss": self.loss, "speedups": self.speedups,
                 "passed": self.passed, "skipped": self.skipped,
                 "max_relative_loss_gap": {} if self.comparison is None else {
                     v.label: v.max_relative_loss_gap for v in self.comparison.verdicts}}
@@ -96,7 +99,7 @@ def choose(comparison: Optional[Comparison], skipped: dict[str, str],
                   f"passed and reached {min_speedup:g}x, so float32")
     policy, jit = parse_variant(best)
     return TuneResult(parse_precision(policy), reason, speedups, passed, dict(skipped),
-                      comparison, jit)
+                      comparison, jit, comparison.loss)
 
 
 def tune(
@@ -131,7 +134,8 @@ def tune(
         steps: Training steps per candidate (the first 2 are not timed).
         tolerance: Largest relative loss gap to float32 that passes (`compare_precision`).
         min_speedup: Median speed-up over float32 needed to choose a candidate.
-        seed, loss, optimizer: As for `tfmp.compare_precision`.
+        seed, loss, optimizer: As for `tfmp.compare_precision` (by default the model's
+            compiled loss, else one matching its output: `TuneResult.loss` says which).
         hardware: The hardware to decide for; detected when omitted.
         xla: True: measure each candidate with and without XLA; False: without;
             `"only"`: with XLA only (training will compile with XLA whatever tune picks).
@@ -140,7 +144,8 @@ def tune(
             measured where it cannot run there: `tfmp.distribute.xla_refusal`).
 
     Returns:
-        A `TuneResult`: `.policy` and `.jit_compile` to train with, `.reason` with the figures.
+        A `TuneResult`: `.policy` and `.jit_compile` to train with, `.reason` with the
+        figures, `.loss` the loss they were measured with.
 
     Raises:
         ValueError: a bad candidate name (or `auto`), `min_speedup` not a positive

@@ -36,6 +36,7 @@ HEAVY_OPS = MATMUL_OPS + CONV_OPS
 SOFTMAX_OPS = ("Softmax", "LogSoftmax")
 EXP_LOG_OPS = ("Exp", "Log", "Log1p")  # not Expm1: ELU/CELU take it of min(x, 0), bounded
 SUM_OPS = ("Sum", "Mean", "Prod", "EuclideanNorm")
+PASS_THROUGH_OPS = ("Cast", "Reshape", "Transpose")  # values kept, only their type or shape
 ROOT_OPS = ("Rsqrt", "Sqrt")
 RECORDED_OPS = frozenset(HEAVY_OPS + SOFTMAX_OPS + EXP_LOG_OPS + SUM_OPS + ROOT_OPS)
 
@@ -105,12 +106,16 @@ class ModelRun:
         output_dtypes: The dtype of each model output.
         output_producers: For each output, the path of the layer whose op made it,
             or `<model>` when an op of the model's own `call` did.
+        output_sources: For each output, the op that computed its values, seen through
+            casts and reshapes, and the path of the layer that ran it: `("Softmax",
+            "dense_1")` (probabilities), `("BiasAdd", "logits")`.
     """
 
     input_shapes: tuple[tuple[int, ...], ...]
     layers: tuple[LayerRun, ...]
     output_dtypes: tuple[str, ...]
     output_producers: tuple[str, ...]
+    output_sources: tuple[tuple[str, str], ...] = ()
 
     def flops(self, dtypes: Optional[tuple[str, ...]] = None) -> int:
         """Matmul and convolution FLOPs of the whole model, in `dtypes` (default: any)."""
@@ -336,11 +341,18 @@ def run_model(model: keras.Model, data: Any = None, *, training: bool = True) ->
         runs.append(LayerRun(paths.get(id(layer), layer.name), type(layer).__name__,
                              layer.dtype_policy.name, outputs.get(id(layer), ()), ops, layer))
     owner_of = {id(o): layer for items in owned.values() for o, layer in items}
-    producers = []
+    def path_of(operation: Any) -> str:
+        return paths.get(id(owner_of.get(id(operation), model)), MODEL_PATH)
+
+    producers, sources = [], []
     for tensor in keras.tree.flatten(concrete.structured_outputs):
         operation = tensor.op
         while id(operation) not in owner_of and operation.type == "Identity" and operation.inputs:
             operation = operation.inputs[0].op
-        producers.append(paths.get(id(owner_of.get(id(operation), model)), MODEL_PATH))
+        producers.append(path_of(operation))
+        while operation.type in PASS_THROUGH_OPS + ("Identity",) and operation.inputs:
+            operation = operation.inputs[0].op
+        sources.append((operation.type, path_of(operation)))
     shapes = tuple(tuple(s.shape.as_list()) for s in keras.tree.flatten(specs))
-    return ModelRun(shapes, tuple(runs), _dtypes(concrete.structured_outputs), tuple(producers))
+    return ModelRun(shapes, tuple(runs), _dtypes(concrete.structured_outputs), tuple(producers),
+                    tuple(sources))
