@@ -54,7 +54,6 @@ def _validate() -> None:
 
 def main(argv: Sequence[str]) -> int:
     _validate()
-    loss = None
     if FLAGS.model_path:
         saved = cli.load_keras_model(FLAGS.model_path, FLAGS.import_modules)
         try:
@@ -65,7 +64,6 @@ def main(argv: Sequence[str]) -> int:
         # converted in place, so every policy loads its own.
         build = ((lambda: saved) if is_copyable(saved)
                  else functools.partial(cli.load_keras_model, FLAGS.model_path))
-        loss = getattr(saved, "loss", None) or None
     else:
         builder, kind = models.get(FLAGS.model or "mlp")
     try:
@@ -76,7 +74,7 @@ def main(argv: Sequence[str]) -> int:
             build = functools.partial(builder, **d.model_kwargs())
         result = compare_precision(
             build, d.train, policies=FLAGS.policies, steps=FLAGS.steps, seed=FLAGS.seed,
-            loss=loss, optimizer=lambda: keras.optimizers.Adam(FLAGS.learning_rate),
+            optimizer=lambda: keras.optimizers.Adam(FLAGS.learning_rate),
             tolerance=FLAGS.tolerance, eval_data=d.eval, metrics=["accuracy"])
     except (data.DatasetError, AuditError, ValueError) as e:  # compare_precision's checks
         cli.fail(str(e).splitlines()[0])

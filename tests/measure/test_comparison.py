@@ -107,7 +107,9 @@ def tool_runs(tmp_path_factory):
     binary's entry point, all in one child process (TensorFlow imported once)."""
     tmp = tmp_path_factory.mktemp("compare_tool")
     keras.utils.set_random_seed(0)
-    _tiny().save(tmp / "m.keras")
+    compiled = _tiny()
+    compiled.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    compiled.save(tmp / "m.keras")
     models.get("cnn")[0](input_shape=(8, 8, 3), width=8, stages=1).save(tmp / "cnn.keras")
     subclassed = corpus.SubclassedNet(classes=10, name="net")
     subclassed(np.zeros((1, data.VECTOR_DIM), "float32"))
@@ -145,6 +147,8 @@ def test_tool_on_a_saved_model_and_a_failing_verdict(tool_runs):
     code, stderr, stdout = runs["saved"]
     assert code == 1, stderr[-2000:]
     assert "FAIL" in stdout and "above the tolerance" in stdout
+    assert ("loss: SparseCategoricalCrossentropy(from_logits=True): the model's compiled loss"
+            in stdout.splitlines())
     assert (tmp / "saved" / "compare.json").exists()
 
 
