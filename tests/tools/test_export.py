@@ -37,6 +37,7 @@ def runs(tmp_path_factory):
     _op_model(ops.arctan).save(d / "atan.keras")
     x = data.synthetic_arrays("vector", 128, seed=3)[0]
     np.save(d / "calibration.npy", x)
+    np.save(d / "skewed.npy", 0.05 * x)  # calibration data that does not look like the inputs
     np.save(d / "narrow.npy", x[:, :8])
     np.save(d / "ids.npy", x.astype("int32"))
     (d / "text.keras").write_text("not a model")
@@ -57,14 +58,15 @@ def runs(tmp_path_factory):
     keras.config.set_dtype_policy("float32")
     cases = {
         "default": [f"--model_dir={run}", "--eval_steps=4", "--max_accuracy_drop=0.05"],
-        "gate": [f"--model_dir={run}", "--quantization=dynamic_int8", f"--output_dir={d}/gate",
-                 "--eval_steps=4", "--max_accuracy_drop=-1",
-                 "--metric=sparse_top_k_categorical_accuracy"],
+        # The default gate (--max_accuracy_drop=0.01), and the same export with it off
+        "gate": [f"--model_dir={run}", "--quantization=full_int8", f"--output_dir={d}/gate",
+                 f"--calibration_data={d}/skewed.npy", "--eval_steps=4"],
         "npy": [f"--model_path={run}/model.keras", "--quantization=full_int8",
-                f"--calibration_data={d}/calibration.npy", f"--output_dir={d}/npy",
-                "--eval_steps=2", "--runtime=tf"],
+                f"--calibration_data={d}/skewed.npy", f"--output_dir={d}/npy",
+                "--eval_steps=2", "--runtime=tf", "--max_accuracy_drop=inf"],
         "subclassed": [f"--model_path={d}/sub.keras", "--import_modules=rewrite.corpus",
-                       "--quantization=float16", "--eval_steps=2", f"--output_dir={d}/sub"],
+                       "--quantization=float16", "--eval_steps=2", f"--output_dir={d}/sub",
+                       "--metric=sparse_top_k_categorical_accuracy"],
         **{f"bad{i}": [a.format(d=d, run=run) for a in args] for i, (args, _) in enumerate(BAD)},
     }
     results = helpers.run_tool_cases("export", list(cases.values()), stdout=True,
@@ -93,7 +95,9 @@ BAD = [
     (["--model_dir={run}", "--quantization=float16,float16"],
      "--quantization='float16,float16': accepted values are float32, float16, dynamic_int8, "
      "full_int8, keras_bfloat16, keras_float16 (comma-separated, each once)"),
-    (["--model_dir={run}", "--max_accuracy_drop=nan"], "must be a finite number"),
+    (["--model_dir={run}", "--max_accuracy_drop=nan"],
+     "--max_accuracy_drop=nan must be a number (0.01 = one point of accuracy; inf turns the gate "
+     "off)"),
     (["--model_dir={run}", "--metric=accuracy_of_sorts"],
      "--metric='accuracy_of_sorts' is not a Keras metric"),
     (["--model_dir={run}", "--output_dir={d}/text.npy/sub"], "cannot be created"),
@@ -138,29 +142,42 @@ def test_a_training_run_is_exported_in_every_mode_with_its_report(runs):
 def test_a_saved_subclassed_model_is_exported(runs):
     d, _, results = runs
     code, stderr, _ = results["subclassed"]  # its class imported with --import_modules
-    assert code == 0, stderr
+    assert code == 0, stderr  # within the default gate
     (report,) = json.loads((d / "sub" / "export.json").read_text())["reports"]
     assert report["quantization"] == "float16" and report["relative_diff"] < 5e-3
+    assert report["metric"] == "sparse_top_k_categorical_accuracy"
     assert (d / "sub" / "model_float16.tflite").stat().st_size == report["size_bytes"]
 
 
-def test_the_gate_fails_with_the_figures_and_keeps_the_files(runs):
+def _statistics(x):
+    x = x.astype("float64")
+    return f"mean {x.mean():.3g} std {x.std():.3g} min {x.min():.3g} max {x.max():.3g}"
+
+
+def test_the_default_gate_fails_with_the_figures_the_cause_and_keeps_the_files(runs):
     d, _, results = runs
-    code, stderr, _ = results["gate"]
+    code, stderr, _ = results["gate"]  # full_int8 calibrated on inputs 20 times too small
     assert code == 1, stderr
-    line = stderr.strip()
-    assert "\n" not in line and "accuracy gate (--max_accuracy_drop=-1) failed: dynamic_int8: " \
-        "sparse_top_k_categorical_accuracy " in line and " > -1" in line
+    (line,) = [line for line in stderr.splitlines() if "error:" in line]
+    assert "accuracy gate (--max_accuracy_drop=0.01) failed: full_int8: " \
+        "sparse_categorical_accuracy " in line
+    # What usually causes it, with the calibration and evaluation inputs side by side
+    assert (f"usually calibration data that does not look like the inputs (calibration inputs "
+            f"{_statistics(np.load(d / 'skewed.npy'))} vs evaluation inputs mean ") in line, line
     report = json.loads((d / "gate" / "export.json").read_text())
-    assert len(report["gate_failures"]) == 1 and (d / "gate" / "model_dynamic_int8.tflite").exists()
+    assert report["max_accuracy_drop"] == 0.01 and len(report["gate_failures"]) == 1
+    assert report["gate_failures"][0] in line and (d / "gate" / "model_full_int8.tflite").exists()
 
 
-def test_calibration_from_an_array_file_and_tf_lite_runtime(runs):
+def test_the_gate_turned_off_calibration_from_an_array_file_and_tf_lite_runtime(runs):
     d, _, results = runs
-    code, stderr, _ = results["npy"]
+    code, stderr, _ = results["npy"]  # the same export as "gate", --max_accuracy_drop=inf
     assert code == 0, stderr
-    (report,) = json.loads((d / "npy" / "export.json").read_text())["reports"]
-    assert report["runtime"] == "tf" and report["quantization"] == "full_int8"
+    report = json.loads((d / "npy" / "export.json").read_text())
+    assert report["max_accuracy_drop"] is None and report["gate_failures"] == []
+    (export,) = report["reports"]
+    assert export["runtime"] == "tf" and export["quantization"] == "full_int8"
+    assert export["accuracy_drop"] > 0.05  # the default gate would have failed it
 
 
 @pytest.mark.parametrize("case", range(len(BAD)), ids=[" ".join(a)[:60] for a, _ in BAD])

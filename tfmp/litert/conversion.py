@@ -28,7 +28,7 @@ from tfmp.atomic import atomic_path
 from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
 from tfmp.litert.release import KERAS_MODES, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, Inference, array_batches,
-                                checked_batch, eval_batches, evaluate)
+                                checked_batch, eval_batches, evaluate, inputs_of)
 from tfmp.litert.runner import RUNTIMES, Runner
 from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
@@ -90,10 +90,6 @@ def _check_model(model: keras.Model) -> None:
                           f"{model.name!r} has {len(inputs)} inputs and {len(outputs)} outputs")
 
 
-def _inputs_of(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
                         model: keras.Model) -> list[np.ndarray]:
     """Up to `steps` input batches from `data`, checked against the model's input.
@@ -119,7 +115,7 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
         data = array_batches(data)
     batches = []
     for batch in data:
-        batches.append(checked_batch(_inputs_of(batch), model, "calibration data"))
+        batches.append(checked_batch(inputs_of(batch), model, "calibration data"))
         if len(batches) == steps:
             break
     if not batches:
