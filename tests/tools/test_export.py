@@ -48,9 +48,10 @@ def runs(tmp_path_factory):
         shutil.copy(run / "model.keras", d / name)
         if summary is not None:
             (d / name / "summary.json").write_bytes(summary)
-    (d / "atan").mkdir()
-    for name, content in EARLIER_EXPORT.items():
-        (d / "atan" / name).write_bytes(content)
+    for folder, earlier in (("atan", EARLIER_EXPORT), ("gate", EARLIER_EXPORTS)):
+        (d / folder).mkdir()
+        for name, content in earlier.items():
+            (d / folder / name).write_bytes(content)
     keras.config.set_dtype_policy("mixed_bfloat16")
     subclassed = corpus.SubclassedNet(classes=10, name="net")
     subclassed(np.zeros((1, data.VECTOR_DIM), "float32"))
@@ -60,7 +61,7 @@ def runs(tmp_path_factory):
         "default": [f"--model_dir={run}", "--eval_steps=4", "--max_accuracy_drop=0.05"],
         # The default gate (--max_accuracy_drop=0.01), and the same export with it off
         "gate": [f"--model_dir={run}", "--quantization=full_int8", f"--output_dir={d}/gate",
-                 f"--calibration_data={d}/skewed.npy", "--eval_steps=4"],
+                 f"--calibration_data={d}/skewed.npy", "--eval_steps=4", "--overwrite"],
         "npy": [f"--model_path={run}/model.keras", "--quantization=full_int8",
                 f"--calibration_data={d}/skewed.npy", f"--output_dir={d}/npy",
                 "--eval_steps=2", "--runtime=tf", "--max_accuracy_drop=inf"],
@@ -78,6 +79,8 @@ DAMAGED_SUMMARIES = {"bad_summary": b'{"flags": {"model": "ml', "no_summary": No
                      "garbage_summary": b"\xff\xfe\x00", "list_summary": b"[]",
                      "no_flags": b'{"flags": 3}', "bad_seed": b'{"flags": {"seed": "abc"}}'}
 EARLIER_EXPORT = {"model_float16.tflite": b"an earlier export", "export.json": b'{"earlier": 1}'}
+EARLIER_EXPORTS = {**EARLIER_EXPORT, "model_full_int8.tflite": b"earlier int8",  # more modes
+                   "model_keras_float16.keras": b"earlier keras", "notes.txt": b"the user's"}
 BAD = [
     (["--model_dir={d}/bad_summary"], "{d}/bad_summary/summary.json is damaged (JSONDecodeError: "),
     (["--model_dir={d}/no_summary"], "{d}/no_summary/summary.json is missing"),
@@ -100,18 +103,28 @@ BAD = [
      "off)"),
     (["--model_dir={run}", "--metric=accuracy_of_sorts"],
      "--metric='accuracy_of_sorts' is not a Keras metric"),
-    (["--model_dir={run}", "--output_dir={d}/text.npy/sub"], "cannot be created"),
-    (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/narrow.npy"],
+    (["--model_dir={run}", "--output_dir={d}/text.npy/sub"],
+     "--output_dir='{d}/text.npy/sub' cannot be created: '{d}/text.npy' is not a writable directory"),
+    # (an output folder of their own: {run}/export holds the "default" case's export)
+    (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/narrow.npy",
+      "--output_dir={d}/bad"],
      "calibration data has batches of shape (64, 8) and dtype float32; the model takes (None, 64)"),
-    (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/ids.npy"],
+    (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/ids.npy",
+      "--output_dir={d}/bad"],
      "dtype int32; the model takes (None, 64) float32"),
-    (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/text.npy"],
+    (["--model_dir={run}", "--quantization=full_int8", "--calibration_data={d}/text.npy",
+      "--output_dir={d}/bad"],
      "is not a .npy file"),
     (["--model_path={d}/cumsum.keras", "--quantization=full_int8", "--int8_only",
       "--output_dir={d}/strict"], "no int8 kernel for CUMSUM (x1)"),
     (["--model_path={d}/atan.keras", "--quantization=float16", "--output_dir={d}/atan"],
-     "LiteRT has no builtin kernel for Atan"),
-    (["--model_dir={run}", "--dataset=cifar10"], "dataset 'cifar10' is not prepared"),
+     "--output_dir='{d}/atan' holds a previous result (export.json, model_float16.tflite): give "
+     "--overwrite to move it into {d}/atan/previous.<date>-<time>/ (nothing is deleted), or "
+     "another --output_dir"),
+    (["--model_path={d}/atan.keras", "--quantization=float16", "--output_dir={d}/atan",
+      "--overwrite"], "LiteRT has no builtin kernel for Atan"),
+    (["--model_dir={run}", "--dataset=cifar10", "--output_dir={d}/bad"],
+     "dataset 'cifar10' is not prepared"),
 ]
 
 
@@ -137,6 +150,8 @@ def test_a_training_run_is_exported_in_every_mode_with_its_report(runs):
     assert "KB (weights and optimizer state); wrote model_float32.tflite, model_float16.tflite, " \
         "model_dynamic_int8.tflite, model_full_int8.tflite, model_keras_bfloat16.keras, " \
         "model_keras_float16.keras and export.json" in stdout
+    assert sorted(p.name for p in (run / "export").iterdir()) == sorted(  # no other file
+        [export_filename(r["quantization"]) for r in report["reports"]] + ["export.json"])
 
 
 def test_a_saved_subclassed_model_is_exported(runs):
@@ -169,6 +184,22 @@ def test_the_default_gate_fails_with_the_figures_the_cause_and_keeps_the_files(r
     assert report["gate_failures"][0] in line and (d / "gate" / "model_full_int8.tflite").exists()
 
 
+def test_overwrite_moves_the_previous_export_aside_whole(runs):
+    d, _, results = runs
+    _, stderr, _ = results["gate"]  # --overwrite, one mode where an export of three was
+    (previous,) = (d / "gate").glob("previous.*")
+    earlier = {n: c for n, c in EARLIER_EXPORTS.items() if n != "notes.txt"}
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == earlier
+    # The report describes its folder: its files and nothing of the earlier export
+    assert sorted(p.name for p in (d / "gate").iterdir()) == [
+        "export.json", "model_full_int8.tflite", "notes.txt", previous.name]
+    (report,) = json.loads((d / "gate" / "export.json").read_text())["reports"]
+    assert report["path"] == f"{d}/gate/model_full_int8.tflite"
+    assert (d / "gate" / "notes.txt").read_bytes() == b"the user's"
+    assert f"moved the previous result in {d}/gate (export.json, model_float16.tflite, " \
+        f"model_full_int8.tflite, model_keras_float16.keras) to {previous}" in stderr
+
+
 def test_the_gate_turned_off_calibration_from_an_array_file_and_tf_lite_runtime(runs):
     d, _, results = runs
     code, stderr, _ = results["npy"]  # the same export as "gate", --max_accuracy_drop=inf
@@ -192,6 +223,7 @@ def test_bad_input_is_one_line(runs, case):
 
 def test_refused_exports_write_nothing(runs):
     d, _, _ = runs
-    assert list((d / "strict").iterdir()) == []  # --int8_only with CUMSUM
-    # Atan has no LiteRT kernel: the earlier export in that directory is left as it was.
+    assert not (d / "strict").exists()  # --int8_only with CUMSUM: not even the folder
+    # Refused, then Atan has no LiteRT kernel (with --overwrite): the earlier export in
+    # that directory is left as it was, nothing moved.
     assert {p.name: p.read_bytes() for p in (d / "atan").iterdir()} == EARLIER_EXPORT
