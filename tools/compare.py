@@ -18,7 +18,7 @@ import os
 from typing import Sequence
 
 import keras
-from absl import flags
+from absl import flags, logging
 
 import models
 from tfmp.app import cli, data, outputs
@@ -84,8 +84,10 @@ def main(argv: Sequence[str]) -> int:
         cli.fail(str(e).splitlines()[0])
     json_path, png_path = (os.path.join(FLAGS.output_dir, n) for n in (JSON_NAME, PNG_NAME))
     with outputs.new_result(FLAGS.output_dir, (JSON_NAME, PNG_NAME), JSON_NAME) as staging:
+        logging.info("writing %s", json_path)
         write_json_atomically(os.path.join(staging, JSON_NAME), result.to_dict())
         try:
+            logging.info("drawing %s", png_path)
             plot_comparison(result, os.path.join(staging, PNG_NAME))
             wrote = f"wrote {json_path} and {png_path}"
         except ImportError as e:

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import keras
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
 from tfmp.app import cli, data, outputs, run_dir
 from tfmp.atomic import write_json_atomically
@@ -133,6 +133,7 @@ def _export(model, path: str, seed: int, d: data.Data, output_dir: str) -> tuple
         failures = gate_failures(reports, FLAGS.max_accuracy_drop, calibration_data=calibration,
                                  calibration_steps=FLAGS.calibration_steps, eval_data=d.eval,
                                  eval_steps=FLAGS.eval_steps) if gated else []
+        logging.info("writing %s", os.path.join(output_dir, REPORT))
         write_json_atomically(os.path.join(staging, REPORT), {
             "model": path, "model_file_bytes": os.path.getsize(path), "dataset": d.name,
             "seed": seed, "reports": [r.to_dict() for r in reports],

@@ -7,12 +7,14 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import helpers
 import models
 from rewrite import corpus
 from tfmp.app import data
 from tfmp.measure import compare_precision
+from tfmp.measure.stats import batches_phrase
 STEPS = 8
 
 
@@ -147,6 +149,12 @@ def test_tool_end_to_end(tool_runs):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert oct((out / "compare.json").stat().st_mode & 0o777) != oct(0o600)
     assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.png"]
+    # Each phase after training says what it does, in one log line
+    for phase in ["training fp32, BF16 for 6 steps, taking turns step by step",
+                  "evaluating fp32 (float32) on 64 batches",  # 1024 examples, batches of 16
+                  "evaluating BF16 (mixed_bfloat16) on 64 batches",
+                  f"writing {out}/compare.json", f"drawing {out}/compare.png"]:
+        assert len([line for line in stderr.splitlines() if line.endswith(phase)]) == 1, phase
 
 
 def test_tool_on_a_saved_model_and_a_failing_verdict(tool_runs):
@@ -174,6 +182,7 @@ def test_tool_never_silently_replaces_a_previous_comparison(tool_runs):
     assert line.endswith(f"--output_dir='{tmp}/sub' holds a previous result (compare.json, "
                          f"compare.png): give --overwrite to move it into {tmp}/sub/previous."
                          "<date>-<time>/ (nothing is deleted), or another --output_dir"), line
+    assert "evaluating" not in stderr  # refused before any work
     # --overwrite: the previous comparison moved aside whole, the user's file left alone
     code, stderr, _ = runs["subclassed"]
     (previous,) = (tmp / "sub").glob("previous.*")
@@ -192,3 +201,11 @@ def test_tool_bad_input_is_one_line(tool_runs):
         assert code == 2 and "Traceback" not in stderr, (args, stderr)
         assert fragment in stderr, (args, stderr)
 
+
+def test_progress_lines_count_the_batches_without_reading_them():
+    ds = tf.data.Dataset.range(10).batch(3)
+    assert [batches_phrase(ds), batches_phrase(ds, 2), batches_phrase([(1, 2)])] == [
+        "4 batches", "2 batches", "1 batch"]
+    endless = ds.repeat()
+    assert [batches_phrase(endless), batches_phrase(endless, 5), batches_phrase(iter([]))] == [
+        "every batch", "up to 5 batches", "every batch"]

@@ -152,6 +152,14 @@ def test_a_training_run_is_exported_in_every_mode_with_its_report(runs):
         "model_keras_float16.keras and export.json" in stdout
     assert sorted(p.name for p in (run / "export").iterdir()) == sorted(  # no other file
         [export_filename(r["quantization"]) for r in report["reports"]] + ["export.json"])
+    # Each phase says what it does, in one log line
+    phases = ["writing the SavedModel of 'mlp' in float32", *(
+        f"{'writing' if q.startswith('keras_') else 'converting'} {q}" for q in
+        [r["quantization"] for r in report["reports"]]), *(
+        f"evaluating {r['quantization']} on 4 batches" for r in report["reports"]),
+        f"writing {run}/export/export.json"]
+    for phase in phases:
+        assert len([l for l in stderr.splitlines() if phase in l]) == 1, (phase, stderr[-3000:])
 
 
 def test_a_saved_subclassed_model_is_exported(runs):

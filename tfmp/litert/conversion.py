@@ -22,13 +22,14 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import keras
 import numpy as np
+from absl import logging
 
 from tfmp._messages import first_line
 from tfmp.atomic import atomic_path
 from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
 from tfmp.litert.release import KERAS_MODES, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, Inference, array_batches,
-                                checked_batch, eval_batches, evaluate, inputs_of)
+                                checked_batch, eval_batches, evaluate, inputs_of, log_evaluation)
 from tfmp.litert.runner import RUNTIMES, Runner
 from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
@@ -191,6 +192,7 @@ class _Exports:
     def litert(self) -> tuple[SavedModelConverter, Inference]:
         """The float32 copy's SavedModel (written) and that copy's inference, made once."""
         if self._converter is None:
+            logging.info("tfmp.export: writing the SavedModel of %r in float32", self.model.name)
             network = float32_model(self.model)
             self._reference = self.inference if network is self.model else Inference(network)
             self._converter = self._stack.enter_context(SavedModelConverter(network))
@@ -206,6 +208,7 @@ class _Exports:
             return export_keras(self.inference, path, quantization, eval_data=eval_data,
                                 eval_steps=eval_steps, metric=metric)
         converter, reference = self.litert()
+        logging.info("tfmp.export: converting %s", quantization)
         flatbuffer = converter.convert(settings)
         _make_directory(path)  # once the mode converted: a model LiteRT cannot run makes none
         with atomic_path(path, ".tflite") as tmp:
@@ -222,6 +225,7 @@ class _Exports:
                 float32_bytes=4 * int(self.model.count_params()), float_ops=float_ops,
                 runtime=runner.runtime, model_policy=model_policy(self.model))
             if eval_data is not None:  # before the file is in place: bad eval data writes nothing
+                log_evaluation(quantization, eval_data, eval_steps)
                 report = dataclasses.replace(report, **evaluate(
                     self.inference, reference, runner, eval_batches(eval_data), eval_steps, metric))
         return report

@@ -16,9 +16,11 @@ from typing import Any, Iterable, Optional, Union
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tfmp.litert.runner import Runner
 from tfmp.measure import quartiles
+from tfmp.measure.stats import batches_phrase
 from tfmp.rewrite import first_input_spec
 
 ARRAY_BATCH = 32  # examples per batch when data comes as arrays
@@ -155,6 +157,12 @@ def eval_batches(eval_data: Any) -> Any:
     if isinstance(eval_data, tuple) and all(isinstance(a, np.ndarray) for a in eval_data):
         return array_batches(eval_data)
     return eval_data
+
+
+def log_evaluation(quantization: str, eval_data: Any, steps: Optional[int]) -> None:
+    """The progress line of an export's evaluation: `evaluating <mode> on <n> batches`."""
+    logging.info("tfmp.export: evaluating %s on %s", quantization,
+                 batches_phrase(eval_batches(eval_data), steps))
 
 
 def _metric(metric: Union[str, Any]) -> keras.metrics.Metric:
