@@ -6,8 +6,10 @@
   python -m tools.compare --tolerance=0.02 --output_dir=runs/compare
 
 Writes compare.json and compare.png (loss per policy over the steps, and the loss
-scale) to --output_dir. Exit code 0: every policy within the tolerance; 1: one
-was not; 2: bad input.
+scale) to --output_dir (default compare/). An output folder holding a previous
+comparison is refused unless --overwrite, which moves its files into
+<output_dir>/previous.<date>-<time>/ once this one is written (tfmp.app.outputs).
+Exit code 0: every policy within the tolerance; 1: one was not; 2: bad input.
 """
 
 import functools
@@ -16,10 +18,10 @@ import os
 from typing import Sequence
 
 import keras
-from absl import flags
+from absl import flags, logging
 
 import models
-from tfmp.app import cli, data
+from tfmp.app import cli, data, outputs
 from tfmp.atomic import write_json_atomically
 from tfmp.measure import compare_precision, plot_comparison
 from tfmp.rewrite import AuditError, is_copyable
@@ -39,6 +41,7 @@ flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 flags.DEFINE_float("tolerance", 0.05, "Largest relative loss gap to the baseline that passes.")
 flags.DEFINE_integer("seed", 0, "Seed for the initial weights and the data.")
 flags.DEFINE_string("output_dir", "compare", "Where compare.json and compare.png go.")
+flags.DEFINE_bool("overwrite", False, outputs.OVERWRITE_HELP)
 
 JSON_NAME, PNG_NAME = "compare.json", "compare.png"
 
@@ -48,8 +51,7 @@ def _validate() -> None:
         cli.fail("give --model or --model_path, not both")
     if not math.isfinite(FLAGS.learning_rate) or FLAGS.learning_rate <= 0:
         cli.fail(f"--learning_rate={FLAGS.learning_rate} must be a positive finite number")
-    if os.path.exists(FLAGS.output_dir) and not os.path.isdir(FLAGS.output_dir):
-        cli.fail(f"--output_dir={FLAGS.output_dir!r} exists and is not a directory")
+    outputs.check_output_dir(FLAGS.output_dir, (JSON_NAME, PNG_NAME), FLAGS.overwrite)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -78,15 +80,18 @@ def main(argv: Sequence[str]) -> int:
             tolerance=FLAGS.tolerance, eval_data=d.eval, metrics=["accuracy"])
     except (data.DatasetError, AuditError, ValueError) as e:  # compare_precision's checks
         cli.fail(str(e).splitlines()[0])
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    json_path = os.path.join(FLAGS.output_dir, JSON_NAME)
-    write_json_atomically(json_path, result.to_dict())
+    json_path, png_path = (os.path.join(FLAGS.output_dir, n) for n in (JSON_NAME, PNG_NAME))
+    with outputs.new_result(FLAGS.output_dir, (JSON_NAME, PNG_NAME), JSON_NAME) as staging:
+        logging.info("writing %s", json_path)
+        write_json_atomically(os.path.join(staging, JSON_NAME), result.to_dict())
+        try:
+            logging.info("drawing %s", png_path)
+            plot_comparison(result, os.path.join(staging, PNG_NAME))
+            wrote = f"wrote {json_path} and {png_path}"
+        except ImportError as e:
+            wrote = f"wrote {json_path}; no plot: {e}"
     print(result)
-    try:
-        plot_comparison(result, os.path.join(FLAGS.output_dir, PNG_NAME))
-        print(f"wrote {json_path} and {os.path.join(FLAGS.output_dir, PNG_NAME)}")
-    except ImportError as e:
-        print(f"wrote {json_path}; no plot: {e}")
+    print(wrote)
     return 0 if result.ok else cli.EXIT_FINDINGS
 
 

@@ -2,27 +2,33 @@
 
   python -m tools.export --model_dir=runs/mlp       # float32 (baseline), float16, dynamic_int8, full_int8
   python -m tools.export --model_path=m.keras --quantization=full_int8 --calibration_steps=20
-  python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=0.01   # a gate: exit 1 if exceeded
+  python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=0.02   # a looser gate
+  python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=inf    # no gate
 
 Writes model_<quantization>.tflite (model_keras_bfloat16.keras and model_keras_float16.keras: the
 .keras file with 16-bit release weights) and export.json (one report per export) to
---output_dir (default: <model_dir>/export, or export/) and prints the table.
-Exit code 0: written (and within --max_accuracy_drop); 1: the gate failed (the
-files are written, the figures are in the message); 2: bad input, one line.
+--output_dir (default: <model_dir>/export, or export/) and prints the table. An output
+folder holding a previous export is refused unless --overwrite, which moves that export's
+files into <output_dir>/previous.<date>-<time>/ once this one is written (tfmp.app.outputs).
+Exit code 0: written, and every export within --max_accuracy_drop (default 0.01) of
+the Keras model's metric; 1: the gate failed (the files are written; the message
+has the figures and what usually causes such a drop in that mode); 2: bad input,
+one line.
 """
 
+import dataclasses
 import math
 import os
 from typing import Sequence
 
 import keras
 import numpy as np
-from absl import flags
+from absl import flags, logging
 
-from tfmp.app import cli, data, run_dir
+from tfmp.app import cli, data, outputs, run_dir
 from tfmp.atomic import write_json_atomically
 from tfmp.litert import (QUANTIZATIONS, ExportError, array_batches, calibration_batches,
-                         export_all, format_reports, gate_failures)
+                         export_all, export_filename, format_reports, gate_failures)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "The .keras model to export.")
@@ -34,6 +40,7 @@ flags.DEFINE_list("quantization", list(QUANTIZATIONS),
                   "baseline row; keras_*: the .keras file with 16-bit release weights).")
 flags.DEFINE_string("output_dir", None, "Where the .tflite files and export.json go "
                     "(default <model_dir>/export, or export).")
+flags.DEFINE_bool("overwrite", False, outputs.OVERWRITE_HELP)
 flags.DEFINE_string("dataset", None, "'synthetic' or a tensorflow-datasets name "
                     "(default: the model_dir's, else synthetic).")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
@@ -47,14 +54,15 @@ flags.DEFINE_integer("eval_steps", None, "Evaluation batches (default: the whole
                      lower_bound=1)
 flags.DEFINE_string("metric", "sparse_categorical_accuracy", "A Keras metric, higher is better "
                     "(binary_accuracy for one sigmoid output, ...).")
-flags.DEFINE_float("max_accuracy_drop", None, "Fail (exit 1) when an export's accuracy is more "
-                   "than this below the Keras model's (0.01 = one point).")
+flags.DEFINE_float("max_accuracy_drop", 0.01, "Fail (exit 1) when an export's metric is more "
+                   "than this below the Keras model's (0.01 = one point of accuracy; inf: no gate).")
 flags.DEFINE_bool("int8_only", False, "full_int8: fail when an op has no int8 kernel "
                   "(integer-only accelerators) instead of leaving it in float32.")
 flags.DEFINE_enum("runtime", "auto", ("auto", "litert", "tf"),
                   "Interpreter: LiteRT (ai-edge-litert) if installed, else tf.lite.")
 
 REPORT = "export.json"
+NAMES = (REPORT, *(export_filename(q) for q in QUANTIZATIONS))  # what a previous export left
 
 
 def _source() -> tuple[str, dict]:
@@ -74,8 +82,9 @@ def _validate() -> str:
     if bad or not FLAGS.quantization or len(set(FLAGS.quantization)) < len(FLAGS.quantization):
         cli.fail(f"--quantization={','.join(FLAGS.quantization)!r}: accepted values are "
                  f"{', '.join(QUANTIZATIONS)} (comma-separated, each once)")
-    if FLAGS.max_accuracy_drop is not None and not math.isfinite(FLAGS.max_accuracy_drop):
-        cli.fail(f"--max_accuracy_drop={FLAGS.max_accuracy_drop} must be a finite number")
+    if math.isnan(FLAGS.max_accuracy_drop):
+        cli.fail(f"--max_accuracy_drop={FLAGS.max_accuracy_drop} must be a number (0.01 = one "
+                 "point of accuracy; inf turns the gate off)")
     try:
         keras.metrics.get(FLAGS.metric)
     except ValueError:
@@ -83,12 +92,7 @@ def _validate() -> str:
                  "binary_accuracy, sparse_top_k_categorical_accuracy)")
     output_dir = FLAGS.output_dir or (os.path.join(FLAGS.model_dir, "export") if FLAGS.model_dir
                                       else "export")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-    except OSError as e:
-        cli.fail(f"--output_dir={output_dir!r} cannot be created: {e.strerror or e}")
-    if not os.access(output_dir, os.W_OK):
-        cli.fail(f"--output_dir={output_dir!r} is not writable")
+    outputs.check_output_dir(output_dir, NAMES, FLAGS.overwrite)
     return output_dir
 
 
@@ -113,6 +117,31 @@ def _calibration(d, model):
                                model)
 
 
+def _export(model, path: str, seed: int, d: data.Data, output_dir: str) -> tuple[list, list]:
+    """Every mode exported and judged into a temporary folder, export.json written beside
+    them, then all moved into `output_dir` (a previous export moved aside first)."""
+    calibration = _calibration(d, model)
+    gated = FLAGS.max_accuracy_drop != math.inf
+    with outputs.new_result(output_dir, NAMES, REPORT) as staging:
+        reports = export_all(
+            model, staging, FLAGS.quantization,
+            calibration_data=calibration, calibration_steps=FLAGS.calibration_steps,
+            eval_data=d.eval, eval_steps=FLAGS.eval_steps, metric=FLAGS.metric,
+            int8_only=FLAGS.int8_only, runtime=FLAGS.runtime)
+        reports = [dataclasses.replace(r, path=os.path.join(output_dir, os.path.basename(r.path)))
+                   for r in reports]  # where they end up
+        failures = gate_failures(reports, FLAGS.max_accuracy_drop, calibration_data=calibration,
+                                 calibration_steps=FLAGS.calibration_steps, eval_data=d.eval,
+                                 eval_steps=FLAGS.eval_steps) if gated else []
+        logging.info("writing %s", os.path.join(output_dir, REPORT))
+        write_json_atomically(os.path.join(staging, REPORT), {
+            "model": path, "model_file_bytes": os.path.getsize(path), "dataset": d.name,
+            "seed": seed, "reports": [r.to_dict() for r in reports],
+            "max_accuracy_drop": FLAGS.max_accuracy_drop if gated else None,
+            "gate_failures": failures})
+    return reports, failures
+
+
 def main(argv: Sequence[str]) -> int:
     path, trained_with = _source()
     output_dir = _validate()
@@ -124,20 +153,9 @@ def main(argv: Sequence[str]) -> int:
         d = data.load(dataset, data.input_kind(model), FLAGS.batch_size,
                       FLAGS.data_dir or trained_with.get("data_dir"), seed)
         data.check_fits(model, d)
-        calibration = _calibration(d, model)
-        reports = export_all(
-            model, output_dir, FLAGS.quantization,
-            calibration_data=calibration, calibration_steps=FLAGS.calibration_steps,
-            eval_data=d.eval, eval_steps=FLAGS.eval_steps, metric=FLAGS.metric,
-            int8_only=FLAGS.int8_only, runtime=FLAGS.runtime)
+        reports, failures = _export(model, path, seed, d, output_dir)
     except (data.DatasetError, ExportError, ValueError) as e:
         cli.fail(str(e).splitlines()[0])
-    failures = ([] if FLAGS.max_accuracy_drop is None
-                else gate_failures(reports, FLAGS.max_accuracy_drop))
-    write_json_atomically(os.path.join(output_dir, REPORT), {
-        "model": path, "model_file_bytes": os.path.getsize(path), "dataset": d.name, "seed": seed,
-        "reports": [r.to_dict() for r in reports],
-        "max_accuracy_drop": FLAGS.max_accuracy_drop, "gate_failures": failures})
     print(format_reports(reports))
     if reports and reports[0].runtime == "tf" and FLAGS.runtime == "auto":
         print("evaluated with TensorFlow's deprecated tf.lite interpreter: pip install -e "

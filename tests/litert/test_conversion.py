@@ -140,7 +140,8 @@ def test_export_all_writes_what_keras_litert_export_and_export_write(tmp_path, m
 
     monkeypatch.setattr(Inference, "__init__", counted_init)
     modes = (*LITERT_MODES, "keras_bfloat16")
-    reports = export_all(model, str(tmp_path), modes, calibration_data=CALIBRATION,
+    # export/ does not exist yet: made, as tools/export makes its --output_dir
+    reports = export_all(model, str(tmp_path / "export"), modes, calibration_data=CALIBRATION,
                          eval_data=(CALIBRATION, labels))
     # One float32 copy, one SavedModel, one traced inference of the model and one of its
     # copy, for five modes.
@@ -154,7 +155,7 @@ def test_export_all_writes_what_keras_litert_export_and_export_write(tmp_path, m
                        **converter_settings(quantization, calibration))
         # One SavedModel converted once per mode: each mode's settings alone, not the last one's
         assert Path(report.path).read_bytes() == keras_path.read_bytes(), quantization
-    one = tfmp.export(model, str(tmp_path / "one.tflite"), "float16",
+    one = tfmp.export(model, str(tmp_path / "new" / "one.tflite"), "float16",  # folder made
                       eval_data=(CALIBRATION, labels))
     assert one.max_abs_diff == reports[1].max_abs_diff > 0  # against the same float32 copy
     assert (one.keras_metric, one.exported_metric) == (reports[1].keras_metric,
@@ -192,7 +193,7 @@ class HalfUnlessInference(keras.layers.Layer):
     (ops.arctan, r"LiteRT has no builtin kernel for Atan \(at .*Atan\)"),
     (lambda x: ops.relu(ops.cast(x, "bfloat16")), r"no bfloat16 kernel for Relu \(at .*Relu\)")])
 def test_an_op_litert_has_no_kernel_for_is_named_and_nothing_is_written(tmp_path, op, message):
-    path = tmp_path / "m.tflite"
+    path = tmp_path / "new" / "m.tflite"  # not even its directory
     with pytest.raises(ExportError, match=message) as e:
         tfmp.export(_with_op(op), str(path), "float16")
     assert "\n" not in str(e.value)
@@ -202,7 +203,7 @@ def test_an_op_litert_has_no_kernel_for_is_named_and_nothing_is_written(tmp_path
 @pytest.mark.parametrize("kwargs, message", [
     (dict(quantization="int4"), "unknown quantization 'int4'; accepted: float32, float16, dynamic_int8"),
     (dict(path="m.h5"), "must end with .tflite"),
-    (dict(path="missing/m.tflite"), "is not a writable directory"),
+    (dict(path="/dev/null/missing/m.tflite"), "'/dev/null' is not a writable directory"),
     (dict(quantization="full_int8"), "full_int8 needs calibration data"),
     (dict(quantization="full_int8", calibration_data=CALIBRATION[:, :8]),
      r"calibration data has batches of shape \(32, 8\) and dtype float32; the model takes "

@@ -7,12 +7,14 @@ import warnings
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import helpers
 import models
 from rewrite import corpus
 from tfmp.app import data
 from tfmp.measure import compare_precision
+from tfmp.measure.stats import batches_phrase
 STEPS = 8
 
 
@@ -114,17 +116,27 @@ def tool_runs(tmp_path_factory):
     subclassed = corpus.SubclassedNet(classes=10, name="net")
     subclassed(np.zeros((1, data.VECTOR_DIM), "float32"))
     subclassed.save(tmp / "sub.keras")
+    (tmp / "sub").mkdir()  # a previous comparison, and a file of the user's
+    for name, content in EARLIER_COMPARISON.items():
+        (tmp / "sub" / name).write_bytes(content)
+    sub = [f"--model_path={tmp / 'sub.keras'}", "--import_modules=rewrite.corpus", "--steps=4",
+           "--batch_size=16", "--policies=fp32,bf16", f"--output_dir={tmp}/sub"]
     cases = [
         ["--steps=6", "--batch_size=16", "--policies=fp32,BF16", f"--output_dir={tmp}/e2e"],
         [f"--model_path={tmp / 'm.keras'}", "--steps=6", "--batch_size=16",
          "--policies=fp32,bf16", "--tolerance=1e-9", f"--output_dir={tmp}/saved"],
-        [f"--model_path={tmp / 'sub.keras'}", "--import_modules=rewrite.corpus", "--steps=4",
-         "--batch_size=16", "--policies=fp32,bf16", f"--output_dir={tmp}/sub"],
+        sub,  # refused: the folder holds a previous comparison
+        [*sub, "--overwrite"],
     ] + [[*(a.format(tmp=tmp) for a in args), f"--output_dir={tmp}/bad"]
          for args, _ in TOOL_BAD_INPUT]
     runs = helpers.run_tool_cases("compare", cases, stdout=True,
                                   PYTHONPATH=os.path.join(helpers.ROOT, "tests"))
-    return tmp, {"e2e": runs[0], "saved": runs[1], "subclassed": runs[2], "bad": runs[3:]}
+    return tmp, {"e2e": runs[0], "saved": runs[1], "refused": runs[2], "subclassed": runs[3],
+                 "bad": runs[4:]}
+
+
+EARLIER_COMPARISON = {"compare.json": b'{"earlier": 1}', "compare.png": b"an earlier plot",
+                      "notes.txt": b"the user's"}
 
 
 def test_tool_end_to_end(tool_runs):
@@ -140,6 +152,13 @@ def test_tool_end_to_end(tool_runs):
     png = (out / "compare.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert oct((out / "compare.json").stat().st_mode & 0o777) != oct(0o600)
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.png"]
+    # Each phase after training says what it does, in one log line
+    for phase in ["training fp32, BF16 for 6 steps, taking turns step by step",
+                  "evaluating fp32 (float32) on 64 batches",  # 1024 examples, batches of 16
+                  "evaluating BF16 (mixed_bfloat16) on 64 batches",
+                  f"writing {out}/compare.json", f"drawing {out}/compare.png"]:
+        assert len([line for line in stderr.splitlines() if line.endswith(phase)]) == 1, phase
 
 
 def test_tool_on_a_saved_model_and_a_failing_verdict(tool_runs):
@@ -161,8 +180,38 @@ def test_tool_on_a_saved_subclassed_model(tool_runs):
     assert report["runs"][0]["losses"][0] == pytest.approx(report["runs"][1]["losses"][0], rel=0.02)
 
 
+def test_tool_never_silently_replaces_a_previous_comparison(tool_runs):
+    tmp, runs = tool_runs
+    code, stderr, _ = runs["refused"]
+    assert code == 2 and "Traceback" not in stderr, stderr
+    (line,) = [line for line in stderr.splitlines() if "error:" in line]
+    assert line.endswith(f"--output_dir='{tmp}/sub' holds a previous result (compare.json, "
+                         f"compare.png): give --overwrite to move it into {tmp}/sub/previous."
+                         "<date>-<time>/ (nothing is deleted), or another --output_dir"), line
+    assert "evaluating" not in stderr  # refused before any work
+    # --overwrite: the previous comparison moved aside whole, the user's file left alone
+    code, stderr, _ = runs["subclassed"]
+    (previous,) = (tmp / "sub").glob("previous.*")
+    assert {p.name: p.read_bytes() for p in previous.iterdir()} == {
+        n: c for n, c in EARLIER_COMPARISON.items() if n != "notes.txt"}
+    assert sorted(p.name for p in (tmp / "sub").iterdir()) == [
+        "compare.json", "compare.png", "notes.txt", previous.name]
+    assert (tmp / "sub" / "notes.txt").read_bytes() == EARLIER_COMPARISON["notes.txt"]
+    assert f"moved the previous result in {tmp}/sub (compare.json, compare.png) to {previous}" \
+        in stderr, stderr[-2000:]
+
+
 def test_tool_bad_input_is_one_line(tool_runs):
     _, runs = tool_runs
     for (args, fragment), (code, stderr, _) in zip(TOOL_BAD_INPUT, runs["bad"]):
         assert code == 2 and "Traceback" not in stderr, (args, stderr)
         assert fragment in stderr, (args, stderr)
+
+
+def test_progress_lines_count_the_batches_without_reading_them():
+    ds = tf.data.Dataset.range(10).batch(3)
+    assert [batches_phrase(ds), batches_phrase(ds, 2), batches_phrase([(1, 2)])] == [
+        "4 batches", "2 batches", "1 batch"]
+    endless = ds.repeat()
+    assert [batches_phrase(endless), batches_phrase(endless, 5), batches_phrase(iter([]))] == [
+        "every batch", "up to 5 batches", "every batch"]

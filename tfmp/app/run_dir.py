@@ -122,6 +122,22 @@ def read_tuned(model_dir: Optional[str]) -> Optional[dict[str, Any]]:
     return tuned
 
 
+def dated(path: str) -> str:
+    """`<path>.<date>-<time>`, or `<path>.<date>-<time>-<n>`: a name nothing has yet.
+
+    Args:
+        path: A file or directory name.
+
+    Returns:
+        The dated name.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target, n = f"{path}.{stamp}", 1
+    while os.path.lexists(target):
+        target, n = f"{path}.{stamp}-{n}", n + 1
+    return target
+
+
 def move_aside(path: str) -> Optional[str]:
     """Renames `path` to `<path>.<date>-<time>` (never overwriting); None if it is not there.
 
@@ -133,10 +149,7 @@ def move_aside(path: str) -> Optional[str]:
     """
     if not os.path.lexists(path):
         return None
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    target, n = f"{path}.{stamp}", 1
-    while os.path.lexists(target):
-        target, n = f"{path}.{stamp}-{n}", n + 1
+    target = dated(path)
     os.rename(path, target)
     return target
 

@@ -2,7 +2,8 @@
 
 `tfmp.export(model, path, quantization, ...)` (`conversion`; `export_all` for several
 modes at once) writes a quantized LiteRT file and returns an `ExportReport` (`report`:
-metric, output difference, size, latency; `format_reports` and `gate_failures` for a run of them); `Runner`
+metric, output difference, size, latency; `format_reports` for a run of them); `gate_failures`
+(`gate`) says which exports lost more accuracy than allowed, and what usually causes it; `Runner`
 (`runner`) runs a file on LiteRT's interpreter or tf.lite's. The `keras_bfloat16` /
 `keras_float16` modes (`release`) write the `.keras` file with 16-bit release weights
 instead, judged the same way.
@@ -11,13 +12,14 @@ instead, judged the same way.
 from tfmp.litert.conversion import (QUANTIZATIONS, calibration_batches, check_quantization,
                                     export, export_all, export_filename, float32_model)
 from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
+from tfmp.litert.gate import gate_failures, input_statistics
 from tfmp.litert.release import KERAS_MODES, KerasRunner, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, array_batches, checked_batch,
-                                format_reports, gate_failures)
+                                format_reports)
 from tfmp.litert.runner import RUNTIMES, Runner
 
 __all__ = ["ExportError", "ExportReport", "KERAS_MODES", "KerasRunner", "LITERT_MODES",
            "QUANTIZATIONS", "RUNTIMES", "Runner", "SavedModelConverter", "array_batches",
            "calibration_batches", "check_quantization", "checked_batch", "converter_settings",
            "export", "export_all", "export_filename", "export_keras", "float32_model",
-           "format_reports", "gate_failures"]
+           "format_reports", "gate_failures", "input_statistics"]

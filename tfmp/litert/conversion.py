@@ -22,13 +22,14 @@ from typing import Any, Iterable, Optional, Sequence, Union
 
 import keras
 import numpy as np
+from absl import logging
 
 from tfmp._messages import first_line
 from tfmp.atomic import atomic_path
 from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
 from tfmp.litert.release import KERAS_MODES, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, Inference, array_batches,
-                                checked_batch, eval_batches, evaluate)
+                                checked_batch, eval_batches, evaluate, inputs_of, log_evaluation)
 from tfmp.litert.runner import RUNTIMES, Runner
 from tfmp.precision import policy_scope
 from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
@@ -90,10 +91,6 @@ def _check_model(model: keras.Model) -> None:
                           f"{model.name!r} has {len(inputs)} inputs and {len(outputs)} outputs")
 
 
-def _inputs_of(batch: Any) -> Any:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
-
-
 def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
                         model: keras.Model) -> list[np.ndarray]:
     """Up to `steps` input batches from `data`, checked against the model's input.
@@ -119,7 +116,7 @@ def calibration_batches(data: Union[np.ndarray, Iterable[Any]], steps: int,
         data = array_batches(data)
     batches = []
     for batch in data:
-        batches.append(checked_batch(_inputs_of(batch), model, "calibration data"))
+        batches.append(checked_batch(inputs_of(batch), model, "calibration data"))
         if len(batches) == steps:
             break
     if not batches:
@@ -153,12 +150,25 @@ def export_filename(quantization: str) -> str:
 
 
 def _check_destination(path: str, quantization: str) -> None:
+    """Refuses a path without the mode's suffix, or one whose directory is neither a writable
+    directory nor creatable (its nearest existing ancestor is not a writable directory)."""
     suffix = ".keras" if quantization in KERAS_MODES else ".tflite"
     if not str(path).endswith(suffix):
         raise ExportError(f"export path {path!r} must end with {suffix} for {quantization}")
+    existing = os.path.dirname(os.path.abspath(path))
+    while not os.path.lexists(existing):  # where the missing directories would be made
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ExportError(f"cannot write {path!r}: {existing!r} is not a writable directory")
+
+
+def _make_directory(path: str) -> None:
+    """Creates the directory of `path` (with its parents) if missing, as tools/export does."""
     directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise ExportError(f"cannot write {path!r}: {directory!r} is not a writable directory")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {directory!r}: {e.strerror or e}") from None
 
 
 class _Exports:
@@ -182,6 +192,7 @@ class _Exports:
     def litert(self) -> tuple[SavedModelConverter, Inference]:
         """The float32 copy's SavedModel (written) and that copy's inference, made once."""
         if self._converter is None:
+            logging.info("tfmp.export: writing the SavedModel of %r in float32", self.model.name)
             network = float32_model(self.model)
             self._reference = self.inference if network is self.model else Inference(network)
             self._converter = self._stack.enter_context(SavedModelConverter(network))
@@ -193,10 +204,13 @@ class _Exports:
                int8_only: bool) -> ExportReport:
         """One mode: `settings` are its converter settings (None for the Keras modes)."""
         if quantization in KERAS_MODES:
+            _make_directory(path)
             return export_keras(self.inference, path, quantization, eval_data=eval_data,
                                 eval_steps=eval_steps, metric=metric)
         converter, reference = self.litert()
+        logging.info("tfmp.export: converting %s", quantization)
         flatbuffer = converter.convert(settings)
+        _make_directory(path)  # once the mode converted: a model LiteRT cannot run makes none
         with atomic_path(path, ".tflite") as tmp:
             with open(tmp, "wb") as f:
                 f.write(flatbuffer)
@@ -211,6 +225,7 @@ class _Exports:
                 float32_bytes=4 * int(self.model.count_params()), float_ops=float_ops,
                 runtime=runner.runtime, model_policy=model_policy(self.model))
             if eval_data is not None:  # before the file is in place: bad eval data writes nothing
+                log_evaluation(quantization, eval_data, eval_steps)
                 report = dataclasses.replace(report, **evaluate(
                     self.inference, reference, runner, eval_batches(eval_data), eval_steps, metric))
         return report
@@ -259,7 +274,7 @@ def export(
         model: A built Keras model with one input and one output, under any
             policy (a 16-bit one is rebuilt in float32 first).
         path: The `.tflite` file to write (`.keras` for the Keras modes); its directory
-            must exist.
+            is created (with its parents) if missing, once the model converted.
         quantization: `float32` (not quantized: the baseline to compare the
             others with), `float16` (weights in float16), `dynamic_int8` (weights in
             int8, activations quantized on the fly) or `full_int8` (weights and
@@ -287,8 +302,9 @@ def export(
         ExportError: a bad quantization name, runtime or destination, a model that is
             not single-input/single-output, calibration or evaluation data of
             the wrong shape or dtype, an op LiteRT has no kernel for (named),
-            or with `int8_only` an op left in float32 (named). Nothing is
-            written then.
+            or with `int8_only` an op left in float32 (named). No file is
+            written then (a missing directory made for it stays when the
+            evaluation data does not fit or `int8_only` refuses).
 
     Example:
     >>> report = tfmp.export(model, "m.tflite", "full_int8", calibration_data=train_ds.take(10),
@@ -322,7 +338,8 @@ def export_all(
 
     Args:
         model: As for `tfmp.export`.
-        output_dir: An existing, writable directory.
+        output_dir: A writable directory; created (with its parents) if missing, once
+            the first mode converted.
         quantizations: Modes, in the order they are exported (`QUANTIZATIONS`), or one mode.
         calibration_data, calibration_steps, eval_steps, metric, int8_only, runtime: As
             for `tfmp.export`.
@@ -334,10 +351,10 @@ def export_all(
 
     Raises:
         ExportError: as `tfmp.export`. Refused before anything is written: an unknown or
-            repeated mode, an unwritable directory, full_int8 without calibration data or
-            with calibration data that does not fit, a one-shot `eval_data` iterator, a
-            model that is not single-input/single-output or cannot be copied in float32
-            and saved. A mode that fails later (an op LiteRT has no kernel for,
+            repeated mode, a directory that can be neither written nor created, full_int8
+            without calibration data or with calibration data that does not fit, a one-shot
+            `eval_data` iterator, a model that is not single-input/single-output or cannot be
+            copied in float32 and saved. A mode that fails later (an op LiteRT has no kernel for,
             `int8_only`, evaluation data that does not fit) writes no file; the modes
             before it have written theirs.
 

@@ -9,9 +9,11 @@ from typing import Any, Iterable, Optional, Union
 
 import keras
 import numpy as np
+from absl import logging
 
 from tfmp.atomic import atomic_path
-from tfmp.litert.report import ExportError, ExportReport, Inference, eval_batches, evaluate
+from tfmp.litert.report import (ExportError, ExportReport, Inference, eval_batches, evaluate,
+                                log_evaluation)
 from tfmp.rewrite import model_policy
 from tfmp.weights import WeightsFileError, save_model
 
@@ -56,6 +58,7 @@ def export_keras(model: Union[keras.Model, Inference], path: str, quantization: 
             data that do not fit. Nothing is written then.
     """
     dtype = quantization[len(KERAS_PREFIX):]
+    logging.info("tfmp.export: writing %s (the .keras file with %s weights)", quantization, dtype)
     inference = model if isinstance(model, Inference) else Inference(model)
     model = inference.model
     with atomic_path(path, ".keras") as tmp:
@@ -69,6 +72,7 @@ def export_keras(model: Union[keras.Model, Inference], path: str, quantization: 
             float32_bytes=written.float32_bytes, float_ops=kept, runtime=KerasRunner.runtime,
             model_policy=model_policy(model))
         if eval_data is not None:  # before the file is in place: bad eval data writes nothing
+            log_evaluation(quantization, eval_data, eval_steps)
             loaded = KerasRunner(keras.models.load_model(tmp, compile=False))
             report = dataclasses.replace(report, **evaluate(
                 inference, inference, loaded, eval_batches(eval_data), eval_steps, metric))

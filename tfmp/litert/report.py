@@ -1,4 +1,4 @@
-"""What an export is measured by: the report of `tfmp.export`, its table and its gate.
+"""What an export is measured by: the report of `tfmp.export` and its table (the gate: `gate`).
 
 The Keras model and the exported one see the same evaluation batches: their
 metric, the largest output difference against the same network computing in
@@ -16,13 +16,14 @@ from typing import Any, Iterable, Optional, Union
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tfmp.litert.runner import Runner
 from tfmp.measure import quartiles
+from tfmp.measure.stats import batches_phrase
 from tfmp.rewrite import first_input_spec
 
 ARRAY_BATCH = 32  # examples per batch when data comes as arrays
-GATE_SLACK = 1e-6  # float32 metrics: differences below this are rounding
 
 
 class ExportError(ValueError):
@@ -138,6 +139,11 @@ def array_batches(arrays: Any, size: int = ARRAY_BATCH) -> list[Any]:
     return [arrays[i:i + size] for i in range(0, len(arrays), size)]
 
 
+def inputs_of(batch: Any) -> Any:
+    """The inputs of a batch: `x` of `(x, y[, ...])`, or the batch itself."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
 def eval_batches(eval_data: Any) -> Any:
     """`eval_data` as batches: a tuple of two arrays `(x, y)` is cut into `ARRAY_BATCH`-example
     batches; a dataset or an iterable of batches is returned as it is.
@@ -151,6 +157,12 @@ def eval_batches(eval_data: Any) -> Any:
     if isinstance(eval_data, tuple) and all(isinstance(a, np.ndarray) for a in eval_data):
         return array_batches(eval_data)
     return eval_data
+
+
+def log_evaluation(quantization: str, eval_data: Any, steps: Optional[int]) -> None:
+    """The progress line of an export's evaluation: `evaluating <mode> on <n> batches`."""
+    logging.info("tfmp.export: evaluating %s on %s", quantization,
+                 batches_phrase(eval_batches(eval_data), steps))
 
 
 def _metric(metric: Union[str, Any]) -> keras.metrics.Metric:
@@ -264,22 +276,3 @@ def format_reports(reports: Iterable[ExportReport]) -> str:
         floats = ", ".join(f"{op} x{n}" for op, n in sorted(r.float_ops.items())) or "none"
         rows.append(f"| {r.quantization} | {size} | {metric} | {diff} | {latency} | {floats} |")
     return "\n".join(rows)
-
-
-def gate_failures(reports: Iterable[ExportReport], max_accuracy_drop: float) -> list[str]:
-    """One line per evaluated export whose accuracy drop exceeds `max_accuracy_drop`.
-
-    Metrics are float32 fractions: a drop within `GATE_SLACK` of the limit (0.90 - 0.85
-    is 0.05000000000000004 in floats) counts as equal, and passes.
-
-    Args:
-        reports: `ExportReport`s.
-        max_accuracy_drop: The largest drop allowed.
-
-    Returns:
-        One line per export over the limit (empty: the gate passes).
-    """
-    return [f"{r.quantization}: {r.metric} {r.keras_metric:.4f} -> {r.exported_metric:.4f}, "
-            f"drop {r.accuracy_drop:.4f} > {max_accuracy_drop:g}"
-            for r in reports if r.accuracy_drop is not None
-            and r.accuracy_drop > max_accuracy_drop + GATE_SLACK]

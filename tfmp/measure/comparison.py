@@ -14,9 +14,10 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import keras
 import numpy as np
+from absl import logging
 
 from tfmp.measure.losses import choose_loss
-from tfmp.measure.stats import quartiles
+from tfmp.measure.stats import batches_phrase, quartiles
 from tfmp.measure.steps import train_step
 from tfmp.precision import FLOAT32, HardwareInfo, detect_hardware, policy_scope, resolve_policy
 from tfmp.rewrite import prepare
@@ -200,6 +201,8 @@ class _Arm:
 
     def result(self, eval_data: Any, metrics: Sequence[Any]) -> PolicyRun:
         if eval_data is not None:
+            logging.info("tfmp.compare_precision: evaluating %s (%s) on %s", self.label,
+                         self.policy, batches_phrase(eval_data))
             self.model.compile(self.opt, self.loss_fn, metrics=list(metrics))
             final = self.model.evaluate(eval_data, verbose=0, return_dict=True)
         else:
@@ -316,6 +319,8 @@ def compare_precision(
                          float32_layers=float32_layers, calibration_data=dataset))
         if arms[-1].model is source and i + 1 < len(resolved):  # converted in place: the
             source = _fresh_model(reference, weights, build_model, hw)  # next needs its own
+    logging.info("tfmp.compare_precision: training %s for %d steps, taking turns step by step",
+                 ", ".join(label for label, _, _ in resolved), steps)
     for i, (x, y) in enumerate(batches):
         for arm in arms if i % 2 == 0 else reversed(arms):  # alternate who goes first
             try:
