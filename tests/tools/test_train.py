@@ -74,6 +74,9 @@ def test_strategies(fit_runs):
             zip(runs["strategies"], STRATEGY_CASES)):
         assert code == 0, stderr[-2000:]
         _check_strategy_run(tmp_path / str(i), strategy, replicas, policy)
+    s = summary(tmp_path / "1")  # --precision=BF16: the guard's fixed scale of 1
+    assert s["loss_scale"]["mode"] == "guard" and s["loss_scale"]["loss_scale_end"] == 1.0
+    assert [s["flags"][k] for k in ("initial_scale", "growth_interval", "min_scale")] == [None] * 3
 
 
 def test_single_worker_multi_worker_strategy(tmp_path):
@@ -93,6 +96,9 @@ def test_fp16_accumulation_remat_and_model_garden_flags(fit_runs):
     assert s["policy"] == "mixed_float16" and s["policy_source"] == "explicit"
     assert s["flags"]["grad_accum_steps"] == 2 and s["flags"]["remat"] is True
     assert s["loss_scale"]["loss_scale_start"] == 256.0
+    # The values the optimizer used, the default floor included (not null).
+    assert (s["flags"]["initial_scale"], s["flags"]["growth_interval"], s["flags"]["min_scale"],
+            s["loss_scale"]["mode"]) == (256.0, 5, 1.0, "dynamic")
     model = keras.models.load_model(os.path.join(tmp_path, "model.keras"))
     opt = model.optimizer
     assert opt.growth_interval == 5 and int(opt.skipped_steps.numpy()) == 0

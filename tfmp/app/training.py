@@ -25,10 +25,12 @@ from tfmp.callbacks.counters import NAN_KEY, SCALE_KEY, SKIPPED_KEY
 from tfmp.distribute import (WriteDirs, in_multi_worker_mode, read_tf_config, write_dirs,
                              xla_refusal)
 from tfmp.measure import XLA_ONLY, tune
-from tfmp.precision import HardwareInfo, PolicyChoice, detect_hardware, resolve_policy, set_policy
+from tfmp.precision import (MIXED_FLOAT16, HardwareInfo, PolicyChoice, detect_hardware,
+                            resolve_policy, set_policy)
 from tfmp.rewrite import kept_float32, layer_matcher, prepare
 
 COUNTERS = (SCALE_KEY, SKIPPED_KEY, NAN_KEY)
+SCALE_FLAGS = ("initial_scale", "growth_interval", "min_scale")
 CALIBRATION_BATCHES = 8  # what --float32_layers=auto runs tfmp.locate_overflows on
 
 
@@ -101,6 +103,33 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=jit_compile)
     return model, optimizer
+
+
+def used_scale_flags(optimizer: keras.optimizers.Optimizer,
+                     policy: str) -> tuple[str, dict[str, Any]]:
+    """How the run scaled the loss, and `SCALE_FLAGS` as its optimizer used them.
+
+    `"dynamic"` (mixed_float16): the three values are read from the optimizer, its
+    defaults where a flag was not given. `"fixed"` (mixed_float16, `--loss_scale=N`): the
+    scale is N throughout, so `initial_scale` and `min_scale` are N and `growth_interval`
+    does not apply (None). `"guard"` (bfloat16, float32): the optimizer is the NaN guard,
+    with a fixed scale of 1 (these policies need no loss scaling); none of the three
+    applies (None), whatever was given.
+
+    Args:
+        optimizer: The run's optimizer (`tfmp.DynamicLossScaleOptimizer`: tools/train
+            always guards).
+        policy: The run's policy.
+
+    Returns:
+        `(mode, {flag: value or None})`.
+    """
+    if policy != MIXED_FLOAT16:
+        return "guard", dict.fromkeys(SCALE_FLAGS)
+    used = {name: getattr(optimizer, name) for name in SCALE_FLAGS}
+    if not optimizer.dynamic:
+        used["growth_interval"] = None
+    return ("dynamic" if optimizer.dynamic else "fixed"), used
 
 
 def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[Checkpoint]:
@@ -212,8 +241,9 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         k: v for k, v in model.evaluate(data.eval, verbose=0, return_dict=True).items()
         if k not in COUNTERS}
     epochs_run = history.epoch
+    scale_mode, scale_flags = used_scale_flags(optimizer, policy)
     summary = {
-        "flags": dataclasses.asdict(config),
+        "flags": {**dataclasses.asdict(config), **scale_flags},
         "policy": policy, "policy_reason": choice.reason, "policy_source": choice.source,
         "jit_compile": jit_compile,
         "float32_layers": kept_float32(model),
@@ -228,8 +258,8 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         "samples_per_sec": round(throughput.samples_per_sec(), 1),
         "final_train_metrics": {k: v[-1] for k, v in history.history.items() if v},
         "eval_metrics": evaluation,
-        "loss_scale": {k: monitor.summary.get(k) for k in
-                       ("loss_scale_start", "loss_scale_end", "loss_scale_min")},
+        "loss_scale": {"mode": scale_mode, **{k: monitor.summary.get(k) for k in
+                       ("loss_scale_start", "loss_scale_end", "loss_scale_min")}},
         "start_step": monitor.summary.get("start_step"),
         "overflow_steps_skipped": monitor.summary.get("overflow_steps_skipped"),
         "nan_losses": monitor.summary.get("nan_losses"),
