@@ -74,6 +74,7 @@ def test_strategies(fit_runs):
             zip(runs["strategies"], STRATEGY_CASES)):
         assert code == 0, stderr[-2000:]
         _check_strategy_run(tmp_path / str(i), strategy, replicas, policy)
+        assert "shuffle=True" not in stderr  # tfmp's fit on its own shuffled dataset: no noise
     s = summary(tmp_path / "1")  # --precision=BF16: the guard's fixed scale of 1
     assert s["loss_scale"]["mode"] == "guard" and s["loss_scale"]["loss_scale_end"] == 1.0
     assert [s["flags"][k] for k in ("initial_scale", "growth_interval", "min_scale")] == [None] * 3
@@ -92,6 +93,9 @@ def test_fp16_accumulation_remat_and_model_garden_flags(fit_runs):
     tmp_path = tmp / "fp16"
     code, stderr = runs["fp16"]
     assert code == 0, stderr[-2000:]
+    # The trap is said once, as an absl line (not again as a Python RuntimeWarning).
+    assert len([l for l in stderr.splitlines() if "mixed_float16 on a CPU-only host is a trap"
+                in l]) == 1 and "Warning" not in stderr
     s = summary(tmp_path)
     assert s["policy"] == "mixed_float16" and s["policy_source"] == "explicit"
     assert s["flags"]["grad_accum_steps"] == 2 and s["flags"]["remat"] is True

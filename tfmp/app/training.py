@@ -234,7 +234,9 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     # batches the restored epochs trained on (tfmp.data's order is seeded per pass).
     done = resume_from.epoch if resume_from else 0
     train_data = data.train.skip(done * steps) if done else data.train
-    history = model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps,
+    # shuffle=False: tfmp.app.data shuffles (Keras' default True cannot shuffle a dataset,
+    # and says so in a warning on every run).
+    history = model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps, shuffle=False,
                         callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
     stopped = nan.stopped_event is not None
     evaluation = {} if stopped else {
