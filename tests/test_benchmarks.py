@@ -86,6 +86,20 @@ def test_tool_end_to_end_with_a_process_per_variant(bench_runs):
     assert "--variants=keras_fp16,tfmp_auto_guarded" in report["command"]
     hw = tfmp.detect_hardware()
     assert f"auto here: {auto} ({hw.reason})" in stdout  # why auto is what it is
+    # Each phase says what it does, a line per variant.
+    said = [l.split("] ", 1)[-1] for l in stderr.splitlines() if "bench: mlp (default)" in l]
+    assert said[:5] == [
+        "bench: mlp (default) keras_fp16: " + rows["keras_fp16"]["note"],
+        "bench: mlp (default): starting float32, tfmp_auto_guarded, a process each (import, "
+        "build, warm-up)",
+        f"bench: mlp (default) float32 ready: policy float32, "
+        f"{rows['float32']['steps_per_block']} steps per block",
+        f"bench: mlp (default) tfmp_auto_guarded ready: policy {auto}, "
+        f"{rows['tfmp_auto_guarded']['steps_per_block']} steps per block",
+        "bench: mlp (default): measuring 2 rounds (after 1 warm-up), one block per variant each"]
+    assert said[5:] == [f"bench: mlp (default) {v}: {rows[v]['speed_wall'][0]:.2f}x float32 "
+                        f"(wall clock), {rows[v]['step_ms']:.1f} ms per step"
+                        for v in ("float32", "tfmp_auto_guarded")]
 
 
 CPU_BF16 = HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))

@@ -234,14 +234,13 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     # batches the restored epochs trained on (tfmp.data's order is seeded per pass).
     done = resume_from.epoch if resume_from else 0
     train_data = data.train.skip(done * steps) if done else data.train
+    verbose = 1 if sys.stdout.isatty() else 2  # a progress bar, or a line per epoch in a log
     # shuffle=False: tfmp.app.data shuffles (Keras' default True cannot shuffle a dataset,
     # and says so in a warning on every run).
     history = model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps, shuffle=False,
-                        callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+                        callbacks=callbacks, verbose=verbose)
     stopped = nan.stopped_event is not None
-    evaluation = {} if stopped else {
-        k: v for k, v in model.evaluate(data.eval, verbose=0, return_dict=True).items()
-        if k not in COUNTERS}
+    evaluation = {} if stopped else _evaluate(model, data, verbose)
     epochs_run = history.epoch
     scale_mode, scale_flags = used_scale_flags(optimizer, policy)
     summary = {
@@ -276,24 +275,53 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     return summary
 
 
+class _WithoutCounters(keras.callbacks.Callback):
+    """Keeps the loss-scale counters (the optimizer's state, not metrics of the evaluation)
+    out of `evaluate`'s progress output."""
+
+    def on_test_batch_end(self, batch, logs=None):
+        for key in COUNTERS:
+            (logs or {}).pop(key, None)
+
+    def on_test_end(self, logs=None):
+        self.on_test_batch_end(None, logs)
+
+
+def _evaluate(model: keras.Model, data: Data, verbose: int) -> dict[str, Any]:
+    """The metrics on the evaluation split, said first in a log line and shown with Keras'
+    progress output (`verbose`: a bar, or one line at the end), the counters left out."""
+    logging.info("tfmp: evaluating on %s's evaluation split", data.name)
+    metrics = model.evaluate(data.eval, verbose=verbose, return_dict=True,
+                             callbacks=[_WithoutCounters()])
+    return {k: v for k, v in metrics.items() if k not in COUNTERS}
+
+
 def _write_outputs(dirs: WriteDirs, model: keras.Model, summary: dict[str, Any],
                    stopped: bool) -> None:
     """`summary.json` and (unless stopped) `model.keras`, both written before either replaces
     what an earlier run left; then the backup, which has done its job, is removed. A write that
     fails leaves the earlier files and the backup as they were (the next run resumes)."""
     summary_path = os.path.join(dirs.model_dir, SUMMARY)
+
+    def say(path: str) -> None:  # the chief's files, not another worker's temporary ones
+        if not dirs.temporary:
+            logging.info("tfmp: writing %s", path)
+
     if stopped:  # the backup is kept for a resume
+        say(summary_path)
         write_json_atomically(summary_path, summary)
     else:
         model_path = os.path.join(dirs.model_dir, FINAL_MODEL)
         with atomic_path(summary_path, ".json") as new_summary, \
                 atomic_path(model_path, ".keras") as new_model:
+            say(model_path)
             try:
                 model.save(new_model)
             except OSError as e:  # zipfile's errors name no file
                 if e.filename:
                     raise
                 raise OSError(e.errno, e.strerror or str(e), model_path) from e
+            say(summary_path)
             write_json(new_summary, summary)
         shutil.rmtree(dirs.backup_dir, ignore_errors=True)
     if dirs.temporary:
