@@ -323,11 +323,26 @@ def _ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _shown_emulated(row: dict[str, Any]) -> bool:
+    """The row is measured and its 16-bit arithmetic emulated (a skipped or failed row says
+    why it was not measured instead)."""
+    return bool(row.get("emulated")) and "speed_wall" in row
+
+
+def footnotes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The lines below `markdown_table(rows)`: one per reason a row it marks `(emulated)` is
+    emulated; none when it marks no row."""
+    reasons = dict.fromkeys(r["emulated"] for r in rows if _shown_emulated(r))
+    return [f"(emulated): {reason}; its blocks run as few steps as the timing needs"
+            for reason in reasons]
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a Markdown table (speeds above 1: faster than float32).
 
-    A variant whose 16-bit arithmetic is emulated on this hardware has `(emulated)` after
-    its policy; the device-memory column appears when a row has a GPU's figure.
+    A measured variant whose 16-bit arithmetic is emulated on this hardware has `(emulated)`
+    after its policy (`footnotes` says why); the device-memory column appears when a row has
+    a GPU's figure.
     """
     header = ("model", "size", "variant", "policy", "speed vs float32 (wall, q1-q3)",
               "speed (CPU time)", "step ms", "peak RSS", "RSS above import", "activations")
@@ -335,8 +350,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header += ("peak device memory",) * device
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        shown = r.get("emulated") and "speed_wall" in r  # a skipped row says why already
-        policy = r.get("policy", "-") + (" (emulated)" if shown else "")
+        policy = r.get("policy", "-") + (" (emulated)" if _shown_emulated(r) else "")
         if "speed_wall" not in r:
             cells = (r["model"], r["size"], r["variant"], policy, r["note"],
                      *("",) * (len(header) - 5))
