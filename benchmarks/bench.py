@@ -19,6 +19,8 @@ import resource
 import statistics
 from typing import Any, Callable, Optional, Sequence
 
+from absl import logging
+
 from benchmarks import interleave
 
 BASELINE = "float32"
@@ -249,16 +251,25 @@ def bench_model(model: str, size: str, variants: Sequence[str], *, batch_size: i
     """One row per variant of `model` at `size`: speed and memory relative to float32.
 
     float32 is always run (it is the baseline). Raises RuntimeError when float32
-    itself fails; another variant that fails gets its error in its row's note.
+    itself fails; another variant that fails gets its error in its row's note. Each
+    phase is said in an absl log line: a skipped variant, the processes starting, each
+    one ready (or failed), the measuring, and each measured variant's speed; `progress`
+    is called after every block.
     """
     names = [BASELINE, *[v for v in variants if v != BASELINE]]
     rows = {v: {"model": model, "size": size, "variant": v, "batch_size": batch_size,
                 "note": skip_reason(v, hardware), "emulated": emulated(v, hardware)}
             for v in names}
     context = multiprocessing.get_context("spawn")
+    where = f"bench: {model} ({size})"
+    for v in names:
+        if rows[v]["note"] is not None:
+            logging.info("%s %s: %s", where, v, rows[v]["note"])
     workers = {v: _Worker(context, Spec(model, size, v, batch_size, block_seconds,
                                         min_steps=1 if rows[v]["emulated"] else 3))
                for v in names if rows[v]["note"] is None}
+    logging.info("%s: starting %s, a process each (import, build, warm-up)", where,
+                 ", ".join(workers))
     try:
         for v, w in list(workers.items()):
             status, info = w.ready()
@@ -266,10 +277,15 @@ def bench_model(model: str, size: str, variants: Sequence[str], *, batch_size: i
                 if v == BASELINE:
                     raise RuntimeError(f"{model} ({size}) float32 failed: {info}")
                 rows[v]["note"] = f"failed: {info}"
+                logging.warning("%s %s failed: %s", where, v, info)
                 w.kill()
                 del workers[v]
             else:
                 rows[v].update(info)
+                logging.info("%s %s ready: policy %s, %d steps per block", where, v,
+                             info["policy"], info["steps_per_block"])
+        logging.info("%s: measuring %d rounds (after %d warm-up), one block per variant each",
+                     where, rounds, warmup)
 
         def timed(w: _Worker) -> Callable[[], float]:
             def run() -> float:
@@ -285,6 +301,8 @@ def bench_model(model: str, size: str, variants: Sequence[str], *, batch_size: i
             rows[v]["speed_cpu"] = _median_and_quartiles(w.cpu[warmup:],
                                                          workers[BASELINE].cpu[warmup:])
             rows[v]["peak_rss"], rows[v]["peak_device_memory"] = w.stop()
+            logging.info("%s %s: %.2fx float32 (wall clock), %.1f ms per step", where, v,
+                         rows[v]["speed_wall"][0], rows[v]["step_ms"])
     finally:
         for w in workers.values():
             w.kill()
@@ -305,11 +323,26 @@ def _ratio(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _shown_emulated(row: dict[str, Any]) -> bool:
+    """The row is measured and its 16-bit arithmetic emulated (a skipped or failed row says
+    why it was not measured instead)."""
+    return bool(row.get("emulated")) and "speed_wall" in row
+
+
+def footnotes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The lines below `markdown_table(rows)`: one per reason a row it marks `(emulated)` is
+    emulated; none when it marks no row."""
+    reasons = dict.fromkeys(r["emulated"] for r in rows if _shown_emulated(r))
+    return [f"(emulated): {reason}; its blocks run as few steps as the timing needs"
+            for reason in reasons]
+
+
 def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     """The rows as a Markdown table (speeds above 1: faster than float32).
 
-    A variant whose 16-bit arithmetic is emulated on this hardware has `(emulated)` after
-    its policy; the device-memory column appears when a row has a GPU's figure.
+    A measured variant whose 16-bit arithmetic is emulated on this hardware has `(emulated)`
+    after its policy (`footnotes` says why); the device-memory column appears when a row has
+    a GPU's figure.
     """
     header = ("model", "size", "variant", "policy", "speed vs float32 (wall, q1-q3)",
               "speed (CPU time)", "step ms", "peak RSS", "RSS above import", "activations")
@@ -317,8 +350,7 @@ def markdown_table(rows: Sequence[dict[str, Any]]) -> str:
     header += ("peak device memory",) * device
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        shown = r.get("emulated") and "speed_wall" in r  # a skipped row says why already
-        policy = r.get("policy", "-") + (" (emulated)" if shown else "")
+        policy = r.get("policy", "-") + (" (emulated)" if _shown_emulated(r) else "")
         if "speed_wall" not in r:
             cells = (r["model"], r["size"], r["variant"], policy, r["note"],
                      *("",) * (len(header) - 5))

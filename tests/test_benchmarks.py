@@ -86,6 +86,22 @@ def test_tool_end_to_end_with_a_process_per_variant(bench_runs):
     assert "--variants=keras_fp16,tfmp_auto_guarded" in report["command"]
     hw = tfmp.detect_hardware()
     assert f"auto here: {auto} ({hw.reason})" in stdout  # why auto is what it is
+    # keras_fp16 would be emulated here, but it is skipped: no row is marked, so no footnote.
+    assert rows["keras_fp16"]["emulated"] and "(emulated)" not in stdout
+    # Each phase says what it does, a line per variant.
+    said = [l.split("] ", 1)[-1] for l in stderr.splitlines() if "bench: mlp (default)" in l]
+    assert said[:5] == [
+        "bench: mlp (default) keras_fp16: " + rows["keras_fp16"]["note"],
+        "bench: mlp (default): starting float32, tfmp_auto_guarded, a process each (import, "
+        "build, warm-up)",
+        f"bench: mlp (default) float32 ready: policy float32, "
+        f"{rows['float32']['steps_per_block']} steps per block",
+        f"bench: mlp (default) tfmp_auto_guarded ready: policy {auto}, "
+        f"{rows['tfmp_auto_guarded']['steps_per_block']} steps per block",
+        "bench: mlp (default): measuring 2 rounds (after 1 warm-up), one block per variant each"]
+    assert said[5:] == [f"bench: mlp (default) {v}: {rows[v]['speed_wall'][0]:.2f}x float32 "
+                        f"(wall clock), {rows[v]['step_ms']:.1f} ms per step"
+                        for v in ("float32", "tfmp_auto_guarded")]
 
 
 CPU_BF16 = HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))
@@ -138,9 +154,17 @@ def test_the_table_labels_emulated_variants_and_shows_device_memory():
                 "activation_bytes_vs_float32": 0.5, "peak_device_memory": device,
                 "peak_device_memory_vs_float32": None if device is None else 0.6}
 
-    table = bench.markdown_table([row("float32"), row("keras_bf16", "bfloat16 is emulated")])
+    rows = [row("float32"), row("keras_bf16", "bfloat16 is emulated")]
+    table = bench.markdown_table(rows)
     assert "| cnn | default | keras_bf16 | p (emulated) | 0.50x (0.40-0.60) |" in table
     assert "| cnn | default | float32 | p | " in table and "device memory" not in table
+    assert bench.footnotes(rows) == [
+        "(emulated): bfloat16 is emulated; its blocks run as few steps as the timing needs"]
+    # Not measured (skipped, or failed): the table marks nothing, and no footnote explains it.
+    skipped = {"model": "cnn", "size": "default", "variant": "keras_fp16", "policy": "-",
+               "note": "skipped: a trap", "emulated": "float16 is emulated"}
+    assert "(emulated)" not in bench.markdown_table([rows[0], skipped])
+    assert bench.footnotes([rows[0], skipped]) == []
     table = bench.markdown_table([row("float32", device=10), row("keras_bf16", device=6)])
     assert table.splitlines()[0].endswith("| peak device memory |")
     assert table.splitlines()[-1].endswith("| 0.50x | 0.60x |")

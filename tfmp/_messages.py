@@ -1,4 +1,22 @@
-"""One-line error messages: tfmp names a failure in one line, whatever raised it."""
+"""One-line messages: tfmp names a failure in one line, whatever raised it, and says a warning once."""
+
+import warnings
+
+
+class TfmpWarning(RuntimeWarning):
+    """A warning of tfmp's about the run (a policy that is a trap on the hardware, a loss
+    scale that keeps falling). Python code sees it once, as this `RuntimeWarning`; tfmp's
+    binaries show it as one absl log line (`tfmp.app.cli.run`)."""
+
+
+def warn(message: str, stacklevel: int = 2) -> None:
+    """Warns once with `TfmpWarning` (not also through absl logging: one message, one line).
+
+    Args:
+        message: The warning, one sentence.
+        stacklevel: As `warnings.warn`'s, counted from the caller of `warn`.
+    """
+    warnings.warn(message, TfmpWarning, stacklevel=stacklevel + 1)
 
 
 def first_line(e: BaseException) -> str:

@@ -80,8 +80,8 @@ def main(argv: Sequence[str]) -> int:
         "rows": rows})
     print("\n" + table)
     print(f"\nauto here: {hardware.recommended_policy} ({hardware.reason})")
-    for reason in dict.fromkeys(r["emulated"] for r in rows if r.get("emulated")):
-        print(f"(emulated): {reason}; its blocks run as few steps as the timing needs")
+    for line in bench.footnotes(rows):  # only for rows the table marks
+        print(line)
     print(f"\nwrote {FLAGS.output}")
     return 0
 

@@ -53,7 +53,7 @@ flags.DEFINE_enum("strategy", None, STRATEGIES, "Distribution strategy (default 
 flags.DEFINE_enum("distribution_strategy", None, STRATEGIES, "Model Garden alias of --strategy.")
 flags.DEFINE_string("tpu", None, "TPU address, or 'local' on a TPU VM.")
 flags.DEFINE_float("cluster_timeout", 120.0, "multi_worker_mirrored: seconds to wait for every "
-                   "worker in TF_CONFIG before giving up (one line, then the worker is killed).")
+                   "worker in TF_CONFIG before giving up (one line, exit 2).")
 flags.DEFINE_integer("num_cpu_devices", 1, "Split the CPU into N logical devices.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 128, "Global batch size.", lower_bound=1)
 flags.DEFINE_integer("epochs", 3, "Epochs.", lower_bound=1)

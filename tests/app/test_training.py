@@ -27,8 +27,10 @@ def test_tfds_mock_data_end_to_end(tmp_path):
     assert set(summary["eval_metrics"]) == {"accuracy", "loss"}
     on_disk = json.loads((tmp_path / training.SUMMARY).read_text())
     assert on_disk["flags"]["dataset"] == "mnist" and on_disk["samples_per_sec"] > 0
-    assert on_disk["loss_scale"] == {"loss_scale_start": 1.0, "loss_scale_end": 1.0,
-                                     "loss_scale_min": 1.0}
+    # bfloat16: the optimizer is the NaN guard (a fixed scale of 1); no scale flag applies.
+    assert on_disk["loss_scale"] == {"mode": "guard", "loss_scale_start": 1.0,
+                                     "loss_scale_end": 1.0, "loss_scale_min": 1.0}
+    assert [on_disk["flags"][k] for k in training.SCALE_FLAGS] == [None, None, None]
     loaded = keras.models.load_model(tmp_path / training.FINAL_MODEL)
     assert loaded.outputs[0].dtype == "float32"
     tags = set()
@@ -75,6 +77,10 @@ def test_nan_stop_keeps_backup_and_writes_summary(tmp_path):
         with pytest.raises(training.TrainingStopped, match="nonfinite loss at epoch 1"):
             training.train(config, models.get("mlp")[0], d, tf.distribute.get_strategy())
     summary = json.loads((tmp_path / training.SUMMARY).read_text())
+    # No scale flag given: the optimizer's defaults, as it used them.
+    assert summary["loss_scale"]["mode"] == "dynamic"
+    assert {k: summary["flags"][k] for k in training.SCALE_FLAGS} == {
+        "initial_scale": 32768.0, "growth_interval": 2000, "min_scale": 1.0}
     event = summary["nan_events"][0]
     assert summary["stopped_by_nan"] and (event["kind"], event["trigger"]) == ("data", "nonfinite_loss")
     assert (tmp_path / training.BACKUP / "latest.weights.h5").exists()

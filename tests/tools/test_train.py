@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -36,6 +37,12 @@ def test_default_run_no_flags(child_runs):
     # What a person reads: counters as whole numbers, the auto reason, epochs from 1.
     assert "loss_scale: 1 - nan_losses: 0 - skipped_steps: 0" in out and "e+00" not in out
     assert "epochs 1-3 of 3" in out
+    # After training, evaluation says what it does and shows Keras' progress (a line in a log),
+    # its metrics without the loss-scale counters.
+    assert "tfmp: evaluating on synthetic's evaluation split" in stderr
+    lines = out.splitlines()
+    evaluation = lines[lines.index("Epoch 3/3") + 2]
+    assert re.fullmatch(r"\d+/\d+ - .* - accuracy: [\d.]+ - loss: [\d.]+", evaluation), evaluation
     assert "asked for explicitly" not in stderr
     hw = tfmp.detect_hardware()
     assert f"precision policy {hw.recommended_policy} ({hw.reason})" in stderr
@@ -74,6 +81,10 @@ def test_strategies(fit_runs):
             zip(runs["strategies"], STRATEGY_CASES)):
         assert code == 0, stderr[-2000:]
         _check_strategy_run(tmp_path / str(i), strategy, replicas, policy)
+        assert "shuffle=True" not in stderr  # tfmp's fit on its own shuffled dataset: no noise
+    s = summary(tmp_path / "1")  # --precision=BF16: the guard's fixed scale of 1
+    assert s["loss_scale"]["mode"] == "guard" and s["loss_scale"]["loss_scale_end"] == 1.0
+    assert [s["flags"][k] for k in ("initial_scale", "growth_interval", "min_scale")] == [None] * 3
 
 
 def test_single_worker_multi_worker_strategy(tmp_path):
@@ -89,10 +100,22 @@ def test_fp16_accumulation_remat_and_model_garden_flags(fit_runs):
     tmp_path = tmp / "fp16"
     code, stderr = runs["fp16"]
     assert code == 0, stderr[-2000:]
+    # Each phase after training says what it does: evaluation, then one line per file written.
+    said = [l.split("] ", 1)[-1] for l in stderr.splitlines() if "tfmp: evaluating" in l
+            or "tfmp: writing" in l]
+    assert said == ["tfmp: evaluating on synthetic's evaluation split",
+                    f"tfmp: writing {tmp_path / 'model.keras'}",
+                    f"tfmp: writing {tmp_path / 'summary.json'}"]
+    # The trap is said once, as an absl line (not again as a Python RuntimeWarning).
+    assert len([l for l in stderr.splitlines() if "mixed_float16 on a CPU-only host is a trap"
+                in l]) == 1 and "Warning" not in stderr
     s = summary(tmp_path)
     assert s["policy"] == "mixed_float16" and s["policy_source"] == "explicit"
     assert s["flags"]["grad_accum_steps"] == 2 and s["flags"]["remat"] is True
     assert s["loss_scale"]["loss_scale_start"] == 256.0
+    # The values the optimizer used, the default floor included (not null).
+    assert (s["flags"]["initial_scale"], s["flags"]["growth_interval"], s["flags"]["min_scale"],
+            s["loss_scale"]["mode"]) == (256.0, 5, 1.0, "dynamic")
     model = keras.models.load_model(os.path.join(tmp_path, "model.keras"))
     opt = model.optimizer
     assert opt.growth_interval == 5 and int(opt.skipped_steps.numpy()) == 0
@@ -223,6 +246,8 @@ def test_nan_stop_exits_1_and_keeps_the_backup(fit_runs):
     event = s["nan_events"][0]
     assert s["stopped_by_nan"] and (event["kind"], event["trigger"]) == ("divergence", "nonfinite_loss")
     assert not os.path.exists(os.path.join(tmp_path, "model.keras"))
+    assert f"tfmp: writing {tmp_path / 'summary.json'}" in stderr
+    assert "tfmp: evaluating" not in stderr and "model.keras" not in stderr
 
 
 def _metadata_epoch(backup):

@@ -6,13 +6,14 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from typing import Callable, NoReturn, Sequence
 
 import keras
-from absl import app
+from absl import app, logging
 
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
-from tfmp._messages import first_line
+from tfmp._messages import TfmpWarning, first_line
 from tfmp.atomic import save_model_atomically
 
 EXIT_FINDINGS = 1
@@ -49,11 +50,30 @@ def describe_os_error(error: OSError) -> str:
     return f"{name}: {reason}" if name else reason
 
 
+def _log_tfmp_warnings() -> None:
+    """Shows tfmp's own warnings (`TfmpWarning`) as one absl log line each, like the binaries'
+    other messages, instead of Python's `file:line: category: message` and source line."""
+    show = warnings.showwarning
+    if getattr(show, "logs_tfmp_warnings", False):  # a second run in one process
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, TfmpWarning):
+            logging.warning("%s", message)
+        else:
+            show(message, category, filename, lineno, file, line)
+
+    showwarning.logs_tfmp_warnings = True
+    warnings.showwarning = showwarning
+
+
 def run(main: Callable[[Sequence[str]], int], positional: bool = False) -> None:
     """`absl.app.run(main)`, turning `ToolError` into one line on stderr and exit 2.
 
     Positional arguments are refused unless `positional` (the arguments after `--`).
+    tfmp's warnings are absl log lines (`TfmpWarning`: said once, in one line).
     """
+    _log_tfmp_warnings()
 
     def wrapped(argv: Sequence[str]) -> int:
         try:

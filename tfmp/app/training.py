@@ -25,10 +25,12 @@ from tfmp.callbacks.counters import NAN_KEY, SCALE_KEY, SKIPPED_KEY
 from tfmp.distribute import (WriteDirs, in_multi_worker_mode, read_tf_config, write_dirs,
                              xla_refusal)
 from tfmp.measure import XLA_ONLY, tune
-from tfmp.precision import HardwareInfo, PolicyChoice, detect_hardware, resolve_policy, set_policy
+from tfmp.precision import (MIXED_FLOAT16, HardwareInfo, PolicyChoice, detect_hardware,
+                            resolve_policy, set_policy)
 from tfmp.rewrite import kept_float32, layer_matcher, prepare
 
 COUNTERS = (SCALE_KEY, SKIPPED_KEY, NAN_KEY)
+SCALE_FLAGS = ("initial_scale", "growth_interval", "min_scale")
 CALIBRATION_BATCHES = 8  # what --float32_layers=auto runs tfmp.locate_overflows on
 
 
@@ -101,6 +103,33 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=jit_compile)
     return model, optimizer
+
+
+def used_scale_flags(optimizer: keras.optimizers.Optimizer,
+                     policy: str) -> tuple[str, dict[str, Any]]:
+    """How the run scaled the loss, and `SCALE_FLAGS` as its optimizer used them.
+
+    `"dynamic"` (mixed_float16): the three values are read from the optimizer, its
+    defaults where a flag was not given. `"fixed"` (mixed_float16, `--loss_scale=N`): the
+    scale is N throughout, so `initial_scale` and `min_scale` are N and `growth_interval`
+    does not apply (None). `"guard"` (bfloat16, float32): the optimizer is the NaN guard,
+    with a fixed scale of 1 (these policies need no loss scaling); none of the three
+    applies (None), whatever was given.
+
+    Args:
+        optimizer: The run's optimizer (`tfmp.DynamicLossScaleOptimizer`: tools/train
+            always guards).
+        policy: The run's policy.
+
+    Returns:
+        `(mode, {flag: value or None})`.
+    """
+    if policy != MIXED_FLOAT16:
+        return "guard", dict.fromkeys(SCALE_FLAGS)
+    used = {name: getattr(optimizer, name) for name in SCALE_FLAGS}
+    if not optimizer.dynamic:
+        used["growth_interval"] = None
+    return ("dynamic" if optimizer.dynamic else "fixed"), used
 
 
 def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[Checkpoint]:
@@ -205,15 +234,17 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     # batches the restored epochs trained on (tfmp.data's order is seeded per pass).
     done = resume_from.epoch if resume_from else 0
     train_data = data.train.skip(done * steps) if done else data.train
-    history = model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps,
-                        callbacks=callbacks, verbose=1 if sys.stdout.isatty() else 2)
+    verbose = 1 if sys.stdout.isatty() else 2  # a progress bar, or a line per epoch in a log
+    # shuffle=False: tfmp.app.data shuffles (Keras' default True cannot shuffle a dataset,
+    # and says so in a warning on every run).
+    history = model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps, shuffle=False,
+                        callbacks=callbacks, verbose=verbose)
     stopped = nan.stopped_event is not None
-    evaluation = {} if stopped else {
-        k: v for k, v in model.evaluate(data.eval, verbose=0, return_dict=True).items()
-        if k not in COUNTERS}
+    evaluation = {} if stopped else _evaluate(model, data, verbose)
     epochs_run = history.epoch
+    scale_mode, scale_flags = used_scale_flags(optimizer, policy)
     summary = {
-        "flags": dataclasses.asdict(config),
+        "flags": {**dataclasses.asdict(config), **scale_flags},
         "policy": policy, "policy_reason": choice.reason, "policy_source": choice.source,
         "jit_compile": jit_compile,
         "float32_layers": kept_float32(model),
@@ -228,8 +259,8 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         "samples_per_sec": round(throughput.samples_per_sec(), 1),
         "final_train_metrics": {k: v[-1] for k, v in history.history.items() if v},
         "eval_metrics": evaluation,
-        "loss_scale": {k: monitor.summary.get(k) for k in
-                       ("loss_scale_start", "loss_scale_end", "loss_scale_min")},
+        "loss_scale": {"mode": scale_mode, **{k: monitor.summary.get(k) for k in
+                       ("loss_scale_start", "loss_scale_end", "loss_scale_min")}},
         "start_step": monitor.summary.get("start_step"),
         "overflow_steps_skipped": monitor.summary.get("overflow_steps_skipped"),
         "nan_losses": monitor.summary.get("nan_losses"),
@@ -244,24 +275,53 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     return summary
 
 
+class _WithoutCounters(keras.callbacks.Callback):
+    """Keeps the loss-scale counters (the optimizer's state, not metrics of the evaluation)
+    out of `evaluate`'s progress output."""
+
+    def on_test_batch_end(self, batch, logs=None):
+        for key in COUNTERS:
+            (logs or {}).pop(key, None)
+
+    def on_test_end(self, logs=None):
+        self.on_test_batch_end(None, logs)
+
+
+def _evaluate(model: keras.Model, data: Data, verbose: int) -> dict[str, Any]:
+    """The metrics on the evaluation split, said first in a log line and shown with Keras'
+    progress output (`verbose`: a bar, or one line at the end), the counters left out."""
+    logging.info("tfmp: evaluating on %s's evaluation split", data.name)
+    metrics = model.evaluate(data.eval, verbose=verbose, return_dict=True,
+                             callbacks=[_WithoutCounters()])
+    return {k: v for k, v in metrics.items() if k not in COUNTERS}
+
+
 def _write_outputs(dirs: WriteDirs, model: keras.Model, summary: dict[str, Any],
                    stopped: bool) -> None:
     """`summary.json` and (unless stopped) `model.keras`, both written before either replaces
     what an earlier run left; then the backup, which has done its job, is removed. A write that
     fails leaves the earlier files and the backup as they were (the next run resumes)."""
     summary_path = os.path.join(dirs.model_dir, SUMMARY)
+
+    def say(path: str) -> None:  # the chief's files, not another worker's temporary ones
+        if not dirs.temporary:
+            logging.info("tfmp: writing %s", path)
+
     if stopped:  # the backup is kept for a resume
+        say(summary_path)
         write_json_atomically(summary_path, summary)
     else:
         model_path = os.path.join(dirs.model_dir, FINAL_MODEL)
         with atomic_path(summary_path, ".json") as new_summary, \
                 atomic_path(model_path, ".keras") as new_model:
+            say(model_path)
             try:
                 model.save(new_model)
             except OSError as e:  # zipfile's errors name no file
                 if e.filename:
                     raise
                 raise OSError(e.errno, e.strerror or str(e), model_path) from e
+            say(summary_path)
             write_json(new_summary, summary)
         shutil.rmtree(dirs.backup_dir, ignore_errors=True)
     if dirs.temporary:

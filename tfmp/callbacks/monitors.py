@@ -10,13 +10,13 @@ extra gradient check. The progress bar, `History`, `CSVLogger` and the stock
 from __future__ import annotations
 
 import collections
-import warnings
 from typing import Any, Optional, Sequence
 
 import keras
 from absl import logging
 
 from tfmp import _compat
+from tfmp._messages import warn
 from tfmp.callbacks.counters import (
     NAN_KEY,
     SCALE_KEY,
@@ -44,11 +44,6 @@ from tfmp.rewrite.replay import half_dtypes
 from tfmp.scaling import build_optimizer, guard_model_state
 
 NAN_POLICIES = ("skip", "stop", "raise")
-
-
-def _warn(message: str) -> None:
-    logging.warning(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def _check_positive_int(name: str, value: Any) -> None:
@@ -188,14 +183,14 @@ class LossScaleMonitor(_CountersCallback):
 
         if scale < self.warn_below and not self._low_warned:
             self._low_warned = True
-            _warn(f"tfmp: loss scale fell to {scale:g}, below {self.warn_below:g}, {where()}: "
-                  "gradients keep overflowing in float16")
+            warn(f"tfmp: loss scale fell to {scale:g}, below {self.warn_below:g}, {where()}: "
+                 "gradients keep overflowing in float16")
         elif scale >= self.warn_below:
             self._low_warned = False
         if len(self._backoffs) >= self.backoff_warn and not self._backoff_warned:
             self._backoff_warned = True
-            _warn(f"tfmp: loss scale backed off {len(self._backoffs)} times within "
-                  f"{self.backoff_window} steps, now {scale:g}, {where()}")
+            warn(f"tfmp: loss scale backed off {len(self._backoffs)} times within "
+                 f"{self.backoff_window} steps, now {scale:g}, {where()}")
         elif not self._backoffs:
             self._backoff_warned = False
 

@@ -14,13 +14,17 @@ cluster resumes in step.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import json
 import os
-import sys
+import signal
 import subprocess
+import sys
 import tempfile
-from typing import Optional
+import threading
+from typing import Iterator, Optional
 
 import tensorflow as tf
 
@@ -98,10 +102,11 @@ def read_tf_config() -> Optional[Cluster]:
 
 
 # A separate process: TensorFlow holds the GIL (and ignores SIGTERM) while it waits for
-# the cluster, so no thread or signal handler of this process would ever run.
+# the cluster, so no thread or Python signal handler of this process would ever run.
 _WATCHDOG = """
-import os, sys, time
-pid, seconds, line = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+import os, signal, sys, time
+pid, seconds, signum, line = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the worker, not a traceback here
 deadline = time.monotonic() + seconds
 while time.monotonic() < deadline:
     time.sleep(0.2)
@@ -109,16 +114,55 @@ while time.monotonic() < deadline:
         sys.exit(0)
 sys.stderr.write(line + "\\n")
 sys.stderr.flush()
-os.kill(pid, 9)
+os.kill(pid, signum)
 """
+EXIT_CODE = 2  # bad input, as every other refusal of the binaries
+
+
+@contextlib.contextmanager
+def _exit_on_sigint() -> Iterator[int]:
+    """While it is entered, SIGINT ends this process at once with status 2, without the
+    interpreter (which TensorFlow holds): the C library's `_exit` is SIGINT's C-level
+    handler, and it exits with its argument, SIGINT's number, 2. The previous handler
+    comes back on leaving.
+
+    Yields:
+        The signal the watchdog is to send: SIGINT, or SIGKILL (status -9) where the C
+        library's `signal` cannot be reached (not the main thread, no C library).
+    """
+    libc = None
+    if signal.SIGINT == EXIT_CODE and threading.current_thread() is threading.main_thread():
+        try:
+            libc = ctypes.CDLL(None)
+            libc.signal.restype, libc.signal.argtypes = ctypes.c_void_p, (ctypes.c_int,
+                                                                          ctypes.c_void_p)
+            exit_now = ctypes.cast(libc._exit, ctypes.c_void_p)
+        except (OSError, AttributeError, TypeError):  # no C library to reach (not POSIX)
+            libc = None
+    if libc is None:
+        yield signal.SIGKILL
+        return
+    previous = signal.getsignal(signal.SIGINT)  # None: not installed from Python
+    old = libc.signal(signal.SIGINT, exit_now)
+    try:
+        yield signal.SIGINT
+    finally:
+        if previous is None:
+            libc.signal(signal.SIGINT, old)
+        else:  # Python's own C handler again, as Python installs it
+            signal.signal(signal.SIGINT, previous)
 
 
 def connect(timeout: float = DEFAULT_TIMEOUT) -> tf.distribute.MultiWorkerMirroredStrategy:
     """`MultiWorkerMirroredStrategy()` for the cluster in `TF_CONFIG`, within `timeout` seconds.
 
     TensorFlow waits for every worker to register, holding the GIL and ignoring
-    SIGTERM, so a watchdog process prints one line and ends this one (SIGKILL)
-    when the cluster is not complete after `timeout` seconds.
+    SIGTERM, so a watchdog process prints one line when the cluster is not
+    complete after `timeout` seconds, and ends this process with exit status 2
+    (bad input, as the binaries' other refusals): meanwhile SIGINT's handler is the
+    C library's `_exit`, which needs no interpreter. A Ctrl-C while it waits ends
+    it the same way, at once. (Off the main thread, or without a C library, the
+    watchdog kills it instead: status -9.)
 
     Args:
         timeout: Seconds to wait for every worker.
@@ -135,18 +179,22 @@ def connect(timeout: float = DEFAULT_TIMEOUT) -> tf.distribute.MultiWorkerMirror
     line = (f"{os.path.basename(sys.argv[0])}: error: {cluster.name} could not reach the other "
             f"workers of the {cluster.num_workers}-worker cluster ({', '.join(cluster.addresses)}) "
             f"within {timeout:g} s")
-    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout),
-                                 line], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
-    try:
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    except tf.errors.UnknownError as e:
-        if "gRPC server" not in str(e):
-            raise
-        raise ValueError(f"{cluster.name} cannot listen on {cluster.address}: the port is in use "
-                         "(or the host is not this machine)") from None
-    finally:
-        watchdog.kill()
-        watchdog.wait()
+    sys.stdout.flush()  # `_exit` writes out no buffer
+    sys.stderr.flush()
+    with _exit_on_sigint() as signum:
+        watchdog = subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout), str(int(signum)),
+             line], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            return tf.distribute.MultiWorkerMirroredStrategy()
+        except tf.errors.UnknownError as e:
+            if "gRPC server" not in str(e):
+                raise
+            raise ValueError(f"{cluster.name} cannot listen on {cluster.address}: the port is in "
+                             "use (or the host is not this machine)") from None
+        finally:
+            watchdog.kill()
+            watchdog.wait()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -114,7 +114,7 @@ def get_strategy(name: str = "auto", tpu: Optional[str] = None,
             Model Garden's `off` means `default`.
         tpu: TPU address, or `local` on a TPU VM (the default for `tpu`).
         cluster_timeout: `multi_worker_mirrored`: seconds to wait for every worker
-            (`tfmp.distribute.connect`: one line, then the process is killed).
+            (`tfmp.distribute.connect`: one line, then the process exits with status 2).
 
     Returns:
         The strategy; build and compile the model under `strategy.scope()`.

@@ -9,12 +9,12 @@ import contextlib
 import dataclasses
 import functools
 import os
-import warnings
 from typing import Callable, Iterator, Optional, Union
 
 import keras
 from absl import logging
 
+from tfmp._messages import warn
 from tfmp.precision.hardware import HardwareInfo, detect_hardware
 
 ENV_VAR = "TFMP_PRECISION"
@@ -171,8 +171,7 @@ def trap_warnings(policy: str, hardware: HardwareInfo) -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-    logging.warning(message)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warn(message, stacklevel=3)  # at the call of set_policy
 
 
 def set_policy(name: Union[str, PolicyChoice] = AUTO,
