@@ -1,8 +1,8 @@
 """Trains a model under float32 and mixed policies side by side and compares them.
 
   python -m tools.compare                                  # mlp, synthetic task, float32 vs auto
-  python -m tools.compare --model=cnn --policies=fp32,bf16,fp16 --steps=100
-  python -m tools.compare --model_path=runs/mlp/model.keras --policies=fp32,bf16
+  python -m tools.compare --model=cnn --policies=fp32,bf16,fp16 --steps=100 --overwrite
+  python -m tools.compare --model_path=runs/mlp/model.keras --policies=fp32,bf16 --overwrite
   python -m tools.compare --tolerance=0.02 --output_dir=runs/compare
 
 Writes compare.json and compare.png (loss per policy over the steps, and the loss

@@ -1,9 +1,9 @@
 """Exports a trained Keras model to quantized LiteRT files and checks that accuracy held.
 
   python -m tools.export --model_dir=runs/mlp       # float32 (baseline), float16, dynamic_int8, full_int8
-  python -m tools.export --model_path=m.keras --quantization=full_int8 --calibration_steps=20
-  python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=0.02   # a looser gate
-  python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=inf    # no gate
+  python -m tools.export --model_path=m.keras --quantization=full_int8 --calibration_steps=20 --output_dir=export_int8
+  python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=0.02 --overwrite  # a looser gate
+  python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=inf --overwrite     # no gate
 
 Writes model_<quantization>.tflite (model_keras_bfloat16.keras and model_keras_float16.keras: the
 .keras file with 16-bit release weights) and export.json (one report per export) to

@@ -56,6 +56,15 @@ def test_a_failing_full_int8_puts_the_calibration_and_evaluation_inputs_side_by_
                          eval_data=_never_read()) == [f16]
 
 
+def test_calibration_data_like_the_inputs_is_not_blamed():
+    alike = (np.array([[-3.0, 3.0]] * 40), np.zeros(40))
+    [int8] = gate_failures([_report("full_int8", 0.90, 0.50)], 0.01, calibration_data=alike,
+                           eval_data=alike)
+    assert "does not look like" not in int8
+    assert "calibration data, which look like the inputs (calibration inputs mean 0" in int8
+    assert "usually activations whose outliers stretch" in int8
+
+
 def test_input_statistics_take_the_inputs_of_so_many_batches():
     endless = itertools.repeat((np.array([[1.0, 3.0]]), np.array([7])))
     assert input_statistics(endless, steps=3) == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0}

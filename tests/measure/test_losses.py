@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 
 import tfmp
+from tfmp._messages import TfmpWarning
 from tfmp.measure import choose_loss
 from tfmp.precision import HardwareInfo
 
@@ -102,7 +103,7 @@ def test_the_output_is_read_for_any_model_kind_and_without_a_trace():
         assert chosen.description == PROBABILITIES + " (softmax in 'out')", head
     # ...and where there is none, the assumption is said, and warned about.
     untraceable = _built(SoftmaxAfterBranch())  # no output layer to read either
-    with pytest.warns(UserWarning, match=r"assumed, the output could not be read \(.*give loss="):
+    with pytest.warns(TfmpWarning, match=r"assumed, the output could not be read \(.*give loss="):
         chosen = choose_loss(untraceable, None, BATCH)
     assert chosen.fn.get_config()["from_logits"] is True
 
@@ -124,27 +125,34 @@ def test_a_given_loss_wins_then_the_compiled_one_and_a_contradiction_is_warned_a
                          BATCH)
     assert chosen.description == "<lambda>: given (loss=)"
     assert float(tf.function(chosen.fn)(Y[:16], pred)) == pytest.approx(mean, rel=1e-6)
-    with pytest.warns(UserWarning, match=r"given \(loss=\); from_logits=True, but the output is "
+    with pytest.warns(TfmpWarning, match=r"given \(loss=\); from_logits=True, but the output is "
                                          r"probabilities \(softmax in 'out'\)"):
         choose_loss(softmax, keras.losses.SparseCategoricalCrossentropy(from_logits=True), BATCH)
     logits = _sequential(keras.layers.Dense(4, name="out"))
     logits.compile("adam", "sparse_categorical_crossentropy")
-    with pytest.warns(UserWarning, match=r"compiled loss; from_logits=False, but the output is "
+    with pytest.warns(TfmpWarning, match=r"compiled loss; from_logits=False, but the output is "
                                          r"logits \('out' applies no softmax or sigmoid\)"):
         choose_loss(logits, None, BATCH)
+
+
+def test_one_logit_is_binary_classification():
+    inputs = keras.Input((8,))
+    one = keras.Model(inputs, keras.layers.Dense(1, name="logit")(inputs))
+    chosen = choose_loss(one, None, BATCH)
+    assert isinstance(chosen.fn, keras.losses.BinaryCrossentropy) and chosen.fn.from_logits
+    assert "one logit ('logit' has one unit and no sigmoid" in chosen.description
 
 
 def test_no_loss_that_fits_is_one_clear_line():
     inputs = keras.Input((8,))
     two = keras.Model(inputs, [keras.layers.Dense(4, activation="softmax", name="probs")(inputs),
                                keras.layers.Dense(4, name="logits")(inputs)])
-    with pytest.raises(ValueError, match=r"^the model's outputs need different losses "
-                                         r"\('probs': softmax, 'logits': logits\): give loss=$"):
-        choose_loss(two, None, BATCH)
-    two.compile("adam", ["sparse_categorical_crossentropy"] * 2)
-    with pytest.raises(ValueError, match=r"^the model was compiled with a loss per output "
-                                         r"\(\['sparse_categorical_crossentropy', "):
-        choose_loss(two, None, BATCH)
+    for compiled in (None, "sparse_categorical_crossentropy", ["mse"] * 2):
+        if compiled:  # a loss Keras would apply to each output, or one per output
+            two.compile("adam", compiled)
+        with pytest.raises(ValueError, match=r"^the model has 2 outputs \(probs, logits\): give "
+                                             r"loss= a function of \(y_true, y_pred\) for all"):
+            choose_loss(two, None, BATCH)
     with pytest.raises(ValueError, match=r"^loss=3 is not a loss: give a Keras loss name, a "):
         choose_loss(two, 3, BATCH)
 

@@ -128,7 +128,8 @@ def _exit_on_sigint() -> Iterator[int]:
 
     Yields:
         The signal the watchdog is to send: SIGINT, or SIGKILL (status -9) where the C
-        library's `signal` cannot be reached (not the main thread, no C library).
+        library's `signal` cannot be reached (not the main thread, no C library) or SIGINT
+        is ignored (a worker started in the background by a script keeps it so).
     """
     libc = None
     if signal.SIGINT == EXIT_CODE and threading.current_thread() is threading.main_thread():
@@ -139,10 +140,10 @@ def _exit_on_sigint() -> Iterator[int]:
             exit_now = ctypes.cast(libc._exit, ctypes.c_void_p)
         except (OSError, AttributeError, TypeError):  # no C library to reach (not POSIX)
             libc = None
-    if libc is None:
-        yield signal.SIGKILL
-        return
     previous = signal.getsignal(signal.SIGINT)  # None: not installed from Python
+    if libc is None or previous is signal.SIG_IGN:  # a worker started with `&` ignores SIGINT
+        yield getattr(signal, "SIGKILL", 9)
+        return
     old = libc.signal(signal.SIGINT, exit_now)
     try:
         yield signal.SIGINT

@@ -20,8 +20,8 @@ GATE_SLACK = 1e-6  # float32 metrics: differences below this are rounding
 # What usually costs each mode its accuracy (no ';': failures are joined with it).
 CAUSES = {
     "float32": "not quantized, so the converted graph computes otherwise than the Keras model: "
-               "usually a layer that behaves otherwise at inference (the export serves "
-               "training=False) or an op LiteRT implements differently",
+               "usually a Keras model that computes in bfloat16 or float16 (the export computes "
+               "in float32) or an op LiteRT implements differently",
     "float16": "weights rounded to float16 (3 significant digits, at most 65504): usually a "
                "layer whose weights need more",
     "dynamic_int8": "weights rounded to 256 int8 levels: usually a layer whose few large weights "
@@ -36,6 +36,11 @@ CAUSES = {
     "keras_float16": "weights rounded to float16 (3 significant digits): usually a float32 layer "
                      "(the output head, a normalization) whose weights need more",
 }
+# full_int8 when the calibration inputs look like the evaluation inputs: not the data.
+CALIBRATED_ALIKE = ("activations quantized to the ranges seen in the calibration data, which "
+                    "look like the inputs{statistics}: usually activations whose outliers stretch "
+                    "int8's 256 levels, or an int8 kernel of the runtime (dynamic_int8 or float16 "
+                    "keep them)")
 STATISTICS = ("mean", "std", "min", "max")
 
 
@@ -66,6 +71,14 @@ def input_statistics(data: Any, steps: Optional[int] = None) -> dict[str, float]
     mean = total / count
     return {"mean": mean, "std": math.sqrt(max(squares / count - mean * mean, 0.0)),
             "min": low, "max": high}
+
+
+def alike(a: dict[str, float], b: dict[str, float]) -> bool:
+    """Whether two inputs' statistics are alike: means within half a standard deviation,
+    standard deviations within a factor of 2 (what int8 calibration ranges follow)."""
+    spread = max(a["std"], b["std"], 1e-12)
+    return (abs(a["mean"] - b["mean"]) <= 0.5 * spread
+            and 0.5 <= (a["std"] + 1e-12) / (b["std"] + 1e-12) <= 2.0)
 
 
 def _statistics(name: str, statistics: dict[str, float]) -> str:
@@ -99,13 +112,15 @@ def gate_failures(reports: Iterable[ExportReport], max_accuracy_drop: float, *,
     for r in reports:
         if r.accuracy_drop is None or r.accuracy_drop <= max_accuracy_drop + GATE_SLACK:
             continue
-        statistics = ""
+        statistics, cause = "", CAUSES.get(r.quantization, "")
         if r.quantization == "full_int8" and calibration_data is not None and \
                 eval_data is not None:
-            statistics = " (" + _statistics(
-                "calibration", input_statistics(calibration_data, calibration_steps)) + " vs " + \
-                _statistics("evaluation", input_statistics(eval_data, eval_steps)) + ")"
-        cause = CAUSES.get(r.quantization, "").format(statistics=statistics)
+            calibration = input_statistics(calibration_data, calibration_steps)
+            evaluation = input_statistics(eval_data, eval_steps)
+            statistics = (f" ({_statistics('calibration', calibration)} vs "
+                          f"{_statistics('evaluation', evaluation)})")
+            cause = CALIBRATED_ALIKE if alike(calibration, evaluation) else cause
+        cause = cause.format(statistics=statistics)
         failures.append(f"{r.quantization}: {r.metric} {r.keras_metric:.4f} -> "
                         f"{r.exported_metric:.4f}, drop {r.accuracy_drop:.4f} > "
                         f"{max_accuracy_drop:g}" + (f": {cause}" if cause else ""))

@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
-import warnings
 from typing import Any, Optional
 
 import keras
 
 from tfmp import layers as tfmp_layers
-from tfmp._messages import first_line
+from tfmp._messages import first_line, warn
 from tfmp.rewrite import output_layers, run_model
+from tfmp.rewrite.tracing import split_batch
 
 PROBABILITY_OPS = {"Softmax": "softmax", "Sigmoid": "sigmoid"}  # op type -> activation
 
@@ -122,9 +122,18 @@ def _checked(loss: keras.losses.Loss, why: str, outputs: Outputs) -> ChosenLoss:
         note = (f"; from_logits=False, but the output is logits ({outputs[0][0]!r} applies no "
                 "softmax or sigmoid)")
     description = f"{_name(loss)}: {why}{note}"
-    if note:
-        warnings.warn(f"tfmp: the loss {description}", UserWarning, stacklevel=3)
+    if note:  # at the line that called compare_precision / tune
+        warn(f"tfmp: the loss {description}", stacklevel=4)
     return ChosenLoss(loss, description)
+
+
+def _units(model: keras.Model, data: Any) -> Optional[int]:
+    """The size of the model's output's last axis on `data` (None: it cannot be run)."""
+    try:
+        x, _ = split_batch(model, data)
+        return int(keras.tree.flatten(model(x, training=False))[0].shape[-1])
+    except Exception:  # noqa: BLE001 (read_outputs said why already, where it matters)
+        return None
 
 
 def choose_loss(model: keras.Model, loss: Any, data: Any) -> ChosenLoss:
@@ -140,12 +149,15 @@ def choose_loss(model: keras.Model, loss: Any, data: Any) -> ChosenLoss:
         A `ChosenLoss`: the loss and `"<loss>: <why>"`.
 
     Raises:
-        ValueError: `loss` is not a loss; the model was compiled with a loss per output;
-            or, with no loss given or compiled, its outputs need different losses.
+        ValueError: `loss` is not a loss; or, with no loss given, the model has several
+            outputs (or was compiled with a loss per output).
     """
     outputs, error = read_outputs(model, data)
-    if loss is not None:
+    if loss is not None:  # a function of (y_true, y_pred) for the whole output, any structure
         return _checked(_as_loss(loss), "given (loss=)", outputs)
+    if len(outputs) > 1:
+        raise ValueError(f"the model has {len(outputs)} outputs ({', '.join(p for p, _ in outputs)})"
+                         ": give loss= a function of (y_true, y_pred) for all of them")
     compiled = getattr(model, "loss", None)  # what `compile(loss=...)` was given
     if isinstance(compiled, (dict, list, tuple)):
         shown = dict(compiled) if isinstance(compiled, dict) else list(compiled)
@@ -157,13 +169,14 @@ def choose_loss(model: keras.Model, loss: Any, data: Any) -> ChosenLoss:
         fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         description = (f"{_name(fn)}: assumed, the output could not be read ({error}); "
                        "give loss= to be sure")
-        warnings.warn(f"tfmp: the loss {description}", UserWarning, stacklevel=2)
+        warn(f"tfmp: the loss {description}", stacklevel=3)
         return ChosenLoss(fn, description)
-    if len({act for _, act in outputs}) > 1:
-        kinds = ", ".join(f"{path!r}: {act or 'logits'}" for path, act in outputs)
-        raise ValueError(f"the model's outputs need different losses ({kinds}): give loss=")
     path, act = outputs[0]
-    if act is None:
+    if act is None and _units(model, data) == 1:
+        fn = keras.losses.BinaryCrossentropy(from_logits=True)
+        why = (f"one logit ({path!r} has one unit and no sigmoid: binary classification; "
+               "give loss= for a regression)")
+    elif act is None:
         fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         why = f"logits output ({path!r} applies no softmax or sigmoid)"
     else:
