@@ -69,6 +69,23 @@ def temporary_target(name: str, unnamed: bool = False) -> Optional[str]:
     return "" if unnamed and _UNNAMED_TEMPORARY.fullmatch(name) else None
 
 
+def missing_folders(path: str) -> list[str]:
+    """The folders `os.makedirs(path)` would create, deepest first, and below them the
+    nearest one that exists: `missing_folders("a/b")` is `[".../a/b", ".../a", "..."]` when
+    neither `a/b` nor `a` exists (the last item always exists, or is a file).
+
+    Args:
+        path: A folder's path.
+
+    Returns:
+        Absolute paths; the last is the nearest existing ancestor (or `path` itself).
+    """
+    chain = [os.path.abspath(path)]
+    while not os.path.lexists(chain[-1]):
+        chain.append(os.path.dirname(chain[-1]))
+    return chain
+
+
 def _fsync(path: str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -103,3 +103,13 @@ def test_what_killed_saves_left_is_removed_and_nothing_else(tmp_path, caplog):
     (line,) = [r.getMessage() for r in caplog.records]
     assert line.startswith(f"removed 6 temporary file(s) that interrupted saves left in {tmp_path}")
     assert run_dir.remove_leftovers(str(tmp_path / "none")) == []  # a new run directory
+
+
+def test_missing_folders_are_the_ones_makedirs_would_make(tmp_path):
+    from tfmp.atomic import missing_folders
+    target = tmp_path / "a" / "b"
+    assert missing_folders(str(target)) == [str(target), str(tmp_path / "a"), str(tmp_path)]
+    (tmp_path / "file").write_text("")
+    assert missing_folders(str(tmp_path / "file" / "x")) == [str(tmp_path / "file" / "x"),
+                                                              str(tmp_path / "file")]
+    assert missing_folders(str(tmp_path)) == [str(tmp_path)]

@@ -20,6 +20,7 @@ from typing import Collection, Iterator, Optional
 from absl import logging
 
 from tfmp.app import cli, run_dir
+from tfmp.atomic import missing_folders
 
 OVERWRITE_HELP = ("Replace a previous result in --output_dir: its files are moved into "
                   "<output_dir>/previous.<date>-<time>/ (nothing is deleted). Without it, an "
@@ -54,9 +55,7 @@ def check_output_dir(directory: str, names: Collection[str], overwrite: bool) ->
         ToolError: one line naming the folder (and `--overwrite` for a previous result).
     """
     flag = f"--output_dir={directory!r}"
-    path = existing = os.path.abspath(directory)
-    while not os.path.lexists(existing):  # where the missing folders would be made
-        existing = os.path.dirname(existing)
+    path, existing = os.path.abspath(directory), missing_folders(directory)[-1]
     if existing == path and not os.path.isdir(path):
         cli.fail(f"{flag} exists and is not a directory")
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
@@ -113,10 +112,7 @@ def new_result(directory: str, names: Collection[str], report: str) -> Iterator[
     Raises:
         ToolError: the folder cannot be created (one line).
     """
-    made, missing = [], os.path.abspath(directory)
-    while not os.path.lexists(missing):  # the folders made here, deepest first
-        made.append(missing)
-        missing = os.path.dirname(missing)
+    made = missing_folders(directory)[:-1]  # the folders made here, deepest first
     try:
         os.makedirs(directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=directory)

@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 
 from tfmp._messages import first_line
-from tfmp.atomic import atomic_path
+from tfmp.atomic import atomic_path, missing_folders
 from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
 from tfmp.litert.release import KERAS_MODES, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, Inference, array_batches,
@@ -155,9 +155,7 @@ def _check_destination(path: str, quantization: str) -> None:
     suffix = ".keras" if quantization in KERAS_MODES else ".tflite"
     if not str(path).endswith(suffix):
         raise ExportError(f"export path {path!r} must end with {suffix} for {quantization}")
-    existing = os.path.dirname(os.path.abspath(path))
-    while not os.path.lexists(existing):  # where the missing directories would be made
-        existing = os.path.dirname(existing)
+    existing = missing_folders(os.path.dirname(os.path.abspath(path)))[-1]
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ExportError(f"cannot write {path!r}: {existing!r} is not a writable directory")
 
