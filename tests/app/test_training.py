@@ -11,6 +11,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import models
+import tfmp
 from tfmp.app import data, training
 from tfmp.app.config import TrainConfig
 
@@ -85,3 +86,15 @@ def test_nan_stop_keeps_backup_and_writes_summary(tmp_path):
     assert summary["stopped_by_nan"] and (event["kind"], event["trigger"]) == ("data", "nonfinite_loss")
     assert (tmp_path / training.BACKUP / "latest.weights.h5").exists()
     assert not (tmp_path / training.FINAL_MODEL).exists()
+
+
+def test_the_scale_flags_recorded_are_the_optimizers_own():
+    fixed = tfmp.wrap_optimizer("adam", "mixed_float16", loss_scale=512)
+    assert training.used_scale_flags(fixed, "mixed_float16") == (
+        "fixed", {"initial_scale": 512.0, "growth_interval": None, "min_scale": 512.0})
+    dynamic = tfmp.wrap_optimizer("adam", "mixed_float16", initial_scale=64, min_scale=2)
+    assert training.used_scale_flags(dynamic, "mixed_float16") == (
+        "dynamic", {"initial_scale": 64.0, "growth_interval": 2000, "min_scale": 2.0})
+    guard = tfmp.wrap_optimizer("adam", "mixed_bfloat16", guard=True)
+    assert training.used_scale_flags(guard, "mixed_bfloat16") == (
+        "guard", dict.fromkeys(training.SCALE_FLAGS))
