@@ -17,8 +17,8 @@ from tfmp.rewrite.inplace import policies_of, restore_policies
 from tfmp.rewrite.islands import apply_islands
 from tfmp.rewrite.overflow_report import MODEL_OWN, OverflowReport
 from tfmp.rewrite.overflows import locate_overflows
-from tfmp.scaling import (LossScale, build_optimizer, check_keywords, guard_model_state,
-                          wrap_optimizer)
+from tfmp.scaling import LossScale, build_optimizer, guard_model_state, wrap_optimizer
+from tfmp.scaling.wrapping import check_keywords
 
 
 class AuditError(ValueError):
@@ -137,7 +137,7 @@ def prepare(
         AuditError: the prepared model still has audit errors (a `ValueError`).
         ValueError: a bad precision name or optimizer argument; a keyword argument that
             is neither prepare's nor a loss-scale argument (under every precision, before
-            anything is done: `tfmp.scaling.check_keywords`); an unbuilt model; a
+            anything is done: `tfmp.scaling.wrapping.check_keywords`); an unbuilt model; a
             model whose own code keeps every matmul in float32 under a 16-bit policy;
             a `float32_layers` entry naming no layer; `"auto"` without `calibration_data`.
         On any error, Keras' global policy and the model given are as they were.
