@@ -5,7 +5,8 @@ import itertools
 import numpy as np
 import pytest
 
-from tfmp.litert import ExportReport, format_reports, gate_failures, input_statistics
+from tfmp.litert import ExportReport, format_reports, gate_failures
+from tfmp.litert.gate import input_statistics
 from tfmp.litert.gate import CAUSES
 
 

@@ -12,7 +12,7 @@ instead, judged the same way.
 from tfmp.litert.conversion import (QUANTIZATIONS, calibration_batches, check_quantization,
                                     export, export_all, export_filename, float32_model)
 from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
-from tfmp.litert.gate import gate_failures, input_statistics
+from tfmp.litert.gate import gate_failures
 from tfmp.litert.release import KERAS_MODES, KerasRunner, export_keras
 from tfmp.litert.report import (ExportError, ExportReport, array_batches, checked_batch,
                                 format_reports)
@@ -22,4 +22,4 @@ __all__ = ["ExportError", "ExportReport", "KERAS_MODES", "KerasRunner", "LITERT_
            "QUANTIZATIONS", "RUNTIMES", "Runner", "SavedModelConverter", "array_batches",
            "calibration_batches", "check_quantization", "checked_batch", "converter_settings",
            "export", "export_all", "export_filename", "export_keras", "float32_model",
-           "format_reports", "gate_failures", "input_statistics"]
+           "format_reports", "gate_failures"]
