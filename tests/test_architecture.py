@@ -23,7 +23,7 @@ import tfmp
 
 PACKAGE = os.path.join(helpers.ROOT, "tfmp")
 LIBRARY = ("precision", "scaling", "layers", "rewrite", "callbacks", "measure", "distribute",
-           "litert", "atomic", "_compat")
+           "litert", "weights", "compensation", "atomic", "_compat")
 MAX_LINES = 400
 
 
@@ -93,8 +93,8 @@ def test_import_tfmp_does_not_load_the_training_job():
     assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
-NAMESPACES = ("callbacks", "distribute", "layers", "litert", "measure", "precision", "rewrite",
-              "scaling")
+NAMESPACES = ("callbacks", "compensation", "distribute", "layers", "litert", "measure",
+              "precision", "rewrite", "scaling", "weights")
 
 
 def test_a_curated_top_level_and_namespaces_for_the_rest():

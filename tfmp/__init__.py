@@ -4,7 +4,8 @@ The names a Keras user calls are here; the rest lives in namespaces, each one
 concern: `precision` (policies, hardware), `scaling` (the loss-scale optimizer),
 `rewrite` (what a model computes in which precision, and changing it), `layers`,
 `callbacks`, `measure` (compare, tune), `distribute` (strategies, clusters, the
-launcher), `litert` (export), `weights` (16-bit release weights). The training job behind the binaries is `tfmp.app`,
+launcher), `litert` (export), `weights` (16-bit release weights), `compensation` (16-bit
+weights that still learn). The training job behind the binaries is `tfmp.app`,
 which `import tfmp` does not load.
 """
 
@@ -17,8 +18,10 @@ import os as _os
 # tfmp drives Keras on TensorFlow (strategies, tf.data, checkpoints).
 _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
-from tfmp import callbacks, distribute, layers, litert, measure, precision, rewrite, scaling, weights
+from tfmp import (callbacks, compensation, distribute, layers, litert, measure, precision, rewrite,
+                  scaling, weights)
 from tfmp.callbacks import NonFiniteError
+from tfmp.compensation import compensate
 from tfmp.distribute import get_strategy, split_cpu
 from tfmp.litert import export
 from tfmp.measure import compare_precision, tune
@@ -39,11 +42,13 @@ __all__ = [
     # loss scaling
     "wrap_optimizer", "DynamicLossScaleOptimizer", "get_unscaled_gradients", "guard_model_state",
     "NonFiniteError",
+    # 16-bit weights that still learn
+    "compensate",
     # measuring, distributing, deploying
     "compare_precision", "tune", "get_strategy", "split_cpu", "export",
     # 16-bit release weights
     "save_weights", "load_weights",
     # namespaces
-    "callbacks", "distribute", "layers", "litert", "measure", "precision", "rewrite", "scaling",
+    "callbacks", "compensation", "distribute", "layers", "litert", "measure", "precision", "rewrite", "scaling",
     "weights",
 ]

@@ -25,7 +25,8 @@ from tfmp._compat.layers import (AttentionWithOwnSoftmax, calls_wrapped, clear_l
 from tfmp._compat.optimizers import (apply_decided, build_after_scale_state, build_scale_state,
                                      built_variables, ema_overwrite_due,
                                      finish_apply, micro_batches, overwrite_with_ema,
-                                     overwrites_with_gradient, variable_index)
+                                     overwrites_with_gradient, reading_dtype, uses_weight_decay,
+                                     variable_index, ViewedUpdates)
 from tfmp._compat.tensorflow import (export_input_signature, first_batch, in_multi_worker_mode,
                                      interpreter_ops,
                                      keras_reduces_scalar_logs_along_axis_0,

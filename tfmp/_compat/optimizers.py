@@ -3,7 +3,8 @@ path runs in Keras' order (keras-team/keras#20582)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
 
 import keras
 import tensorflow as tf
@@ -142,3 +143,57 @@ def finish_apply(inner: Any, grads: Sequence[Any], trainable_variables: Optional
             if variable.constraint is not None:
                 variable.assign(variable.constraint(variable))
         inner._iterations.assign_add(1)
+
+
+class ViewedUpdates:
+    """A mixin that lets an optimizer's `update_step` run on a stand-in for a variable.
+
+    `tfmp.compensation` hands Keras' `update_step` a float32 tensor in place of a
+    16-bit variable. Keras finds a variable's slots by `_var_key` (its private key);
+    this mixin keys a stand-in by the variable it stands for (`view_owner`), and
+    leaves out of Keras' own weight decay (`_apply_weight_decay`, which writes the
+    variable directly) the variables whose decay the subclass applies itself
+    (`decays_itself`). Both are `BaseOptimizer`/`TFOptimizer` internals (Keras 3.15).
+    """
+
+    def view_owner(self, variable: Any) -> Any:
+        """The variable `variable` stands for, or None if it is no stand-in."""
+        return None
+
+    def decays_itself(self, variable: Any) -> bool:
+        """True if the subclass applies `variable`'s weight decay in its update."""
+        return False
+
+    def _var_key(self, variable):
+        with relying_on("TFOptimizer._var_key"):
+            owner = self.view_owner(variable)
+            return super()._var_key(variable if owner is None else owner)
+
+    def _apply_weight_decay(self, variables):
+        with relying_on("BaseOptimizer._apply_weight_decay"):
+            return super()._apply_weight_decay(
+                [v for v in variables if not self.decays_itself(v)])
+
+
+def uses_weight_decay(optimizer: Any, variable: Any) -> bool:
+    """Whether Keras would decay `variable` (`BaseOptimizer._use_weight_decay`)."""
+    if optimizer.weight_decay is None:
+        return False
+    with relying_on("BaseOptimizer._use_weight_decay"):
+        return bool(optimizer._use_weight_decay(variable))
+
+
+
+@contextlib.contextmanager
+def reading_dtype(reference: Any, dtype: str) -> Iterator[None]:
+    """Makes `reference.dtype` read `dtype` for a moment: Keras'
+    `add_variable_from_reference` then creates the slot (its name, shape, layout and
+    placement, as Keras gives them) in `dtype` instead of the reference's
+    (`KerasVariable._dtype`, read by the `dtype` property, Keras 3.15)."""
+    with relying_on("KerasVariable._dtype (read by add_variable_from_reference)"):
+        kept = reference._dtype
+        reference._dtype = dtype
+    try:
+        yield
+    finally:
+        reference._dtype = kept

@@ -9,6 +9,7 @@ import keras
 
 from tfmp import _compat
 from tfmp._messages import first_line
+from tfmp.compensation import CompensatedOptimizer
 from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
 from tfmp.rewrite.audit_report import SEVERITIES, AuditReport, Finding, LayerSummary
 from tfmp.rewrite.classify import (
@@ -76,11 +77,16 @@ def _check_layers(model: keras.Model, ctx: "_Context") -> None:
                     "give it dtype='float32' or use tfmp.layers.StableLayerNorm")
         for var in _compat.own_variables(layer):
             if _dtype(var) in HALF_DTYPES:
+                if ctx.compensated:
+                    ctx.compensated_variables.append(var.path)
+                    continue
                 ctx.add("variable-not-float32", "error", var.path,
                         f"variable is {_dtype(var)}: updates smaller than its precision are lost",
-                        "use a mixed_* policy (float32 variables) instead of a pure 16-bit dtype")
+                        "use a mixed_* policy (float32 variables), or keep it in 16 bits with a "
+                        "compensated optimizer: tfmp.prepare(..., weights_dtype='bfloat16') or "
+                        "tfmp.compensate(optimizer)")
         if (layer.dtype_policy.name != ctx.policy and not expected_to_differ(layer, outputs)
-                and path not in kept):
+                and path not in kept and not _weights_variant(layer, ctx)):
             mismatched.append(f"{path} ({layer.dtype_policy.name})")
         if ctx.align and id(layer) not in outputs:  # output sizes are set by the task
             _check_sizes(path, layer, ctx)
@@ -142,6 +148,21 @@ def _check_sizes(path: str, layer: keras.layers.Layer, ctx: "_Context") -> None:
                     f"round {attr} to a multiple of {ctx.align} for full-speed matmuls")
 
 
+def _weights_variant(layer: keras.layers.Layer, ctx: "_Context") -> bool:
+    """A layer storing its weights in its compute dtype under a compensated optimizer
+    (`bfloat16` under `mixed_bfloat16`): what `weights_dtype=` asks for, no mismatch."""
+    return ctx.compensated and layer.dtype_policy.name == keras.dtype_policies.get(
+        ctx.policy).compute_dtype
+
+
+def _compensating(optimizer: Any) -> Optional[str]:
+    """The rounding of a compensated optimizer that keeps small updates, else None."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    if isinstance(inner, CompensatedOptimizer) and inner.rounding != "nearest":
+        return inner.rounding
+    return None
+
+
 def _check_optimizer(model: keras.Model, optimizer: Any, ctx: "_Context") -> None:
     uses_fp16 = "float16" in ctx.compute_dtypes
     uses_half = bool(ctx.compute_dtypes & set(HALF_DTYPES))
@@ -162,6 +183,13 @@ def _check_optimizer(model: keras.Model, optimizer: Any, ctx: "_Context") -> Non
                 "dynamic loss scaling but no float16 layer "
                 f"({'bfloat16' if uses_half else 'float32'}): wasted work",
                 "drop the LossScaleOptimizer (or tfmp.wrap_optimizer(..., guard=True) for a NaN guard)")
+    if ctx.compensated:  # 16-bit weights and slots, written without losing small updates
+        if ctx.compensated_variables:
+            ctx.add("variables-compensated", "info", ctx.compensated_variables[0],
+                    f"{len(ctx.compensated_variables)} variable(s) in 16 bits; the optimizer "
+                    f"keeps their small updates (rounding={ctx.compensated!r})",
+                    "nothing to do")
+        return
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     half = [v for v in model.trainable_variables if _dtype(v) in HALF_DTYPES]
     if not getattr(inner, "built", True) and half:
@@ -186,6 +214,8 @@ class _Context:
     compute_dtypes: set[str]  # of every layer, nested ones included, and of the ops that ran
     run: Optional[ModelRun] = None
     findings: list[Finding] = dataclasses.field(default_factory=list)
+    compensated: Optional[str] = None  # the optimizer's rounding, if it keeps small updates
+    compensated_variables: list[str] = dataclasses.field(default_factory=list)
 
     def add(self, *args: str) -> None:
         self.findings.append(Finding(*args))
@@ -236,6 +266,8 @@ def audit(
     Args:
         model: A Keras model of any kind (subclassed and keras-hub models included).
         optimizer: The optimizer to check; defaults to `model.optimizer` if compiled.
+            A compensated one (`tfmp.compensate`, rounding other than `"nearest"`) turns
+            16-bit variables and slots from errors into one info finding.
         hardware: The hardware to judge for; detected when omitted.
         policy: The policy the model is meant to run under (layers under another one
             are reported); default Keras' global policy. `tfmp.rewrite.model_policy(model)`
@@ -264,10 +296,11 @@ def audit(
     ctx.run = run if run is not None else _run(model, data, ctx)
     if ctx.run is not None:
         ctx.compute_dtypes |= {op.dtype for layer in ctx.run.layers for op in layer.ops}
-    for check in CHECKS:
-        check(model, ctx)
     if optimizer is None:
         optimizer = getattr(model, "optimizer", None)
+    ctx.compensated = _compensating(optimizer)
+    for check in CHECKS:
+        check(model, ctx)
     _check_optimizer(model, optimizer, ctx)
     if hw.accelerator == "tpu" and "float16" in ctx.compute_dtypes:
         ctx.add("fp16-on-tpu", "error", "<model>",

@@ -139,8 +139,21 @@ def _write(source: h5py.File, path: str, dtype: str, kept: dict[str, str]) -> No
 
 def write_weights(model: keras.Model, path: str, dtype: str, keep_float32: Optional[str] = None,
                   measure: bool = True) -> HalfWeightsReport:
-    """`save_weights` after its checks; with `measure`, `float32_bytes` is the size of the
-    same file in float32 (one more file written), else 0."""
+    """`save_weights` after its checks (`check_arguments`, `check_destination`).
+
+    Args:
+        model: The model whose weights are written.
+        path: The `.weights.h5` file to write (atomically).
+        dtype: `"bfloat16"` or `"float16"`.
+        keep_float32: `"overflow"`: variables float16 cannot hold stay float32.
+        measure: Also write the same file in float32 (in a scratch folder) to size it.
+
+    Returns:
+        A `HalfWeightsReport`; its `float32_bytes` is 0 without `measure`.
+
+    Raises:
+        WeightsFileError: a variable float16 cannot hold, without `keep_float32`.
+    """
     with tempfile.TemporaryDirectory() as scratch:
         with h5py.File(_keras_weights(model, scratch), "r") as source:
             names = variables_of(model, source)

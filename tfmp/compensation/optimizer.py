@@ -1,0 +1,366 @@
+"""`tfmp.compensate`: any Keras optimizer, made to keep the small updates of 16-bit weights.
+
+Under a `"bfloat16"` policy Keras keeps the weights, the gradients and the slots in
+bfloat16 and computes the update in bfloat16: every update smaller than half a unit
+in the last place of its weight is lost (keras-team/keras-hub#2629). A compensated
+optimizer is the same optimizer class (`isinstance(opt, keras.optimizers.Adam)` still
+holds) whose update of a 16-bit weight is computed in float32 from the weight and
+written back without that loss (`tfmp.compensation.rounding`): by stochastic rounding
+or with a Kahan buffer. Float32 weights (the float32 output layer) are updated as Keras
+does.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Optional, Union
+
+import keras
+from keras import ops
+
+from tfmp import _compat
+from tfmp.compensation import rounding as rounding_lib
+from tfmp.compensation.random_bits import random_bits
+
+HALF_DTYPES = ("bfloat16", "float16")
+ROUNDINGS = ("stochastic", "kahan", "nearest")
+SLOT_DTYPES = ("bfloat16", "float32")
+DEFAULT_ROUNDING = "stochastic"
+DEFAULT_SLOTS_DTYPE = "bfloat16"
+DEFAULT_LOST_UPDATES_EVERY = 50
+_FLOAT32_SLOTS = ("gradient_accumulator", "average")  # sums and averages: kept in float32
+_OPTIONS = ("rounding", "slots_dtype", "lost_updates_every", "seed")
+
+
+def is_half(variable: Any) -> bool:
+    """True if `variable` (a Keras or TensorFlow variable, or a tensor) is 16-bit."""
+    return keras.backend.standardize_dtype(variable.dtype) in HALF_DTYPES
+
+
+def _dense(value: Any) -> Any:
+    """A sparse update (`IndexedSlices`: an embedding's gradient) as a dense tensor."""
+    return ops.convert_to_tensor(value) if hasattr(value, "dense_shape") else value
+
+
+def _checked_seed(rounding: str, slots_dtype: str, lost_updates_every: int,
+                  seed: Optional[int]) -> int:
+    """Checks the options (see `CompensatedOptimizer`); returns the seed to use."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding={rounding!r}: use one of {', '.join(ROUNDINGS)}")
+    if slots_dtype not in SLOT_DTYPES:
+        raise ValueError(f"slots_dtype={slots_dtype!r}: use one of {', '.join(SLOT_DTYPES)}")
+    if (isinstance(lost_updates_every, bool) or not isinstance(lost_updates_every, int)
+            or lost_updates_every < 0):
+        raise ValueError(f"lost_updates_every={lost_updates_every!r}: use a whole number "
+                         ">= 0 (0: never measure)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)
+                             or not 0 <= seed < 2 ** 63):
+        raise ValueError(f"seed={seed!r}: use a whole number in [0, 2**63) or None")
+    return random.randrange(2 ** 31) if seed is None else seed
+
+
+class _View:
+    """A 16-bit variable's float32 stand-in in one `update_step`."""
+
+    def __init__(self, variable: Any, before: Any, decay: Any) -> None:
+        self.variable, self.before, self.decay, self.written = variable, before, decay, False
+
+
+class _Scratch:
+    """Trace-time bookkeeping (not tracked by Keras)."""
+
+    def __init__(self) -> None:
+        self.views: dict[int, _View] = {}
+        self.streams: dict[int, int] = {}
+        self.dtype_for_next: Optional[str] = None
+
+
+class CompensatedOptimizer(_compat.ViewedUpdates):
+    """An optimizer that keeps the small updates of 16-bit weights.
+
+    Made by `tfmp.compensate(optimizer)`: a subclass of the optimizer's own class
+    (`CompensatedAdam` is an `Adam`), registered for `.keras` saving. For every 16-bit
+    trainable variable, `update_step` runs in float32 (the gradient, the learning rate
+    and the weight cast up; weight decay folded into the same write), and the new value
+    is written back by `rounding`:
+
+    - `"stochastic"` (bfloat16 weights): rounded up or down at random, unbiased; the
+      random bits are a function of `seed`, the step and the variable, the same on every
+      replica and after a resume. 2 bytes per weight.
+    - `"kahan"`: a 16-bit buffer per weight (an optimizer variable, saved with it)
+      carries what rounding dropped into the next step. 4 bytes per weight.
+    - `"nearest"`: Keras' rounding, every small update lost: a baseline that measures.
+
+    Slots of 16-bit weights (Adam's moments, SGD's momentum) are created in
+    `slots_dtype`; bfloat16 slots are written by stochastic rounding (by nearest under
+    `"nearest"`). Gradient accumulators and EMA averages are float32.
+
+    The options below are `tfmp.compensate`'s, saved in the optimizer's config.
+    Every `lost_updates_every` updates the share of nonzero updates that nothing kept
+    (`tfmp.compensation.rounding.lost_counts`) is measured: `lost_updates`.
+
+    Args:
+        rounding: `"stochastic"` (default), `"kahan"` or `"nearest"`.
+        slots_dtype: `"bfloat16"` (default) or `"float32"`.
+        lost_updates_every: Measure the lost share every this many updates (0: never).
+        seed: Seed of the stochastic rounding; default: drawn from Python's `random`
+            (set by `keras.utils.set_random_seed`). Kept in an optimizer variable, so a
+            run restored from a checkpoint rounds as the uninterrupted one.
+    """
+
+    def __init__(self, *args: Any, rounding: str = DEFAULT_ROUNDING,
+                 slots_dtype: str = DEFAULT_SLOTS_DTYPE,
+                 lost_updates_every: int = DEFAULT_LOST_UPDATES_EVERY,
+                 seed: Optional[int] = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.init_compensation(rounding, slots_dtype, lost_updates_every, seed)
+
+    def init_compensation(self, rounding: str, slots_dtype: str, lost_updates_every: int,
+                          seed: Optional[int]) -> None:
+        """Checks and sets the options (see the class docstring); called once."""
+        seed = _checked_seed(rounding, slots_dtype, lost_updates_every, seed)
+        self.rounding, self.slots_dtype = rounding, slots_dtype
+        self.lost_updates_every = lost_updates_every
+        self.seed = seed
+        self._scratch = _Scratch()
+
+    # ------------------------------------------------------------------ build
+
+    def build(self, var_list: Any) -> None:
+        """Keras' build, then the Kahan buffers, the rounding seed and the lost-update counts.
+
+        Args:
+            var_list: The trainable variables.
+
+        Raises:
+            ValueError: `rounding="stochastic"` with float16 weights (it is bfloat16's).
+        """
+        if self.built:
+            return
+        var_list = list(var_list)
+        if self.rounding == "stochastic" and any(
+                keras.backend.standardize_dtype(v.dtype) == "float16" for v in var_list):
+            raise ValueError("rounding='stochastic' rounds float32 to bfloat16; this model has "
+                             "float16 weights: use rounding='kahan'")
+        super().build(var_list)
+        self._kahan = []
+        for v in var_list:
+            buffer = None
+            if self.rounding == "kahan" and is_half(v):
+                self._scratch.dtype_for_next = keras.backend.standardize_dtype(v.dtype)
+                buffer = self.add_variable_from_reference(v, "kahan")
+            self._kahan.append(buffer)
+        n = max(len(var_list), 1)
+        self._lost = self.add_variable((n,), initializer="zeros", dtype="float32",
+                                       name="lost_updates")
+        self._seen = self.add_variable((n,), initializer="zeros", dtype="float32",
+                                       name="sampled_updates")
+        self._rounding_seed = self.add_variable(
+            (), initializer=keras.initializers.Constant(self.seed), dtype="int64",
+            name="rounding_seed")
+        streams = {id(v): i for i, v in enumerate(self.variables)}
+        self._scratch.streams = {k: len(var_list) + i for k, i in streams.items()}
+
+    def add_variable_from_reference(self, reference_variable: Any, name: Optional[str] = None,
+                                    initializer: Any = "zeros") -> Any:
+        """Keras' slot, in `slots_dtype` for a 16-bit weight (float32 for accumulators)."""
+        dtype = keras.backend.standardize_dtype(reference_variable.dtype)
+        wanted, self._scratch.dtype_for_next = self._scratch.dtype_for_next, None
+        if wanted is None and dtype in HALF_DTYPES:
+            wanted = "float32" if name in _FLOAT32_SLOTS else self.slots_dtype
+        if wanted is None or wanted == dtype:
+            return super().add_variable_from_reference(reference_variable, name, initializer)
+        with _compat.reading_dtype(reference_variable, wanted):
+            return super().add_variable_from_reference(reference_variable, name, initializer)
+
+    # ----------------------------------------------------------------- update
+
+    def view_owner(self, variable: Any) -> Any:
+        view = self._scratch.views.get(id(variable))
+        return None if view is None else view.variable
+
+    def decays_itself(self, variable: Any) -> bool:
+        return is_half(variable)
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """The wrapped class's update, in float32 for a 16-bit `variable`.
+
+        Args:
+            gradient: The variable's gradient.
+            variable: The variable (a TensorFlow variable on Keras' TensorFlow path).
+            learning_rate: The learning rate.
+        """
+        if not is_half(variable):
+            return super().update_step(gradient, variable, learning_rate)
+        before = ops.cast(variable, "float32")
+        decay = None
+        if _compat.uses_weight_decay(self, variable):
+            rate = ops.cast(learning_rate, "float32") * ops.cast(self.weight_decay, "float32")
+            decay = ops.multiply(before, -rate)
+        stand_in = before if decay is None else ops.add(before, decay)
+        view = _View(variable, before, decay)
+        self._scratch.views[id(stand_in)] = view
+        try:
+            super().update_step(ops.cast(_dense(gradient), "float32"), stand_in, learning_rate)
+        finally:
+            del self._scratch.views[id(stand_in)]
+        if not view.written and decay is not None:
+            self._write_weight(view, ops.zeros_like(before))
+
+    def assign(self, variable: Any, value: Any) -> None:
+        if not self._write(variable, value, None):
+            super().assign(variable, value)
+
+    def assign_add(self, variable: Any, value: Any) -> None:
+        if not self._write(variable, value, 1.0):
+            super().assign_add(variable, value)
+
+    def assign_sub(self, variable: Any, value: Any) -> None:
+        if not self._write(variable, value, -1.0):
+            super().assign_sub(variable, value)
+
+    def _write(self, target: Any, value: Any, sign: Optional[float]) -> bool:
+        """A compensated write, if `target` is a 16-bit weight's stand-in or a 16-bit slot."""
+        view = self._scratch.views.get(id(target))
+        value = ops.cast(_dense(value), "float32")
+        if view is not None:
+            if sign is None:
+                update = ops.subtract(value, view.before)
+            else:
+                update = value if sign > 0 else ops.negative(value)
+                if view.decay is not None:
+                    update = ops.add(update, view.decay)
+            self._write_weight(view, update)
+            return True
+        stream = self._scratch.streams.get(id(target))
+        if stream is None or self.rounding == "nearest" or not is_half(target):
+            return False
+        new = value if sign is None else ops.add(ops.cast(target, "float32"), sign * value)
+        super().assign(target, rounding_lib.stochastic_round(new, self._bits(new, stream)))
+        return True
+
+    def _bits(self, like: Any, stream: int) -> Any:
+        key = ops.add(ops.multiply(ops.cast(self.iterations, "int64"), 2 ** 24), stream)
+        return random_bits(ops.shape(like), self._rounding_seed, key)
+
+    def _write_weight(self, view: _View, update: Any) -> None:
+        variable, before = view.variable, view.before
+        index = _compat.variable_index(self, variable)
+        compensation = None
+        if self.rounding == "kahan":
+            buffer = self._kahan[index]
+            new, carried = rounding_lib.kahan_add(variable, buffer, update)
+            compensation = (ops.cast(buffer, "float32"), ops.cast(carried, "float32"))
+            super().assign(buffer, carried)
+        elif self.rounding == "stochastic":
+            total = ops.add(before, update)
+            new = rounding_lib.stochastic_round(total, self._bits(total, index))
+        else:
+            new = rounding_lib.nearest(ops.add(before, update), variable.dtype)
+        if self.lost_updates_every:
+            self._sample_lost(index, update, before, new, compensation)
+        super().assign(variable, new)
+        view.written = True
+
+    def _sample_lost(self, index: int, update: Any, before: Any, new: Any,
+                     compensation: Any) -> None:
+        def sample() -> None:
+            lost, seen = rounding_lib.lost_counts(update, before, new, self.rounding,
+                                                  compensation)
+            for counts, value in ((self._lost, lost), (self._seen, seen)):
+                counts.assign(ops.slice_update(counts, [index], ops.reshape(value, (1,))))
+
+        due = ops.equal(ops.mod(self.iterations, self.lost_updates_every), 0)
+        ops.cond(due, sample, lambda: None)
+
+    # ---------------------------------------------------------------- reading
+
+    def lost_updates_share(self) -> Any:
+        """The share of nonzero updates of 16-bit weights lost at each one's last sample
+        (a float32 tensor; 0 before the first sample)."""
+        if not self.built:
+            return ops.zeros((), "float32")
+        return ops.divide(ops.sum(self._lost), ops.maximum(ops.sum(self._seen), 1.0))
+
+    @property
+    def lost_updates(self) -> float:
+        """`lost_updates_share()` as a Python float."""
+        return float(ops.convert_to_numpy(self.lost_updates_share()))
+
+    def get_config(self) -> dict[str, Any]:
+        """The wrapped class's config plus the compensation options."""
+        config = super().get_config()
+        config.update({name: getattr(self, name) for name in _OPTIONS})
+        return config
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def compensated_class(base: type) -> type:
+    """The compensated subclass of a Keras optimizer class (made once, registered for
+    `.keras` loading as `tfmp>Compensated<Name>`).
+
+    Args:
+        base: A `keras.optimizers.Optimizer` subclass.
+
+    Returns:
+        `base` itself if it is compensated already, else `Compensated<base>`.
+    """
+    if issubclass(base, CompensatedOptimizer):
+        return base
+    if base not in _CLASSES:
+        name = f"Compensated{base.__name__}"
+        cls = type(name, (CompensatedOptimizer, base), {
+            "__module__": __name__,
+            "__doc__": f"`{base.__name__}` for 16-bit weights (see `CompensatedOptimizer`).",
+        })
+        _CLASSES[base] = keras.saving.register_keras_serializable(package="tfmp", name=name)(cls)
+    return _CLASSES[base]
+
+
+for _base in (keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW,
+              keras.optimizers.RMSprop, keras.optimizers.Adagrad, keras.optimizers.Adamax,
+              keras.optimizers.Nadam, keras.optimizers.Lion, keras.optimizers.Adadelta):
+    compensated_class(_base)  # loadable from a .keras file before any compensate() call
+
+
+def compensate(optimizer: Union[str, keras.optimizers.Optimizer], *,
+               rounding: str = DEFAULT_ROUNDING, slots_dtype: str = DEFAULT_SLOTS_DTYPE,
+               lost_updates_every: int = DEFAULT_LOST_UPDATES_EVERY,
+               seed: Optional[int] = None) -> keras.optimizers.Optimizer:
+    """Makes `optimizer` keep the small updates of 16-bit weights (in place).
+
+    Args:
+        optimizer: A Keras optimizer or its name, not built yet; a loss-scale optimizer's
+            inner optimizer is compensated.
+        rounding, slots_dtype, lost_updates_every, seed: See `CompensatedOptimizer`.
+
+    Returns:
+        The optimizer given (its class now `Compensated<Class>`, a subclass of its own).
+
+    Raises:
+        ValueError: an option out of range; an optimizer already built or already
+            compensated; not a Keras optimizer.
+
+    Example:
+    >>> keras.config.set_dtype_policy("bfloat16")  # bfloat16 weights and slots
+    >>> opt = tfmp.compensate(keras.optimizers.Adam(1e-4))
+    >>> model.compile(opt, "sparse_categorical_crossentropy")
+    """
+    if isinstance(optimizer, str):
+        optimizer = keras.optimizers.get(optimizer)
+    target = getattr(optimizer, "inner_optimizer", optimizer)
+    if not isinstance(target, keras.optimizers.Optimizer):
+        raise ValueError(f"compensate() takes a Keras optimizer; got {optimizer!r}")
+    if isinstance(target, CompensatedOptimizer):
+        raise ValueError(f"{type(target).__name__} is compensated already "
+                         f"(rounding={target.rounding!r})")
+    if target.built or getattr(optimizer, "built", False):
+        raise ValueError(f"{type(target).__name__} is built already: compensate it before "
+                         "its first step (its slots are created in its dtype choice)")
+    cls = compensated_class(type(target))
+    seed = _checked_seed(rounding, slots_dtype, lost_updates_every, seed)  # before any change
+    target.__class__ = cls
+    target.init_compensation(rounding, slots_dtype, lost_updates_every, seed)
+    return optimizer

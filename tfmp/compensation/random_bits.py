@@ -1,0 +1,31 @@
+"""The random bits stochastic rounding adds (TensorFlow's stateless random ops).
+
+Stateless: the bits are a function of a seed pair alone, so every replica of a
+mirrored variable draws the same bits and rounds the same way (a stateful
+generator per replica would let the copies drift apart), and a resumed run draws
+what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from tfmp.compensation.rounding import RANDOM_BITS
+
+
+def random_bits(shape: Any, seed: Any, stream: Any) -> Any:
+    """int32 values uniform in [0, 2**16), a function of `(seed, stream)` only.
+
+    Args:
+        shape: The shape to draw.
+        seed: An integer scalar (the optimizer's rounding seed).
+        stream: An integer scalar distinct for every write (step and variable).
+
+    Returns:
+        An int32 tensor of `shape`.
+    """
+    pair = tf.stack([tf.cast(seed, tf.int64), tf.cast(stream, tf.int64)])
+    return tf.random.stateless_uniform(shape, seed=pair, minval=0, maxval=2 ** RANDOM_BITS,
+                                       dtype=tf.int32)

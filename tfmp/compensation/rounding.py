@@ -1,0 +1,104 @@
+"""Writing a float32 value into a 16-bit weight without losing small updates (`keras.ops`).
+
+Three ways to round `w + u` (the weight plus its update, in float32) back to the
+weight's 16-bit dtype:
+
+- `nearest`: what Keras does. An update smaller than half a unit in the last place
+  of the weight leaves it unchanged: it is lost.
+- `kahan_add`: compensated summation. A 16-bit buffer `c` per weight carries what
+  rounding dropped into the next step (optimi's Kahan summation).
+- `stochastic_round` (bfloat16 only): rounds up with probability equal to the
+  fraction of a unit dropped, so the weight is right in expectation (torchao's
+  `bf16_stochastic_round`, llm.c).
+
+`lost_counts` says how many nonzero updates each one lost on a step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from keras import ops
+
+# The low 16 bits of a float32 are what bfloat16 drops.
+_HIGH_HALF = -65536  # 0xFFFF0000 as an int32
+RANDOM_BITS = 16
+
+
+def nearest(value: Any, dtype: str) -> Any:
+    """`value` rounded to the nearest `dtype` (the cast Keras' optimizers do)."""
+    return ops.cast(value, dtype)
+
+
+def stochastic_round(value: Any, bits: Any) -> Any:
+    """Rounds float32 `value` to bfloat16, up or down at random, unbiased.
+
+    Adds `bits` (uniform integers in [0, 2**16)) to the float32's low 16 bits and
+    clears them: the magnitude is rounded away from zero with probability equal to
+    the fraction of a bfloat16 unit those bits held. A carry past bfloat16's largest
+    value rounds to nearest instead (never to inf); inf and NaN stay what they are.
+
+    Args:
+        value: A float32 tensor.
+        bits: int32 tensor of `value`'s shape, uniform in [0, 2**16).
+
+    Returns:
+        A bfloat16 tensor.
+    """
+    value = ops.cast(value, "float32")
+    raised = ops.bitwise_and(ops.add(ops.view(value, "int32"), bits), _HIGH_HALF)
+    rounded = ops.view(raised, "float32")
+    finite = ops.isfinite(value)
+    rounded = ops.where(ops.logical_and(finite, ops.isfinite(rounded)), rounded, value)
+    return ops.cast(rounded, "bfloat16")
+
+
+def kahan_add(weight: Any, compensation: Any, update: Any) -> tuple[Any, Any]:
+    """`weight + update` in `weight`'s dtype, what rounding drops carried in `compensation`.
+
+    In float32: `y = update + c`, `s = w + y`, `w' = round(s)`, `c' = round(y - (w' - w))`.
+
+    Args:
+        weight: The 16-bit weight.
+        compensation: Its buffer (same dtype and shape).
+        update: The float32 update to add.
+
+    Returns:
+        `(new_weight, new_compensation)`, both in `weight`'s dtype.
+    """
+    dtype = weight.dtype
+    w = ops.cast(weight, "float32")
+    y = ops.add(ops.cast(update, "float32"), ops.cast(compensation, "float32"))
+    new = ops.cast(ops.add(w, y), dtype)
+    carried = ops.subtract(y, ops.subtract(ops.cast(new, "float32"), w))
+    return new, ops.cast(carried, dtype)
+
+
+def lost_counts(update: Any, before: Any, after: Any, rounding: str,
+                compensation: Optional[tuple[Any, Any]] = None) -> tuple[Any, Any]:
+    """How many nonzero updates a write lost, and how many there were (float32 scalars).
+
+    An update is lost when nothing kept it: under `nearest` the weight did not move;
+    under `kahan` neither the weight nor its buffer moved; under `stochastic` the
+    float32 sum `w + u` already equals `w` (rounding up or down at random is right in
+    expectation, so a weight left unchanged on one step has not lost the update).
+
+    Args:
+        update: The float32 update.
+        before: The weight before, in float32.
+        after: The weight after (16 bits).
+        rounding: `"nearest"`, `"kahan"` or `"stochastic"`.
+        compensation: `(before, after)` of the Kahan buffer, under `kahan`.
+
+    Returns:
+        `(lost, nonzero)`.
+    """
+    nonzero = ops.not_equal(update, 0.0)
+    if rounding == "stochastic":
+        kept = ops.not_equal(ops.add(before, update), before)
+    else:
+        kept = ops.not_equal(ops.cast(after, "float32"), before)
+        if compensation is not None:
+            kept = ops.logical_or(kept, ops.not_equal(*compensation))
+    lost = ops.logical_and(nonzero, ops.logical_not(kept))
+    return (ops.sum(ops.cast(lost, "float32")), ops.sum(ops.cast(nonzero, "float32")))
