@@ -4,7 +4,7 @@
 float32 and write it back by stochastic rounding or with a Kahan buffer, so that
 updates smaller than the weight's precision are not lost; `CompensatedOptimizer` is
 the type it returns. The rounding itself is `keras.ops` (`rounding`); the random bits
-are TensorFlow's stateless random ops (`random_bits`).
+are TensorFlow's stateless random ops (`tf_ops`).
 """
 
 from tfmp.compensation.optimizer import CompensatedOptimizer, compensate

@@ -76,29 +76,31 @@ def kahan_add(weight: Any, compensation: Any, update: Any) -> tuple[Any, Any]:
 
 def lost_counts(update: Any, before: Any, after: Any, rounding: str,
                 compensation: Optional[tuple[Any, Any]] = None) -> tuple[Any, Any]:
-    """How many nonzero updates a write lost, and how many there were (float32 scalars).
+    """How many updates a 16-bit write lost that a float32 weight would have kept.
 
-    An update is lost when nothing kept it: under `nearest` the weight did not move;
-    under `kahan` neither the weight nor its buffer moved; under `stochastic` the
-    float32 sum `w + u` already equals `w` (rounding up or down at random is right in
-    expectation, so a weight left unchanged on one step has not lost the update).
+    Counted: the updates that change the weight in float32 (`w + u != w`; an update
+    below float32's own precision is lost with float32 weights too). Lost: those that
+    nothing kept: under `nearest` the weight did not move; under `kahan` neither the
+    weight nor its buffer moved. Stochastic rounding keeps every one of them in
+    expectation (its random bits reach float32's last bit), so it loses none: it is
+    not measured (`rounding="stochastic"` gives 0 lost).
 
     Args:
         update: The float32 update.
         before: The weight before, in float32.
         after: The weight after (16 bits).
         rounding: `"nearest"`, `"kahan"` or `"stochastic"`.
-        compensation: `(before, after)` of the Kahan buffer, under `kahan`.
+        compensation: `(before, after)` of the Kahan buffer (float32), under `kahan`.
 
     Returns:
-        `(lost, nonzero)`.
+        `(lost, counted)`, float32 scalars.
     """
-    nonzero = ops.not_equal(update, 0.0)
+    counted = ops.not_equal(ops.add(before, update), before)
     if rounding == "stochastic":
-        kept = ops.not_equal(ops.add(before, update), before)
+        kept = counted
     else:
         kept = ops.not_equal(ops.cast(after, "float32"), before)
         if compensation is not None:
             kept = ops.logical_or(kept, ops.not_equal(*compensation))
-    lost = ops.logical_and(nonzero, ops.logical_not(kept))
-    return (ops.sum(ops.cast(lost, "float32")), ops.sum(ops.cast(nonzero, "float32")))
+    lost = ops.logical_and(counted, ops.logical_not(kept))
+    return (ops.sum(ops.cast(lost, "float32")), ops.sum(ops.cast(counted, "float32")))

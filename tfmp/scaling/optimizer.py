@@ -20,6 +20,7 @@ from absl import logging
 from keras import ops
 
 from tfmp import _compat
+from tfmp.compensation import CompensatedOptimizer
 from tfmp.scaling import numerics, replicas
 from tfmp.scaling.arguments import (DEFAULT_GROWTH_INTERVAL, DEFAULT_INITIAL_SCALE, ScaleRule,
                                     check_scale, default_scale_bounds, one_of,
@@ -292,6 +293,8 @@ class DynamicLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
             self.built = True
         if unscale and not self._unit_scale:
             grads = self._unscale(grads, trainable_variables)
+        if isinstance(self.inner_optimizer, CompensatedOptimizer):  # before any all-reduce
+            grads = self.inner_optimizer.gradients_for_apply(grads)
         # The decision is made on the *unscaled* gradients: a scale that reads 0
         # (or overflows the division) can never let a non-finite update through.
         replicas.decide_and_apply(self, grads, trainable_variables)

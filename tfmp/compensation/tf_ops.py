@@ -1,4 +1,5 @@
-"""The random bits stochastic rounding adds (TensorFlow's stateless random ops).
+"""What compensation needs from TensorFlow: the random bits stochastic rounding adds
+(stateless random ops), and whether several replicas share the update.
 
 Stateless: the bits are a function of a seed pair alone, so every replica of a
 mirrored variable draws the same bits and rounds the same way (a stateful
@@ -29,3 +30,8 @@ def random_bits(shape: Any, seed: Any, stream: Any) -> Any:
     pair = tf.stack([tf.cast(seed, tf.int64), tf.cast(stream, tf.int64)])
     return tf.random.stateless_uniform(shape, seed=pair, minval=0, maxval=2 ** RANDOM_BITS,
                                        dtype=tf.int32)
+
+
+def several_replicas() -> bool:
+    """True inside a `tf.distribute` strategy with more than one replica in sync."""
+    return tf.distribute.has_strategy() and tf.distribute.get_strategy().num_replicas_in_sync > 1
