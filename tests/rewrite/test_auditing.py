@@ -71,6 +71,30 @@ def test_half_variables_and_optimizer_slots():
     assert model.layers[0].kernel.path in paths
 
 
+@pytest.mark.parametrize("rounding", ["stochastic", "kahan", "nearest"])
+def test_16_bit_weights_pass_only_with_an_optimizer_that_keeps_their_updates(rounding):
+    _set("bf16")  # the global policy mixed_bfloat16; the hidden layer stores bfloat16
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, dtype="bfloat16"),
+                              keras.layers.Dense(4, dtype="float32")])
+    opt = tfmp.compensate(keras.optimizers.Adam(), rounding=rounding)
+    opt.build(model.trainable_variables)
+    report = tfmp.audit(model, opt, hardware=CPU)
+    if rounding == "nearest":  # Keras' rounding: the updates are lost, the error stays
+        variable = [f for f in report.findings if f.code == "variable-not-float32"]
+        assert variable and "tfmp.compensate(optimizer)" in variable[0].fix
+        assert "weights_dtype='bfloat16'" in variable[0].fix
+        assert "optimizer-slot-not-float32" in report.codes()
+    else:
+        assert report.ok, str(report)
+        assert {"variables-compensated"} == report.codes(), str(report)
+        found = report.findings[0]
+        assert found.severity == "info" and f"rounding={rounding!r}" in found.problem
+        assert found.problem.startswith("2 variable(s) in 16 bits")
+    stock = keras.optimizers.Adam()
+    assert {"variable-not-float32", "optimizer-slot-not-float32"} <= tfmp.audit(
+        model, stock, hardware=CPU).codes()
+
+
 def test_fp16_without_loss_scaling():
     _set("fp16")
     report = tfmp.audit(_model(), keras.optimizers.Adam(), hardware=GPU)

@@ -1,7 +1,8 @@
 """The loss-scale counters a train step reports: read from any optimizer, shown in the logs.
 
 `ScaleCounters` is a metric the tfmp callbacks attach to the model, so that every
-train step returns `loss_scale`, `skipped_steps` and `nan_losses` with the logs
+train step returns `loss_scale`, `skipped_steps` and `nan_losses` (and `lost_updates`
+with a compensated optimizer) with the logs
 Keras fetches anyway; `read_scale_state` reads them on the host when a callback
 needs the whole state.
 """
@@ -17,6 +18,7 @@ import keras
 from keras import ops
 
 from tfmp import _compat
+from tfmp.compensation import CompensatedOptimizer
 from tfmp.scaling import DynamicLossScaleOptimizer
 
 UNKNOWN = -1
@@ -88,6 +90,13 @@ def _fetch(variables: list[Any]) -> list[float]:
 
 
 SCALE_KEY, SKIPPED_KEY, NAN_KEY = "loss_scale", "skipped_steps", "nan_losses"
+LOST_KEY = "lost_updates"  # with a compensated optimizer (tfmp.compensate)
+
+
+def compensated(optimizer: Optional[keras.optimizers.Optimizer]) -> Optional[CompensatedOptimizer]:
+    """The `CompensatedOptimizer` `optimizer` is or wraps, else None."""
+    inner = _inner(optimizer) if optimizer is not None else None
+    return inner if isinstance(inner, CompensatedOptimizer) else None
 
 
 class Shown(float):
@@ -109,13 +118,22 @@ class Shown(float):
 def readable_counters(logs: Optional[dict]) -> None:
     """Makes the counters in `logs` print as whole numbers (in place)."""
     if logs:
-        for key in (SCALE_KEY, SKIPPED_KEY, NAN_KEY):
+        for key in (SCALE_KEY, SKIPPED_KEY, NAN_KEY, LOST_KEY):
             if key in logs and is_finite_number(logs[key]):
                 logs[key] = Shown(float(logs[key]))
 
 
 def scale_counters(optimizer: Optional[keras.optimizers.Optimizer]) -> dict[str, Any]:
-    """The counters to report, as tensors, read inside the train step (float32)."""
+    """The counters to report, as tensors, read inside the train step (float32); with a
+    compensated optimizer also `lost_updates` (its share at the last sample)."""
+    counters = _loss_scale_counters(optimizer)
+    inner = compensated(optimizer)
+    if inner is not None and inner.built:
+        counters[LOST_KEY] = inner.lost_updates_share()
+    return counters
+
+
+def _loss_scale_counters(optimizer: Optional[keras.optimizers.Optimizer]) -> dict[str, Any]:
     if isinstance(optimizer, DynamicLossScaleOptimizer) and optimizer.built:
         return {
             SCALE_KEY: ops.cast(optimizer.dynamic_scale, "float32"),

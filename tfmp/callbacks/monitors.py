@@ -18,12 +18,14 @@ from absl import logging
 from tfmp import _compat
 from tfmp._messages import warn
 from tfmp.callbacks.counters import (
+    LOST_KEY,
     NAN_KEY,
     SCALE_KEY,
     SKIPPED_KEY,
     UNKNOWN,
     ScaleState,
     attach_scale_counters,
+    compensated,
     first_nonfinite_variable,
     is_finite_number,
     read_scale_state,
@@ -38,6 +40,8 @@ from tfmp.callbacks.events import (
     NonFiniteError,
     diagnose,
 )
+from tfmp.callbacks.lost_updates import (DEFAULT_LOST_WARN, lost_updates_warning,
+                                         uncompensated_half_weights)
 from tfmp.callbacks.summaries import ScalarWriter
 from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
 from tfmp.rewrite.replay import half_dtypes
@@ -85,6 +89,8 @@ class _CountersCallback(keras.callbacks.Callback):
         self._last = {SCALE_KEY: self._begin_state.scale,
                       SKIPPED_KEY: max(self._begin_state.skipped_steps, 0),
                       NAN_KEY: max(self._begin_state.nonfinite_losses, 0)}
+        if compensated(self.model.optimizer) is not None:
+            self._last[LOST_KEY] = 0.0
         self._started()
 
     def _started(self) -> None:
@@ -109,7 +115,7 @@ class _CountersCallback(keras.callbacks.Callback):
 
 
 class LossScaleMonitor(_CountersCallback):
-    """Shows `loss_scale`, `skipped_steps` and `nan_losses` and warns when the scale sinks.
+    """Shows `loss_scale`, `skipped_steps`, `nan_losses` (and `lost_updates`) and warns.
 
     Every batch's and epoch's logs get the three counters (through a metric the
     callback attaches to the model). Works with any optimizer: without loss
@@ -124,10 +130,14 @@ class LossScaleMonitor(_CountersCallback):
             scalars there (the stock `TensorBoard` callback sees the logs anyway).
         backoff_window: Steps over which back-offs are counted.
         backoff_warn: Warn (once per episode) after this many back-offs in the window.
+        lost_warn: With 16-bit weights and a compensated optimizer (`tfmp.compensate`),
+            warn (once per fit) when `lost_updates` passes this share. With 16-bit
+            weights and an optimizer that does not compensate, a warning at the start.
 
     After training, `summary` (a dict; also `logs["tfmp_summary"]` at
     `on_train_end`) holds the policy, scale start/end/min, overflow steps skipped
-    and their share, and NaN losses; one line is logged through absl.
+    and their share, NaN losses and `lost_updates` (the last sampled share; None
+    without a compensated optimizer); one line is logged through absl.
 
     Example:
     >>> model.fit(x, y, callbacks=[tfmp.callbacks.LossScaleMonitor(), keras.callbacks.CSVLogger("log.csv")])
@@ -135,8 +145,11 @@ class LossScaleMonitor(_CountersCallback):
 
     def __init__(self, warn_below: float = 1024.0, log_every: int = 1,
                  tensorboard_dir: Optional[str] = None, backoff_window: int = 200,
-                 backoff_warn: int = 3) -> None:
+                 backoff_warn: int = 3, lost_warn: float = DEFAULT_LOST_WARN) -> None:
         super().__init__()
+        if isinstance(lost_warn, str) or not (is_finite_number(lost_warn) and 0 <= lost_warn <= 1):
+            raise ValueError(f"`lost_warn` must be a share in [0, 1]; got lost_warn={lost_warn!r}.")
+        self.lost_warn = float(lost_warn)
         if not is_finite_number(warn_below) or isinstance(warn_below, str) or warn_below < 0:
             raise ValueError(f"`warn_below` must be a number >= 0; got warn_below={warn_below!r}.")
         for name, value in (("log_every", log_every), ("backoff_window", backoff_window),
@@ -152,7 +165,10 @@ class LossScaleMonitor(_CountersCallback):
     def on_train_begin(self, logs=None) -> None:
         super().on_train_begin(logs)
         self._backoffs: collections.deque[int] = collections.deque()
-        self._low_warned = self._backoff_warned = False
+        self._low_warned = self._backoff_warned = self._lost_warned = False
+        message = uncompensated_half_weights(self.model)
+        if message:
+            warn(message)
         self._calls = 0
         self._writer = ScalarWriter(self.tensorboard_dir) if self.tensorboard_dir else None
 
@@ -172,9 +188,12 @@ class LossScaleMonitor(_CountersCallback):
             self._backoffs.popleft()
         if self._begin_state.dynamic:
             self._check_warnings(scale)
+        if self._last.get(LOST_KEY, 0.0) > self.lost_warn and not self._lost_warned:
+            self._lost_warned, lost = True, self._last[LOST_KEY]
+            warn(lost_updates_warning(self.model.optimizer, lost, self._step))
         if self._writer is not None:
-            self._writer.write(self._step, {SCALE_KEY: scale,
-                                            SKIPPED_KEY: self._last[SKIPPED_KEY]})
+            shown = (SCALE_KEY, SKIPPED_KEY, LOST_KEY)
+            self._writer.write(self._step, {k: self._last[k] for k in shown if k in self._last})
 
     def _check_warnings(self, scale: float) -> None:
         def where() -> str:  # reads the optimizer: only when warning
@@ -214,14 +233,16 @@ class LossScaleMonitor(_CountersCallback):
             "steps": steps,
             "start_step": start.steps,
             "nan_losses": nan_losses,
+            "lost_updates": self._last.get(LOST_KEY),
         }
         s = self.summary
         logging.info(
             "tfmp summary: policy=%s loss_scale start=%g end=%g min=%g, overflow steps "
-            "skipped=%d (%.2f%% of %d), NaN losses=%s",
+            "skipped=%d (%.2f%% of %d), NaN losses=%s%s",
             s["policy"], s["loss_scale_start"], s["loss_scale_end"], s["loss_scale_min"],
             overflow, 100 * s["overflow_share"], steps,
             "unknown" if nan_losses == UNKNOWN else nan_losses,
+            "" if s["lost_updates"] is None else f", lost updates={s['lost_updates']:.2%}",
         )
         if logs is not None:
             logs["tfmp_summary"] = dict(self.summary)
