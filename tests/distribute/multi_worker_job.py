@@ -4,9 +4,10 @@ A tiny regression model built under MultiWorkerMirroredStrategy, set up by
 tfmp.prepare, trained with plain `model.fit`. Each worker reads its own data
 (auto-sharding off; 16 rows per worker and step); with `inject`, one step of worker 1 is
 large enough that its float16 gradients overflow (the other worker's are clean).
-With `nofix`, tfmp's multi-worker fit fix is off (`TFMP_MULTI_WORKER_FIX=off`) and the
+With `weights`, a
+bfloat16 variable is created and the error it raises recorded. With `nofix`, tfmp's multi-worker fit fix is off (`TFMP_MULTI_WORKER_FIX=off`) and the
 error Keras' `fit` raises is recorded instead of the final state (put it last).
-Each SCENARIO (`PRECISION[+inject][+accum][+nofix]`) trains a model of its own, one after the other
+Each SCENARIO (`PRECISION[+inject][+accum][+weights][+nofix]`) trains a model of its own, one after the other
 in the same processes and cluster (one launch, TensorFlow started once per worker), and
 writes its final state to OUT/<SCENARIO>/worker<i>.json.
 
@@ -38,8 +39,23 @@ def pipeline(x):
     return ds.with_options(options)
 
 
+def bfloat16_variable_error():
+    """What creating a bfloat16 variable under the strategy raises (None if it works)."""
+    try:
+        with strategy.scope():
+            keras.Variable(np.ones((4,), "float32"), dtype="bfloat16")
+        return None
+    except Exception as e:  # noqa: BLE001 (recorded for the test)
+        return f"{type(e).__name__}: {e}"
+
+
 def train(scenario):
     precision, *options = scenario.split("+")
+    if "weights" in options:  # 16-bit weights: can the cluster hold them at all?
+        os.makedirs(os.path.join(out, scenario), exist_ok=True)
+        with open(os.path.join(out, scenario, f"worker{index}.json"), "w") as f:
+            json.dump({"error": bfloat16_variable_error()}, f)
+        return
     if "nofix" in options:
         os.environ["TFMP_MULTI_WORKER_FIX"] = "off"
     with strategy.scope():
