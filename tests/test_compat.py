@@ -243,6 +243,36 @@ def test_the_restated_apply_is_keras_apply(feature, accumulation):
 
 # ---------------------------------------------------------------- models and trainers
 
+def test_a_stand_in_finds_its_variable_slots_and_decay_is_left_to_the_subclass():
+    class Viewed(_compat.ViewedUpdates, keras.optimizers.AdamW):
+        stand_ins = {}
+
+        def view_owner(self, variable):
+            return self.stand_ins.get(id(variable))
+
+        def decays_itself(self, variable):
+            return variable.name == "mine"
+
+    mine, theirs = (keras.Variable(np.ones(3, "float32"), name=n) for n in ("mine", "theirs"))
+    opt = Viewed(0.1, weight_decay=0.5)
+    opt.build([mine, theirs])
+    stand_in = tf.ones(3)
+    Viewed.stand_ins[id(stand_in)] = mine.value
+    expect(opt._get_variable_index(stand_in) == 0, "BaseOptimizer._get_variable_index reads "
+           "_var_key: a stand-in keyed by its variable finds that variable's slots")
+    opt._apply_weight_decay([mine, theirs])
+    expect(float(mine.numpy()[0]) == 1.0 and abs(float(theirs.numpy()[0]) - 0.95) < 1e-6,
+           "BaseOptimizer._apply_weight_decay decays the variables it is given, and only them")
+    expect(_compat.uses_weight_decay(opt, theirs), "BaseOptimizer._use_weight_decay")
+    opt.exclude_from_weight_decay(var_names=["theirs"])
+    expect(not _compat.uses_weight_decay(opt, theirs), "exclude_from_weight_decay is read")
+    half = keras.Variable(np.ones(2, "float32"), dtype="bfloat16", name="half")
+    with _compat.reading_dtype(half, "float32"):
+        slot = keras.optimizers.SGD().add_variable_from_reference(half, "momentum")
+    expect(str(slot.dtype) == "float32" and str(half.dtype) == "bfloat16",
+           "add_variable_from_reference reads the reference's dtype (KerasVariable._dtype)")
+
+
 def test_an_instance_step_wrapper_is_what_fit_runs():
     model = _dense_model()
     model.compile("sgd", "mse")
