@@ -198,3 +198,17 @@ def test_built_twice_compensated_or_not_an_optimizer_is_refused():
     wrapped = tfmp.DynamicLossScaleOptimizer(keras.optimizers.SGD())
     assert compensate(wrapped) is wrapped
     assert isinstance(wrapped.inner_optimizer, CompensatedOptimizer)
+
+
+def test_the_lost_share_is_sampled_every_n_updates_on_a_few_elements():
+    variable = keras.Variable(np.ones((100, 100), "float32"), dtype="bfloat16")
+    opt = compensate(keras.optimizers.SGD(1.0), rounding="nearest", lost_updates_every=3)
+    seen = []
+    for step in range(7):  # updates of 1e-3 (lost at 1.0) and, from step 4, of 0.5 (kept)
+        size = 1e-3 if step < 4 else 0.5
+        opt.apply([tf.fill((100, 100), tf.constant(-size, "bfloat16"))], [variable])
+        seen.append(opt.lost_updates)
+    # sampled at updates 0, 3 and 6 only; the share moves from all lost to none lost
+    assert seen == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    counted = float(opt._counts[0].numpy()[1])
+    assert 0 < counted <= 4096 < 100 * 100  # a sample of the elements, not all of them

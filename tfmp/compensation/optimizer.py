@@ -12,6 +12,8 @@ does.
 
 from __future__ import annotations
 
+import functools
+import math
 import random
 from typing import Any, Optional, Union
 
@@ -28,6 +30,7 @@ SLOT_DTYPES = ("bfloat16", "float32")
 DEFAULT_ROUNDING = "stochastic"
 DEFAULT_SLOTS_DTYPE = "bfloat16"
 DEFAULT_LOST_UPDATES_EVERY = 50
+SAMPLED_ELEMENTS = 4096  # per weight and sample: the lost share is a statistic, not a census
 _FLOAT32_SLOTS = ("gradient_accumulator", "average")  # sums and averages: kept in float32
 _OPTIONS = ("rounding", "slots_dtype", "lost_updates_every", "seed")
 
@@ -153,11 +156,9 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
                 self._scratch.dtype_for_next = keras.backend.standardize_dtype(v.dtype)
                 buffer = self.add_variable_from_reference(v, "kahan")
             self._kahan.append(buffer)
-        n = max(len(var_list), 1)
-        self._lost = self.add_variable((n,), initializer="zeros", dtype="float32",
-                                       name="lost_updates")
-        self._seen = self.add_variable((n,), initializer="zeros", dtype="float32",
-                                       name="sampled_updates")
+        self._counts = [  # per 16-bit weight: [lost, counted] at its last sample
+            self.add_variable_from_reference(v, "lost_updates") if is_half(v) else None
+            for v in var_list] if self.lost_updates_every and self.rounding != "stochastic" else []
         self._rounding_seed = self.add_variable(
             (), initializer=keras.initializers.Constant(self.seed), dtype="int64",
             name="rounding_seed")
@@ -168,6 +169,9 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
                                     initializer: Any = "zeros") -> Any:
         """Keras' slot, in `slots_dtype` for a 16-bit weight (float32 for accumulators)."""
         dtype = keras.backend.standardize_dtype(reference_variable.dtype)
+        if name == "lost_updates":  # two counts, not a slot of the weight's shape
+            return self.add_variable((2,), initializer="zeros", dtype="float32",
+                                     name=f"{reference_variable.path.replace('/', '_')}_{name}")
         wanted, self._scratch.dtype_for_next = self._scratch.dtype_for_next, None
         if wanted is None and dtype in HALF_DTYPES:
             wanted = "float32" if name in _FLOAT32_SLOTS else self.slots_dtype
@@ -282,18 +286,26 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
             new = rounding_lib.stochastic_round(total, self._bits(total, index))
         else:
             new = rounding_lib.nearest(ops.add(before, update), variable.dtype)
-        if self.lost_updates_every and self.rounding != "stochastic":  # it loses none
-            self._sample_lost(index, update, before, new, compensation)
+        if self._counts:  # measured (stochastic rounding loses none)
+            self._sample_lost(self._counts[index], update, before, new, compensation)
         super().assign(variable, new)
         view.written = True
 
-    def _sample_lost(self, index: int, update: Any, before: Any, new: Any,
+    def _sample_lost(self, counts: Any, update: Any, before: Any, new: Any,
                      compensation: Any) -> None:
+        """Every `lost_updates_every` updates, `counts` = [lost, counted] over at most
+        `SAMPLED_ELEMENTS` evenly spaced elements of the weight (its own counts: no write
+        shared between weights, which would order their updates one after the other)."""
+        size = math.prod(int(d) for d in update.shape)
+        picked = ops.arange(0, size, -(-size // SAMPLED_ELEMENTS))  # at most that many
+
         def sample() -> None:
-            lost, seen = rounding_lib.lost_counts(update, before, new, self.rounding,
-                                                  compensation)
-            for counts, value in ((self._lost, lost), (self._seen, seen)):
-                counts.assign(ops.slice_update(counts, [index], ops.reshape(value, (1,))))
+            def pick(tensor: Any) -> Any:
+                return ops.take(ops.reshape(tensor, (-1,)), picked)
+
+            kept = None if compensation is None else tuple(pick(c) for c in compensation)
+            counts.assign(ops.stack(rounding_lib.lost_counts(
+                pick(update), pick(before), pick(new), self.rounding, kept)))
 
         due = ops.equal(ops.mod(self.iterations, self.lost_updates_every), 0)
         ops.cond(due, sample, lambda: None)
@@ -303,9 +315,11 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
     def lost_updates_share(self) -> Any:
         """The share of nonzero updates of 16-bit weights lost at each one's last sample
         (a float32 tensor; 0 before the first sample)."""
-        if not self.built:
+        counts = [c for c in getattr(self, "_counts", []) if c is not None]
+        if not counts:
             return ops.zeros((), "float32")
-        return ops.divide(ops.sum(self._lost), ops.maximum(ops.sum(self._seen), 1.0))
+        total = functools.reduce(ops.add, counts, ops.zeros((2,), "float32"))
+        return ops.divide(total[0], ops.maximum(total[1], 1.0))
 
     @property
     def lost_updates(self) -> float:
