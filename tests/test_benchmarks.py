@@ -189,4 +189,4 @@ def test_tool_bad_variant_is_one_line(bench_runs):
     assert code == 2
     assert stderr.strip().splitlines()[-1] == (
         "bench.py: error: --variants=float32,fp8: fp8 not accepted; accepted: float32, "
-        "keras_bf16, keras_fp16, tf_rewrite, tfmp_auto, tfmp_auto_guarded")
+        "keras_bf16, keras_fp16, tf_rewrite, tfmp_auto, tfmp_auto_guarded, tfmp_bf16_weights")
