@@ -32,6 +32,8 @@ VARIANTS: dict[str, str] = {
     "tfmp_auto": "tfmp.prepare(model, Adam, 'auto'): policy from the hardware, float32 islands",
     "tfmp_auto_guarded": "as tfmp_auto plus guard=True, LossScaleMonitor and NanMonitor "
                          "(what tools/train runs)",
+    "tfmp_bf16_weights": "tfmp.prepare(model, Adam, 'mixed_bfloat16', weights_dtype='bfloat16'): "
+                         "bfloat16 weights, Adam compensated (tfmp.compensate)",
 }
 REWRITE_OPTION = "auto_mixed_precision_onednn_bfloat16"
 READY_TIMEOUT = 900.0  # seconds a worker may take to import, build and warm up
@@ -55,7 +57,7 @@ def computes_in(variant: str, hardware: Any) -> str:
     if variant.startswith("tfmp_auto"):
         return {"mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}.get(
             hardware.recommended_policy, "float32")
-    return {"keras_bf16": "bfloat16", "tf_rewrite": "bfloat16",
+    return {"keras_bf16": "bfloat16", "tf_rewrite": "bfloat16", "tfmp_bf16_weights": "bfloat16",
             "keras_fp16": "float16"}.get(variant, "float32")
 
 
@@ -141,6 +143,9 @@ def _build(spec: Spec) -> tuple[Any, list, str]:
         model, optimizer = tfmp.prepare(build(**kwargs), optimizer, "auto", guard=guarded)
         if guarded:
             callbacks = [tfmp.callbacks.LossScaleMonitor(), tfmp.callbacks.NanMonitor()]
+    elif spec.variant == "tfmp_bf16_weights":
+        model, optimizer = tfmp.prepare(build(**kwargs), optimizer, "mixed_bfloat16",
+                                        weights_dtype="bfloat16")
     else:
         policy = {"keras_bf16": "mixed_bfloat16", "keras_fp16": "mixed_float16"}.get(
             spec.variant, "float32")

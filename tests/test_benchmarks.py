@@ -123,12 +123,26 @@ A100 = HardwareInfo("gpu", ("GPU:0",), ((8, 0),), frozenset())
     ("keras_bf16", T4, "bfloat16 is emulated on GPUs below compute capability 8.0"),
     ("keras_bf16", A100, None),
     ("tfmp_auto", T4, None),  # auto is mixed_float16 on a T4
+    ("tfmp_bf16_weights", CPU_AVX2, "bfloat16 is emulated on this CPU"),
+    ("tfmp_bf16_weights", CPU_BF16, None),
 ])
 def test_emulated_variants_are_named(variant, hardware, expected):
     from benchmarks import bench
 
     reason = bench.emulated(variant, hardware)
     assert (reason is None) if expected is None else reason.startswith(expected)
+
+
+def test_the_bf16_weights_variant_stores_bfloat16_weights_and_compensates():
+    import keras
+
+    from benchmarks import bench
+    from tfmp.compensation import CompensatedOptimizer
+
+    model, _, policy = bench._build(bench.Spec("mlp", "default", "tfmp_bf16_weights", 8, 0.1))
+    assert policy == "mixed_bfloat16" and isinstance(model.optimizer, CompensatedOptimizer)
+    assert {v.dtype for v in model.trainable_variables if "logits" not in v.path} == {"bfloat16"}
+    keras.config.set_dtype_policy("float32")
 
 
 def test_peak_device_memory_is_read_on_a_gpu_only():
@@ -175,4 +189,4 @@ def test_tool_bad_variant_is_one_line(bench_runs):
     assert code == 2
     assert stderr.strip().splitlines()[-1] == (
         "bench.py: error: --variants=float32,fp8: fp8 not accepted; accepted: float32, "
-        "keras_bf16, keras_fp16, tf_rewrite, tfmp_auto, tfmp_auto_guarded")
+        "keras_bf16, keras_fp16, tf_rewrite, tfmp_auto, tfmp_auto_guarded, tfmp_bf16_weights")

@@ -6,6 +6,7 @@ import json
 import os
 
 import keras
+import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -40,6 +41,27 @@ def test_layer_walk_and_own_variables():
     stats = {v.name for v in _compat.own_non_trainable_variables(bn)}
     expect(stats == {"moving_mean", "moving_variance"}, f"non-trainable variables: {stats}")
     expect(_compat.own_variables(outer) == [], "a model owns none of its layers' variables")
+
+
+@pytest.mark.parametrize("scope", ["default", "mirrored"])
+def test_a_variable_is_recast_in_place_and_put_back(scope):
+    strategy = mirrored() if scope == "mirrored" else tf.distribute.get_strategy()
+    with strategy.scope():
+        model = _dense_model()
+    kernel = model.get_layer("d").kernel
+    before, backing = kernel.numpy(), kernel.value
+    undo = _compat.recast_variable(kernel, "bfloat16")
+    expect(kernel.dtype == "bfloat16" and kernel.value.dtype == tf.bfloat16,
+           "KerasVariable._initialize makes a new backend variable in KerasVariable._dtype")
+    expect(model.get_layer("d").kernel is kernel and kernel.path == "sequential/d/kernel"
+           and kernel.trainable, "the same Keras variable, its path and trainability kept")
+    np.testing.assert_array_equal(np.asarray(kernel.numpy(), "float32"),
+                                  before.astype(ml_dtypes.bfloat16).astype("float32"))
+    kernel.assign(np.ones((4, 3), "float32"))  # assign casts to the new dtype
+    expect(kernel.value.dtype == tf.bfloat16, "assign keeps the new backend variable's dtype")
+    undo()
+    expect(kernel.dtype == "float32" and kernel.value is backing, "put back as it was")
+    np.testing.assert_array_equal(kernel.numpy(), before)
 
 
 def test_symbolic_tensors_know_their_producer_and_models_their_output_structure():

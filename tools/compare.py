@@ -2,6 +2,7 @@
 
   python -m tools.compare                                  # mlp, synthetic task, float32 vs auto
   python -m tools.compare --model=cnn --policies=fp32,bf16,fp16 --steps=100 --overwrite
+  python -m tools.compare --policies=fp32,bf16,bf16w --overwrite   # bf16w: bfloat16 weights
   python -m tools.compare --model_path=runs/mlp/model.keras --policies=fp32,bf16 --overwrite
   python -m tools.compare --tolerance=0.02 --output_dir=runs/compare
 
@@ -34,7 +35,9 @@ flags.DEFINE_list("import_modules", [], cli.IMPORT_MODULES_HELP)
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_list("policies", ["float32", "auto"],
-                  "Comma-separated policies; the first is the baseline.")
+                  "Comma-separated policies, each optionally +xla; bf16w / fp16w: "
+                  "mixed_bfloat16 / mixed_float16 with 16-bit weights (tfmp.prepare's "
+                  "weights_dtype). The first is the baseline.")
 flags.DEFINE_integer("steps", 50, "Training steps per policy.", lower_bound=1)
 flags.DEFINE_integer("batch_size", 64, "Batch size.", lower_bound=1)
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")

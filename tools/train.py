@@ -32,7 +32,7 @@ PRECISIONS = (*ACCEPTED_NAMES, "tune")
 CONFIG_FLAGS = ("model", "dataset", "data_dir", "loss_scale", "initial_scale", "growth_interval",
                 "min_scale", "tpu", "num_cpu_devices", "batch_size", "epochs", "steps_per_epoch",
                 "learning_rate", "grad_accum_steps", "remat", "jit_compile", "seed", "tune_steps",
-                "nan_policy", "model_dir", "restart", "float32_layers")
+                "nan_policy", "model_dir", "restart", "float32_layers", "weights_dtype")
 
 flags.DEFINE_enum("model", "mlp", MODELS, "Reference model.")
 flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
@@ -68,6 +68,10 @@ flags.DEFINE_string("model_dir", None, "Backups, TensorBoard logs, model.keras a
 flags.DEFINE_string("float32_layers", None, "Layers to keep in float32 beside outputs, softmax "
                     "and normalization: 'auto' (tfmp.locate_overflows on 8 training batches "
                     "under a 16-bit policy) or comma-separated layer names or paths.")
+flags.DEFINE_string("weights_dtype", None, "Store the weights of the layers that compute in 16 "
+                    "bits in 16 bits (bfloat16 with --precision=bf16, float16 with fp16): half "
+                    "the weight memory, the optimizer compensated (tfmp.compensate) so small "
+                    "updates are not lost. Default: float32 weights.")
 flags.DEFINE_bool("restart", False, "Start the --model_dir's run over: move its backup/ and "
                   "tune.json aside under dated names (nothing is deleted) instead of resuming.")
 

@@ -274,3 +274,14 @@ def test_a_tfds_dataset_calibrates_and_evaluates(tmp_path):
                              calibration_data=d.train, calibration_steps=2, eval_data=d.eval)
     assert report.batches == 3 and report.batch_size == 32 and 0 <= report.exported_metric <= 1
     assert report.relative_diff <= TOLERANCE["full_int8"], report
+
+
+def test_a_model_with_bfloat16_weights_exports(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = models.get("mlp")[0](input_shape=(16,), num_classes=4, hidden=(16,))
+    model, _ = tfmp.prepare(model, "adam", "bf16", weights_dtype="bfloat16")
+    assert model.get_layer("dense_0").kernel.dtype == "bfloat16"
+    report = tfmp.export(model, str(tmp_path / "m.tflite"), "float32",
+                         eval_data=(CALIBRATION, np.zeros(len(CALIBRATION), "int32")))
+    assert report.relative_diff < TOLERANCE["float32"], report
+    assert model.get_layer("dense_0").kernel.dtype == "bfloat16"  # the model is untouched

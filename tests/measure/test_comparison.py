@@ -48,6 +48,16 @@ def _compare(build, task, **kwargs):
         return compare_precision(build, task.train, steps=STEPS, **kwargs)
 
 
+def test_bf16w_trains_with_bfloat16_weights_beside_float32(task):
+    result = compare_precision(_tiny, task.train, policies=("fp32", "BF16W"), steps=4)
+    assert result.ok, str(result)
+    base, weights = result.runs
+    assert (weights.label, weights.policy, weights.weights_dtype) == (
+        "BF16W", "mixed_bfloat16", "bfloat16")
+    assert base.weights_dtype is None and weights.losses != base.losses
+    assert json.loads(json.dumps(result.to_dict()))["runs"][1]["weights_dtype"] == "bfloat16"
+
+
 def test_healthy_model_passes_in_bf16_and_fp16(task):
     result = _compare(_tiny, task, policies=("fp32", "bf16", "fp16"), eval_data=task.eval,
                       metrics=["accuracy"])

@@ -16,7 +16,8 @@ from tfmp.measure import Comparison, Verdict
 from tfmp.precision import HardwareInfo
 from tfmp.measure import choose
 
-CPU = HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))
+CPU = HardwareInfo("cpu")  # bfloat16 emulated: no bf16w candidate by default
+CPU_BF16 = HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))
 
 
 def _timed(**speed_and_pass):
@@ -57,6 +58,19 @@ def test_choose_picks_the_policy_and_xla_together(timings, chosen):
     assert (result.policy, result.jit_compile) == chosen
     assert result.to_dict()["jit_compile"] is chosen[1]
     assert all(f"{name} {speed:.2f}x" in result.reason for name, (speed, _) in timings.items())
+
+
+def test_where_the_hardware_has_bfloat16_bfloat16_weights_are_a_candidate():
+    d = data.synthetic("vector", 32, train_examples=128, eval_examples=32)
+    build = functools.partial(models.get("mlp")[0], hidden=(16,), **d.model_kwargs())
+    result = tfmp.tune(build, d.train, steps=3, hardware=CPU_BF16, tolerance=0.5, xla=False)
+    assert list(result.speedups) == ["mixed_bfloat16", tfmp.measure.BF16_WEIGHTS]
+    assert [(r.policy, r.weights_dtype) for r in result.comparison.runs] == [
+        ("float32", None), ("mixed_bfloat16", None), ("mixed_bfloat16", "bfloat16")]
+    chosen = choose(_timed(mixed_bfloat16=(1.2, True), bf16w=(1.4, True)), {})
+    assert (chosen.policy, chosen.weights_dtype) == ("mixed_bfloat16", "bfloat16")
+    assert chosen.to_dict()["weights_dtype"] == "bfloat16"
+    assert choose(_timed(mixed_bfloat16=(1.4, True), bf16w=(1.2, True)), {}).weights_dtype is None
 
 
 def test_choose_respects_min_speedup_and_names_skipped_candidates():
@@ -148,7 +162,9 @@ def test_a_tuned_xla_choice_is_dropped_where_the_strategy_cannot_run_it():
     assert not training._tuned_xla({"jit_compile": True}, mirrored)
 
 
-def test_train_with_precision_tune_records_and_keeps_the_choice(tmp_path):
+def test_train_with_precision_tune_records_and_keeps_the_choice(tmp_path, monkeypatch):
+    # bfloat16 emulated: no bf16w arms (test_where_the_hardware_has_bfloat16_... measures them)
+    monkeypatch.setattr(training, "detect_hardware", lambda strategy=None: CPU)
     d = data.synthetic("vector", 32, train_examples=256, eval_examples=32)
     build = functools.partial(models.get("mlp")[0], hidden=(16,))
     config = training.TrainConfig(precision="tune", tune_steps=5, epochs=1, steps_per_epoch=2,
@@ -159,14 +175,17 @@ def test_train_with_precision_tune_records_and_keeps_the_choice(tmp_path):
     assert summary["jit_compile"] == summary["tune"]["jit_compile"] == _compiled_with_xla(tmp_path)
     assert set(summary["tune"]["speedups"]) <= {
         "float32+xla", "mixed_bfloat16", "mixed_bfloat16+xla", "mixed_float16"}
+    assert summary["weights_dtype"] is summary["tune"]["weights_dtype"] is None
     saved = json.loads((tmp_path / training.TUNED).read_text())
     assert (saved["policy"], saved["jit_compile"]) == (summary["policy"], summary["jit_compile"])
-    # A rerun in the same model_dir (a resume) keeps the tuned choice, whatever it was.
-    saved["policy"] = "float32" if summary["policy"] != "float32" else "mixed_bfloat16"
-    saved["jit_compile"] = not saved["jit_compile"]
+    # A rerun in the same model_dir (a resume) keeps the tuned choice, whatever it was: here
+    # bf16w (mixed_bfloat16 with bfloat16 weights), trained with its bfloat16 weights.
+    saved.update(policy="mixed_bfloat16", weights_dtype="bfloat16",
+                 jit_compile=not saved["jit_compile"])
     (tmp_path / training.TUNED).write_text(json.dumps(saved))
     again = training.train(config, build, d, tf.distribute.get_strategy())
     assert again["policy"] == saved["policy"] and "kept from" in again["policy_reason"]
+    assert again["weights_dtype"] == "bfloat16"
     assert again["jit_compile"] == saved["jit_compile"] == _compiled_with_xla(tmp_path)
     # --jit_compile compiles with XLA whatever tune picks: tune measures XLA arms only.
     forced = dataclasses.replace(config, jit_compile=True, model_dir=str(tmp_path / "xla"))

@@ -67,7 +67,7 @@ def test_a_keyword_no_precision_takes_is_refused_under_every_precision(precision
         "dat=array(["), message  # an array's many lines: short, on one line
     assert message.endswith(
         " (did you mean data?); it takes model, optimizer, precision, loss_scale, guard, "
-        "float32_islands, hardware, data, float32_layers, calibration_data and "
+        "float32_islands, hardware, data, float32_layers, calibration_data, weights_dtype and "
         "DynamicLossScaleOptimizer's initial_scale, dynamic_growth_steps, name, growth_interval, "
         "growth_factor, backoff_factor, min_scale, max_scale, hysteresis, dynamic."), message
     assert keras.config.dtype_policy().name == "float32"

@@ -10,6 +10,8 @@ import tensorflow as tf
 
 import tfmp
 from tfmp import DynamicLossScaleOptimizer as DLSO
+from tfmp.compensation import CompensatedOptimizer
+from tfmp.compensation.optimizer import DEFAULT_ROUNDING
 
 
 def test_fp16_gets_dynamic_scaling_with_args():
@@ -102,7 +104,7 @@ def test_a_keyword_no_precision_takes_is_refused_under_every_precision(policy, g
     assert "\n" not in message and message.startswith(
         "tfmp.wrap_optimizer() got keyword arguments no precision takes: foo=1, "
         "initail_scale=3 (did you mean initial_scale?); it takes optimizer, policy, loss_scale, "
-        "guard and DynamicLossScaleOptimizer's initial_scale, "), message
+        "guard, weights_dtype and DynamicLossScaleOptimizer's initial_scale, "), message
     assert message.endswith(", hysteresis, dynamic."), message
     dlso = tfmp.wrap_optimizer("sgd", "fp16", min_scale=2.0)  # an existing one: the same check
     with pytest.raises(ValueError, match=r"foo=1; it takes optimizer"):
@@ -170,3 +172,42 @@ def test_given_directly_the_inner_factor_is_turned_off_as_keras_does(caplog):
     variable = keras.Variable([1.0, 2.0])
     opt.apply([tf.constant([4.0, 8.0])], [variable])  # gradients of the loss scaled by 4
     np.testing.assert_allclose(variable.numpy(), [0.5, 1.0])  # unscaled by 4 only, lr 0.5
+
+
+@pytest.mark.parametrize("policy, weights_dtype, guard, rounding", [
+    ("bf16", "bfloat16", False, DEFAULT_ROUNDING),
+    ("bf16", "bfloat16", True, DEFAULT_ROUNDING),
+    ("fp16", "float16", False, "kahan"),  # stochastic rounding rounds to bfloat16 only
+])
+def test_weights_dtype_compensates_the_inner_optimizer(policy, weights_dtype, guard, rounding):
+    inner = keras.optimizers.Adam()
+    opt = tfmp.wrap_optimizer(inner, policy, guard=guard, weights_dtype=weights_dtype)
+    assert isinstance(opt, DLSO) == (guard or policy == "fp16")
+    assert getattr(opt, "inner_optimizer", opt) is inner  # compensated in place
+    assert isinstance(inner, CompensatedOptimizer) and isinstance(inner, keras.optimizers.Adam)
+    assert inner.rounding == rounding
+    assert tfmp.wrap_optimizer(opt, policy, weights_dtype=weights_dtype) is opt  # kept as it is
+    plain = tfmp.wrap_optimizer(keras.optimizers.Adam(), policy)  # weights_dtype=None
+    assert type(getattr(plain, "inner_optimizer", plain)) is keras.optimizers.Adam
+
+
+@pytest.mark.parametrize("optimizer, policy, weights_dtype, fragment", [
+    (keras.optimizers.Adam, "float32", "bfloat16",
+     "weights_dtype='bfloat16' does not fit the policy float32 (it computes in float32); use "
+     "None (float32 weights), 'bfloat16' (under mixed_bfloat16) or 'float16' (under "
+     "mixed_float16)"),
+    (keras.optimizers.Adam, "fp16", "bfloat16", "does not fit the policy mixed_float16"),
+    (keras.optimizers.Adam, "bf16", "bf16", "weights_dtype='bf16' is not accepted; use None"),
+    (lambda: tfmp.compensate(keras.optimizers.Adam(), rounding="nearest"), "bf16", "bfloat16",
+     "weights_dtype='bfloat16': CompensatedAdam has rounding='nearest'; use rounding="),
+    (lambda: tfmp.compensate(keras.optimizers.Adam()), "fp16", "float16",
+     "weights_dtype='float16': CompensatedAdam has rounding='stochastic'; use rounding='kahan'"),
+])
+def test_a_bad_weights_dtype_is_refused_and_the_optimizer_left_as_it_was(optimizer, policy,
+                                                                        weights_dtype, fragment):
+    given = optimizer()
+    kind = type(given)
+    with pytest.raises(ValueError) as error:
+        tfmp.wrap_optimizer(given, policy, weights_dtype=weights_dtype)
+    assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
+    assert type(given) is kind

@@ -165,6 +165,17 @@ BAD_INPUT = [
                                            "layer names", 2),
     (["--float32_layers=dense_0,nope", "--epochs=1"],
      "--float32_layers: no layer of 'mlp' is named 'nope'; its layers: dense_0", 2),
+    (["--weights_dtype=bf16"], "--weights_dtype='bf16' is not accepted: bfloat16 with "
+                               "--precision=bf16 (mixed_bfloat16), float16 with --precision=fp16", 2),
+    (["--weights_dtype=float16", "--precision=bf16"],
+     "--weights_dtype=float16 does not fit the policy mixed_bfloat16 (it computes in bfloat16)", 2),
+    (["--weights_dtype=bfloat16", "--dtype=fp32"],
+     "--weights_dtype=bfloat16 does not fit the policy float32 (it computes in float32)", 2),
+    (["--weights_dtype=bfloat16", "--precision=tune"],
+     "--weights_dtype=bfloat16 with --precision=tune: tune chooses the weights' dtype too", 2),
+    (["--weights_dtype=bfloat16", "--precision=bf16", "--grad_accum_steps=2"],
+     "--weights_dtype=bfloat16 with --grad_accum_steps=2: the compensated optimizer does not "
+     "accumulate 16-bit gradients yet", 2),
 ]
 
 

@@ -74,6 +74,9 @@ def _damage(run, kind):
         (run / "tune.json").write_text('{"policy": "float64", "reason": "edited by hand"}')
     elif kind == "tune xla not a bool":
         (run / "tune.json").write_text('{"policy": "float32", "reason": "r", "jit_compile": 1}')
+    elif kind == "tune unknown weights":
+        (run / "tune.json").write_text('{"policy": "mixed_bfloat16", "reason": "r", '
+                                       '"weights_dtype": "int8"}')
 
 
 # (damage, extra flags, exit code, what stderr says)
@@ -86,6 +89,8 @@ CASES = {
                             "tune.json is damaged (policy='float64', expected one of"),
     "tune xla not a bool": (["--precision=tune"], 2,
                             "tune.json is damaged (jit_compile=1, expected true or false)"),
+    "tune unknown weights": (["--precision=tune"], 2, "tune.json is damaged (weights_dtype="
+                             "'int8', expected null, \"bfloat16\" or \"float16\")"),
     "latest truncated": ([], 0, "Restoring the previous checkpoint"),
     "a file missing": ([], 0, "Restoring the previous checkpoint"),
     "interrupted first save": ([], 0, "holds only latest.weights.h5, of a first save interrupted"),

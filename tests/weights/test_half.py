@@ -317,3 +317,17 @@ def test_the_export_modes_write_the_dtype_they_name(dtype, tmp_path):
     loaded = keras.models.load_model(path)
     np.testing.assert_array_equal(loaded.get_layer("d").kernel.numpy(),
                                   kernel.astype(ROUND[dtype]).astype(np.float32))
+
+
+def test_bfloat16_weights_are_released_losslessly(tmp_path):
+    # tfmp.prepare(..., weights_dtype="bfloat16"): the 16-bit layers' variables are bfloat16
+    # already, so the release file holds them bit for bit (the float32 head is rounded).
+    model, _ = tfmp.prepare(_build("mlp", hidden=(16,)), "adam", "bf16",
+                            weights_dtype="bfloat16")
+    assert [v.dtype for v in model.weights] == ["bfloat16"] * 2 + ["float32"] * 2
+    path = str(tmp_path / "bf16.weights.h5")
+    tfmp.save_weights(model, path, "bfloat16")
+    other = _build("mlp", seed=1, hidden=(16,))
+    assert tfmp.load_weights(other, path) == "bfloat16"
+    for variable, loaded in zip(model.weights[:2], other.get_weights()[:2]):
+        np.testing.assert_array_equal(np.asarray(variable.numpy(), np.float32), loaded)

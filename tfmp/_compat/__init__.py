@@ -21,7 +21,8 @@ from tfmp._compat.layers import (AttentionWithOwnSoftmax, calls_wrapped, clear_l
                                  flatten_layers, functional_class, inbound_tensors,
                                  remove_instance_call, set_instance_call,
                                  no_automatic_dependency_tracking, outputs_structure,
-                                 own_non_trainable_variables, own_variables, producer)
+                                 own_non_trainable_variables, own_variables, producer,
+                                 recast_variable)
 from tfmp._compat.optimizers import (apply_decided, build_after_scale_state, build_scale_state,
                                      built_variables, ema_overwrite_due,
                                      finish_apply, micro_batches, overwrite_with_ema,

@@ -42,6 +42,34 @@ def own_non_trainable_variables(layer: Any) -> list:
         return list(layer._non_trainable_variables)
 
 
+def recast_variable(variable: Any, dtype: str) -> Callable[[], None]:
+    """Stores a built `keras.Variable` in `dtype` from now on, in place: the same object
+    (its path, trainability, aggregation and owner unchanged), its value cast and a new
+    backend variable made for it by Keras' own `_initialize` (`KerasVariable._dtype`,
+    `_value`, `_initialize`, Keras 3.15). Traced functions that read the old backend
+    variable must be traced again; so must an optimizer built on it.
+
+    Returns:
+        A function that puts the variable back as it was (its old backend variable, its
+        value unchanged).
+    """
+    dtype = keras.backend.standardize_dtype(dtype)
+    with relying_on("KerasVariable._dtype / _value / _initialize"):
+        old_dtype, old_value = variable._dtype, variable._value
+
+        def undo() -> None:
+            variable._dtype, variable._value = old_dtype, old_value
+
+        if old_dtype == dtype:
+            return undo
+        variable._dtype = dtype
+        if old_value is not None:  # else not initialized yet: it will be made in `dtype`
+            value = keras.ops.cast(keras.ops.convert_to_tensor(old_value), dtype)
+            variable._value = None
+            variable._initialize(value)
+    return undo
+
+
 def producer(tensor: Any) -> Any:
     """The layer or operation that produced a symbolic tensor (`_keras_history.operation`)."""
     with relying_on("KerasTensor._keras_history.operation"):

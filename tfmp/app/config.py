@@ -12,10 +12,12 @@ import math
 import os
 from typing import Any, Optional
 
+import keras
 import tensorflow as tf
 
 from tfmp.distribute import Cluster, parse_strategy, read_tf_config, xla_refusal
 from tfmp.precision import ENV_VAR, parse_precision
+from tfmp.scaling.half_weights import checked_weights_dtype
 from tfmp.scaling import (DEFAULT_INITIAL_SCALE, DEFAULT_MIN_SCALE, FLOAT32_MAX,
                           FLOAT32_MIN_NORMAL, parse_loss_scale)
 
@@ -52,6 +54,7 @@ class TrainConfig:
     model_dir: Optional[str] = None
     restart: bool = False
     float32_layers: Optional[str] = None  # "auto" or comma-separated layer names/paths
+    weights_dtype: Optional[str] = None  # "bfloat16" / "float16": 16-bit weights (compensated)
 
     def float32_layer_list(self) -> Any:
         """`float32_layers` for `tfmp.prepare`: `"auto"`, a list of names, or `()`."""
@@ -87,6 +90,7 @@ class TrainConfig:
         if layers != "auto" and any(not name for name in layers):
             raise ConfigError(f"--float32_layers={self.float32_layers!r}: give 'auto' or layer "
                               "names or paths separated by commas (no empty entry)")
+        self._check_weights_dtype()
         if self.restart and not self.model_dir:
             raise ConfigError("--restart starts a --model_dir's run over; give --model_dir")
         if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
@@ -106,6 +110,23 @@ class TrainConfig:
             raise ConfigError(f"--tpu={self.tpu} is only used with --strategy=tpu (or auto); "
                               f"got --strategy={self.strategy}")
 
+    def _check_weights_dtype(self) -> None:
+        value = self.weights_dtype
+        if value is None:
+            return
+        if value not in WEIGHTS_DTYPES:
+            raise ConfigError(f"--weights_dtype={value!r} is not accepted: {WEIGHTS_HELP}")
+        if self.precision == "tune":
+            raise ConfigError(f"--weights_dtype={value} with --precision=tune: tune chooses the "
+                              "weights' dtype too (its bf16w candidate); give --precision=bf16 "
+                              "or fp16, or leave --weights_dtype out")
+        if self.grad_accum_steps > 1:  # Keras adds a 16-bit gradient to a float32 accumulator
+            raise ConfigError(f"--weights_dtype={value} with --grad_accum_steps="
+                              f"{self.grad_accum_steps}: the compensated optimizer does not "
+                              "accumulate 16-bit gradients yet; drop one of them")
+        if self.precision != "auto":
+            weights_fit(value, parse_precision(self.precision))
+
     def _check_scales(self) -> None:
         for name in ("initial_scale", "min_scale"):
             value = getattr(self, name)
@@ -121,6 +142,25 @@ class TrainConfig:
                 f"{which}: --initial_scale={initial:g}{_default(self.initial_scale)} is below "
                 f"--min_scale={floor:g}{_default(self.min_scale)}; the loss scale starts at or "
                 "above its floor")
+
+
+WEIGHTS_DTYPES = ("bfloat16", "float16")
+WEIGHTS_HELP = ("bfloat16 with --precision=bf16 (mixed_bfloat16), float16 with --precision=fp16 "
+                "(mixed_float16), or leave it out for float32 weights")
+
+
+def weights_fit(weights_dtype: Optional[str], policy: str) -> Optional[str]:
+    """`--weights_dtype` checked against the run's policy (`tfmp.prepare`'s `weights_dtype`).
+
+    Raises:
+        ConfigError: the policy does not compute in that dtype (float32 included).
+    """
+    try:
+        return checked_weights_dtype(weights_dtype, policy)
+    except ValueError:
+        compute = keras.dtype_policies.get(policy).compute_dtype
+        raise ConfigError(f"--weights_dtype={weights_dtype} does not fit the policy {policy} "
+                          f"(it computes in {compute}): {WEIGHTS_HELP}") from None
 
 
 def _default(value: Any) -> str:

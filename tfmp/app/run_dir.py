@@ -102,8 +102,8 @@ def read_tuned(model_dir: Optional[str]) -> Optional[dict[str, Any]]:
         The recorded `TuneResult.to_dict()`, or None.
 
     Raises:
-        RunDirError: `tune.json` is there but damaged (not JSON, no known policy in it, or a
-            `jit_compile` that is not a bool).
+        RunDirError: `tune.json` is there but damaged (not JSON, no known policy in it, a
+            `jit_compile` that is not a bool, or an unknown `weights_dtype`).
     """
     if not model_dir or not os.path.exists(os.path.join(model_dir, TUNED)):
         return None
@@ -119,6 +119,9 @@ def read_tuned(model_dir: Optional[str]) -> Optional[dict[str, Any]]:
     if not isinstance(tuned.get("jit_compile", False), bool):  # absent before XLA was tuned
         raise RunDirError(f"{path} is damaged (jit_compile={tuned['jit_compile']!r}, expected "
                           f"true or false){hint}")
+    if tuned.get("weights_dtype") not in (None, "bfloat16", "float16"):  # absent before bf16w
+        raise RunDirError(f"{path} is damaged (weights_dtype={tuned['weights_dtype']!r}, "
+                          f"expected null, \"bfloat16\" or \"float16\"){hint}")
     return tuned
 
 

@@ -15,7 +15,8 @@ import tensorflow as tf
 from absl import logging
 
 from tfmp import callbacks as tfmp_callbacks
-from tfmp.app.config import ConfigError, TrainConfig, check_cluster_config, check_config
+from tfmp.app.config import (ConfigError, TrainConfig, check_cluster_config, check_config,
+                             weights_fit)
 from tfmp.app.data import Data
 from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, checked_backup,
                               read_tuned, remove_leftovers, restart)
@@ -80,7 +81,8 @@ def _callbacks(config: TrainConfig, throughput: _Throughput, dirs: Optional[Writ
 
 def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
                     policy: str, hardware: Optional[HardwareInfo] = None,
-                    jit_compile: bool = False) -> tuple[keras.Model, keras.optimizers.Optimizer]:
+                    jit_compile: bool = False, weights_dtype: Optional[str] = None,
+                    ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     accum = config.grad_accum_steps if config.grad_accum_steps > 1 else None
     optimizer = keras.optimizers.Adam(config.learning_rate, gradient_accumulation_steps=accum)
     # "activations": Keras 3.15 on TensorFlow cannot remat whole layers in graph mode
@@ -99,7 +101,7 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
         model, optimizer = prepare(model, optimizer, policy, loss_scale=config.loss_scale,
                                    guard=True, hardware=hardware, float32_layers=layers,
                                    calibration_data=data.train.take(CALIBRATION_BATCHES),
-                                   **config.scale_args())
+                                   weights_dtype=weights_dtype, **config.scale_args())
     model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=jit_compile)
     return model, optimizer
@@ -218,12 +220,13 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     hardware = detect_hardware(strategy)
     choice, tuned = _choose_policy(config, build_model, data, hardware, strategy)
     policy = set_policy(choice, hardware)  # logs the choice's own reason
+    weights = weights_fit(config.weights_dtype or (tuned or {}).get("weights_dtype"), policy)
     jit_compile = config.jit_compile or _tuned_xla(tuned, strategy)
     replicas = strategy.num_replicas_in_sync
     steps = config.steps_per_epoch or max(data.train_examples // config.batch_size, 1)
     with strategy.scope():
         model, optimizer = _build_compiled(config, build_model, data, policy, hardware,
-                                           jit_compile)
+                                           jit_compile, weights)
     throughput = _Throughput(config.batch_size)
     # Restore exactly what was checked (None: nothing to resume, or a lone first-save file
     # the chief moves aside, which a worker must not try to read meanwhile).
@@ -246,6 +249,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     summary = {
         "flags": {**dataclasses.asdict(config), **scale_flags},
         "policy": policy, "policy_reason": choice.reason, "policy_source": choice.source,
+        "weights_dtype": weights, "lost_updates": monitor.summary.get("lost_updates"),
         "jit_compile": jit_compile,
         "float32_layers": kept_float32(model),
         "hardware": hardware.describe().splitlines(),
@@ -337,6 +341,10 @@ def _epochs_line(completed: list[int], total: int, resumed: Optional[int]) -> st
     return f"epochs {span} of {total}" + (f" (resumed after epoch {resumed})" if resumed else "")
 
 
+def _share(value: Optional[float]) -> str:
+    return "not measured" if value is None else f"{100 * value:.2g}%"
+
+
 def human_summary(summary: dict[str, Any]) -> str:
     """The summary's facts as a few lines for the terminal."""
     scale = summary["loss_scale"]
@@ -355,6 +363,8 @@ def human_summary(summary: dict[str, Any]) -> str:
         f"precision {summary['policy']}{', XLA' if summary.get('jit_compile') else ''} "
         f"({summary['policy_source']}: {summary['policy_reason']})",
         _epochs_line(summary["epochs_completed"], summary["flags"]["epochs"], resumed),
+        *([f"weights in {summary['weights_dtype']} (compensated optimizer; lost updates: "
+           f"{_share(summary.get('lost_updates'))})"] if summary.get("weights_dtype") else []),
         *[f"kept in float32: {path} ({why})"
           for path, why in summary.get("float32_layers", {}).items()],
         f"throughput {summary['samples_per_sec']} samples/s (epochs after the first)",

@@ -11,9 +11,9 @@ from tfmp.measure.comparison import WARMUP_STEPS, Comparison, PolicyRun, Verdict
 from tfmp.measure.losses import ChosenLoss, choose_loss
 from tfmp.measure.plot import plot_comparison
 from tfmp.measure.stats import quartiles
-from tfmp.measure.tuning import (CANDIDATES, DEFAULT_MIN_SPEEDUP, XLA_ONLY, TuneResult, choose,
+from tfmp.measure.tuning import (BF16_WEIGHTS, CANDIDATES, DEFAULT_MIN_SPEEDUP, XLA_ONLY, TuneResult, choose,
                                  tune)
 
-__all__ = ["CANDIDATES", "ChosenLoss", "Comparison", "DEFAULT_MIN_SPEEDUP", "PolicyRun",
+__all__ = ["BF16_WEIGHTS", "CANDIDATES", "ChosenLoss", "Comparison", "DEFAULT_MIN_SPEEDUP", "PolicyRun",
            "TuneResult", "Verdict", "WARMUP_STEPS", "XLA_ONLY", "choose", "choose_loss",
            "compare_precision", "plot_comparison", "quartiles", "tune"]

@@ -19,12 +19,28 @@ from absl import logging
 from tfmp.measure.losses import choose_loss
 from tfmp.measure.stats import batches_phrase, quartiles
 from tfmp.measure.steps import train_step
-from tfmp.precision import FLOAT32, HardwareInfo, detect_hardware, policy_scope, resolve_policy
+from tfmp.precision import (FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16, HardwareInfo, detect_hardware,
+                            policy_scope, resolve_policy)
 from tfmp.rewrite import prepare
 
 WARMUP_STEPS = 2  # tracing (and XLA's compilation) happens here: not timed
 XLA_SUFFIX = "+xla"  # `float32+xla`: the policy with the train step compiled by XLA
 FAILED_ARM = "tfmp_arm"  # attribute of an error raised by one policy's step: that policy's label
+# A policy with its weights stored in its 16-bit dtype (`tfmp.prepare(..., weights_dtype=)`).
+WEIGHTS_VARIANTS = {"bf16w": (MIXED_BFLOAT16, "bfloat16"), "fp16w": (MIXED_FLOAT16, "float16")}
+
+
+def weights_variant(name: str) -> tuple[str, Optional[str]]:
+    """A policy name, or a `WEIGHTS_VARIANTS` name (`bf16w`: mixed_bfloat16 with bfloat16
+    weights), split into the policy and the weights' dtype.
+
+    Args:
+        name: A policy name without `+xla` (`parse_variant`'s first part).
+
+    Returns:
+        `(policy name, weights_dtype)`: None for float32 weights.
+    """
+    return WEIGHTS_VARIANTS.get(name.lower(), (name, None))
 
 
 def parse_variant(label: str) -> tuple[str, bool]:
@@ -57,6 +73,8 @@ class PolicyRun:
         skipped_steps: Steps the optimizer skipped (non-finite gradients).
         final_metrics: `model.evaluate` on `eval_data`, or the mean loss of the last tenth of the steps.
         jit_compile: Whether XLA compiled the train step (a `+xla` label).
+        weights_dtype: The 16-bit dtype its weights were stored in (a `bf16w`/`fp16w`
+            label), or None (float32 weights).
     """
 
     label: str
@@ -68,6 +86,7 @@ class PolicyRun:
     skipped_steps: int
     final_metrics: dict[str, float]
     jit_compile: bool = False
+    weights_dtype: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,13 +194,15 @@ def _fresh_model(reference: keras.Model, weights: list, build_model: Callable[[]
 class _Arm:
     """One policy's model, optimizer and compiled train step."""
 
-    def __init__(self, label: str, policy: str, jit_compile: bool, reference: keras.Model,
-                 make_optimizer: Callable[[], keras.optimizers.Optimizer], loss_fn: Any,
-                 hardware: HardwareInfo, **prepare_args: Any) -> None:
+    def __init__(self, label: str, policy: str, jit_compile: bool, weights_dtype: Optional[str],
+                 reference: keras.Model, make_optimizer: Callable[[], keras.optimizers.Optimizer],
+                 loss_fn: Any, hardware: HardwareInfo, **prepare_args: Any) -> None:
         self.label, self.policy, self.jit_compile = label, policy, jit_compile
+        self.weights_dtype = weights_dtype
         with policy_scope(policy, hardware):
             self.model, self.opt = prepare(reference, make_optimizer(), policy, guard=True,
-                                           hardware=hardware, **prepare_args)
+                                           hardware=hardware, weights_dtype=weights_dtype,
+                                           **prepare_args)
         self.opt.build(self.model.trainable_variables)
         self.loss_fn = loss_fn
         self.losses: list[float] = []
@@ -211,7 +232,8 @@ class _Arm:
         return PolicyRun(self.label, self.policy, tuple(self.losses), tuple(self.norms),
                          tuple(self.scales), tuple(self.seconds),
                          int(self.opt.skipped_steps.numpy()),
-                         {k: float(v) for k, v in final.items()}, self.jit_compile)
+                         {k: float(v) for k, v in final.items()}, self.jit_compile,
+                         self.weights_dtype)
 
 
 def _verdict(base: _Arm, arm: _Arm, tolerance: float) -> Verdict:
@@ -263,8 +285,10 @@ def compare_precision(
             `prepare` converts in place (subclassed, keras-hub) is built once per
             policy, each given the first one's weights.
         dataset: A `tf.data.Dataset` of `(inputs, labels)` batches, at least `steps` long.
-        policies: Names `tfmp.set_policy` accepts, each optionally followed by `+xla`
-            (the train step compiled by XLA, `jit_compile=True`); the first is the baseline.
+        policies: Names `tfmp.set_policy` accepts, or `bf16w` / `fp16w` (mixed_bfloat16 /
+            mixed_float16 with the weights stored in 16 bits, `tfmp.prepare`'s
+            `weights_dtype`), each optionally followed by `+xla` (the train step compiled by
+            XLA, `jit_compile=True`); the first is the baseline.
         steps: Training steps per policy.
         seed: Seed for the initial weights.
         loss: A Keras loss (name, `keras.losses.Loss`, or function of `(y_true, y_pred)`).
@@ -304,8 +328,11 @@ def compare_precision(
     if not (isinstance(tolerance, (int, float)) and math.isfinite(tolerance) and tolerance > 0):
         raise ValueError(f"tolerance={tolerance!r} must be a positive number")
     hw = hardware if hardware is not None else detect_hardware()
-    resolved = [(p, resolve_policy(name, hw).name, jit)
-                for p, (name, jit) in ((p, parse_variant(p)) for p in policies)]
+    resolved = []
+    for label in policies:
+        name, jit = parse_variant(label)
+        name, weights_dtype = weights_variant(name)
+        resolved.append((label, resolve_policy(name, hw).name, jit, weights_dtype))
     batches = _batches(dataset, steps)
     make_optimizer = (optimizer if callable(optimizer)
                       else lambda: keras.optimizers.get(optimizer))
@@ -314,13 +341,13 @@ def compare_precision(
         reference = build_model()
     weights, source, arms = reference.get_weights(), reference, []
     chosen = choose_loss(reference, loss, batches[0])  # traces it: after the weights are read
-    for i, (label, policy, jit) in enumerate(resolved):
-        arms.append(_Arm(label, policy, jit, source, make_optimizer, chosen.fn, hw,
+    for i, (label, policy, jit, weights_dtype) in enumerate(resolved):
+        arms.append(_Arm(label, policy, jit, weights_dtype, source, make_optimizer, chosen.fn, hw,
                          float32_layers=float32_layers, calibration_data=dataset))
         if arms[-1].model is source and i + 1 < len(resolved):  # converted in place: the
             source = _fresh_model(reference, weights, build_model, hw)  # next needs its own
     logging.info("tfmp.compare_precision: training %s for %d steps, taking turns step by step",
-                 ", ".join(label for label, _, _ in resolved), steps)
+                 ", ".join(label for label, *_ in resolved), steps)
     for i, (x, y) in enumerate(batches):
         for arm in arms if i % 2 == 0 else reversed(arms):  # alternate who goes first
             try:

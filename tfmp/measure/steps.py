@@ -31,7 +31,9 @@ def train_step(model: keras.Model, optimizer: keras.optimizers.Optimizer,
             loss = loss_fn(y, model(x, training=True))
             scaled = optimizer.scale_loss(loss)
         grads = tape.gradient(scaled, variables)
-        norm = tf.linalg.global_norm(get_unscaled_gradients(optimizer, grads))
+        unscaled = get_unscaled_gradients(optimizer, grads)  # 16-bit weights: 16-bit grads
+        norm = tf.linalg.global_norm([None if g is None else tf.cast(g, "float32")
+                                      for g in unscaled])
         optimizer.apply(grads, variables)
         return loss, norm
 

@@ -21,12 +21,14 @@ import tensorflow as tf
 
 from tfmp.distribute import xla_refusal
 from tfmp.measure.comparison import (FAILED_ARM, XLA_SUFFIX, Comparison, compare_precision,
-                                     parse_variant)
+                                     parse_variant, weights_variant)
 from tfmp.precision import (FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16, HardwareInfo, detect_hardware,
                             parse_precision, trap_warnings)
 
 DEFAULT_MIN_SPEEDUP = 1.05  # below this, the measured gain is within a noisy machine's drift
 CANDIDATES = (MIXED_BFLOAT16, MIXED_FLOAT16)  # traps on the hardware at hand are skipped
+# mixed_bfloat16 with bfloat16 weights: a default candidate where `auto` picks mixed_bfloat16
+BF16_WEIGHTS = "bf16w"
 XLA_ONLY = "only"  # tune(xla="only"): every candidate compiled by XLA (XLA is forced on anyway)
 
 
@@ -46,6 +48,8 @@ class TuneResult:
         jit_compile: Whether to compile the train step with XLA (the chosen candidate's).
         loss: The loss it measured with, and why (`Comparison.loss`; empty when nothing
             was measured).
+        weights_dtype: The 16-bit dtype to store the weights in (`tfmp.prepare`'s
+            `weights_dtype`) when the chosen candidate is `bf16w`, else None.
     """
 
     policy: str
@@ -56,10 +60,12 @@ class TuneResult:
     comparison: Optional[Comparison]
     jit_compile: bool = False
     loss: str = ""
+    weights_dtype: Optional[str] = None
 
     def to_dict(self) -> dict[str, Any]:
         """The choice and its figures, JSON-serializable (the full comparison omitted)."""
         return {"policy": self.policy, "jit_compile": self.jit_compile,
+                "weights_dtype": self.weights_dtype,
                 "reason": self.reason, "loss": self.loss, "speedups": self.speedups,
                 "passed": self.passed, "skipped": self.skipped,
                 "max_relative_loss_gap": {} if self.comparison is None else {
@@ -98,8 +104,9 @@ def choose(comparison: Optional[Comparison], skipped: dict[str, str],
         reason = (f"measured on this model and batch: {figures} float32's speed; no candidate "
                   f"passed and reached {min_speedup:g}x, so float32")
     policy, jit = parse_variant(best)
+    policy, weights = weights_variant(policy)
     return TuneResult(parse_precision(policy), reason, speedups, passed, dict(skipped),
-                      comparison, jit, comparison.loss)
+                      comparison, jit, comparison.loss, weights)
 
 
 def tune(
@@ -119,7 +126,9 @@ def tune(
 ) -> TuneResult:
     """Times float32 and each candidate configuration on `build_model()` and picks one.
 
-    The candidates are each 16-bit policy, and with `xla` float32 and each policy
+    The candidates are each 16-bit policy (and, where `auto` picks mixed_bfloat16,
+    `bf16w`: mixed_bfloat16 with bfloat16 weights, `tfmp.prepare`'s `weights_dtype`),
+    and with `xla` float32 and each policy
     with the train step compiled by XLA (`jit_compile=True`); the baseline is
     float32 without XLA. Candidates that are traps on this hardware (float16 on a
     CPU, where it is emulated) are not run, nor XLA where it cannot train under
@@ -130,7 +139,9 @@ def tune(
     Args:
         build_model: Returns a new, built Sequential or Functional model.
         dataset: `(inputs, labels)` batches, at least `steps` of them: the user's own batch size.
-        candidates: 16-bit policies to try (default: mixed_bfloat16 and mixed_float16).
+        candidates: 16-bit policies to try, or `bf16w` (default: mixed_bfloat16,
+            mixed_float16, and `bf16w` where the hardware has bfloat16: `auto` picks
+            mixed_bfloat16 there).
         steps: Training steps per candidate (the first 2 are not timed).
         tolerance: Largest relative loss gap to float32 that passes (`compare_precision`).
         min_speedup: Median speed-up over float32 needed to choose a candidate.
@@ -144,8 +155,8 @@ def tune(
             measured where it cannot run there: `tfmp.distribute.xla_refusal`).
 
     Returns:
-        A `TuneResult`: `.policy` and `.jit_compile` to train with, `.reason` with the
-        figures, `.loss` the loss they were measured with.
+        A `TuneResult`: `.policy`, `.jit_compile` and `.weights_dtype` to train with,
+        `.reason` with the figures, `.loss` the loss they were measured with.
 
     Raises:
         ValueError: a bad candidate name (or `auto`), `min_speedup` not a positive
@@ -163,14 +174,16 @@ def tune(
     if not (isinstance(xla, bool) or xla == XLA_ONLY):
         raise ValueError(f"xla={xla!r} must be True, False or {XLA_ONLY!r}")
     hw = hardware if hardware is not None else detect_hardware()
-    names = [parse_precision(c) for c in (candidates or CANDIDATES)]
+    default = CANDIDATES + ((BF16_WEIGHTS,) if hw.recommended_policy == MIXED_BFLOAT16 else ())
+    names = [c.lower() if weights_variant(c)[1] else parse_precision(c)
+             for c in (candidates or default)]
     if "auto" in names or FLOAT32 in names:
         raise ValueError(f"candidates={tuple(candidates or ())!r}: name 16-bit policies "
                          "(float32 is always the baseline; auto is what tune replaces)")
     skipped: dict[str, str] = {}
     measured = []
     for name in dict.fromkeys(names):
-        traps = trap_warnings(name, hw)
+        traps = trap_warnings(weights_variant(name)[0], hw)
         if traps:
             skipped[name] = traps[0].split(":")[0]
         else:

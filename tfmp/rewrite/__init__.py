@@ -5,8 +5,9 @@
 `convert_policy` makes it compute under another policy; `locate_overflows` finds the
 layers that leave a 16-bit range; `prepare` does all of it and wraps the optimizer; `islands` computes the activations that are slower in 16 bits
 in float32. `classify` (what a layer is), `tracing` (what a model runs, op by op),
-`cloning` (the copy of a Sequential or Functional model) and `inplace` (the
-conversion of every other kind) are the engine underneath.
+`cloning` (the copy of a Sequential or Functional model), `inplace` (the
+conversion of every other kind) and `storage` (16-bit weights, `prepare`'s
+`weights_dtype`) are the engine underneath.
 """
 
 from tfmp.rewrite.audit_report import SEVERITIES, AuditReport, Finding, LayerSummary

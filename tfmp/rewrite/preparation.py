@@ -17,7 +17,9 @@ from tfmp.rewrite.inplace import policies_of, restore_policies
 from tfmp.rewrite.islands import apply_islands
 from tfmp.rewrite.overflow_report import MODEL_OWN, OverflowReport
 from tfmp.rewrite.overflows import locate_overflows
+from tfmp.rewrite.storage import restore_storage, store_weights
 from tfmp.scaling import LossScale, build_optimizer, guard_model_state, wrap_optimizer
+from tfmp.scaling.half_weights import checked_weights_dtype
 from tfmp.scaling.wrapping import check_keywords
 
 
@@ -70,6 +72,13 @@ def _record_kept(model: keras.Model, kept: dict[Any, str]) -> None:
         vars(model).pop(KEPT_FLOAT32, None)
 
 
+def _optimizer_classes(optimizer: Any) -> list[tuple[Any, type]]:
+    """The optimizer given and its inner one, each with its class (`tfmp.compensate` changes
+    it in place)."""
+    targets = [optimizer, getattr(optimizer, "inner_optimizer", None)]
+    return [(t, type(t)) for t in targets if isinstance(t, keras.optimizers.Optimizer)]
+
+
 def prepare(
     model: keras.Model,
     optimizer: Union[str, keras.optimizers.Optimizer],
@@ -82,6 +91,7 @@ def prepare(
     data: Any = None,
     float32_layers: Union[str, OverflowReport, Iterable[LayerSpec]] = (),
     calibration_data: Any = None,
+    weights_dtype: Optional[str] = None,
     **scale_args: Any,
 ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
     """Sets the policy, fixes the model, wraps the optimizer and audits the result.
@@ -97,7 +107,9 @@ def prepare(
        Activations known to be slower in 16 bits on this hardware (GELU on a
        CPU under bfloat16: `tfmp.rewrite.ISLANDS`) are computed in float32
        and cast back.
-    3. `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=..., **scale_args)`.
+    3. With `weights_dtype`, the weights stored in 16 bits (`tfmp.rewrite.storage`).
+       `tfmp.wrap_optimizer(optimizer, policy, loss_scale=..., guard=...,
+       weights_dtype=..., **scale_args)`.
     4. `tfmp.audit`: raises on errors. It judges the trace step 2 made to place the
        normalization statistics when that trace is of the model returned (not converted
        again, no island applied since): the model is traced once, not twice.
@@ -125,6 +137,14 @@ def prepare(
             `tfmp.rewrite.kept_float32(model)`).
         calibration_data: The batches `"auto"` runs (a dataset, or `x`/`(x, y)`
             arrays; 8 batches of it are run); required with `"auto"`.
+        weights_dtype: None (default: float32 variables), or the policy's 16-bit compute
+            dtype (`"bfloat16"` under mixed_bfloat16, `"float16"` under mixed_float16):
+            the trainable weights of the layers that compute in it are stored in it (those
+            layers take the 16-bit policy, `"bfloat16"`), half the weight memory; outputs,
+            softmax, normalization, `float32_layers` and non-trainable variables stay
+            float32; the optimizer is compensated (`tfmp.compensate`, its inner one under
+            loss scaling) so small updates are not lost. A float32 model is converted, a
+            model built under the 16-bit policy is taken as it is.
 
     Returns:
         `(model, optimizer)`: compile and fit these. The model's train step is
@@ -139,8 +159,10 @@ def prepare(
             is neither prepare's nor a loss-scale argument (under every precision, before
             anything is done: `tfmp.scaling.wrapping.check_keywords`); an unbuilt model; a
             model whose own code keeps every matmul in float32 under a 16-bit policy;
-            a `float32_layers` entry naming no layer; `"auto"` without `calibration_data`.
-        On any error, Keras' global policy and the model given are as they were.
+            a `float32_layers` entry naming no layer; `"auto"` without `calibration_data`;
+            a `weights_dtype` that is not the policy's 16-bit compute dtype.
+        On any error, Keras' global policy, the model given (its variables too) and the
+        optimizer's class are as they were.
 
     Example:
     >>> model, opt = tfmp.prepare(model, keras.optimizers.Adam(1e-3), "auto")
@@ -151,22 +173,31 @@ def prepare(
     previous, before = keras.config.dtype_policy(), policies_of(model)
     kept_before = kept_float32(model)
     policy = set_policy(precision, hw)
+    stored, classes = [], _optimizer_classes(optimizer)
     try:
+        weights = checked_weights_dtype(weights_dtype, policy)
         kept = _float32_layers(model, float32_layers, policy, calibration_data)
         converted, run = convert_with_trace(model, policy, data=data, float32_layers=list(kept))
         if float32_islands:  # the copy made above, or the model converted in place
             for change in apply_islands(converted, policy, hw):
                 run = None  # traced before the change: the audit traces it again
                 logging.info("tfmp.prepare: float32 island %s", change)
-        opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard, **scale_args)
+        if weights:
+            stored = store_weights(converted, weights)
+            run = None  # its layers' policies changed: the audit traces it again
+        opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard,
+                             weights_dtype=weights, **scale_args)
         _record_kept(converted, kept)
         report = audit(converted, opt, hw, data=data, run=run)  # one trace, not two
         if not report.ok:
             raise AuditError(report)
     except BaseException:  # nothing changed: Keras' policy and a model converted in place
         keras.config.set_dtype_policy(previous)
+        restore_storage(stored)
         restore_policies(model, before)
         _record_kept(model, kept_before)
+        for target, cls in classes:  # compensated by wrap_optimizer: its own class again
+            target.__class__ = cls
         raise
     model = converted
     for finding in report.warnings:

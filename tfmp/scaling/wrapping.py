@@ -12,6 +12,7 @@ import keras
 from absl import logging
 
 from tfmp.precision.policy import MIXED_BFLOAT16, MIXED_FLOAT16, parse_precision, resolve_policy
+from tfmp.scaling.half_weights import checked_weights_dtype, compensated_for
 from tfmp.scaling.optimizer import DynamicLossScaleOptimizer
 
 LossScale = Union[str, float, int]
@@ -82,6 +83,7 @@ def wrap_optimizer(
     *,
     loss_scale: LossScale = "dynamic",
     guard: bool = False,
+    weights_dtype: Optional[str] = None,
     **scale_args: Any,
 ) -> keras.optimizers.Optimizer:
     """Wraps an optimizer in the loss scaling its precision policy needs.
@@ -97,6 +99,13 @@ def wrap_optimizer(
             instead of writing NaN into the weights. An optimizer's own
             `loss_scale_factor` becomes the fixed scale wherever it is wrapped
             (Keras' LossScaleOptimizer would drop it).
+        weights_dtype: None (default: float32 weights), or the 16-bit dtype the model's
+            weights are stored in, the policy's compute dtype (`"bfloat16"` under
+            mixed_bfloat16, `"float16"` under mixed_float16): the optimizer (the inner one
+            under loss scaling) is made to keep their small updates, `tfmp.compensate`
+            with its default rounding for bfloat16 and `rounding="kahan"` for float16
+            (one compensated already is kept). `tfmp.prepare(..., weights_dtype=...)`
+            stores the weights so.
         **scale_args: Passed to `DynamicLossScaleOptimizer` (`initial_scale`,
             `growth_interval`, `min_scale`, `hysteresis`, ...: `SCALE_ARGS`). Where no
             loss-scale optimizer is made (bfloat16 / float32 without `guard`) they are
@@ -115,7 +124,9 @@ def wrap_optimizer(
             that disagrees with the optimizer's `loss_scale_factor`, a stock
             LossScaleOptimizer that was already used (its state would be lost),
             or a `DynamicLossScaleOptimizer` that does not match the request
-            (another policy's scaling, another fixed scale, other scale arguments).
+            (another policy's scaling, another fixed scale, other scale arguments);
+            a `weights_dtype` that is not the policy's 16-bit compute dtype, or an
+            optimizer `tfmp.compensate` refuses (built already, rounding `"nearest"`).
 
     Example:
     >>> opt = tfmp.wrap_optimizer(keras.optimizers.Adam(1e-3), "fp16", min_scale=8.0)
@@ -125,9 +136,10 @@ def wrap_optimizer(
     check_keywords(wrap_optimizer, scale_args)
     fixed = parse_loss_scale(loss_scale)
     name = _policy_name(policy)
+    weights = checked_weights_dtype(weights_dtype, name)
     if isinstance(optimizer, DynamicLossScaleOptimizer):
         _check_matches(optimizer, name if policy is not None else None, fixed, scale_args)
-        return optimizer
+        return compensated_for(optimizer, weights) if weights else optimizer
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
         if optimizer.built:
             raise ValueError(
@@ -139,12 +151,15 @@ def wrap_optimizer(
         optimizer = optimizer.inner_optimizer
     optimizer = keras.optimizers.get(optimizer)
     factor = optimizer.loss_scale_factor
+    # Keras' LossScaleOptimizer turns the inner optimizer's factor off (the loss would
+    # be scaled twice), silently: a fixed factor is a fixed loss scale.
+    if (factor is not None and name == MIXED_FLOAT16 and fixed is not None
+            and fixed != factor):
+        raise ValueError(f"loss_scale={loss_scale!r} and the optimizer's loss_scale_factor="
+                         f"{factor!r} disagree; give one of them.")
+    if weights:  # the last check; nothing was changed before it
+        optimizer = compensated_for(optimizer, weights)
     if factor is not None and (name == MIXED_FLOAT16 or guard):
-        # Keras' LossScaleOptimizer turns the inner optimizer's factor off (the loss would
-        # be scaled twice), silently: a fixed factor is a fixed loss scale.
-        if name == MIXED_FLOAT16 and fixed is not None and fixed != factor:
-            raise ValueError(f"loss_scale={loss_scale!r} and the optimizer's loss_scale_factor="
-                             f"{factor!r} disagree; give one of them.")
         optimizer.loss_scale_factor = None
 
     if name == MIXED_FLOAT16:
