@@ -173,9 +173,6 @@ BAD_INPUT = [
      "--weights_dtype=bfloat16 does not fit the policy float32 (it computes in float32)", 2),
     (["--weights_dtype=bfloat16", "--precision=tune"],
      "--weights_dtype=bfloat16 with --precision=tune: tune chooses the weights' dtype too", 2),
-    (["--weights_dtype=bfloat16", "--precision=bf16", "--grad_accum_steps=2"],
-     "--weights_dtype=bfloat16 with --grad_accum_steps=2: the compensated optimizer does not "
-     "accumulate 16-bit gradients yet", 2),
 ]
 
 

@@ -120,10 +120,6 @@ class TrainConfig:
             raise ConfigError(f"--weights_dtype={value} with --precision=tune: tune chooses the "
                               "weights' dtype too (its bf16w candidate); give --precision=bf16 "
                               "or fp16, or leave --weights_dtype out")
-        if self.grad_accum_steps > 1:  # Keras adds a 16-bit gradient to a float32 accumulator
-            raise ConfigError(f"--weights_dtype={value} with --grad_accum_steps="
-                              f"{self.grad_accum_steps}: the compensated optimizer does not "
-                              "accumulate 16-bit gradients yet; drop one of them")
         if self.precision != "auto":
             weights_fit(value, parse_precision(self.precision))
 
