@@ -212,3 +212,21 @@ def test_the_lost_share_is_sampled_every_n_updates_on_a_few_elements():
     assert seen == [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0]
     counted = float(opt._counts[0].numpy()[1])
     assert 0 < counted <= 4096 < 100 * 100  # a sample of the elements, not all of them
+
+
+@pytest.mark.parametrize("options", [
+    {"gradient_accumulation_steps": 2}, {"use_ema": True, "ema_overwrite_frequency": 3},
+    {"global_clipnorm": 1.0}], ids=lambda o: next(iter(o)))
+@pytest.mark.parametrize("guard", [False, True], ids=["plain", "guarded"])
+def test_keras_optimizer_options_work_with_16_bit_weights_and_a_float32_head(options, guard):
+    x, y = make_data(64)
+    model = _model("bfloat16", list(_start()))
+    opt = compensate(keras.optimizers.Adam(1e-2, **options))
+    model.compile(tfmp.wrap_optimizer(opt, "bf16", guard=True) if guard else opt, "mse")
+    losses = model.fit(x, y, batch_size=16, epochs=3, verbose=0).history["loss"]
+    assert losses[-1] < losses[0]
+    assert [str(v.dtype) for v in model.trainable_variables][::2] == [
+        "bfloat16", "bfloat16", "float32"]
+    if "use_ema" in options:  # averages kept in float32, written back into bfloat16 weights
+        averages = [str(a.dtype) for a in opt._model_variables_moving_average]
+        assert set(averages) == {"float32"}

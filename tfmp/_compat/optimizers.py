@@ -150,10 +150,12 @@ class ViewedUpdates:
 
     `tfmp.compensation` hands Keras' `update_step` a float32 tensor in place of a
     16-bit variable. Keras finds a variable's slots by `_var_key` (its private key);
-    this mixin keys a stand-in by the variable it stands for (`view_owner`), and
-    leaves out of Keras' own weight decay (`_apply_weight_decay`, which writes the
-    variable directly) the variables whose decay the subclass applies itself
-    (`decays_itself`). Both are `BaseOptimizer`/`TFOptimizer` internals (Keras 3.15).
+    this mixin keys a stand-in by the variable it stands for (`view_owner`), leaves
+    out of Keras' own weight decay (`_apply_weight_decay`, which writes the variable
+    directly) the variables whose decay the subclass applies itself (`decays_itself`),
+    and casts float32 EMA averages to their variables' dtype before Keras writes them
+    into the variables (`_overwrite_model_variables_with_average_value`). All are
+    `BaseOptimizer`/`TFOptimizer` internals (Keras 3.15).
     """
 
     def view_owner(self, variable: Any) -> Any:
@@ -173,6 +175,19 @@ class ViewedUpdates:
         with relying_on("BaseOptimizer._apply_weight_decay"):
             return super()._apply_weight_decay(
                 [v for v in variables if not self.decays_itself(v)])
+
+    def _overwrite_model_variables_with_average_value(self, trainable_variables):
+        # EMA averages are float32 (`tfmp.compensation`); TensorFlow's assign of one to a
+        # 16-bit variable does not cast: Keras' method runs on averages cast to the variables'.
+        with relying_on("BaseOptimizer._model_variables_moving_average"):
+            kept = self._model_variables_moving_average
+            cast = [a if a is None or a.dtype == v.dtype else ops.cast(a, v.dtype)
+                    for v, a in zip(trainable_variables, kept)]
+            object.__setattr__(self, "_model_variables_moving_average", cast)
+            try:
+                return super()._overwrite_model_variables_with_average_value(trainable_variables)
+            finally:
+                object.__setattr__(self, "_model_variables_moving_average", kept)
 
 
 def uses_weight_decay(optimizer: Any, variable: Any) -> bool:

@@ -188,8 +188,9 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
 
     def gradients_for_apply(self, grads: Any) -> list:
         """The gradients of 16-bit weights in float32 where Keras adds them to a float32
-        buffer (gradient accumulation) or sums them over replicas in one all-reduce (which
-        takes one dtype); otherwise as they are (`update_step` casts each in turn, so no
+        buffer (gradient accumulation), or mixes them with float32 ones in one sum (the
+        global norm of `global_clipnorm`; the all-reduce over replicas, which takes one
+        dtype); otherwise as they are (`update_step` casts each in turn, so no
         float32 copy of every gradient is held at once).
 
         Args:
@@ -199,7 +200,7 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
             The gradients, some cast to float32.
         """
         grads = list(grads)
-        if not (self.gradient_accumulation_steps or several_replicas()):
+        if not (self.gradient_accumulation_steps or self.global_clipnorm or several_replicas()):
             return grads
         return [g if g is None or not is_half(g) else ops.cast(_dense(g), "float32")
                 for g in grads]
