@@ -49,12 +49,23 @@ def bfloat16_variable_error():
         return f"{type(e).__name__}: {e}"
 
 
+def prepare_error():
+    """What tfmp.prepare(..., weights_dtype="bfloat16") raises under the strategy."""
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+        try:
+            tfmp.prepare(model, "adam", "bf16", weights_dtype="bfloat16")
+            return None
+        except Exception as e:  # noqa: BLE001 (recorded for the test)
+            return f"{type(e).__name__}: {e}"
+
+
 def train(scenario):
     precision, *options = scenario.split("+")
     if "weights" in options:  # 16-bit weights: can the cluster hold them at all?
         os.makedirs(os.path.join(out, scenario), exist_ok=True)
         with open(os.path.join(out, scenario, f"worker{index}.json"), "w") as f:
-            json.dump({"error": bfloat16_variable_error()}, f)
+            json.dump({"error": bfloat16_variable_error(), "prepare": prepare_error()}, f)
         return
     if "nofix" in options:
         os.environ["TFMP_MULTI_WORKER_FIX"] = "off"

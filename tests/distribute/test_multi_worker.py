@@ -14,6 +14,7 @@ import tensorflow as tf
 
 import helpers
 from tfmp import _compat, distribute
+from tfmp.scaling.half_weights import SEVERAL_WORKERS
 
 JOB = os.path.join(helpers.ROOT, "tests", "distribute", "multi_worker_job.py")
 
@@ -90,6 +91,9 @@ def test_two_workers_cannot_hold_bfloat16_variables_in_this_tensorflow(two_worke
     assert code == 0, out[-3000:]
     for worker in _workers(tmp, BF16_WEIGHTS):
         assert "[Op:CollectiveBcast" in worker["error"] and "of bfloat16 is not" in worker["error"]
+        # prepare(weights_dtype=...) says so in one line, before it changes anything
+        assert worker["prepare"] == ("ValueError: weights_dtype='bfloat16' on several workers: "
+                                     + SEVERAL_WORKERS)
 
 
 def test_with_the_fix_off_keras_fails_as_upstream(two_worker_runs):
@@ -149,6 +153,8 @@ def test_binary_bad_cluster_input_is_one_line():
         {"argv": mw, "env": {"TF_CONFIG": distribute.tf_config([1, 2], 0).replace('"index": 0',
                                                                              '"index": 5')}},
         {"argv": [*mw, "--precision=tune"], "env": {"TF_CONFIG": distribute.tf_config([1, 2], 1)}},
+        {"argv": [*mw, "--precision=bf16", "--weights_dtype=bfloat16"],
+         "env": {"TF_CONFIG": distribute.tf_config([1, 2], 1)}},
         {"argv": mw, "env": {"TF_CONFIG": distribute.tf_config([port, port + 1], 0)}},  # in use
     ]
     runs = helpers.run_tool_cases("train", cases)
@@ -156,6 +162,8 @@ def test_binary_bad_cluster_input_is_one_line():
     for (code, stderr), fragment in zip(runs, [
             "TF_CONFIG is not valid JSON", "TF_CONFIG task index 5 is outside the cluster",
             "--precision=tune measures on one process",
+            "--weights_dtype=bfloat16 with 2 workers: TensorFlow's MultiWorkerMirroredStrategy "
+            "cannot create bfloat16 variables",
             f"worker:0 cannot listen on 127.0.0.1:{port}: the port is in use"]):
         assert code == 2 and "Traceback" not in stderr, stderr
         assert fragment in stderr, stderr

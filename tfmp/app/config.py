@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tfmp.distribute import Cluster, parse_strategy, read_tf_config, xla_refusal
 from tfmp.precision import ENV_VAR, parse_precision
-from tfmp.scaling.half_weights import checked_weights_dtype
+from tfmp.scaling.half_weights import SEVERAL_WORKERS, checked_weights_dtype
 from tfmp.scaling import (DEFAULT_INITIAL_SCALE, DEFAULT_MIN_SCALE, FLOAT32_MAX,
                           FLOAT32_MIN_NORMAL, parse_loss_scale)
 
@@ -103,7 +103,7 @@ class TrainConfig:
         strategy = parse_strategy(self.strategy)
         if strategy == "multi_worker_mirrored":  # before connecting: that waits for every worker
             try:
-                check_cluster_config(self.precision, read_tf_config())
+                check_cluster_config(self.precision, read_tf_config(), self.weights_dtype)
             except ValueError as e:  # a bad TF_CONFIG, or ConfigError
                 raise ConfigError(str(e)) from None
         if self.tpu and strategy not in ("tpu", "auto"):
@@ -179,18 +179,25 @@ def check_config(config: TrainConfig, strategy: tf.distribute.Strategy) -> None:
         raise ConfigError(f"--jit_compile {refusal}: drop --jit_compile or use one device")
 
 
-def check_cluster_config(precision: str, cluster: Optional[Cluster]) -> None:
+def check_cluster_config(precision: str, cluster: Optional[Cluster],
+                         weights_dtype: Optional[str] = None) -> None:
     """Rejects what cannot run across the workers of a cluster, before connecting.
 
     Args:
         precision: The precision asked for (`tune` included).
         cluster: The cluster from `TF_CONFIG`, or None.
+        weights_dtype: `--weights_dtype`.
 
     Raises:
         ConfigError: `precision="tune"` with several workers (each would measure on its own
-            and might choose another policy).
+            and might choose another policy); bfloat16 weights with several workers
+            (`tfmp.scaling.half_weights.SEVERAL_WORKERS`).
     """
-    if cluster is not None and cluster.num_workers > 1 and precision == "tune":
+    several = cluster is not None and cluster.num_workers > 1
+    if several and weights_dtype == "bfloat16":
+        raise ConfigError(f"--weights_dtype=bfloat16 with {cluster.num_workers} workers: "
+                          f"{SEVERAL_WORKERS}")
+    if several and precision == "tune":
         raise ConfigError("--precision=tune measures on one process; every worker of a cluster "
                           "must train with the same policy: tune on one machine, then pass it")
 

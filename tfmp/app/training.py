@@ -214,7 +214,7 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
     """
     check_config(config, strategy)
     cluster = read_tf_config() if in_multi_worker_mode(strategy) else None
-    check_cluster_config(config.precision, cluster)
+    check_cluster_config(config.precision, cluster, config.weights_dtype)
     dirs = write_dirs(config.model_dir, BACKUP, strategy) if config.model_dir else None
     resume_from = _check_run_dir(config, dirs)  # before anything is measured or trained
     hardware = detect_hardware(strategy)

@@ -7,6 +7,7 @@ the type it returns. The rounding itself is `keras.ops` (`rounding`); the random
 are TensorFlow's stateless random ops (`tf_ops`).
 """
 
-from tfmp.compensation.optimizer import CompensatedOptimizer, compensate
+from tfmp.compensation.factory import compensate
+from tfmp.compensation.optimizer import CompensatedOptimizer
 
 __all__ = ["CompensatedOptimizer", "compensate"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import math
 import random
-from typing import Any, Optional, Union
+from typing import Any, Optional
 
 import keras
 from keras import ops
@@ -45,7 +45,7 @@ def _dense(value: Any) -> Any:
     return ops.convert_to_tensor(value) if hasattr(value, "dense_shape") else value
 
 
-def _checked_seed(rounding: str, slots_dtype: str, lost_updates_every: int,
+def checked_seed(rounding: str, slots_dtype: str, lost_updates_every: int,
                   seed: Optional[int]) -> int:
     """Checks the options (see `CompensatedOptimizer`); returns the seed to use."""
     if rounding not in ROUNDINGS:
@@ -124,7 +124,7 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
     def init_compensation(self, rounding: str, slots_dtype: str, lost_updates_every: int,
                           seed: Optional[int]) -> None:
         """Checks and sets the options (see the class docstring); called once."""
-        seed = _checked_seed(rounding, slots_dtype, lost_updates_every, seed)
+        seed = checked_seed(rounding, slots_dtype, lost_updates_every, seed)
         self.rounding, self.slots_dtype = rounding, slots_dtype
         self.lost_updates_every = lost_updates_every
         self.seed = seed
@@ -332,75 +332,3 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
         config = super().get_config()
         config.update({name: getattr(self, name) for name in _OPTIONS})
         return config
-
-
-_CLASSES: dict[type, type] = {}
-
-
-def compensated_class(base: type) -> type:
-    """The compensated subclass of a Keras optimizer class (made once, registered for
-    `.keras` loading as `tfmp>Compensated<Name>`).
-
-    Args:
-        base: A `keras.optimizers.Optimizer` subclass.
-
-    Returns:
-        `base` itself if it is compensated already, else `Compensated<base>`.
-    """
-    if issubclass(base, CompensatedOptimizer):
-        return base
-    if base not in _CLASSES:
-        name = f"Compensated{base.__name__}"
-        cls = type(name, (CompensatedOptimizer, base), {
-            "__module__": __name__,
-            "__doc__": f"`{base.__name__}` for 16-bit weights (see `CompensatedOptimizer`).",
-        })
-        _CLASSES[base] = keras.saving.register_keras_serializable(package="tfmp", name=name)(cls)
-    return _CLASSES[base]
-
-
-for _base in (keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW,
-              keras.optimizers.RMSprop, keras.optimizers.Adagrad, keras.optimizers.Adamax,
-              keras.optimizers.Nadam, keras.optimizers.Lion, keras.optimizers.Adadelta):
-    compensated_class(_base)  # loadable from a .keras file before any compensate() call
-
-
-def compensate(optimizer: Union[str, keras.optimizers.Optimizer], *,
-               rounding: str = DEFAULT_ROUNDING, slots_dtype: str = DEFAULT_SLOTS_DTYPE,
-               lost_updates_every: int = DEFAULT_LOST_UPDATES_EVERY,
-               seed: Optional[int] = None) -> keras.optimizers.Optimizer:
-    """Makes `optimizer` keep the small updates of 16-bit weights (in place).
-
-    Args:
-        optimizer: A Keras optimizer or its name, not built yet; a loss-scale optimizer's
-            inner optimizer is compensated.
-        rounding, slots_dtype, lost_updates_every, seed: See `CompensatedOptimizer`.
-
-    Returns:
-        The optimizer given (its class now `Compensated<Class>`, a subclass of its own).
-
-    Raises:
-        ValueError: an option out of range; an optimizer already built or already
-            compensated; not a Keras optimizer.
-
-    Example:
-    >>> keras.config.set_dtype_policy("bfloat16")  # bfloat16 weights and slots
-    >>> opt = tfmp.compensate(keras.optimizers.Adam(1e-4))
-    >>> model.compile(opt, "sparse_categorical_crossentropy")
-    """
-    if isinstance(optimizer, str):
-        optimizer = keras.optimizers.get(optimizer)
-    target = getattr(optimizer, "inner_optimizer", optimizer)
-    if not isinstance(target, keras.optimizers.Optimizer):
-        raise ValueError(f"compensate() takes a Keras optimizer; got {optimizer!r}")
-    if isinstance(target, CompensatedOptimizer):
-        raise ValueError(f"{type(target).__name__} is compensated already "
-                         f"(rounding={target.rounding!r})")
-    if target.built or getattr(optimizer, "built", False):
-        raise ValueError(f"{type(target).__name__} is built already: compensate it before "
-                         "its first step (its slots are created in its dtype choice)")
-    cls = compensated_class(type(target))
-    seed = _checked_seed(rounding, slots_dtype, lost_updates_every, seed)  # before any change
-    target.__class__ = cls
-    target.init_compensation(rounding, slots_dtype, lost_updates_every, seed)
-    return optimizer

@@ -11,10 +11,17 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import keras
+import tensorflow as tf
+
+from tfmp import _compat
 
 from tfmp.compensation import CompensatedOptimizer, compensate
 from tfmp.compensation.optimizer import DEFAULT_ROUNDING, HALF_DTYPES
 
+SEVERAL_WORKERS = (
+    "TensorFlow's MultiWorkerMirroredStrategy cannot create bfloat16 variables (it broadcasts "
+    "a variable's initial value with CollectiveBcastSend/Recv, which take no bfloat16): keep "
+    "float32 weights on several workers, or train bfloat16 weights on one machine")
 ACCEPTED = ("None (float32 weights), 'bfloat16' (under mixed_bfloat16) or 'float16' "
             "(under mixed_float16)")
 
@@ -31,10 +38,13 @@ def checked_weights_dtype(weights_dtype: Any, policy: str) -> Optional[str]:
 
     Raises:
         ValueError: not one of those; a dtype the policy does not compute in (float32
-            included), in one line naming the value and what is accepted.
+            included), in one line naming the value and what is accepted; bfloat16 under
+            a MultiWorkerMirroredStrategy over several workers (`SEVERAL_WORKERS`).
     """
     if weights_dtype is None:
         return None
+    if weights_dtype == "bfloat16" and _compat.in_multi_worker_mode(tf.distribute.get_strategy()):
+        raise ValueError(f"weights_dtype='bfloat16' on several workers: {SEVERAL_WORKERS}")
     if not isinstance(weights_dtype, str) or weights_dtype not in HALF_DTYPES:
         raise ValueError(f"weights_dtype={weights_dtype!r} is not accepted; use {ACCEPTED}")
     compute = keras.dtype_policies.get(policy).compute_dtype
