@@ -53,6 +53,8 @@ def test_a_variable_is_recast_in_place_and_put_back(scope):
     undo = _compat.recast_variable(kernel, "bfloat16")
     expect(kernel.dtype == "bfloat16" and kernel.value.dtype == tf.bfloat16,
            "KerasVariable._initialize makes a new backend variable in KerasVariable._dtype")
+    expect(type(kernel.value) is type(backing), f"recast outside the scope: {type(backing)} "
+           f"became {type(kernel.value)} (the variable's own strategy must make it)")
     expect(model.get_layer("d").kernel is kernel and kernel.path == "sequential/d/kernel"
            and kernel.trainable, "the same Keras variable, its path and trainability kept")
     np.testing.assert_array_equal(np.asarray(kernel.numpy(), "float32"),

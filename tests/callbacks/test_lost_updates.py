@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from helpers import make_data
 from tfmp.callbacks import LossScaleMonitor
+from tfmp.callbacks.lost_updates import lost_updates_warning, uncompensated_half_weights
 from tfmp.compensation import compensate
 
 
@@ -54,13 +55,39 @@ def test_lost_updates_are_shown_and_warned_with_nearest_rounding(tmp_path):
     assert max(_tags(str(tmp_path / "tb"))["lost_updates"]) > 0.5
 
 
-@pytest.mark.parametrize("rounding", ["kahan", "stochastic"])
-def test_compensated_rounding_loses_almost_nothing_and_says_nothing(tmp_path, rounding):
-    opt = compensate(keras.optimizers.Adam(1e-5), rounding=rounding, lost_updates_every=2)
+def test_kahan_loses_almost_nothing_and_says_nothing(tmp_path):
+    opt = compensate(keras.optimizers.Adam(1e-5), rounding="kahan", lost_updates_every=2)
     history, monitor, said = _fit(opt, tmp_path)
     assert max(history["lost_updates"]) < 0.1
     assert monitor.summary["lost_updates"] < 0.1 and not said
     assert "lost_updates" in _tags(str(tmp_path / "tb"))
+
+
+def test_stochastic_rounding_reports_no_figure_it_does_not_measure(tmp_path):
+    opt = compensate(keras.optimizers.Adam(1e-5), rounding="stochastic", lost_updates_every=2)
+    history, monitor, said = _fit(opt, tmp_path, epochs=1)
+    assert "lost_updates" not in history and monitor.summary["lost_updates"] is None
+    assert opt.lost_updates is None and not said
+    with pytest.raises(ValueError, match="measures no lost updates .rounding='stochastic'"):
+        opt.lost_updates_share()
+
+
+def test_the_advice_fits_the_weights_dtype():
+    float16 = keras.Variable(np.ones((4,), "float32"), dtype="float16", name="w")
+    for rounding, fix in (("nearest", "rounding='kahan'"), ("kahan", "raise the learning rate")):
+        opt = compensate(keras.optimizers.Adam(), rounding=rounding)
+        opt.build([float16])
+        said = lost_updates_warning(opt, 0.5, 7)
+        assert fix in said and "stochastic" not in said, said
+        assert said.startswith(f"tfmp: 50% of the updates of 16-bit weights were lost to "
+                               f"rounding at step 7 (rounding={rounding!r})")
+    opt = compensate(keras.optimizers.Adam(), rounding="kahan")
+    opt.build([keras.Variable(np.ones((4,), "float32"), dtype="bfloat16")])
+    assert "use rounding='stochastic'" in lost_updates_warning(opt, 0.5, 7)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2, dtype="float16")])
+    model.compile(keras.optimizers.Adam(), "mse")
+    said = uncompensated_half_weights(model)
+    assert "weights_dtype='float16'" in said and "rounding='kahan'" in said
 
 
 def test_stock_keras_on_16_bit_weights_is_warned_at_the_start(tmp_path):

@@ -64,7 +64,8 @@ def test_compensated_bfloat16_follows_float32_and_the_lost_share_moves(rounding)
         assert opt.lost_updates > 0.5
     else:
         assert gap < 0.02, (losses[-1], reference[-1])
-        assert opt.lost_updates < 0.1
+        # Kahan: measured, almost none lost; stochastic rounding loses none in expectation
+        assert opt.lost_updates < 0.1 if rounding == "kahan" else opt.lost_updates is None
 
 
 def test_stock_bfloat16_is_the_failure_compensation_fixes():
@@ -184,6 +185,33 @@ def test_bad_options_are_refused_and_the_optimizer_is_left_as_it_was(kwargs, mes
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         compensate(opt, **kwargs)
     assert type(opt) is keras.optimizers.Adam
+
+
+def test_the_moving_average_of_16_bit_weights_moves_as_float32_s():
+    # Keras computes the EMA momentum in the weight's dtype: 0.999 is 1.0 in bfloat16.
+    def average(dtype):
+        variable = keras.Variable(np.ones((4,), "float32"), dtype=dtype)
+        opt = keras.optimizers.SGD(1.0, use_ema=True, ema_momentum=0.999)
+        if dtype == "bfloat16":
+            opt = compensate(opt, rounding="kahan")
+        for _ in range(50):  # the weight goes up by 1 a step
+            opt.apply([tf.fill((4,), tf.constant(-1.0, dtype))], [variable])
+        return float(opt._model_variables_moving_average[0].numpy()[0])
+
+    reference = average("float32")
+    assert reference > 2.0
+    assert abs(average("bfloat16") - reference) < 0.02 * reference
+
+
+def test_an_optimizer_with_its_own_weight_decay_is_refused_and_every_keras_class_loadable():
+    with pytest.raises(ValueError, match="Muon applies its weight decay its own way"):
+        compensate(keras.optimizers.Muon(0.1, weight_decay=0.1))
+    for name, cls in vars(keras.optimizers).items():
+        if (isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)
+                and cls is not keras.optimizers.Optimizer
+                and not issubclass(cls, keras.optimizers.LossScaleOptimizer)):
+            registered = keras.saving.get_registered_object(f"tfmp>Compensated{cls.__name__}")
+            assert registered is not None and issubclass(registered, cls), name
 
 
 def test_built_twice_compensated_or_not_an_optimizer_is_refused():

@@ -43,12 +43,13 @@ def test_stochastic_rounding_is_reproducible_and_each_stream_differs():
 
 
 def test_stochastic_rounding_keeps_inf_nan_and_never_overflows_a_finite_value():
-    big = np.float32(3.3e38)  # above bfloat16's largest value once rounded up
+    big = np.float32(3.39e38)  # rounded up: inf (bfloat16's largest is 3.3895e38); nearest: finite
     x = np.array([np.inf, -np.inf, np.nan, big, -big, 0.0, -0.0], "float32")
     bits = tf.fill((7,), 2 ** 16 - 1)  # round everything away from zero
     out = _f32(rounding.stochastic_round(x, bits))
     assert out[0] == np.inf and out[1] == -np.inf and np.isnan(out[2])
     assert np.isfinite(out[3:5]).all() and out[5] == 0.0 and out[6] == 0.0
+    assert out[3] == _f32(rounding.nearest(big, "bfloat16"))
 
 
 def test_kahan_keeps_updates_nearest_loses():

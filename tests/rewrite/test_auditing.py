@@ -95,6 +95,21 @@ def test_16_bit_weights_pass_only_with_an_optimizer_that_keeps_their_updates(rou
         model, stock, hardware=CPU).codes()
 
 
+def test_16_bit_statistics_stay_an_error_under_a_compensated_optimizer():
+    _set("bf16")  # no optimizer updates moving statistics: nothing compensates them
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, dtype="bfloat16"),
+                              keras.layers.BatchNormalization(dtype="bfloat16"),
+                              keras.layers.Dense(4, dtype="float32")])
+    opt = tfmp.compensate(keras.optimizers.Adam())
+    opt.build(model.trainable_variables)
+    report = tfmp.audit(model, opt, hardware=CPU)
+    errors = {f.path: f for f in report.errors if f.code == "variable-not-float32"}
+    assert set(errors) == {v.path for v in model.non_trainable_variables}, str(report)
+    assert "keep it float32" in next(iter(errors.values())).fix
+    compensated = [f for f in report.findings if f.code == "variables-compensated"]
+    assert compensated[0].problem.startswith("4 variable(s) in 16 bits")  # Dense 2, BN 2
+
+
 def test_fp16_without_loss_scaling():
     _set("fp16")
     report = tfmp.audit(_model(), keras.optimizers.Adam(), hardware=GPU)

@@ -82,7 +82,10 @@ def test_16_bit_layers_store_their_weights_in_bfloat16_and_the_model_trains(buil
     assert hist.history["loss"][-1] < hist.history["loss"][0] * 0.8
     assert hidden.kernel.dtype == "bfloat16" and head.kernel.dtype == "float32"
     assert not np.array_equal(np.asarray(hidden.kernel.numpy(), "float32"), before)
-    assert 0.0 <= inner.lost_updates < 0.2
+    if inner.rounding == "stochastic":  # loses none in expectation: not measured
+        assert inner.lost_updates is None
+    else:
+        assert 0.0 <= inner.lost_updates < 0.2
 
 
 def test_float16_weights_under_mixed_float16_use_a_kahan_buffer():

@@ -211,3 +211,10 @@ def test_a_bad_weights_dtype_is_refused_and_the_optimizer_left_as_it_was(optimiz
         tfmp.wrap_optimizer(given, policy, weights_dtype=weights_dtype)
     assert fragment in str(error.value) and "\n" not in str(error.value), str(error.value)
     assert type(given) is kind
+
+
+def test_a_refused_scale_argument_leaves_the_optimizer_uncompensated():
+    opt = keras.optimizers.Adam()
+    with pytest.raises(ValueError, match="initial_scale"):
+        tfmp.wrap_optimizer(opt, "fp16", weights_dtype="float16", initial_scale=-1.0)
+    assert type(opt) is keras.optimizers.Adam

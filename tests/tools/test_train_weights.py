@@ -68,9 +68,12 @@ def test_bfloat16_weights_train_and_resume_after_sigkill_bit_identical(tmp_path)
     assert s["resumed_from_epoch"] == 2 and s["epochs_completed"] == [2]
     assert (s["policy"], s["weights_dtype"], s["flags"]["weights_dtype"]) == (
         "mixed_bfloat16", "bfloat16", "bfloat16")
-    lost = s["lost_updates"]  # the monitor's figure (None where it does not report one)
-    assert lost is None or 0.0 <= lost < 1.0
     a, b = (keras.models.load_model(run / "model.keras") for run in (full, killed))
+    lost = s["lost_updates"]  # the monitor's figure: None under stochastic rounding
+    if b.optimizer.inner_optimizer.rounding == "stochastic":
+        assert lost is None and "lost updates: not measured)" in done.stdout
+    else:
+        assert 0.0 <= lost < 0.2
     dtypes = {v.path: v.dtype for v in a.weights}
     assert dtypes["dense_0/kernel"] == "bfloat16" and dtypes["logits/kernel"] == "float32", dtypes
     assert isinstance(b.optimizer.inner_optimizer, CompensatedOptimizer)

@@ -23,7 +23,7 @@ from tfmp._compat.layers import (AttentionWithOwnSoftmax, calls_wrapped, clear_l
                                  no_automatic_dependency_tracking, outputs_structure,
                                  own_non_trainable_variables, own_variables, producer,
                                  recast_variable)
-from tfmp._compat.optimizers import (apply_decided, build_after_scale_state, build_scale_state,
+from tfmp._compat.optimizers import (applies_own_weight_decay, apply_decided, build_after_scale_state, build_scale_state,
                                      built_variables, ema_overwrite_due,
                                      finish_apply, micro_batches, overwrite_with_ema,
                                      overwrites_with_gradient, reading_dtype, uses_weight_decay,

@@ -66,7 +66,11 @@ def recast_variable(variable: Any, dtype: str) -> Callable[[], None]:
         if old_value is not None:  # else not initialized yet: it will be made in `dtype`
             value = keras.ops.cast(keras.ops.convert_to_tensor(old_value), dtype)
             variable._value = None
-            variable._initialize(value)
+            # under the strategy that made it (a MirroredVariable stays mirrored when the
+            # call comes from outside `strategy.scope()`)
+            strategy = getattr(old_value, "_distribute_strategy", None)
+            with strategy.scope() if strategy is not None else contextlib.nullcontext():
+                variable._initialize(value)
     return undo
 
 

@@ -153,8 +153,9 @@ class ViewedUpdates:
     this mixin keys a stand-in by the variable it stands for (`view_owner`), leaves
     out of Keras' own weight decay (`_apply_weight_decay`, which writes the variable
     directly) the variables whose decay the subclass applies itself (`decays_itself`),
-    and casts float32 EMA averages to their variables' dtype before Keras writes them
-    into the variables (`_overwrite_model_variables_with_average_value`). All are
+    keeps EMA averages in their own dtype (`_update_model_variables_moving_average`)
+    and casts float32 ones to their variables' dtype before Keras writes them into the
+    variables (`_overwrite_model_variables_with_average_value`). All are
     `BaseOptimizer`/`TFOptimizer` internals (Keras 3.15).
     """
 
@@ -175,6 +176,21 @@ class ViewedUpdates:
         with relying_on("BaseOptimizer._apply_weight_decay"):
             return super()._apply_weight_decay(
                 [v for v in variables if not self.decays_itself(v)])
+
+    def _update_model_variables_moving_average(self, trainable_variables):
+        # Keras computes the momentum in the variable's dtype: in bfloat16 0.999 is 1.0 and
+        # the average never moves. Here it is computed in the average's dtype (float32 for
+        # 16-bit variables in `tfmp.compensation`; the variable's own otherwise, as Keras).
+        with relying_on("BaseOptimizer._model_variables_moving_average"):
+            if not self.use_ema:
+                return
+            for var, average in zip(trainable_variables, self._model_variables_moving_average):
+                if average is None:
+                    continue
+                momentum = ops.multiply(
+                    ops.cast(ops.not_equal(self.iterations, 0), average.dtype), self.ema_momentum)
+                average.assign(ops.add(ops.multiply(momentum, average), ops.multiply(
+                    ops.subtract(1, momentum), ops.cast(var, average.dtype))))
 
     def _overwrite_model_variables_with_average_value(self, trainable_variables):
         # EMA averages are float32 (`tfmp.compensation`); TensorFlow's assign of one to a
@@ -212,3 +228,11 @@ def reading_dtype(reference: Any, dtype: str) -> Iterator[None]:
         yield
     finally:
         reference._dtype = kept
+
+
+def applies_own_weight_decay(optimizer: Any) -> bool:
+    """Whether the optimizer's class overrides Keras' `_apply_weight_decay` (Muon does)."""
+    with relying_on("TFOptimizer._apply_weight_decay"):
+        own = type(optimizer)._apply_weight_decay
+        return own is not keras.optimizers.Optimizer._apply_weight_decay and not (
+            own is ViewedUpdates._apply_weight_decay)

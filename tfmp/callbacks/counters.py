@@ -128,7 +128,7 @@ def scale_counters(optimizer: Optional[keras.optimizers.Optimizer]) -> dict[str,
     compensated optimizer also `lost_updates` (its share at the last sample)."""
     counters = _loss_scale_counters(optimizer)
     inner = compensated(optimizer)
-    if inner is not None and inner.built:
+    if inner is not None and inner.measures_lost_updates:
         counters[LOST_KEY] = inner.lost_updates_share()
     return counters
 

@@ -89,7 +89,8 @@ class _CountersCallback(keras.callbacks.Callback):
         self._last = {SCALE_KEY: self._begin_state.scale,
                       SKIPPED_KEY: max(self._begin_state.skipped_steps, 0),
                       NAN_KEY: max(self._begin_state.nonfinite_losses, 0)}
-        if compensated(self.model.optimizer) is not None:
+        inner = compensated(self.model.optimizer)
+        if inner is not None and inner.measures_lost_updates:
             self._last[LOST_KEY] = 0.0
         self._started()
 

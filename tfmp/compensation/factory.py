@@ -7,6 +7,7 @@ from typing import Optional, Union
 
 import keras
 
+from tfmp import _compat
 from tfmp.compensation.optimizer import (DEFAULT_LOST_UPDATES_EVERY, DEFAULT_ROUNDING,
                                          DEFAULT_SLOTS_DTYPE, CompensatedOptimizer, checked_seed)
 
@@ -15,7 +16,9 @@ _CLASSES: dict[type, type] = {}
 
 def compensated_class(base: type) -> type:
     """The compensated subclass of a Keras optimizer class (made once, registered for
-    `.keras` loading as `tfmp>Compensated<Name>`).
+    `.keras` loading as `tfmp>Compensated<Name>`). Keras' own classes are made when tfmp is
+    imported; a class of your own is made by `compensate()`, or call this before
+    `keras.models.load_model` in a new process.
 
     Args:
         base: A `keras.optimizers.Optimizer` subclass.
@@ -35,10 +38,11 @@ def compensated_class(base: type) -> type:
     return _CLASSES[base]
 
 
-for _base in (keras.optimizers.SGD, keras.optimizers.Adam, keras.optimizers.AdamW,
-              keras.optimizers.RMSprop, keras.optimizers.Adagrad, keras.optimizers.Adamax,
-              keras.optimizers.Nadam, keras.optimizers.Lion, keras.optimizers.Adadelta):
-    compensated_class(_base)  # loadable from a .keras file before any compensate() call
+for _base in vars(keras.optimizers).values():  # Keras' own: loadable before any compensate()
+    if (isinstance(_base, type) and issubclass(_base, keras.optimizers.Optimizer)
+            and _base is not keras.optimizers.Optimizer
+            and not issubclass(_base, keras.optimizers.LossScaleOptimizer)):
+        compensated_class(_base)
 
 
 def compensate(optimizer: Union[str, keras.optimizers.Optimizer], *,
@@ -57,7 +61,8 @@ def compensate(optimizer: Union[str, keras.optimizers.Optimizer], *,
 
     Raises:
         ValueError: an option out of range; an optimizer already built or already
-            compensated; not a Keras optimizer.
+            compensated; not a Keras optimizer; weight decay by a class that applies it its
+            own way (overrides Keras' `_apply_weight_decay`, as Muon does).
 
     Example:
     >>> keras.config.set_dtype_policy("bfloat16")  # bfloat16 weights and slots
@@ -72,6 +77,10 @@ def compensate(optimizer: Union[str, keras.optimizers.Optimizer], *,
     if isinstance(target, CompensatedOptimizer):
         raise ValueError(f"{type(target).__name__} is compensated already "
                          f"(rounding={target.rounding!r})")
+    if target.weight_decay is not None and _compat.applies_own_weight_decay(target):
+        raise ValueError(f"{type(target).__name__} applies its weight decay its own way, which "
+                         "compensate() cannot fold into the 16-bit write; pass weight_decay=None "
+                         "(decay in the loss instead) or use AdamW")
     if target.built or getattr(optimizer, "built", False):
         raise ValueError(f"{type(target).__name__} is built already: compensate it before "
                          "its first step (its slots are created in its dtype choice)")

@@ -103,7 +103,7 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
     have kept that the 16-bit write lost (`tfmp.compensation.rounding.lost_counts`) is
     measured: `lost_updates` (about 0.9 with `"nearest"` at a small learning rate, a
     few percent with `"kahan"`; stochastic rounding loses none in expectation and is
-    not measured: 0).
+    not measured: None).
 
     Args:
         rounding: `"stochastic"` (default), `"kahan"` or `"nearest"`.
@@ -298,7 +298,11 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
         `SAMPLED_ELEMENTS` evenly spaced elements of the weight (its own counts: no write
         shared between weights, which would order their updates one after the other)."""
         size = math.prod(int(d) for d in update.shape)
-        picked = ops.arange(0, size, -(-size // SAMPLED_ELEMENTS))  # at most that many
+        stride = -(-size // SAMPLED_ELEMENTS)  # at most that many elements
+        last = int(update.shape[-1]) if len(update.shape) else 1
+        while math.gcd(stride, last) != 1:  # coprime: every column is visited, not a few
+            stride += 1
+        picked = ops.arange(0, size, stride)
 
         def sample() -> None:
             def pick(tensor: Any) -> Any:
@@ -313,18 +317,32 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
 
     # ---------------------------------------------------------------- reading
 
+    @property
+    def measures_lost_updates(self) -> bool:
+        """True if the lost share is measured: built, `lost_updates_every` > 0 and a rounding
+        that can lose an update (not `"stochastic"`, which loses none in expectation)."""
+        return any(c is not None for c in getattr(self, "_counts", []))
+
     def lost_updates_share(self) -> Any:
-        """The share of nonzero updates of 16-bit weights lost at each one's last sample
-        (a float32 tensor; 0 before the first sample)."""
+        """The share of the updates a float32 weight would have kept that the 16-bit writes
+        lost, at each weight's last sample (a float32 tensor; 0 before the first sample).
+
+        Raises:
+            ValueError: nothing is measured (`measures_lost_updates` is False).
+        """
         counts = [c for c in getattr(self, "_counts", []) if c is not None]
         if not counts:
-            return ops.zeros((), "float32")
+            raise ValueError(f"{type(self).__name__} measures no lost updates (rounding="
+                             f"{self.rounding!r}, lost_updates_every={self.lost_updates_every}"
+                             f"{'' if self.built else ', not built yet'})")
         total = functools.reduce(ops.add, counts, ops.zeros((2,), "float32"))
         return ops.divide(total[0], ops.maximum(total[1], 1.0))
 
     @property
-    def lost_updates(self) -> float:
-        """`lost_updates_share()` as a Python float."""
+    def lost_updates(self) -> Optional[float]:
+        """`lost_updates_share()` as a Python float; None where nothing is measured."""
+        if not self.measures_lost_updates:
+            return None
         return float(ops.convert_to_numpy(self.lost_updates_share()))
 
     def get_config(self) -> dict[str, Any]:

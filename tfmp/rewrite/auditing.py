@@ -76,15 +76,21 @@ def _check_layers(model: keras.Model, ctx: "_Context") -> None:
             ctx.add("normalization-half", "warning", path, f"normalization computes in {compute}",
                     "give it dtype='float32' or use tfmp.layers.StableLayerNorm")
         for var in _compat.own_variables(layer):
-            if _dtype(var) in HALF_DTYPES:
-                if ctx.compensated:
-                    ctx.compensated_variables.append(var.path)
-                    continue
+            if _dtype(var) not in HALF_DTYPES:
+                continue
+            if not var.trainable:  # updated by its layer (statistics), not by the optimizer
+                ctx.add("variable-not-float32", "error", var.path,
+                        f"non-trainable variable is {_dtype(var)}: its layer's small updates "
+                        "are lost (no optimizer compensates them)",
+                        "keep it float32: a mixed_* policy, or tfmp.prepare(..., weights_dtype="
+                        f"'{_dtype(var)}'), which keeps non-trainable variables float32")
+            elif ctx.compensated:
+                ctx.compensated_variables.append(var.path)
+            else:
                 ctx.add("variable-not-float32", "error", var.path,
                         f"variable is {_dtype(var)}: updates smaller than its precision are lost",
                         "use a mixed_* policy (float32 variables), or keep it in 16 bits with a "
-                        "compensated optimizer: tfmp.prepare(..., weights_dtype='bfloat16') or "
-                        "tfmp.compensate(optimizer)")
+                        f"compensated optimizer: {compensation_fix(_dtype(var))}")
         if (layer.dtype_policy.name != ctx.policy and not expected_to_differ(layer, outputs)
                 and path not in kept and not _weights_variant(layer, ctx)):
             mismatched.append(f"{path} ({layer.dtype_policy.name})")
@@ -146,6 +152,14 @@ def _check_sizes(path: str, layer: keras.layers.Layer, ctx: "_Context") -> None:
             ctx.add("size-not-aligned", "info", path,
                     f"{attr}={size} is not a multiple of {ctx.align} ({ctx.hardware.accelerator})",
                     f"round {attr} to a multiple of {ctx.align} for full-speed matmuls")
+
+
+def compensation_fix(dtype: str) -> str:
+    """How to keep `dtype` weights with their small updates (float16: a Kahan buffer)."""
+    if dtype == "float16":
+        return ("tfmp.prepare(..., weights_dtype='float16') or "
+                "tfmp.compensate(optimizer, rounding='kahan')")
+    return f"tfmp.prepare(..., weights_dtype='{dtype}') or tfmp.compensate(optimizer)"
 
 
 def _weights_variant(layer: keras.layers.Layer, ctx: "_Context") -> bool:

@@ -191,6 +191,7 @@ def prepare(
         report = audit(converted, opt, hw, data=data, run=run)  # one trace, not two
         if not report.ok:
             raise AuditError(report)
+        build_optimizer(converted, opt)  # now, not in the first traced step: one trace, not two
     except BaseException:  # nothing changed: Keras' policy and a model converted in place
         keras.config.set_dtype_policy(previous)
         restore_storage(stored)
@@ -203,7 +204,6 @@ def prepare(
     for finding in report.warnings:
         logging.warning("tfmp.prepare: %s: %s (%s)", finding.path, finding.problem, finding.fix)
     model = guard_model_state(model)
-    build_optimizer(model, opt)  # now, not in the first traced step: one trace instead of two
     for fix in enable_multi_worker_fit(model):
         logging.info("tfmp.prepare: multi-worker fit fix %s applied", fix)
     return model, opt

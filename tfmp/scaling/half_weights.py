@@ -8,7 +8,7 @@ float16 (stochastic rounding rounds to bfloat16 only).
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import keras
 import tensorflow as tf
@@ -58,6 +58,18 @@ def rounding_for(weights_dtype: str) -> str:
     """The compensation for `weights_dtype`: the default rounding for bfloat16, `"kahan"` for
     float16 (stochastic rounding rounds to bfloat16 only)."""
     return "kahan" if weights_dtype == "float16" else DEFAULT_ROUNDING
+
+
+def class_restorer(optimizer: Any) -> Callable[[], None]:
+    """What gives `optimizer` (its inner one, under loss scaling) its class back, if
+    `compensated_for` changes it and a later check refuses the call."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    kept = type(inner)
+
+    def undo() -> None:
+        inner.__class__ = kept
+
+    return undo
 
 
 def compensated_for(optimizer: Any, weights_dtype: str) -> Any:

@@ -12,7 +12,7 @@ import keras
 from absl import logging
 
 from tfmp.precision.policy import MIXED_BFLOAT16, MIXED_FLOAT16, parse_precision, resolve_policy
-from tfmp.scaling.half_weights import checked_weights_dtype, compensated_for
+from tfmp.scaling.half_weights import checked_weights_dtype, class_restorer, compensated_for
 from tfmp.scaling.optimizer import DynamicLossScaleOptimizer
 
 LossScale = Union[str, float, int]
@@ -157,8 +157,20 @@ def wrap_optimizer(
             and fixed != factor):
         raise ValueError(f"loss_scale={loss_scale!r} and the optimizer's loss_scale_factor="
                          f"{factor!r} disagree; give one of them.")
-    if weights:  # the last check; nothing was changed before it
+    undo = class_restorer(optimizer)
+    if weights:
         optimizer = compensated_for(optimizer, weights)
+    try:  # DynamicLossScaleOptimizer checks the scale arguments: on refusal, nothing changed
+        return _wrapped(optimizer, name, fixed, factor, loss_scale, guard, scale_args)
+    except BaseException:
+        undo()
+        raise
+
+
+def _wrapped(optimizer: keras.optimizers.Optimizer, name: str, fixed: Optional[float],
+             factor: Optional[float], loss_scale: LossScale, guard: bool,
+             scale_args: dict[str, Any]) -> keras.optimizers.Optimizer:
+    """`wrap_optimizer` once every argument is checked and the optimizer compensated."""
     if factor is not None and (name == MIXED_FLOAT16 or guard):
         optimizer.loss_scale_factor = None
 
