@@ -350,7 +350,8 @@ def profile_functions(model: Any, x: Any, y: Any, variant: Variant,
     """The pieces of one training step of `model` (compiled) on the batch `(x, y)`."""
     import tensorflow as tf
 
-    from tfmp.compensation.random_bits import random_bits
+    from tfmp.compensation.rounding import split_bits
+    from tfmp.compensation.tf_ops import random_bits
 
     variables, opt = model.trainable_variables, model.optimizer
 
@@ -385,12 +386,14 @@ def profile_functions(model: Any, x: Any, y: Any, variant: Variant,
             out += [tf.cast(u, tf.bfloat16) for u in ups]
         return out
 
-    draws = ((variant.rounding == "stochastic")
-             + 2 * (variant.slots_dtype == "bfloat16" and variant.rounding != "nearest"))
+    sets = ((variant.rounding == "stochastic")
+            + 2 * (variant.slots_dtype == "bfloat16" and variant.rounding != "nearest"))
+    draws = min(sets, 1)  # one 32-bit draw per weight serves its and its slots' roundings
 
-    def bits() -> Any:  # stochastic rounding's draws: the weight's and bfloat16 slots'
+    def bits() -> Any:  # stochastic rounding's draw and the 16-bit sets it is split into
         # (seeded from a variable, as the optimizer does: constant seeds are folded away)
-        return [random_bits(tf.shape(v), opt.iterations, i) for v, _ in half for i in range(draws)]
+        drawn = [random_bits(tf.shape(v), opt.iterations, i) for i, (v, _) in enumerate(half)]
+        return [split_bits(d, k) for d in drawn for k in range(sets)]
 
     functions = {"step": lambda: opt.apply(grads_of(), variables), "forward+backward": grads_of,
                  "apply": lambda: opt.apply(fixed, variables), "matmuls": matmuls}

@@ -18,8 +18,9 @@ def _f32(x):
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
     rng = np.random.RandomState(0)
     x = (rng.rand(64).astype("float32") - 0.5) * 10.0
-    draws = np.stack([_f32(rounding.stochastic_round(x, random_bits((64,), 7, k)))
-                      for k in range(2000)])
+    draws = np.stack([  # every set a draw serves: each must be unbiased
+        _f32(rounding.stochastic_round(x, rounding.split_bits(random_bits((64,), 7, k), k % 3)))
+        for k in range(2000)])
     # every draw is a bfloat16 value next to x
     assert np.all(np.abs(draws - x) <= 2.0 ** -7 * np.abs(x) + 1e-30)
     np.testing.assert_array_equal(_f32(ops.cast(draws, "bfloat16")), draws)
@@ -31,12 +32,26 @@ def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
     assert np.mean(np.abs(_f32(rounding.nearest(x, "bfloat16")) - x)) > 5 * err.mean()
 
 
+def test_one_draw_gives_three_uniform_pairwise_independent_sets_of_16_bits():
+    sets = [np.asarray(rounding.split_bits(random_bits((200_000,), 3, 1), k)).astype("int64")
+            for k in range(3)]
+    for bits in sets:
+        assert bits.min() >= 0 and bits.max() < 2 ** 16
+        assert abs(bits.mean() / 2 ** 16 - 0.5) < 0.005
+        assert abs(np.mean(bits < 2 ** 12) - 2 ** -4) < 0.003  # low values as often as due
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert abs(np.corrcoef(sets[a], sets[b])[0, 1]) < 0.01
+        # two roundings of a value halfway between neighbours: up together a quarter of the time
+        both = np.mean((sets[a] >= 2 ** 15) & (sets[b] >= 2 ** 15))
+        assert abs(both - 0.25) < 0.005, (a, b, both)
+
+
 def test_stochastic_rounding_is_reproducible_and_each_stream_differs():
     x = np.full((1000,), 1.0 + BF16_ULP_AT_1 / 2, "float32")  # halfway: 50/50
-    a = _f32(rounding.stochastic_round(x, random_bits((1000,), 11, 5)))
-    b = _f32(rounding.stochastic_round(x, random_bits((1000,), 11, 5)))
-    c = _f32(rounding.stochastic_round(x, random_bits((1000,), 11, 6)))
-    d = _f32(rounding.stochastic_round(x, random_bits((1000,), 12, 5)))
+    a = _f32(rounding.stochastic_round(x, rounding.split_bits(random_bits((1000,), 11, 5), 0)))
+    b = _f32(rounding.stochastic_round(x, rounding.split_bits(random_bits((1000,), 11, 5), 0)))
+    c = _f32(rounding.stochastic_round(x, rounding.split_bits(random_bits((1000,), 11, 6), 0)))
+    d = _f32(rounding.stochastic_round(x, rounding.split_bits(random_bits((1000,), 12, 5), 0)))
     np.testing.assert_array_equal(a, b)
     assert 0.4 < np.mean(a > 1.0) < 0.6
     assert np.mean(a != c) > 0.3 and np.mean(a != d) > 0.3

@@ -67,6 +67,7 @@ class _View:
 
     def __init__(self, variable: Any, before: Any, decay: Any) -> None:
         self.variable, self.before, self.decay, self.written = variable, before, decay, False
+        self.draw, self.used = None, 0  # 32 random bits per element, and the sets taken
 
 
 class _Scratch:
@@ -74,6 +75,7 @@ class _Scratch:
 
     def __init__(self) -> None:
         self.views: dict[int, _View] = {}
+        self.current: Optional[_View] = None  # the 16-bit weight whose update_step runs
         self.streams: dict[int, int] = {}
         self.dtype_for_next: Optional[str] = None
 
@@ -229,13 +231,20 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
             decay = ops.multiply(before, -rate)
         stand_in = before if decay is None else ops.add(before, decay)
         view = _View(variable, before, decay)
+        if self.rounding == "stochastic" or (self.rounding == "kahan"
+                                             and self.slots_dtype == "bfloat16"):
+            # one draw for the weight and its slots (`rounding.split_bits`): a third of the bits
+            view.draw = random_bits(ops.shape(before), self._rounding_seed,
+                                    self._stream(_compat.variable_index(self, variable)))
         self._scratch.views[id(stand_in)] = view
+        self._scratch.current = view
         try:
             super().update_step(ops.cast(_dense(gradient), "float32"), stand_in, learning_rate)
+            if not view.written and decay is not None:
+                self._write_weight(view, ops.zeros_like(before))
         finally:
             del self._scratch.views[id(stand_in)]
-        if not view.written and decay is not None:
-            self._write_weight(view, ops.zeros_like(before))
+            self._scratch.current = None
 
     def assign(self, variable: Any, value: Any) -> None:
         if not self._write(variable, value, None):
@@ -269,9 +278,19 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
         super().assign(target, rounding_lib.stochastic_round(new, self._bits(new, stream)))
         return True
 
+    def _stream(self, stream: int) -> Any:
+        return ops.add(ops.multiply(ops.cast(self.iterations, "int64"), 2 ** 24), stream)
+
     def _bits(self, like: Any, stream: int) -> Any:
-        key = ops.add(ops.multiply(ops.cast(self.iterations, "int64"), 2 ** 24), stream)
-        return random_bits(ops.shape(like), self._rounding_seed, key)
+        """16 random bits per element of `like`: a set of the running weight's draw while one
+        is left and the shapes agree, else a draw of its own (`stream`: distinct per write)."""
+        view = self._scratch.current
+        if (view is not None and view.draw is not None and view.used < rounding_lib.SPLITS
+                and tuple(like.shape) == tuple(view.draw.shape)):
+            view.used += 1
+            return rounding_lib.split_bits(view.draw, view.used - 1)
+        return rounding_lib.split_bits(
+            random_bits(ops.shape(like), self._rounding_seed, self._stream(stream)), 0)
 
     def _write_weight(self, view: _View, update: Any) -> None:
         variable, before = view.variable, view.before

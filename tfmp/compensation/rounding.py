@@ -25,6 +25,34 @@ _HIGH_HALF = -65536  # 0xFFFF0000 as an int32
 RANDOM_BITS = 16
 
 
+SPLITS = 3  # roundings one 32-bit draw serves
+
+
+def split_bits(draw: Any, which: int) -> Any:
+    """The `which`-th (0, 1 or 2) set of 16 random bits in a draw of 32 per element.
+
+    0: the low half; 1: the high half; 2: the low half XOR the high half rotated by 3.
+    Each set is uniform in [0, 2**16), and any two are independent (the XOR of one half
+    with an independent uniform half), so one draw rounds a weight and its two moments.
+
+    Args:
+        draw: int32 tensor, uniform over all bit patterns (`tf_ops.random_bits`).
+        which: 0, 1 or 2.
+
+    Returns:
+        An int32 tensor of `draw`'s shape, values in [0, 2**16).
+    """
+    low = ops.bitwise_and(draw, 0xFFFF)
+    if which == 0:
+        return low
+    high = ops.bitwise_and(ops.right_shift(draw, RANDOM_BITS), 0xFFFF)
+    if which == 1:
+        return high
+    rotated = ops.bitwise_and(ops.bitwise_or(ops.right_shift(high, 3), ops.left_shift(high, 13)),
+                              0xFFFF)
+    return ops.bitwise_xor(low, rotated)
+
+
 def nearest(value: Any, dtype: str) -> Any:
     """`value` rounded to the nearest `dtype` (the cast Keras' optimizers do)."""
     return ops.cast(value, dtype)
@@ -36,7 +64,9 @@ def stochastic_round(value: Any, bits: Any) -> Any:
     Adds `bits` (uniform integers in [0, 2**16)) to the float32's low 16 bits and
     clears them: the magnitude is rounded away from zero with probability equal to
     the fraction of a bfloat16 unit those bits held. A carry past bfloat16's largest
-    value rounds to nearest instead (never to inf); inf and NaN stay what they are.
+    value rounds to nearest instead (so what nearest rounding keeps finite stays finite;
+    a value beyond bfloat16's range becomes inf, as any cast makes it); inf stays inf, and
+    a quiet NaN (what arithmetic makes: its top mantissa bit set) stays NaN.
 
     Args:
         value: A float32 tensor.
@@ -48,8 +78,9 @@ def stochastic_round(value: Any, bits: Any) -> Any:
     value = ops.cast(value, "float32")
     raised = ops.bitwise_and(ops.add(ops.view(value, "int32"), bits), _HIGH_HALF)
     rounded = ops.view(raised, "float32")
-    finite = ops.isfinite(value)
-    rounded = ops.where(ops.logical_and(finite, ops.isfinite(rounded)), rounded, value)
+    # Only a carry can make inf: from a finite value (then round it to nearest) or from inf
+    # itself (inf again). NaN stays NaN (the high half of its mantissa is not zero).
+    rounded = ops.where(ops.isinf(rounded), value, rounded)
     return ops.cast(rounded, "bfloat16")
 
 

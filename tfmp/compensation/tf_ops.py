@@ -13,11 +13,10 @@ from typing import Any
 
 import tensorflow as tf
 
-from tfmp.compensation.rounding import RANDOM_BITS
-
 
 def random_bits(shape: Any, seed: Any, stream: Any) -> Any:
-    """int32 values uniform in [0, 2**16), a function of `(seed, stream)` only.
+    """int32 values uniform over all 2**32 bit patterns, a function of `(seed, stream)` only:
+    enough for three stochastic roundings (`tfmp.compensation.rounding.split_bits`).
 
     Args:
         shape: The shape to draw.
@@ -28,8 +27,7 @@ def random_bits(shape: Any, seed: Any, stream: Any) -> Any:
         An int32 tensor of `shape`.
     """
     pair = tf.stack([tf.cast(seed, tf.int64), tf.cast(stream, tf.int64)])
-    return tf.random.stateless_uniform(shape, seed=pair, minval=0, maxval=2 ** RANDOM_BITS,
-                                       dtype=tf.int32)
+    return tf.random.stateless_uniform(shape, seed=pair, minval=None, maxval=None, dtype=tf.int32)
 
 
 def several_replicas() -> bool:
