@@ -18,9 +18,10 @@ def _f32(x):
 def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour():
     rng = np.random.RandomState(0)
     x = (rng.rand(64).astype("float32") - 0.5) * 10.0
-    draws = np.stack([  # every set a draw serves: each must be unbiased
-        _f32(rounding.stochastic_round(x, rounding.split_bits(random_bits((64,), 7, k), k % 3)))
-        for k in range(2000)])
+    tiled = np.tile(x, (2000, 1))  # 2000 roundings of each value, every set a draw serves
+    draws = np.concatenate([_f32(rounding.stochastic_round(
+        tiled[k::3], rounding.split_bits(random_bits(tiled[k::3].shape, 7, 1), k)))
+        for k in range(3)])
     # every draw is a bfloat16 value next to x
     assert np.all(np.abs(draws - x) <= 2.0 ** -7 * np.abs(x) + 1e-30)
     np.testing.assert_array_equal(_f32(ops.cast(draws, "bfloat16")), draws)
