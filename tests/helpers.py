@@ -1,6 +1,7 @@
 """Small models, data and optimizer steps shared by the tests, and the zygote binaries fork from."""
 
 import dataclasses
+import json
 import functools
 import os
 import subprocess
@@ -84,6 +85,44 @@ def mirrored():
     under MirroredStrategy use this one.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def backup_epoch(backup):
+    """The epoch a `BackupAndRestore` folder's metadata records (0 while there is none)."""
+    try:
+        with open(os.path.join(backup, "training_metadata.json")) as f:
+            return json.load(f)["epoch"]
+    except (OSError, ValueError):
+        return 0
+
+
+def kill_after_backup(argv, backup, env, epoch=2, into_next=0.0):
+    """Starts `python <argv>` (forked from the zygote) and SIGKILLs it once `backup` records
+    `epoch` (`into_next`: that share of an epoch's time later, to kill it mid-epoch).
+
+    Returns:
+        The killed child's result (its return code is -SIGKILL, checked).
+    """
+    import signal
+    import time
+
+    proc = zygote().start(argv, env=env)
+    try:
+        seen, deadline = {}, time.time() + 240
+        while backup_epoch(backup) < epoch and time.time() < deadline and proc.poll() is None:
+            seen.setdefault(backup_epoch(backup), time.time())
+            time.sleep(0.005)
+        assert backup_epoch(backup) == epoch, f"the run never completed {epoch} epochs"
+        if into_next:
+            time.sleep(into_next * (time.time() - seen.get(epoch - 1, time.time() - 1.0)))
+        assert proc.poll() is None, "the run finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        killed = proc.wait(timeout=60)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    return killed
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -3,8 +3,6 @@
 import json
 import os
 import re
-import signal
-import time
 
 import keras
 import pytest
@@ -258,36 +256,13 @@ def test_nan_stop_exits_1_and_keeps_the_backup(fit_runs):
     assert "tfmp: evaluating" not in stderr and "model.keras" not in stderr
 
 
-def _metadata_epoch(backup):
-    try:
-        with open(os.path.join(backup, "training_metadata.json")) as f:
-            return json.load(f)["epoch"]
-    except (OSError, ValueError):
-        return 0
-
-
 def test_sigkill_mid_epoch_then_resume(tmp_path):
     # The precision auto picks on this CPU: resuming is the point here, not bfloat16.
     args = ["--epochs=3", "--steps_per_epoch=80", "--batch_size=64", f"--model_dir={tmp_path}"]
     backup = os.path.join(tmp_path, "backup")
-    proc = helpers.zygote().start(["-m", "tools.train", *args], env=env())  # a process of its own
-    try:
-        seen = {}
-        deadline = time.time() + 240
-        while _metadata_epoch(backup) < 2 and time.time() < deadline and proc.poll() is None:
-            seen.setdefault(_metadata_epoch(backup), time.time())
-            time.sleep(0.01)
-        assert _metadata_epoch(backup) == 2, "the run never completed two epochs"
-        epoch_seconds = time.time() - seen.get(1, time.time() - 1.0)
-        time.sleep(0.3 * epoch_seconds)  # well inside the third epoch
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        killed = proc.wait(timeout=60)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert _metadata_epoch(backup) == 2
+    helpers.kill_after_backup(["-m", "tools.train", *args], backup, env(),  # its own process
+                              into_next=0.3)  # well inside the third epoch
+    assert helpers.backup_epoch(backup) == 2
     assert not os.path.exists(os.path.join(tmp_path, "summary.json"))
 
     # What the backup holds: the weights file includes the optimizer's variables.

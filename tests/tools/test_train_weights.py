@@ -3,8 +3,6 @@ recorded in summary.json, and resume after SIGKILL to the uninterrupted run's we
 
 import json
 import os
-import signal
-import time
 
 import keras
 import numpy as np
@@ -20,31 +18,11 @@ def _env():
     return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
 
 
-def _epoch(backup):
-    try:
-        with open(os.path.join(backup, "training_metadata.json")) as f:
-            return json.load(f)["epoch"]
-    except (OSError, ValueError):
-        return 0
-
-
 def _kill_after_the_second_backup(run):
     """Starts the run, SIGKILLs it as soon as its epoch-2 backup is complete (its metadata is
     written last): before the third epoch ends, however loaded the machine is."""
-    backup = os.path.join(run, "backup")
-    proc = helpers.zygote().start(["-m", "tools.train", *ARGS, f"--model_dir={run}"], env=_env())
-    try:
-        deadline = time.time() + 240
-        while _epoch(backup) < 2 and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.005)
-        assert _epoch(backup) == 2, "the run never completed two epochs"
-        assert proc.poll() is None, "the run finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-        killed = proc.wait(timeout=60)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    helpers.kill_after_backup(["-m", "tools.train", *ARGS, f"--model_dir={run}"],
+                              os.path.join(run, "backup"), _env())
     assert not os.path.exists(os.path.join(run, "summary.json"))
 
 
