@@ -74,10 +74,13 @@ LONGEST_FIRST = (  # CPU-seconds per module on a 2-core AVX2-only EPYC
     "measure/test_comparison.py",
     "callbacks/test_monitors.py",
     "tools/test_train_run_dir.py",
+    "compensation/test_compensating_optimizer.py",  # ~15 on this session's Zen 4
     "tools/test_export.py",
+    "tools/test_train_weights.py",  # two runs of the binary side by side, one killed
     "scaling/test_optimizer.py",  # ~11
     "weights/test_half.py",  # ~10: last in file order, it ran alone at the end
     "callbacks/test_events.py",  # ~9: NanMonitor's replays, fits of tiny models
+    "rewrite/test_storage.py",
     "test_benchmarks.py",
     "app/test_training.py",
     "scaling/test_state_guard.py",
