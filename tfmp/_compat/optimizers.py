@@ -233,6 +233,5 @@ def reading_dtype(reference: Any, dtype: str) -> Iterator[None]:
 def applies_own_weight_decay(optimizer: Any) -> bool:
     """Whether the optimizer's class overrides Keras' `_apply_weight_decay` (Muon does)."""
     with relying_on("TFOptimizer._apply_weight_decay"):
-        own = type(optimizer)._apply_weight_decay
-        return own is not keras.optimizers.Optimizer._apply_weight_decay and not (
-            own is ViewedUpdates._apply_weight_decay)
+        return type(optimizer)._apply_weight_decay is not (
+            keras.optimizers.Optimizer._apply_weight_decay)

@@ -18,7 +18,7 @@ import keras
 from keras import ops
 
 from tfmp import _compat
-from tfmp.compensation import CompensatedOptimizer
+from tfmp.compensation.optimizer import compensated_part
 from tfmp.scaling import DynamicLossScaleOptimizer
 
 UNKNOWN = -1
@@ -93,12 +93,6 @@ SCALE_KEY, SKIPPED_KEY, NAN_KEY = "loss_scale", "skipped_steps", "nan_losses"
 LOST_KEY = "lost_updates"  # with a compensated optimizer (tfmp.compensate)
 
 
-def compensated(optimizer: Optional[keras.optimizers.Optimizer]) -> Optional[CompensatedOptimizer]:
-    """The `CompensatedOptimizer` `optimizer` is or wraps, else None."""
-    inner = _inner(optimizer) if optimizer is not None else None
-    return inner if isinstance(inner, CompensatedOptimizer) else None
-
-
 class Shown(float):
     """A counter in the logs: a float to Keras, written as a person would write it.
 
@@ -127,7 +121,7 @@ def scale_counters(optimizer: Optional[keras.optimizers.Optimizer]) -> dict[str,
     """The counters to report, as tensors, read inside the train step (float32); with a
     compensated optimizer also `lost_updates` (its share at the last sample)."""
     counters = _loss_scale_counters(optimizer)
-    inner = compensated(optimizer)
+    inner = compensated_part(optimizer)
     if inner is not None and inner.measures_lost_updates:
         counters[LOST_KEY] = inner.lost_updates_share()
     return counters

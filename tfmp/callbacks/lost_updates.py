@@ -7,8 +7,7 @@ from typing import Any, Optional
 import keras
 
 from tfmp import _compat
-from tfmp.callbacks.counters import compensated
-from tfmp.compensation.optimizer import is_half
+from tfmp.compensation.optimizer import compensated_part, is_half
 from tfmp.rewrite.auditing import compensation_fix
 
 DEFAULT_LOST_WARN = 0.1
@@ -25,7 +24,7 @@ def lost_updates_warning(optimizer: Any, share: float, step: int) -> str:
     Returns:
         One line.
     """
-    inner = compensated(optimizer)
+    inner = compensated_part(optimizer)
     rounding = inner.rounding
     float16 = any(keras.backend.standardize_dtype(v.dtype) == "float16"
                   for v in compensated_weights(inner))
@@ -52,7 +51,7 @@ def uncompensated_half_weights(model: keras.Model) -> Optional[str]:
     """A warning when `model` trains 16-bit weights with an optimizer that loses their
     small updates (stock Keras under a `"bfloat16"` policy), else None."""
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or compensated(optimizer) is not None:
+    if optimizer is None or compensated_part(optimizer) is not None:
         return None
     half = [v for v in model.trainable_variables if is_half(v)]
     if not half:

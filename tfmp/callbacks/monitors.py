@@ -25,7 +25,6 @@ from tfmp.callbacks.counters import (
     UNKNOWN,
     ScaleState,
     attach_scale_counters,
-    compensated,
     first_nonfinite_variable,
     is_finite_number,
     read_scale_state,
@@ -43,6 +42,7 @@ from tfmp.callbacks.events import (
 from tfmp.callbacks.lost_updates import (DEFAULT_LOST_WARN, lost_updates_warning,
                                          uncompensated_half_weights)
 from tfmp.callbacks.summaries import ScalarWriter
+from tfmp.compensation.optimizer import compensated_part
 from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
 from tfmp.rewrite.replay import half_dtypes
 from tfmp.scaling import build_optimizer, guard_model_state
@@ -89,7 +89,7 @@ class _CountersCallback(keras.callbacks.Callback):
         self._last = {SCALE_KEY: self._begin_state.scale,
                       SKIPPED_KEY: max(self._begin_state.skipped_steps, 0),
                       NAN_KEY: max(self._begin_state.nonfinite_losses, 0)}
-        inner = compensated(self.model.optimizer)
+        inner = compensated_part(self.model.optimizer)
         if inner is not None and inner.measures_lost_updates:
             self._last[LOST_KEY] = 0.0
         self._started()

@@ -77,7 +77,6 @@ class _Scratch:
         self.views: dict[int, _View] = {}
         self.current: Optional[_View] = None  # the 16-bit weight whose update_step runs
         self.streams: dict[int, int] = {}
-        self.dtype_for_next: Optional[str] = None
 
 
 class CompensatedOptimizer(_compat.ViewedUpdates):
@@ -151,16 +150,14 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
             raise ValueError("rounding='stochastic' rounds float32 to bfloat16; this model has "
                              "float16 weights: use rounding='kahan'")
         super().build(var_list)
-        self._kahan = []
-        for v in var_list:
-            buffer = None
-            if self.rounding == "kahan" and is_half(v):
-                self._scratch.dtype_for_next = keras.backend.standardize_dtype(v.dtype)
-                buffer = self.add_variable_from_reference(v, "kahan")
-            self._kahan.append(buffer)
+        # Kahan buffers in their weight's own dtype: Keras' slot, not this class's choice
+        self._kahan = [super(CompensatedOptimizer, self).add_variable_from_reference(v, "kahan")
+                       if self.rounding == "kahan" and is_half(v) else None for v in var_list]
+        measured = self.lost_updates_every and self.rounding != "stochastic"
         self._counts = [  # per 16-bit weight: [lost, counted] at its last sample
-            self.add_variable_from_reference(v, "lost_updates") if is_half(v) else None
-            for v in var_list] if self.lost_updates_every and self.rounding != "stochastic" else []
+            self.add_variable((2,), initializer="zeros", dtype="float32",
+                              name=f"{v.path.replace('/', '_')}_lost_updates")
+            if measured and is_half(v) else None for v in var_list]
         self._rounding_seed = self.add_variable(
             (), initializer=keras.initializers.Constant(self.seed), dtype="int64",
             name="rounding_seed")
@@ -171,11 +168,8 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
                                     initializer: Any = "zeros") -> Any:
         """Keras' slot, in `slots_dtype` for a 16-bit weight (float32 for accumulators)."""
         dtype = keras.backend.standardize_dtype(reference_variable.dtype)
-        if name == "lost_updates":  # two counts, not a slot of the weight's shape
-            return self.add_variable((2,), initializer="zeros", dtype="float32",
-                                     name=f"{reference_variable.path.replace('/', '_')}_{name}")
-        wanted, self._scratch.dtype_for_next = self._scratch.dtype_for_next, None
-        if wanted is None and dtype in HALF_DTYPES:
+        wanted = None
+        if dtype in HALF_DTYPES:
             wanted = "float32" if name in _FLOAT32_SLOTS else self.slots_dtype
         if wanted is None or wanted == dtype:
             return super().add_variable_from_reference(reference_variable, name, initializer)
@@ -298,15 +292,16 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
         compensation = None
         if self.rounding == "kahan":
             buffer = self._kahan[index]
-            new, carried = rounding_lib.kahan_add(variable, buffer, update)
-            compensation = (ops.cast(buffer, "float32"), ops.cast(carried, "float32"))
+            held = ops.cast(buffer, "float32")  # each cast once: the weight's is `before`
+            new, carried = rounding_lib.kahan_add(before, held, update, dtype=variable.dtype)
+            compensation = (held, carried)
             super().assign(buffer, carried)
         elif self.rounding == "stochastic":
             total = ops.add(before, update)
             new = rounding_lib.stochastic_round(total, self._bits(total, index))
         else:
             new = rounding_lib.nearest(ops.add(before, update), variable.dtype)
-        if self._counts:  # measured (stochastic rounding loses none)
+        if self._counts[index] is not None:  # measured (stochastic rounding loses none)
             self._sample_lost(self._counts[index], update, before, new, compensation)
         super().assign(variable, new)
         view.written = True
@@ -327,7 +322,8 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
             def pick(tensor: Any) -> Any:
                 return ops.take(ops.reshape(tensor, (-1,)), picked)
 
-            kept = None if compensation is None else tuple(pick(c) for c in compensation)
+            kept = None if compensation is None else tuple(  # float32, on the picked only
+                ops.cast(pick(c), "float32") for c in compensation)
             counts.assign(ops.stack(rounding_lib.lost_counts(
                 pick(update), pick(before), pick(new), self.rounding, kept)))
 
@@ -369,3 +365,17 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
         config = super().get_config()
         config.update({name: getattr(self, name) for name in _OPTIONS})
         return config
+
+
+def compensated_part(optimizer: Any) -> Optional[CompensatedOptimizer]:
+    """The `CompensatedOptimizer` `optimizer` is, or wraps (a loss-scale optimizer's inner
+    one), else None.
+
+    Args:
+        optimizer: Any optimizer, or None.
+
+    Returns:
+        The compensated optimizer, or None.
+    """
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    return inner if isinstance(inner, CompensatedOptimizer) else None

@@ -84,21 +84,23 @@ def stochastic_round(value: Any, bits: Any) -> Any:
     return ops.cast(rounded, "bfloat16")
 
 
-def kahan_add(weight: Any, compensation: Any, update: Any) -> tuple[Any, Any]:
+def kahan_add(weight: Any, compensation: Any, update: Any,
+              dtype: Optional[str] = None) -> tuple[Any, Any]:
     """`weight + update` in `weight`'s dtype, what rounding drops carried in `compensation`.
 
     In float32: `y = update + c`, `s = w + y`, `w' = round(s)`, `c' = round(y - (w' - w))`.
 
     Args:
-        weight: The 16-bit weight.
-        compensation: Its buffer (same dtype and shape).
+        weight: The 16-bit weight, or its value already cast to float32 (then give `dtype`).
+        compensation: Its buffer (same shape; 16-bit, or already cast to float32).
         update: The float32 update to add.
+        dtype: The weight's 16-bit dtype (default: `weight`'s).
 
     Returns:
-        `(new_weight, new_compensation)`, both in `weight`'s dtype.
+        `(new_weight, new_compensation)`, both in that dtype.
     """
-    dtype = weight.dtype
-    w = ops.cast(weight, "float32")
+    dtype = dtype or weight.dtype
+    w = ops.cast(weight, "float32")  # no op when given in float32
     y = ops.add(ops.cast(update, "float32"), ops.cast(compensation, "float32"))
     new = ops.cast(ops.add(w, y), dtype)
     carried = ops.subtract(y, ops.subtract(ops.cast(new, "float32"), w))

@@ -9,7 +9,7 @@ import keras
 
 from tfmp import _compat
 from tfmp._messages import first_line
-from tfmp.compensation import CompensatedOptimizer
+from tfmp.compensation.optimizer import compensated_part
 from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
 from tfmp.rewrite.audit_report import SEVERITIES, AuditReport, Finding, LayerSummary
 from tfmp.rewrite.classify import (
@@ -171,10 +171,8 @@ def _weights_variant(layer: keras.layers.Layer, ctx: "_Context") -> bool:
 
 def _compensating(optimizer: Any) -> Optional[str]:
     """The rounding of a compensated optimizer that keeps small updates, else None."""
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if isinstance(inner, CompensatedOptimizer) and inner.rounding != "nearest":
-        return inner.rounding
-    return None
+    inner = compensated_part(optimizer)
+    return inner.rounding if inner is not None and inner.rounding != "nearest" else None
 
 
 def _check_optimizer(model: keras.Model, optimizer: Any, ctx: "_Context") -> None:

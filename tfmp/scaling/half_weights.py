@@ -15,8 +15,8 @@ import tensorflow as tf
 
 from tfmp import _compat
 
-from tfmp.compensation import CompensatedOptimizer, compensate
-from tfmp.compensation.optimizer import DEFAULT_ROUNDING, HALF_DTYPES
+from tfmp.compensation import compensate
+from tfmp.compensation.optimizer import DEFAULT_ROUNDING, HALF_DTYPES, compensated_part
 
 SEVERAL_WORKERS = (
     "TensorFlow's MultiWorkerMirroredStrategy cannot create bfloat16 variables (it broadcasts "
@@ -80,8 +80,8 @@ def compensated_for(optimizer: Any, weights_dtype: str) -> Any:
         ValueError: a compensated optimizer whose rounding loses updates (`"nearest"`) or
             cannot round to `weights_dtype`; what `tfmp.compensate` refuses.
     """
-    inner = getattr(optimizer, "inner_optimizer", optimizer)
-    if not isinstance(inner, CompensatedOptimizer):
+    inner = compensated_part(optimizer)
+    if inner is None:
         return compensate(optimizer, rounding=rounding_for(weights_dtype))
     if inner.rounding == "nearest" or (weights_dtype == "float16"
                                        and inner.rounding == "stochastic"):
