@@ -16,7 +16,7 @@ def test_synthetic_shapes_and_host_dtypes(kind, shape, dtype, classes):
     x, y = next(iter(d.train))
     assert x.shape == (32, *shape) and x.dtype == dtype
     assert (d.input_shape, d.num_classes) == (shape, classes)
-    assert d.model_kwargs()["vocab_size"] == (1000 if kind == "tokens" else None)
+    assert d.model_kwargs().get("vocab_size") == (1000 if kind == "tokens" else None)
     assert sum(int(b[0].shape[0]) for b in d.eval) == 64
 
 

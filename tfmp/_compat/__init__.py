@@ -33,6 +33,7 @@ from tfmp._compat.tensorflow import (export_input_signature, first_batch, in_mul
                                      keras_reduces_scalar_logs_along_axis_0,
                                      supports_no_merge_call, symbolic_build, wrap_symbolic_build)
 from tfmp._compat.trainers import (BACKUP_SAVE_HOOK, BackupFiles, attach_metric, backup_files,
+                                   compile_arguments,
                                    backup_progress, check_backup_saved, forget_traced_functions,
                                    forget_train_function, model_metrics,
                                    restore_traced_functions, resume_after_epoch,

@@ -126,3 +126,13 @@ def resume_after_epoch(model: Any, epoch: int) -> None:
     with relying_on("Trainer._initial_epoch"):
         model._initial_epoch  # noqa: B018 (present before it is set: Keras reads it in fit)
         model._initial_epoch = epoch
+
+
+def compile_arguments(model: Any) -> dict:
+    """The arguments a compiled model's `compile()` was called with, as given (objects, not
+    their serialized configs: a custom loss function need not be registered), from
+    `Trainer._compile_config` (`get_compile_config()` serializes them); {} if not compiled."""
+    if not getattr(model, "compiled", False):
+        return {}
+    with relying_on("Trainer._compile_config"):
+        return dict(model._compile_config.config)

@@ -30,8 +30,13 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a training run is parameterized by (the binary's flags; see tools/train)."""
 
-    model: str = "mlp"
-    dataset: str = "synthetic"
+    model: str = "mlp"  # a reference name, package.module:function or a .keras file
+    model_args: Optional[str] = None  # JSON or key=value,...
+    import_modules: tuple[str, ...] = ()
+    loss: Optional[str] = None  # a Keras loss name (else the model's own, or the reference's)
+    metrics: tuple[str, ...] = ()
+    optimizer: Optional[str] = None  # a Keras optimizer name (else the model's own, or Adam)
+    dataset: str = "synthetic"  # also an .npz file or package.module:function
     data_dir: Optional[str] = None
     precision: str = "auto"
     loss_scale: str = "dynamic"
@@ -44,7 +49,7 @@ class TrainConfig:
     batch_size: int = 128
     epochs: int = 3
     steps_per_epoch: Optional[int] = None
-    learning_rate: float = 1e-3
+    learning_rate: Optional[float] = None  # None: 1e-3, or a compiled model's optimizer's own
     grad_accum_steps: int = 1
     remat: bool = False
     jit_compile: bool = False
@@ -93,9 +98,10 @@ class TrainConfig:
         self._check_weights_dtype()
         if self.restart and not self.model_dir:
             raise ConfigError("--restart starts a --model_dir's run over; give --model_dir")
-        if not math.isfinite(self.learning_rate) or self.learning_rate <= 0:
-            raise ConfigError(f"--learning_rate={self.learning_rate} must be a positive finite "
-                              "number")
+        rate = self.learning_rate
+        if rate is not None and (not math.isfinite(rate) or rate <= 0):
+            raise ConfigError(f"--learning_rate={rate} must be a positive finite number")
+        self._check_names()
         if self.growth_interval is not None and self.growth_interval < 1:
             raise ConfigError(f"--growth_interval={self.growth_interval} must be a positive "
                               "integer")
@@ -109,6 +115,18 @@ class TrainConfig:
         if self.tpu and strategy not in ("tpu", "auto"):
             raise ConfigError(f"--tpu={self.tpu} is only used with --strategy=tpu (or auto); "
                               f"got --strategy={self.strategy}")
+
+    def _check_names(self) -> None:
+        if self.optimizer:
+            optimizer_class(self.optimizer)
+        for kind, names in (("loss", (self.loss,) if self.loss else ()),
+                            ("metrics", self.metrics)):
+            for name in names:
+                try:
+                    (keras.losses.get if kind == "loss" else keras.metrics.get)(name)
+                except (ValueError, TypeError):
+                    raise ConfigError(f"--{kind}: {name!r} is not a Keras {kind} name (e.g. "
+                                      f"{_EXAMPLES[kind]})") from None
 
     def _check_weights_dtype(self) -> None:
         value = self.weights_dtype
@@ -138,6 +156,31 @@ class TrainConfig:
                 f"{which}: --initial_scale={initial:g}{_default(self.initial_scale)} is below "
                 f"--min_scale={floor:g}{_default(self.min_scale)}; the loss scale starts at or "
                 "above its floor")
+
+
+DEFAULT_LEARNING_RATE = 1e-3
+_EXAMPLES = {"loss": "sparse_categorical_crossentropy, binary_crossentropy, mse",
+             "metrics": "accuracy, sparse_categorical_accuracy, mae, auc"}
+
+
+def _optimizer_classes() -> dict[str, type]:
+    return {name.lower(): cls for name, cls in vars(keras.optimizers).items()
+            if isinstance(cls, type) and issubclass(cls, keras.optimizers.Optimizer)
+            and cls is not keras.optimizers.Optimizer
+            and not issubclass(cls, keras.optimizers.LossScaleOptimizer)}
+
+
+def optimizer_class(name: str) -> type:
+    """The Keras optimizer class `--optimizer` names (any case: adam, adamw, sgd, ...).
+
+    Raises:
+        ConfigError: no Keras optimizer has that name; the message lists them.
+    """
+    classes = _optimizer_classes()
+    if name.lower() not in classes:
+        raise ConfigError(f"--optimizer={name!r} is not a Keras optimizer: give one of "
+                          f"{', '.join(sorted(classes))}")
+    return classes[name.lower()]
 
 
 WEIGHTS_DTYPES = ("bfloat16", "float16")

@@ -7,7 +7,7 @@ dtype happens in the model.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import keras
 import numpy as np
@@ -31,26 +31,40 @@ class Data:
     """Batched train (repeating) and eval pipelines plus what the model needs to know.
 
     Attributes:
-        train: Infinite, shuffled, batched `tf.data.Dataset` of `(inputs, label)`.
-        eval: Finite, batched eval dataset.
-        input_shape: Shape of one example.
-        num_classes: Number of classes.
+        train: Infinite, batched `tf.data.Dataset` of `(inputs, label)` or
+            `(inputs, label, sample_weight)`.
+        eval: Finite, batched eval dataset, or None (no evaluation).
+        input_shape: Shape of one example (None: inputs that are not one tensor).
+        num_classes: Number of classes (None: not known from the data).
         vocab_size: Token vocabulary (token inputs only).
-        train_examples: Examples in one pass over the training split.
+        train_examples: Examples in one pass over the training split (None: not known).
         name: Dataset name.
+        steps_per_pass: Batches in one pass (default: `train_examples // batch size`).
+        per_worker: In a multi-worker run, the training dataset of one worker from its
+            `tf.distribute.InputContext` (a user's data function that shards); else None.
     """
 
     train: tf.data.Dataset
-    eval: tf.data.Dataset
-    input_shape: tuple[int, ...]
-    num_classes: int
+    eval: Optional[tf.data.Dataset]
+    input_shape: Optional[tuple[int, ...]]
+    num_classes: Optional[int]
     vocab_size: Optional[int]
-    train_examples: int
+    train_examples: Optional[int]
     name: str
+    steps_per_pass: Optional[int] = None
+    per_worker: Optional[Callable[[tf.distribute.InputContext], tf.data.Dataset]] = None
 
     def model_kwargs(self) -> dict[str, Any]:
-        return {"input_shape": self.input_shape, "num_classes": self.num_classes,
-                "vocab_size": self.vocab_size}
+        """What a reference model is built with: the data's shape and classes (where known)."""
+        kwargs = {"input_shape": self.input_shape, "num_classes": self.num_classes,
+                  "vocab_size": self.vocab_size}
+        return {k: v for k, v in kwargs.items() if v is not None}
+
+    def steps(self, batch_size: int) -> Optional[int]:
+        """Batches in one pass over the training data, or None when not known."""
+        if self.steps_per_pass is not None:
+            return self.steps_per_pass
+        return max(self.train_examples // batch_size, 1) if self.train_examples else None
 
 
 def synthetic_arrays(kind: str, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -99,7 +113,7 @@ def input_kind(model: Any) -> str:
 def check_fits(model: Any, data: "Data") -> None:
     """Raises `DatasetError` when `data`'s examples do not have the model's input shape."""
     expected = tuple(_first_input(model).shape[1:])
-    if tuple(data.input_shape) != expected:
+    if data.input_shape is not None and tuple(data.input_shape) != expected:
         raise DatasetError(f"the model takes inputs of shape {expected}; dataset {data.name!r} "
                            f"has {tuple(data.input_shape)}: give a dataset that fits the model")
 
@@ -130,7 +144,10 @@ def shuffled_passes(ds: tf.data.Dataset, seed: int) -> tf.data.Dataset:
     return tf.data.Dataset.counter().flat_map(one_pass)
 
 
-def _batch(ds: tf.data.Dataset, batch_size: int, train: bool, seed: int) -> tf.data.Dataset:
+def batched(ds: tf.data.Dataset, batch_size: int, train: bool = False,
+            seed: int = 0) -> tf.data.Dataset:
+    """Examples in batches of `batch_size`: for training, endless shuffled passes
+    (`shuffled_passes`) in whole batches."""
     if train:
         ds = shuffled_passes(ds, seed)
     # drop_remainder: static shapes (TPU) and even splits across replicas.
@@ -142,8 +159,8 @@ def synthetic(kind: str, batch_size: int, seed: int = 0, train_examples: int = 8
     """The synthetic task for a model's input kind, as `Data`."""
     x, y, classes = synthetic_arrays(kind, train_examples, seed)
     ex, ey, _ = synthetic_arrays(kind, eval_examples, seed + 1)
-    train = _batch(tf.data.Dataset.from_tensor_slices((x, y)), batch_size, True, seed)
-    ev = _batch(tf.data.Dataset.from_tensor_slices((ex, ey)), batch_size, False, seed)
+    train = batched(tf.data.Dataset.from_tensor_slices((x, y)), batch_size, True, seed)
+    ev = batched(tf.data.Dataset.from_tensor_slices((ex, ey)), batch_size, False, seed)
     return Data(train, ev, x.shape[1:], classes, VOCAB if kind == "tokens" else None,
                 train_examples, SYNTHETIC)
 
@@ -229,7 +246,7 @@ def from_tfds(name: str, kind: str, batch_size: int, data_dir: Optional[str] = N
     examples = int(train.cardinality())  # known for tfds splits; -1/-2 if not
     if examples < 0 and "train" in info.splits:
         examples = info.splits["train"].num_examples
-    return Data(_batch(train, batch_size, True, seed), _batch(ev, batch_size, False, seed),
+    return Data(batched(train, batch_size, True, seed), batched(ev, batch_size, False, seed),
                 input_shape, classes, VOCAB if is_text else None, examples, name)
 
 

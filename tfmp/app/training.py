@@ -8,21 +8,23 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import keras
 import tensorflow as tf
 from absl import logging
 
 from tfmp import callbacks as tfmp_callbacks
+from tfmp.app.compiling import Compilation, build_on, check_fit, compilation, describe
 from tfmp.app.config import (ConfigError, TrainConfig, check_cluster_config, check_config,
                              weights_fit)
 from tfmp.app.data import Data
+from tfmp.app.sources import ModelSource
+from tfmp.app.summary import COUNTERS, human_summary  # noqa: F401  (human_summary: re-exported)
 from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, checked_backup,
                               read_tuned, remove_leftovers, restart)
 from tfmp.atomic import atomic_path, write_json, write_json_atomically
 from tfmp.callbacks.backup import Checkpoint
-from tfmp.callbacks.counters import NAN_KEY, SCALE_KEY, SKIPPED_KEY
 from tfmp.distribute import (WriteDirs, in_multi_worker_mode, read_tf_config, write_dirs,
                              xla_refusal)
 from tfmp.measure import XLA_ONLY, tune
@@ -30,7 +32,6 @@ from tfmp.precision import (MIXED_FLOAT16, HardwareInfo, PolicyChoice, detect_ha
                             resolve_policy, set_policy)
 from tfmp.rewrite import kept_float32, layer_matcher, prepare
 
-COUNTERS = (SCALE_KEY, SKIPPED_KEY, NAN_KEY)
 SCALE_FLAGS = ("initial_scale", "growth_interval", "min_scale")
 CALIBRATION_BATCHES = 8  # what --float32_layers=auto runs tfmp.locate_overflows on
 
@@ -62,8 +63,20 @@ class _Throughput(keras.callbacks.Callback):
         return sum(n for _, n in steady) * self.global_batch / seconds if seconds else 0.0
 
 
-def _callbacks(config: TrainConfig, throughput: _Throughput, dirs: Optional[WriteDirs],
-               resume: bool) -> tuple[list, Any, Any]:
+def job_callbacks(config: TrainConfig, dirs: Optional[WriteDirs],
+                  resume: bool) -> tuple[list, Any, Any]:
+    """The run's callbacks: `LossScaleMonitor` and `NanMonitor`, and with a run directory
+    `SafeBackupAndRestore` (restoring first, so the monitors start from the restored state)
+    and TensorBoard.
+
+    Args:
+        config: The run's configuration (`nan_policy`, `model_dir`).
+        dirs: Where this process writes (`tfmp.distribute.write_dirs`), or None.
+        resume: Whether the backup is restored (`checked_backup` found one).
+
+    Returns:
+        `(callbacks, the LossScaleMonitor, the NanMonitor)`.
+    """
     monitor = tfmp_callbacks.LossScaleMonitor()
     callbacks: list[keras.callbacks.Callback] = [monitor]
     protect = []
@@ -75,22 +88,32 @@ def _callbacks(config: TrainConfig, throughput: _Throughput, dirs: Optional[Writ
         callbacks += [backup, keras.callbacks.TensorBoard(
             os.path.join(dirs.model_dir, TENSORBOARD), update_freq="epoch")]
     nan = tfmp_callbacks.NanMonitor(config.nan_policy, protect=protect)
-    # The backup restores first, so the monitors start from the restored state.
-    return protect + [nan] + [c for c in callbacks if c not in protect] + [throughput], monitor, nan
+    return protect + [nan] + [c for c in callbacks if c not in protect], monitor, nan
 
 
-def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
+def as_source(build: Any) -> ModelSource:
+    """A `ModelSource`, or a reference-style builder (`build(**Data.model_kwargs())`) as one."""
+    if isinstance(build, ModelSource):
+        return build
+    return ModelSource(getattr(build, "__module__", "model"), lambda kwargs: build(**kwargs),
+                       None, True)
+
+
+def _build_compiled(config: TrainConfig, source: Any, data: Data,
                     policy: str, hardware: Optional[HardwareInfo] = None,
                     jit_compile: bool = False, weights_dtype: Optional[str] = None,
                     ) -> tuple[keras.Model, keras.optimizers.Optimizer]:
-    accum = config.grad_accum_steps if config.grad_accum_steps > 1 else None
-    optimizer = keras.optimizers.Adam(config.learning_rate, gradient_accumulation_steps=accum)
+    """The model built (or loaded) under `policy`, prepared and compiled, the data checked
+    against it. `source`: a `ModelSource` (or a reference-style builder, `as_source`)."""
+    source = as_source(source)
     # "activations": Keras 3.15 on TensorFlow cannot remat whole layers in graph mode
     # (tf.recompute_grad rejects the keyword arguments layers are called with).
     remat = keras.RematScope(mode="activations") if config.remat else contextlib.nullcontext()
     with remat:
         keras.utils.set_random_seed(config.seed)
-        model = build_model(**data.model_kwargs())
+        model = source.build(data.model_kwargs())
+        compiled = compilation(model, config, source.reference)
+        build_on(model, data)
         # guard=True: under bf16/fp32 too, a non-finite step is skipped, never applied.
         layers = config.float32_layer_list()
         if layers and layers != "auto":
@@ -98,12 +121,13 @@ def _build_compiled(config: TrainConfig, build_model: Callable[..., keras.Model]
                 layer_matcher(model, layers)
             except ValueError as e:  # a name that is not in this model
                 raise ConfigError(f"--{e}") from None
-        model, optimizer = prepare(model, optimizer, policy, loss_scale=config.loss_scale,
+        model, optimizer = prepare(model, compiled.optimizer(), policy, loss_scale=config.loss_scale,
                                    guard=True, hardware=hardware, float32_layers=layers,
                                    calibration_data=data.train.take(CALIBRATION_BATCHES),
                                    weights_dtype=weights_dtype, **config.scale_args())
-    model.compile(optimizer, keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                  metrics=["accuracy"], jit_compile=jit_compile)
+    compiled.compile(model, optimizer, jit_compile)
+    logging.info("tfmp: %s", describe(compiled, optimizer))
+    check_fit(model, data)
     return model, optimizer
 
 
@@ -134,7 +158,7 @@ def used_scale_flags(optimizer: keras.optimizers.Optimizer,
     return ("dynamic" if optimizer.dynamic else "fixed"), used
 
 
-def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[Checkpoint]:
+def check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[Checkpoint]:
     """What the run resumes from, checked before anything is measured or trained.
 
     The chief first removes the temporary files of saves killed mid-write. With
@@ -161,8 +185,7 @@ def _check_run_dir(config: TrainConfig, dirs: Optional[WriteDirs]) -> Optional[C
     return checked_backup(dirs.restore_dir, config.grad_accum_steps, owner=owner)
 
 
-def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
-                   hardware: HardwareInfo, strategy: tf.distribute.Strategy,
+def _choose_policy(config: TrainConfig, source: ModelSource, data: Data, hardware: HardwareInfo, strategy: tf.distribute.Strategy,
                    ) -> tuple[PolicyChoice, Optional[dict[str, Any]]]:
     """`resolve_policy`, or with `precision="tune"` a measured choice (`tfmp.tune`: the policy
     and whether XLA compiles, XLA measured where it can train under `strategy`).
@@ -177,15 +200,22 @@ def _choose_policy(config: TrainConfig, build_model: Callable[..., keras.Model],
     if tuned is not None:
         return PolicyChoice(tuned["policy"], f"kept from {saved}: {tuned['reason']}", "tune"), tuned
     keras.utils.set_random_seed(config.seed)
-    result = tune(lambda: build_model(**data.model_kwargs()), data.train,
-                  steps=config.tune_steps, seed=config.seed, hardware=hardware,
-                  optimizer=lambda: keras.optimizers.Adam(config.learning_rate),
+    build = lambda: _built(source, data)  # noqa: E731
+    compiled: Compilation = compilation(build(), config, source.reference)
+    result = tune(build, data.train, steps=config.tune_steps, seed=config.seed,
+                  hardware=hardware, loss=compiled.loss, optimizer=compiled.optimizer,
                   strategy=strategy, xla=XLA_ONLY if config.jit_compile else True)
     tuned = result.to_dict()
     if saved:
         os.makedirs(config.model_dir, exist_ok=True)
         write_json_atomically(saved, tuned)
     return PolicyChoice(result.policy, result.reason, "tune"), tuned
+
+
+def _built(source: ModelSource, data: Data) -> keras.Model:
+    model = source.build(data.model_kwargs())
+    build_on(model, data)
+    return model
 
 
 def _tuned_xla(tuned: Optional[dict[str, Any]], strategy: tf.distribute.Strategy) -> bool:
@@ -199,9 +229,11 @@ def _tuned_xla(tuned: Optional[dict[str, Any]], strategy: tf.distribute.Strategy
     return not refusal
 
 
-def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Data,
+def train(config: TrainConfig, source: Any, data: Data,
           strategy: tf.distribute.Strategy) -> dict[str, Any]:
-    """Trains a reference model and returns the run's summary (also `summary.json`).
+    """Trains a model and returns the run's summary (also `summary.json`).
+
+    `source` is a `ModelSource` (or a reference-style builder, `as_source`).
 
     With `model_dir`: `BackupAndRestore` (a rerun of the same command resumes
     after the last completed epoch, optimizer and loss scale included),
@@ -213,41 +245,49 @@ def train(config: TrainConfig, build_model: Callable[..., keras.Model], data: Da
         tfmp.NonFiniteError: `nan_policy="raise"` and a NaN event happened.
     """
     check_config(config, strategy)
+    source = as_source(source)
+    steps = config.steps_per_epoch or data.steps(config.batch_size)
+    if steps is None:
+        raise ConfigError(f"--steps_per_epoch: the size of {data.name}'s training data is not "
+                          "known (an endless or filtered dataset): give --steps_per_epoch")
     cluster = read_tf_config() if in_multi_worker_mode(strategy) else None
     check_cluster_config(config.precision, cluster, config.weights_dtype)
     dirs = write_dirs(config.model_dir, BACKUP, strategy) if config.model_dir else None
-    resume_from = _check_run_dir(config, dirs)  # before anything is measured or trained
+    resume_from = check_run_dir(config, dirs)  # before anything is measured or trained
     hardware = detect_hardware(strategy)
-    choice, tuned = _choose_policy(config, build_model, data, hardware, strategy)
+    choice, tuned = _choose_policy(config, source, data, hardware, strategy)
     policy = set_policy(choice, hardware)  # logs the choice's own reason
     weights = weights_fit(config.weights_dtype or (tuned or {}).get("weights_dtype"), policy)
     jit_compile = config.jit_compile or _tuned_xla(tuned, strategy)
     replicas = strategy.num_replicas_in_sync
-    steps = config.steps_per_epoch or max(data.train_examples // config.batch_size, 1)
     with strategy.scope():
-        model, optimizer = _build_compiled(config, build_model, data, policy, hardware,
+        model, optimizer = _build_compiled(config, source, data, policy, hardware,
                                            jit_compile, weights)
     throughput = _Throughput(config.batch_size)
     # Restore exactly what was checked (None: nothing to resume, or a lone first-save file
     # the chief moves aside, which a worker must not try to read meanwhile).
-    callbacks, monitor, nan = _callbacks(config, throughput, dirs, resume=resume_from is not None)
+    callbacks, monitor, nan = job_callbacks(config, dirs, resume=resume_from is not None)
+    callbacks.append(throughput)
     if config.model_dir:
         os.makedirs(config.model_dir, exist_ok=True)
     # Keras restores the weights, not the input iterator: a resumed run skips the
     # batches the restored epochs trained on (tfmp.data's order is seeded per pass).
     done = resume_from.epoch if resume_from else 0
-    train_data = data.train.skip(done * steps) if done else data.train
+    train_data = _training_data(data, done * steps, strategy)
     verbose = 1 if sys.stdout.isatty() else 2  # a progress bar, or a line per epoch in a log
     # shuffle=False: tfmp.app.data shuffles (Keras' default True cannot shuffle a dataset,
     # and says so in a warning on every run).
     history = model.fit(train_data, epochs=config.epochs, steps_per_epoch=steps, shuffle=False,
                         callbacks=callbacks, verbose=verbose)
     stopped = nan.stopped_event is not None
-    evaluation = {} if stopped else _evaluate(model, data, verbose)
+    if data.eval is None and not stopped:
+        logging.info("tfmp: %s has no evaluation data: not evaluated", data.name)
+    evaluation = {} if stopped or data.eval is None else _evaluate(model, data, verbose)
     epochs_run = history.epoch
     scale_mode, scale_flags = used_scale_flags(optimizer, policy)
     summary = {
         "flags": {**dataclasses.asdict(config), **scale_flags},
+        "model": source.name,
         "policy": policy, "policy_reason": choice.reason, "policy_source": choice.source,
         "weights_dtype": weights, "lost_updates": monitor.summary.get("lost_updates"),
         "jit_compile": jit_compile,
@@ -291,6 +331,16 @@ class _WithoutCounters(keras.callbacks.Callback):
         self.on_test_batch_end(None, logs)
 
 
+def _training_data(data: Data, skip: int, strategy: tf.distribute.Strategy) -> Any:
+    """The training batches after the `skip` a resumed run already trained on: in a
+    multi-worker run with a data function that shards, each worker's own
+    (`distribute_datasets_from_function`)."""
+    if data.per_worker is not None and in_multi_worker_mode(strategy):
+        return strategy.distribute_datasets_from_function(
+            lambda context: data.per_worker(context).skip(skip))
+    return data.train.skip(skip) if skip else data.train
+
+
 def _evaluate(model: keras.Model, data: Data, verbose: int) -> dict[str, Any]:
     """The metrics on the evaluation split, said first in a log line and shown with Keras'
     progress output (`verbose`: a bar, or one line at the end), the counters left out."""
@@ -330,47 +380,3 @@ def _write_outputs(dirs: WriteDirs, model: keras.Model, summary: dict[str, Any],
         shutil.rmtree(dirs.backup_dir, ignore_errors=True)
     if dirs.temporary:
         shutil.rmtree(dirs.model_dir, ignore_errors=True)
-
-
-def _epochs_line(completed: list[int], total: int, resumed: Optional[int]) -> str:
-    """`epochs 1-3 of 3`, counted from 1 as a person counts them."""
-    if not completed:
-        return f"epochs none of {total} run"
-    first, last = completed[0] + 1, completed[-1] + 1
-    span = f"{first}" if first == last else f"{first}-{last}"
-    return f"epochs {span} of {total}" + (f" (resumed after epoch {resumed})" if resumed else "")
-
-
-def _share(value: Optional[float]) -> str:
-    return "not measured" if value is None else f"{100 * value:.2g}%"
-
-
-def human_summary(summary: dict[str, Any]) -> str:
-    """The summary's facts as a few lines for the terminal."""
-    scale = summary["loss_scale"]
-    metrics = {**summary["final_train_metrics"],
-               **{f"eval_{k}": v for k, v in summary["eval_metrics"].items()}}
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()
-                      if isinstance(v, (int, float)) and k not in COUNTERS)
-    resumed = summary["resumed_from_epoch"]
-    return "\n".join([
-        "=== tfmp training summary ===",
-        f"model {summary['flags']['model']} on {summary['dataset']}, "
-        f"{summary['strategy']} x{summary['replicas']}" + (
-            "" if not summary.get("cluster") else
-            f" ({summary['cluster']['workers']} workers, this is {summary['cluster']['task']}, "
-            f"global batch {summary['cluster']['global_batch']})"),
-        f"precision {summary['policy']}{', XLA' if summary.get('jit_compile') else ''} "
-        f"({summary['policy_source']}: {summary['policy_reason']})",
-        _epochs_line(summary["epochs_completed"], summary["flags"]["epochs"], resumed),
-        *([f"weights in {summary['weights_dtype']} (compensated optimizer; lost updates: "
-           f"{_share(summary.get('lost_updates'))})"] if summary.get("weights_dtype") else []),
-        *[f"kept in float32: {path} ({why})"
-          for path, why in summary.get("float32_layers", {}).items()],
-        f"throughput {summary['samples_per_sec']} samples/s (epochs after the first)",
-        f"metrics: {shown}",
-        f"loss scale start={scale['loss_scale_start']:g} end={scale['loss_scale_end']:g} "
-        f"min={scale['loss_scale_min']:g}; overflow steps skipped="
-        f"{summary['overflow_steps_skipped']}; NaN losses={summary['nan_losses']}; "
-        f"NaN events={len(summary['nan_events'])}",
-    ])

@@ -1,0 +1,159 @@
+"""tools/train on the user's own model and data (tests/tools/userpkg, a package of its own on
+PYTHONPATH), through the binary in child processes."""
+
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+
+import helpers
+
+import tfmp  # noqa: F401  (registers tfmp's optimizer for load_model)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+USER = {"PYTHONPATH": HERE}  # where the user's package `userpkg` is
+SHORT = ["--epochs=2", "--steps_per_epoch=30", "--batch_size=32", "--precision=fp32"]
+
+
+def summary(model_dir):
+    with open(os.path.join(model_dir, "summary.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def user_files(tmp_path_factory):
+    """The user's files: arrays with and without eval data, and a compiled `.keras` model."""
+    import sys
+
+    sys.path.insert(0, HERE)
+    try:
+        from userpkg import feed, nets
+    finally:
+        sys.path.remove(HERE)
+    root = tmp_path_factory.mktemp("user")
+    feed.write_npz(root / "with_eval.npz", eval_n=128)
+    feed.write_npz(root / "train_only.npz")
+    np.savez(root / "labels_too_big.npz", x=feed.arrays(64)[0], y=np.arange(64) % 8)
+    np.savez(root / "wrong_width.npz", x=np.zeros((64, 5), "float32"), y=np.zeros(64, "int32"))
+    np.savez(root / "no_y.npz", x=np.zeros((64, 6), "float32"))
+    keras.utils.set_random_seed(0)
+    nets.functional(compiled=True).save(root / "compiled.keras")
+    lam = keras.Sequential([keras.Input((6,)), keras.layers.Lambda(lambda t: t * 2),
+                            keras.layers.Dense(3)])
+    lam.save(root / "lambda.keras")
+    return root
+
+
+@pytest.fixture(scope="module")
+def user_runs(user_files):
+    """One child trains each way the user's model and data can come (TensorFlow started once)."""
+    root = user_files
+    cases = {
+        "uncompiled+npz_eval": ["--model=userpkg.nets:functional", "--model_args=softmax=True",
+                                "--loss=sparse_categorical_crossentropy", "--metrics=accuracy",
+                                "--learning_rate=0.01", f"--data={root}/with_eval.npz"],
+        "compiled+function": ["--model=userpkg.nets:functional",
+                              '--model_args={"compiled": true, "width": 8}',
+                              "--data=userpkg.feed:make"],
+        "subclassed+npz": ["--model=userpkg.nets:subclassed", "--model_args=width=12",
+                           "--loss=sparse_categorical_crossentropy", "--optimizer=adamw",
+                           "--metrics=sparse_categorical_accuracy",
+                           "--learning_rate=0.03", f"--data={root}/train_only.npz"],
+        "file+npz": [f"--model={root}/compiled.keras", f"--data={root}/with_eval.npz"],
+        "zero_weights": ["--model=userpkg.nets:functional", '--model_args={"compiled": true}',
+                         "--data=userpkg.feed:weighted"],
+        "reference+npz": ["--model=mlp", "--model_args=hidden=[16]", "--learning_rate=0.01",
+                          f"--data={root}/with_eval.npz"],
+    }
+    runs = helpers.run_tool_cases(
+        "train", [[*SHORT, *argv, f"--model_dir={root / name}"] for name, argv in cases.items()],
+        stdout=True, **USER)
+    return {name: (*run, root / name) for name, run in zip(cases, runs)}
+
+
+@pytest.mark.parametrize("name", ["uncompiled+npz_eval", "compiled+function", "subclassed+npz",
+                                  "file+npz", "reference+npz"])
+def test_user_models_and_data_learn_through_the_binary(user_runs, name):
+    code, stderr, out, run = user_runs[name]
+    assert code == 0, stderr[-3000:]
+    s = summary(run)
+    accuracy = {**s["final_train_metrics"], **s["eval_metrics"]}
+    accuracy = [v for k, v in accuracy.items() if k.endswith("accuracy")]
+    assert accuracy and min(accuracy) > 0.6, s  # 3 classes: chance is 0.33
+    assert os.path.exists(run / "model.keras") and "=== tfmp training summary ===" in out
+    assert f"model {s['model']} on" in out
+
+
+def test_a_compiled_model_keeps_its_loss_metrics_and_optimizer(user_runs):
+    code, stderr, _, run = user_runs["compiled+function"]
+    assert code == 0, stderr[-3000:]
+    assert "optimizer SGD (the model's compile())" in stderr
+    assert "sparse_categorical_accuracy" in summary(run)["final_train_metrics"]
+    assert summary(run)["eval_metrics"]  # the function's (train, eval) pair
+    _, stderr, _, run = user_runs["subclassed+npz"]
+    assert "optimizer AdamW (flags)" in stderr and summary(run)["eval_metrics"] == {}
+    assert "train_only.npz has no evaluation data: not evaluated" in stderr
+
+
+def test_sample_weights_reach_the_loss(user_runs):
+    """Every weight 0: the weighted loss is exactly 0 (ignored weights would leave ~1.1)."""
+    code, stderr, _, run = user_runs["zero_weights"]
+    assert code == 0, stderr[-3000:]
+    assert summary(run)["final_train_metrics"]["loss"] == 0.0
+
+
+def test_the_user_model_file_round_trips(user_runs):
+    """The subclassed model's `.keras` loads again where its module is importable."""
+    import sys
+
+    sys.path.insert(0, HERE)
+    try:
+        import userpkg.nets  # noqa: F401  (registers Small)
+        model = keras.models.load_model(user_runs["subclassed+npz"][3] / "model.keras")
+    finally:
+        sys.path.remove(HERE)
+    assert type(model).__name__ == "Small" and model.width == 12
+
+
+BAD = [
+    (["--model=userpkg.broken:build"],
+     "--model=userpkg.broken:build: cannot import 'userpkg.broken' (RuntimeError: no GPU "
+     "driver here)"),
+    (["--model=userpkg.nets:missing"], "'missing' is not defined there"),
+    (["--model=userpkg.nets:not_a_model", "--loss=mse"], "returned a int, not a Keras model"),
+    (["--model=userpkg.nets:functional", "--model_args=depth=3", "--loss=mse"],
+     "unexpected keyword argument 'depth'"),
+    (["--model=userpkg.nets:functional", "--model_args=oops"], "'oops' is not key=value"),
+    (["--model=nothing_like_it"], "--model='nothing_like_it' is not accepted: give mlp, cnn, "
+     "transformer, package.module:function"),
+    (["--model=/no/such/model.keras"], "--model=/no/such/model.keras does not exist"),
+    (["--model={root}/lambda.keras"], "safe mode does not run"),
+    (["--model={root}/compiled.keras", "--model_args=width=3"], "takes none"),
+    (["--model=userpkg.nets:functional"], "is not compiled: give --loss"),
+    (["--model=mlp", "--loss=nope"], "--loss: 'nope' is not a Keras loss name"),
+    (["--model=mlp", "--metrics=accuracy,nope"], "--metrics: 'nope' is not a Keras metrics"),
+    (["--optimizer=adamx"], "--optimizer='adamx' is not a Keras optimizer: give one of adadelta"),
+    (["--data=userpkg.feed:not_a_dataset"], "returned a list as its training data"),
+    (["--model=userpkg.nets:functional", "--loss=mse", "--data=userpkg.feed:unbatched"],
+     "inputs do not fit the model"),
+    (["--model={root}/compiled.keras", "--data=userpkg.feed:endless"],
+     "is not known (an endless or filtered dataset): give --steps_per_epoch"),
+    (["--model={root}/compiled.keras", "--data={root}/wrong_width.npz"],
+     "inputs do not fit the model"),
+    (["--model={root}/compiled.keras", "--data={root}/no_y.npz"], "give arrays x and y"),
+    (["--model={root}/compiled.keras", "--data={root}/nowhere.npz"], "cannot read it as .npz"),
+    (["--model={root}/compiled.keras", "--data={root}/labels_too_big.npz"],
+     "labels range over [0, 7], but a sparse categorical loss takes class indices 0..2"),
+]
+
+
+def test_bad_user_input_is_one_line_and_exit_2(user_files):
+    cases = [[a.format(root=user_files) for a in argv] + ["--epochs=1", "--batch_size=32"] +
+             ([] if "endless" in argv[-1] else ["--steps_per_epoch=2"]) for argv, _ in BAD]
+    for (argv, expected), (code, stderr) in zip(BAD, helpers.run_tool_cases("train", cases,
+                                                                            **USER)):
+        errors = [l for l in stderr.splitlines() if l.startswith("train.py: error:")]
+        assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, (argv, stderr[-2000:])
+        assert expected.format(root=user_files) in errors[0], (argv, errors[0])

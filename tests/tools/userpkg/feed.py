@@ -1,0 +1,59 @@
+"""The user's data: a learnable task (the label is argmax(x @ W)), as arrays and as
+tf.data functions called with the global batch size (and, in a multi-worker run, the input
+context: each worker keeps its own shard)."""
+
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from userpkg.nets import CLASSES, FEATURES
+
+
+def arrays(n, seed=0):
+    w = np.random.RandomState(99).normal(size=(FEATURES, CLASSES))
+    x = np.random.RandomState(seed).normal(size=(n, FEATURES)).astype("float32")
+    return x, np.argmax(x @ w, axis=1).astype("int32")
+
+
+def write_npz(path, n=512, eval_n=0, **extra):
+    x, y = arrays(n)
+    more = dict(zip(("x_eval", "y_eval"), arrays(eval_n, seed=1))) if eval_n else {}
+    np.savez(path, x=x, y=y, **more, **extra)
+
+
+def make(batch_size, input_context=None):
+    """(train, eval), batched; sharded by the input context when there is one (its shard
+    and the per-replica batch recorded in $USERPKG_SHARDS/<pipeline>.json)."""
+    x, y = arrays(1024)
+    train = tf.data.Dataset.from_tensor_slices((x, y))
+    if input_context is not None:
+        train = train.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+        record = os.path.join(os.environ["USERPKG_SHARDS"], f"{input_context.input_pipeline_id}.json")
+        with open(record, "w") as f:
+            json.dump({"pipelines": input_context.num_input_pipelines, "batch": batch_size,
+                       "first_x": float(next(iter(train))[0][0])}, f)
+    ex, ey = arrays(256, seed=1)
+    evaluation = tf.data.Dataset.from_tensor_slices((ex, ey)).batch(batch_size)
+    return train.shuffle(1024, seed=0).batch(batch_size, drop_remainder=True), evaluation
+
+
+def weighted(batch_size, weight=0.0):
+    """(x, y, sample_weight) batches, every weight `weight`; no evaluation data."""
+    x, y = arrays(512)
+    w = np.full(len(x), weight, "float32")
+    return tf.data.Dataset.from_tensor_slices((x, y, w)).batch(batch_size, drop_remainder=True)
+
+
+def endless(batch_size):
+    return tf.data.Dataset.from_tensor_slices(arrays(512)).repeat().batch(batch_size)
+
+
+def unbatched(batch_size):
+    return tf.data.Dataset.from_tensor_slices(arrays(512))
+
+
+def not_a_dataset(batch_size):
+    return [1, 2, 3]
