@@ -157,3 +157,55 @@ def test_bad_user_input_is_one_line_and_exit_2(user_files):
         errors = [l for l in stderr.splitlines() if l.startswith("train.py: error:")]
         assert code == 2 and len(errors) == 1 and "Traceback" not in stderr, (argv, stderr[-2000:])
         assert expected.format(root=user_files) in errors[0], (argv, errors[0])
+
+
+def test_a_user_model_resumes_after_sigkill_to_the_uninterrupted_weights(user_files, tmp_path):
+    """The subclassed model on .npz data (its order seeded per pass): killed after its second
+    epoch's backup, rerun, it ends with the weights of a run never interrupted."""
+    args = ["-m", "tools.train", "--model=userpkg.nets:subclassed", "--model_args=width=12",
+            "--loss=sparse_categorical_crossentropy", "--optimizer=sgd", "--learning_rate=0.05",
+            f"--data={user_files}/train_only.npz", "--epochs=3", "--steps_per_epoch=40",
+            "--batch_size=32", "--precision=fp32"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **USER)
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    uninterrupted = helpers.zygote().start([*args, f"--model_dir={full}"], env=env)
+    helpers.kill_after_backup([*args, f"--model_dir={killed}"], str(killed / "backup"), env)
+    assert not (killed / "summary.json").exists()
+    resumed = helpers.zygote().run([*args, f"--model_dir={killed}"], env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    done = uninterrupted.wait(timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert summary(killed)["resumed_from_epoch"] == 2 and summary(killed)["epochs_completed"] == [2]
+    import sys
+
+    sys.path.insert(0, HERE)
+    try:
+        import userpkg.nets  # noqa: F401
+        a, b = (keras.models.load_model(run / "model.keras") for run in (full, killed))
+    finally:
+        sys.path.remove(HERE)
+    for x, y in zip(a.get_weights(), b.get_weights()):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a.get_weights()[0], keras.models.load_model(
+        user_files / "compiled.keras").get_weights()[0][:, :12])  # it trained
+
+
+def test_tune_and_float32_layers_auto_run_on_the_user_model_and_data(user_files):
+    """--precision=tune measures the user's model with its compiled loss on the user's batches;
+    --float32_layers=auto calibrates on the user's batches (inputs 2e4 times larger: the hidden
+    layer overflows float16 on them, not on the synthetic task)."""
+    model = ["--model=userpkg.nets:functional", '--model_args={"compiled": true}',
+             "--epochs=1", "--steps_per_epoch=3", "--batch_size=32"]
+    tune_dir, auto_dir = user_files / "tuned", user_files / "auto"
+    runs = helpers.run_tool_cases("train", [
+        [*model, "--data=userpkg.feed:make", "--precision=tune", "--tune_steps=3",
+         f"--model_dir={tune_dir}"],
+        [*model, "--data=userpkg.feed:loud", "--precision=fp16", "--float32_layers=auto",
+         f"--model_dir={auto_dir}"]], **USER)
+    for code, stderr in runs:
+        assert code == 0, stderr[-3000:]
+    tuned = summary(tune_dir)["tune"]
+    assert tuned["policy"] == summary(tune_dir)["policy"] and tuned["speedups"]
+    assert tuned["loss"].startswith("SparseCategoricalCrossentropy(from_logits=True)")
+    s = summary(auto_dir)
+    assert s["policy"] == "mixed_float16" and "hidden" in s["float32_layers"], s["float32_layers"]

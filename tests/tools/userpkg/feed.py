@@ -57,3 +57,9 @@ def unbatched(batch_size):
 
 def not_a_dataset(batch_size):
     return [1, 2, 3]
+
+
+def loud(batch_size):
+    """Inputs 20000 times larger: the hidden layer's outputs pass float16's 65504."""
+    x, y = arrays(512)
+    return tf.data.Dataset.from_tensor_slices((x * 2e4, y)).batch(batch_size, drop_remainder=True)
