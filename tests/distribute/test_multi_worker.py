@@ -24,13 +24,14 @@ RUN_SCRIPT = ("import runpy, sys; sys.argv = sys.argv[1:]; "
               "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def _start_cluster(argv):
+def _start_cluster(argv, **env):
     """`python *argv` as the two workers of a cluster on 127.0.0.1, each with its TF_CONFIG and
     each a process forked from this worker's zygote (TensorFlow imported once, not once per
     worker): what `launch` starts, for the runs that are not about the launcher (the
-    launcher itself: the launch test and the `launch_local` run below). Not waited for."""
+    launcher itself: the launch test and the `launch_local` run below). `env`: more
+    environment variables for both. Not waited for."""
     ports = distribute.free_ports(2)
-    return [helpers.zygote().start(argv, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+    return [helpers.zygote().start(argv, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env,
                                                   TF_CONFIG=distribute.tf_config(ports, i)))
             for i in (0, 1)]
 
@@ -265,3 +266,25 @@ def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tm
     straight = keras.models.load_model(full / "model.keras").get_weights()
     for a, b in zip(resumed, straight):  # same batches, same state: the same final weights
         np.testing.assert_array_equal(a, b)
+
+
+def test_user_data_function_gets_each_workers_input_context_on_two_workers(tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    model_dir = tmp_path / "run"
+    cluster = _start_cluster(
+        ["-m", "tools.train", "--strategy=multi_worker_mirrored",
+         "--model=userpkg.nets:functional", '--model_args={"compiled": true}',
+         "--data=userpkg.feed:make", "--epochs=2", "--steps_per_epoch=10", "--batch_size=32",
+         "--precision=fp32", f"--model_dir={model_dir}"],
+        PYTHONPATH=os.path.join(helpers.ROOT, "tests", "tools"), USERPKG_SHARDS=str(shards))
+    for worker in [worker.wait(timeout=120) for worker in cluster]:
+        assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
+    # each worker called `make` with its own input context: its shard, batched per replica
+    records = {p.name: json.loads(p.read_text()) for p in shards.iterdir()}
+    assert sorted(records) == ["0.json", "1.json"]
+    assert all(r["pipelines"] == 2 and r["batch"] == 16 for r in records.values())
+    assert records["0.json"]["first_x"] != records["1.json"]["first_x"]
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert summary["cluster"]["workers"] == 2 and summary["epochs_completed"] == [0, 1]
+    assert np.isfinite(summary["final_train_metrics"]["loss"])
