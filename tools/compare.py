@@ -4,9 +4,15 @@
   python -m tools.compare --model=cnn --policies=fp32,bf16,fp16 --steps=100 --overwrite
   python -m tools.compare --policies=fp32,bf16,bf16w --overwrite   # bf16w: bfloat16 weights
   python -m tools.compare --model_path=runs/mlp/model.keras --policies=fp32,bf16 --overwrite
+  python -m tools.compare --model_path=runs/a/model.keras --import_modules=my_project.models \\
+      --data=arrays.npz --overwrite    # a tools/train run on the user's model and data
   python -m tools.compare --tolerance=0.02 --output_dir=runs/compare
 
-Writes compare.json and compare.png (loss per policy over the steps, and the loss
+--data (alias --dataset) is what tools/train takes: synthetic (default), a tensorflow-datasets
+name, an .npz file or package.module:function (tfmp.app.user_data); it is checked against a
+--model_path model first (sample weights are left out: the policies are compared on the
+unweighted loss). A saved model trains with its compiled loss (else one that matches its
+output). Writes compare.json and compare.png (loss per policy over the steps, and the loss
 scale) to --output_dir (default compare/). An output folder holding a previous
 comparison is refused unless --overwrite, which moves its files into
 <output_dir>/previous.<date>-<time>/ once this one is written (tfmp.app.outputs).
@@ -22,7 +28,7 @@ import keras
 from absl import flags, logging
 
 import models
-from tfmp.app import cli, data, outputs
+from tfmp.app import cli, data, outputs, user_data
 from tfmp.atomic import write_json_atomically
 from tfmp.measure import compare_precision, plot_comparison
 from tfmp.rewrite import AuditError, is_copyable
@@ -32,7 +38,9 @@ flags.DEFINE_enum("model", None, tuple(models.REGISTRY),
                   "Reference model (default mlp); or give --model_path.")
 flags.DEFINE_string("model_path", None, "A saved .keras model to compare instead.")
 flags.DEFINE_list("import_modules", [], cli.IMPORT_MODULES_HELP)
-flags.DEFINE_string("dataset", "synthetic", "'synthetic' or a tensorflow-datasets name.")
+flags.DEFINE_string("data", None, "'synthetic' (default), a tensorflow-datasets name, an .npz "
+                    "file or package.module:function, as for tools/train.")
+flags.DEFINE_string("dataset", None, "Alias of --data.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_list("policies", ["float32", "auto"],
                   "Comma-separated policies, each optionally +xla; bf16w / fp16w: "
@@ -59,26 +67,23 @@ def _validate() -> None:
 
 def main(argv: Sequence[str]) -> int:
     _validate()
-    if FLAGS.model_path:
-        saved = cli.load_keras_model(FLAGS.model_path, FLAGS.import_modules)
-        try:
-            kind = data.input_kind(saved)
-        except data.DatasetError as e:
-            cli.fail(str(e))
-        # prepare copies a Sequential or Functional model for every policy; any other kind is
-        # converted in place, so every policy loads its own.
-        build = ((lambda: saved) if is_copyable(saved)
-                 else functools.partial(cli.load_keras_model, FLAGS.model_path))
-    else:
-        builder, kind = models.get(FLAGS.model or "mlp")
     try:
-        d = data.load(FLAGS.dataset, kind, FLAGS.batch_size, FLAGS.data_dir, FLAGS.seed)
+        value = user_data.data_flag(FLAGS.data, FLAGS.dataset) or data.SYNTHETIC
         if FLAGS.model_path:
-            data.check_fits(saved, d)
+            saved = cli.load_keras_model(FLAGS.model_path, FLAGS.import_modules)
+            d = user_data.for_model(value, saved, FLAGS.batch_size, FLAGS.data_dir, FLAGS.seed)
+            # prepare copies a Sequential or Functional model for every policy; any other kind
+            # is converted in place, so every policy loads its own.
+            build = ((lambda: saved) if is_copyable(saved)
+                     else functools.partial(cli.load_keras_model, FLAGS.model_path))
         else:
+            builder, kind = models.get(FLAGS.model or "mlp")
+            d = user_data.load_data(value, kind, FLAGS.batch_size, FLAGS.data_dir, FLAGS.seed)
             build = functools.partial(builder, **d.model_kwargs())
+            if user_data.is_user_data(value):  # not made for the model: checked on one copy
+                user_data.check_model(build(), d)
         result = compare_precision(
-            build, d.train, policies=FLAGS.policies, steps=FLAGS.steps, seed=FLAGS.seed,
+            build, user_data.unweighted(d), policies=FLAGS.policies, steps=FLAGS.steps, seed=FLAGS.seed,
             optimizer=lambda: keras.optimizers.Adam(FLAGS.learning_rate),
             tolerance=FLAGS.tolerance, eval_data=d.eval, metrics=["accuracy"])
     except (data.DatasetError, AuditError, ValueError) as e:  # compare_precision's checks
@@ -86,7 +91,8 @@ def main(argv: Sequence[str]) -> int:
     json_path, png_path = (os.path.join(FLAGS.output_dir, n) for n in (JSON_NAME, PNG_NAME))
     with outputs.new_result(FLAGS.output_dir, (JSON_NAME, PNG_NAME), JSON_NAME) as staging:
         logging.info("writing %s", json_path)
-        write_json_atomically(os.path.join(staging, JSON_NAME), result.to_dict())
+        write_json_atomically(os.path.join(staging, JSON_NAME),
+                              {"dataset": d.name, **result.to_dict()})
         try:
             logging.info("drawing %s", png_path)
             plot_comparison(result, os.path.join(staging, PNG_NAME))

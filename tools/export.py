@@ -4,6 +4,12 @@
   python -m tools.export --model_path=m.keras --quantization=full_int8 --calibration_steps=20 --output_dir=export_int8
   python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=0.02 --overwrite  # a looser gate
   python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=inf --overwrite     # no gate
+  python -m tools.export --model_dir=runs/a --import_modules=my_project.models --data=arrays.npz
+
+--data (alias --dataset) is what tools/train takes: synthetic, a tensorflow-datasets name, an
+.npz file or package.module:function (tfmp.app.user_data); default: the --model_dir run's, else
+synthetic. Full_int8 calibrates on its training batches, the gate evaluates on its eval data;
+it is checked against the model first.
 
 Writes model_<quantization>.tflite (model_keras_bfloat16.keras and model_keras_float16.keras: the
 .keras file with 16-bit release weights) and export.json (one report per export) to
@@ -25,7 +31,7 @@ import keras
 import numpy as np
 from absl import flags, logging
 
-from tfmp.app import cli, data, outputs, run_dir
+from tfmp.app import cli, data, outputs, run_dir, user_data
 from tfmp.atomic import write_json_atomically
 from tfmp.litert import (QUANTIZATIONS, ExportError, array_batches, calibration_batches,
                          export_all, export_filename, format_reports, gate_failures)
@@ -41,8 +47,10 @@ flags.DEFINE_list("quantization", list(QUANTIZATIONS),
 flags.DEFINE_string("output_dir", None, "Where the .tflite files and export.json go "
                     "(default <model_dir>/export, or export).")
 flags.DEFINE_bool("overwrite", False, outputs.OVERWRITE_HELP)
-flags.DEFINE_string("dataset", None, "'synthetic' or a tensorflow-datasets name "
-                    "(default: the model_dir's, else synthetic).")
+flags.DEFINE_string("data", None, "'synthetic', a tensorflow-datasets name, an .npz file or "
+                    "package.module:function, as for tools/train (default: the model_dir's, "
+                    "else synthetic).")
+flags.DEFINE_string("dataset", None, "Alias of --data.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_integer("seed", None, "Data seed (default: the model_dir's, else 0).")
 flags.DEFINE_integer("batch_size", 64, "Batch size for calibration and evaluation.", lower_bound=1)
@@ -145,14 +153,13 @@ def _export(model, path: str, seed: int, d: data.Data, output_dir: str) -> tuple
 def main(argv: Sequence[str]) -> int:
     path, trained_with = _source()
     output_dir = _validate()
-    model = cli.load_keras_model(path, FLAGS.import_modules)
-
-    dataset = FLAGS.dataset or trained_with.get("dataset") or "synthetic"
     seed = FLAGS.seed if FLAGS.seed is not None else trained_with.get("seed", 0)
     try:
-        d = data.load(dataset, data.input_kind(model), FLAGS.batch_size,
-                      FLAGS.data_dir or trained_with.get("data_dir"), seed)
-        data.check_fits(model, d)
+        value = (user_data.data_flag(FLAGS.data, FLAGS.dataset) or trained_with.get("dataset")
+                 or data.SYNTHETIC)
+        model = cli.load_keras_model(path, FLAGS.import_modules)
+        d = user_data.for_model(value, model, FLAGS.batch_size,
+                                FLAGS.data_dir or trained_with.get("data_dir"), seed)
         reports, failures = _export(model, path, seed, d, output_dir)
     except (data.DatasetError, ExportError, ValueError) as e:
         cli.fail(str(e).splitlines()[0])

@@ -233,7 +233,7 @@ def trained_model(model_dir: str) -> tuple[str, dict[str, Any]]:
     if not os.path.isfile(path):
         raise RunDirError(f"--model_dir={model_dir!r} has no {FINAL_MODEL} (tools/train writes it "
                           "when a run ends)")
-    hint = (f"; export the model with --model_path={path} (and --dataset, --seed for its "
+    hint = (f"; export the model with --model_path={path} (and --data, --seed for its "
             "accuracy) instead")
     summary = os.path.join(model_dir, SUMMARY)
     if not os.path.isfile(summary):

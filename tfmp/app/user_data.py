@@ -8,6 +8,9 @@ multi-worker run, where it is each worker's `tf.distribute.InputContext` and the
 returns that worker's shard batched per replica (TensorFlow's
 `distribute_datasets_from_function` recipe). It returns a batched dataset of `(x, y)` or
 `(x, y, sample_weight)`, or a `(train, eval)` pair (eval may be None).
+
+tools/compare and tools/export read `--data` (alias `--dataset`) the same way, for a model
+they load (`data_flag`, `for_model`).
 """
 
 from __future__ import annotations
@@ -18,9 +21,12 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
+from tfmp._compat import compile_arguments
 from tfmp._messages import first_line
-from tfmp.app.data import Data, DatasetError, batched, load
+from tfmp.app.compiling import check_fit
+from tfmp.app.data import Data, DatasetError, batched, check_fits, input_kind, load
 from tfmp.app.sources import SourceError, import_callable, is_callable_spec
 
 NPZ_KEYS = ("x", "y", "x_eval", "y_eval", "sample_weight")
@@ -187,3 +193,91 @@ def load_data(value: str, kind: Optional[str], batch_size: int, data_dir: Option
     if is_callable_spec(value):
         return from_function(value, batch_size, several_workers)
     return load(value, kind, batch_size, data_dir, seed)
+
+
+def is_user_data(value: str) -> bool:
+    """Whether `--data` names the user's own data (an `.npz` file or a data function), which
+    is not made for the model's input kind as synthetic and tensorflow-datasets data are."""
+    return value.endswith(".npz") or is_callable_spec(value)
+
+
+def data_flag(data: Optional[str], dataset: Optional[str]) -> Optional[str]:
+    """`--data`, or its alias `--dataset` (the one given; None when neither is).
+
+    Args:
+        data: `--data`'s value.
+        dataset: `--dataset`'s value.
+
+    Returns:
+        The value given.
+
+    Raises:
+        DatasetError: both are given and disagree.
+    """
+    if data and dataset and data != dataset:
+        raise DatasetError(f"--data={data} and --dataset={dataset} disagree; give one of them")
+    return data or dataset
+
+
+def for_model(value: str, model: Any, batch_size: int, data_dir: Optional[str] = None,
+              seed: int = 0) -> Data:
+    """What `--data` names, for a model a tool loaded, checked against it (`check_model`).
+
+    Args:
+        value: The flag's value (`load_data`).
+        model: The model (synthetic and tensorflow-datasets data are made for its input kind).
+        batch_size: The global batch size.
+        data_dir: tensorflow-datasets' data directory.
+        seed: Seeds the training order.
+
+    Returns:
+        The `Data`.
+
+    Raises:
+        DatasetError: in one line, what is wrong with the data, or what does not fit the model.
+    """
+    kind = None if is_user_data(value) else input_kind(model)
+    d = load_data(value, kind, batch_size, data_dir, seed)
+    check_model(model, d)
+    return d
+
+
+def check_model(model: Any, data: Data) -> None:
+    """The data against a built model: its examples' shape (`check_fits`), then its first
+    batch through the model; for a compiled model also its labels and loss
+    (`tfmp.app.compiling.check_fit`).
+
+    Args:
+        model: The model.
+        data: The data.
+
+    Raises:
+        DatasetError: in one line, what does not fit.
+    """
+    check_fits(model, data)
+    if compile_arguments(model).get("loss") is not None:
+        check_fit(model, data)
+        return
+    x = next(iter(data.train.take(1)))[0]
+    try:
+        model(x, training=False)
+    except Exception as e:  # noqa: BLE001 (the model's own code may raise anything)
+        raise DatasetError(f"{data.name}'s inputs do not fit the model: {type(e).__name__}: "
+                           f"{first_line(e)}") from None
+
+
+def unweighted(data: Data) -> tf.data.Dataset:
+    """The training batches as `(x, y)`: a dataset of `(x, y, sample_weight)` batches without
+    its weights (said in a log line), for what trains on `(x, y)` only (`compare_precision`).
+
+    Args:
+        data: The data.
+
+    Returns:
+        `data.train`, or its `(x, y)`.
+    """
+    if len(data.train.element_spec) != 3:
+        return data.train
+    logging.warning("%s has sample weights: left out (the policies are compared on the "
+                    "unweighted loss)", data.name)
+    return data.train.map(lambda x, y, w: (x, y))
