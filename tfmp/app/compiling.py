@@ -107,11 +107,19 @@ def build_on(model: keras.Model, data: Data) -> None:
     Raises:
         DatasetError: calling the model on that batch fails (the data does not fit it).
     """
-    if model.built:
-        return
+    if not model.built:
+        first_batch_through(model, data)
+
+
+def first_batch_through(model: keras.Model, data: Data) -> Any:
+    """The model's output on the data's first training batch (inference mode).
+
+    Raises:
+        DatasetError: the model fails on it (the inputs do not fit), in one line.
+    """
     x = next(iter(data.train.take(1)))[0]
     try:
-        model(x, training=False)
+        return model(x, training=False)
     except Exception as e:  # noqa: BLE001 (the model's own code may raise anything)
         raise DatasetError(f"{data.name}'s inputs do not fit the model: {type(e).__name__}: "
                            f"{first_line(e)}") from None
@@ -128,11 +136,7 @@ def check_fit(model: keras.Model, data: Data) -> None:
     """
     batches = list(data.train.take(CHECKED_BATCHES))
     x, y, *weights = batches[0]
-    try:
-        prediction = model(x, training=False)
-    except Exception as e:  # noqa: BLE001
-        raise DatasetError(f"{data.name}'s inputs do not fit the model: {type(e).__name__}: "
-                           f"{first_line(e)}") from None
+    prediction = first_batch_through(model, data)
     _check_labels(model, data.name, [b[1] for b in batches], prediction)
     try:
         loss = model.compute_loss(x, y, prediction, weights[0] if weights else None)

@@ -132,13 +132,13 @@ def config_from_flags(flag_values: flags.FlagValues = flags.FLAGS, **overrides: 
 
 def _strategy(config: TrainConfig, flag_values: flags.FlagValues) -> tf.distribute.Strategy:
     config.check()  # every flag (and TFMP_PRECISION) before anything is built
-    if config.num_cpu_devices > 1:
-        split_cpu(config.num_cpu_devices)
     timeout = _value(flag_values, "cluster_timeout")
     try:
+        if config.num_cpu_devices > 1:
+            split_cpu(config.num_cpu_devices)
         strategy = get_strategy(config.strategy, config.tpu,
                                 120.0 if timeout is None else timeout)
-    except ValueError as e:  # no TPU there, a cluster that cannot connect
+    except ValueError as e:  # TensorFlow already started, no TPU there, no cluster
         raise ConfigError(first_line(e)) from None
     if config.batch_size % strategy.num_replicas_in_sync:
         raise ConfigError(f"--batch_size={config.batch_size} is not divisible by the "

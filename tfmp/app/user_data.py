@@ -25,7 +25,7 @@ from absl import logging
 
 from tfmp._compat import compile_arguments
 from tfmp._messages import first_line
-from tfmp.app.compiling import check_fit
+from tfmp.app.compiling import check_fit, first_batch_through
 from tfmp.app.data import Data, DatasetError, batched, check_fits, input_kind, load
 from tfmp.app.sources import SourceError, import_callable, is_callable_spec
 
@@ -257,13 +257,8 @@ def check_model(model: Any, data: Data) -> None:
     check_fits(model, data)
     if compile_arguments(model).get("loss") is not None:
         check_fit(model, data)
-        return
-    x = next(iter(data.train.take(1)))[0]
-    try:
-        model(x, training=False)
-    except Exception as e:  # noqa: BLE001 (the model's own code may raise anything)
-        raise DatasetError(f"{data.name}'s inputs do not fit the model: {type(e).__name__}: "
-                           f"{first_line(e)}") from None
+    else:
+        first_batch_through(model, data)
 
 
 def unweighted(data: Data) -> tf.data.Dataset:
