@@ -79,3 +79,42 @@ def test_shuffled_passes_depend_on_seed_and_pass_only():
         assert sorted(first[10 * k:10 * k + 10]) == list(range(10))
     assert first[:10] != first[10:20] and first[:10] != list(range(10))
     assert list(data.shuffled_passes(ds, seed=4).take(10).as_numpy_iterator()) != first[:10]
+
+
+def test_tfds_splits_are_chosen_and_a_bad_one_is_one_line(tmp_path):
+    """A dataset really prepared on disk (tensorflow-datasets' mock data ignores splits)."""
+
+    class TinyDigits(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(4, 4, 1)),
+                "label": tfds.features.ClassLabel(num_classes=3)}),
+                supervised_keys=("image", "label"))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(range(40)),
+                    "test": self._generate_examples(range(100, 108))}
+
+        def _generate_examples(self, pixels):
+            for i in pixels:  # every pixel of example i is i: it names the example
+                yield i, {"image": np.full((4, 4, 1), i, "uint8"), "label": i % 3}
+
+    TinyDigits(data_dir=str(tmp_path)).download_and_prepare()
+    d = data.load("tiny_digits", "vector", 4, str(tmp_path), splits=("train[:50%]", "train[50%:]"))
+    def examples(ds):
+        return [round(float(x[0]) * 255) for batch, *_ in ds for x in batch.numpy()]
+
+    assert d.train_examples == 20
+    train_half, eval_half = set(examples(d.train.take(5))), examples(d.eval)
+    assert len(eval_half) == 20 and max(eval_half) < 40  # of train, not of test
+    assert not train_half & set(eval_half)  # the other half
+    default = data.load("tiny_digits", "vector", 4, str(tmp_path))
+    assert default.train_examples == 40 and sum(len(y) for _, y in default.eval) == 8  # test
+    for splits, flag in ((("trian", None), "train_split"), (("train", "tset"), "eval_split")):
+        with pytest.raises(data.DatasetError) as err:
+            data.load("tiny_digits", "vector", 4, str(tmp_path), splits=splits)
+        message = str(err.value)
+        assert message.startswith(f"--{flag}='{splits[flag == 'eval_split']}' is not a split of "
+                                  "tiny_digits (it has ") and "\n" not in message, message

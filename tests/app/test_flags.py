@@ -84,10 +84,13 @@ def test_job_gives_a_loop_of_its_own_the_strategy_policy_prepared_model_and_call
 
 def test_flag_values_become_a_config_with_overrides_and_refusals():
     fv = _flags("--distribution_strategy=mirrored", "--learning_rate=0.5", "--metrics=a,b",
-                model_and_data=True, references=("mlp",))
+                "--dataset=mnist", "--eval_split=train[90%:]", model_and_data=True,
+                references=("mlp",))
     config = tfmp_flags.config_from_flags(fv, epochs=7)
     assert (config.strategy, config.learning_rate, config.metrics, config.epochs, config.model) == (
         "mirrored", 0.5, ("a", "b"), 7, "mlp")
+    assert (config.dataset, config.train_split, config.eval_split) == (
+        "mnist", "train", "train[90%:]")
     with pytest.raises(TypeError, match=r"\['nope'\]: not TrainConfig fields"):
         tfmp_flags.config_from_flags(fv, nope=1)
     with pytest.raises(ValueError, match=r"exclude=\['nope'\]: not tfmp flags"):

@@ -37,6 +37,8 @@ class TrainConfig:
     metrics: tuple[str, ...] = ()
     optimizer: Optional[str] = None  # a Keras optimizer name (else the model's own, or Adam)
     dataset: str = "synthetic"  # also an .npz file or package.module:function
+    train_split: str = "train"  # tensorflow-datasets splits
+    eval_split: Optional[str] = None  # None: test, else validation, else 1000 held out
     data_dir: Optional[str] = None
     precision: str = "auto"
     loss_scale: str = "dynamic"

@@ -13,6 +13,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfmp._messages import first_line
 from tfmp.rewrite import first_input_spec
 
 INPUT_KINDS = ("vector", "image", "tokens")
@@ -180,23 +181,49 @@ def _load_split(name: str, split: str, data_dir: Optional[str]):
                      with_info=True, download=False, try_gcs=False)
 
 
-def _tfds(name: str, data_dir: Optional[str]):
-    """(train, eval, info) from tfds, or `DatasetError` with one clear line."""
+def _tfds(name: str, data_dir: Optional[str], train_split: str = "train",
+          eval_split: Optional[str] = None):
+    """(train, eval, info) from tfds, or `DatasetError` with one clear line. Without
+    `eval_split`: `test`, else `validation`, else 1000 examples held out of the training split."""
     import tensorflow_datasets as tfds
 
     if name not in tfds.list_builders(with_community_datasets=False):
         raise DatasetError(f"unknown dataset {name!r}: use 'synthetic' or a tensorflow-datasets "
                            "name (e.g. mnist, cifar10, imdb_reviews)")
     try:
-        train, info = _load_split(name, "train", data_dir)
+        train, info = _load_split(name, train_split, data_dir)
     except (AssertionError, tfds.core.registered.DatasetNotFoundError, FileNotFoundError):
         raise DatasetError(_prepare_hint(name, data_dir)) from None
+    except (ValueError, KeyError) as e:  # a split it does not have, or bad split syntax
+        raise DatasetError(_split_error("train_split", train_split, name, _info_of(name, data_dir),
+                                        e)) from None
+    if eval_split:
+        try:
+            return train, _load_split(name, eval_split, data_dir)[0], info
+        except (AssertionError, ValueError, KeyError, FileNotFoundError) as e:
+            raise DatasetError(_split_error("eval_split", eval_split, name, info, e)) from None
     for split in ("test", "validation"):
         try:
             return train, _load_split(name, split, data_dir)[0], info
         except (AssertionError, ValueError, KeyError, FileNotFoundError):
             continue
     return train.skip(1000), train.take(1000), info  # no eval split: hold out 1000
+
+
+def _info_of(name: str, data_dir: Optional[str]) -> Any:
+    """A prepared dataset's `DatasetInfo` (None if it cannot be read)."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.builder(name, data_dir=data_dir).info
+    except Exception:  # noqa: BLE001 (only for a message)
+        return None
+
+
+def _split_error(flag: str, split: str, name: str, info: Any, error: Exception) -> str:
+    have = f" (it has {', '.join(info.splits)})" if info is not None and info.splits else ""
+    return (f"--{flag}={split!r} is not a split of {name}{have}: give a split name or a "
+            f"slice such as 'train[:90%]' ({first_line(error)})")
 
 
 def _image_preprocess(kind: str):
@@ -214,7 +241,7 @@ def _image_preprocess(kind: str):
 
 
 def from_tfds(name: str, kind: str, batch_size: int, data_dir: Optional[str] = None,
-              seed: int = 0) -> Data:
+              seed: int = 0, splits: tuple[str, Optional[str]] = ("train", None)) -> Data:
     """A tensorflow-datasets dataset preprocessed for a model's input kind.
 
     Images become float32 in [0, 1] (resized to 32x32 RGB for `image`,
@@ -225,7 +252,7 @@ def from_tfds(name: str, kind: str, batch_size: int, data_dir: Optional[str] = N
         DatasetError: unknown name, not prepared in `data_dir` (no download is
             attempted), or features that do not fit `kind`.
     """
-    train, ev, info = _tfds(name, data_dir)
+    train, ev, info = _tfds(name, data_dir, *splits)
     feature_dtype = train.element_spec[0].dtype
     is_text = feature_dtype == tf.string
     if is_text != (kind == "tokens"):
@@ -251,8 +278,9 @@ def from_tfds(name: str, kind: str, batch_size: int, data_dir: Optional[str] = N
 
 
 def load(dataset: str, kind: str, batch_size: int, data_dir: Optional[str] = None,
-         seed: int = 0) -> Data:
-    """`synthetic` or a tensorflow-datasets name, batched with the global `batch_size`."""
+         seed: int = 0, splits: tuple[str, Optional[str]] = ("train", None)) -> Data:
+    """`synthetic` or a tensorflow-datasets name (its `(train, eval)` splits), batched with the
+    global `batch_size`."""
     if dataset == SYNTHETIC:
         return synthetic(kind, batch_size, seed)
-    return from_tfds(dataset, kind, batch_size, data_dir, seed)
+    return from_tfds(dataset, kind, batch_size, data_dir, seed, splits)

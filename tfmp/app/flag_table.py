@@ -18,9 +18,10 @@ AS_IS = ("loss_scale", "initial_scale", "growth_interval", "min_scale", "tpu",
           "num_cpu_devices", "batch_size", "epochs", "steps_per_epoch", "learning_rate",
           "grad_accum_steps", "remat", "jit_compile", "seed", "tune_steps", "nan_policy",
           "model_dir", "restart", "float32_layers", "weights_dtype", "optimizer", "loss",
-          "model", "model_args", "data_dir")
+          "model", "model_args", "data_dir", "train_split", "eval_split")
 LISTS = ("metrics", "import_modules")
-MODEL_AND_DATA = ("model", "model_args", "import_modules", "data", "dataset", "data_dir")
+MODEL_AND_DATA = ("model", "model_args", "import_modules", "data", "dataset", "data_dir",
+                  "train_split", "eval_split")
 
 
 def definitions(flag_values: flags.FlagValues, references: Sequence[str]) -> dict[str, Callable]:
@@ -53,6 +54,12 @@ def definitions(flag_values: flags.FlagValues, references: Sequence[str]) -> dic
         "dataset": lambda: flags.DEFINE_string("dataset", None, "Alias of --data.", **fv),
         "data_dir": lambda: flags.DEFINE_string("data_dir", None,
                                                 "tensorflow-datasets data directory.", **fv),
+        "train_split": lambda: flags.DEFINE_string(
+            "train_split", "train", "tensorflow-datasets split to train on (a slice too: "
+            "train[:90%]).", **fv),
+        "eval_split": lambda: flags.DEFINE_string(
+            "eval_split", None, "tensorflow-datasets split to evaluate on (default: test, else "
+            "validation, else 1000 examples held out of the training split).", **fv),
         "loss": lambda: flags.DEFINE_string(
             "loss", None, "A Keras loss name (default: the compiled model's own; reference "
             "models: sparse categorical cross-entropy on logits).", **fv),

@@ -170,7 +170,7 @@ def _data(config: TrainConfig, source: ModelSource, make_data: Optional[Callable
                              or user_data.is_callable_spec(config.dataset)):
         kind = input_kind(source.build({}))  # synthetic or tfds: made for the model's inputs
     return user_data.load_data(config.dataset, kind, config.batch_size, config.data_dir,
-                               config.seed, several)
+                               config.seed, several, (config.train_split, config.eval_split))
 
 
 def train(build_model: Optional[Callable[[], keras.Model]] = None,

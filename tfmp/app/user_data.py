@@ -169,7 +169,8 @@ def _repeat(ds: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def load_data(value: str, kind: Optional[str], batch_size: int, data_dir: Optional[str] = None,
-              seed: int = 0, several_workers: bool = False) -> Data:
+              seed: int = 0, several_workers: bool = False,
+              splits: tuple[str, Optional[str]] = ("train", None)) -> Data:
     """What `--data` names: `synthetic`, a tensorflow-datasets name, an `.npz` file, or a
     `package.module:function`.
 
@@ -181,6 +182,7 @@ def load_data(value: str, kind: Optional[str], batch_size: int, data_dir: Option
         data_dir: tensorflow-datasets' data directory.
         seed: Seeds the training order of synthetic, tensorflow-datasets and `.npz` data.
         several_workers: See `from_function`.
+        splits: tensorflow-datasets' `(train, eval)` splits (`tfmp.app.data.load`).
 
     Returns:
         The `Data`.
@@ -192,7 +194,7 @@ def load_data(value: str, kind: Optional[str], batch_size: int, data_dir: Option
         return from_npz(value, batch_size, seed)
     if is_callable_spec(value):
         return from_function(value, batch_size, several_workers)
-    return load(value, kind, batch_size, data_dir, seed)
+    return load(value, kind, batch_size, data_dir, seed, splits)
 
 
 def is_user_data(value: str) -> bool:
