@@ -31,7 +31,7 @@ def test_the_readme_binary_trains_with_model_gardens_flags(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     run = tmp_path / "mine"
     args = ["--dtype=bf16", "--distribution_strategy=one_device", "--epochs=2",
-            "--batch_size=64", f"--model_dir={run}"]
+            "--steps_per_epoch=32", "--batch_size=64", f"--model_dir={run}"]
     proc = helpers.zygote().run(["-c", code, *args], env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(run / "summary.json") as f:
@@ -80,6 +80,11 @@ def test_job_gives_a_loop_of_its_own_the_strategy_policy_prepared_model_and_call
     assert {"LossScaleMonitor", "NanMonitor", "SafeBackupAndRestore", "TensorBoard"} <= names
     history = model.fit(x, x.sum(axis=1), batch_size=16, epochs=2, verbose=0, callbacks=callbacks)
     assert history.history["loss_scale"][-1] == 256 and os.path.isdir(tmp_path / "tensorboard")
+    # The backup is removed once fit has ended: the binary's next run trains, not resumes.
+    assert os.path.isdir(tmp_path) and not os.path.exists(tmp_path / "backup")
+    again = model.fit(x, x.sum(axis=1), batch_size=16, epochs=2, verbose=0,
+                      callbacks=job.callbacks())
+    assert again.epoch == [0, 1]
 
 
 def test_flag_values_become_a_config_with_overrides_and_refusals():

@@ -38,6 +38,10 @@ def user_files(tmp_path_factory):
     np.savez(root / "labels_too_big.npz", x=feed.arrays(64)[0], y=np.arange(64) % 8)
     np.savez(root / "wrong_width.npz", x=np.zeros((64, 5), "float32"), y=np.zeros(64, "int32"))
     np.savez(root / "no_y.npz", x=np.zeros((64, 6), "float32"))
+    x = feed.arrays(64)[0]
+    np.savez(root / "eval_wrong_width.npz", x=x, y=np.zeros(64, "int32"), x_eval=x[:, :4],
+             y_eval=np.zeros(64, "int32"))
+    np.savez(root / "string_labels.npz", x=x, y=np.array(["a", "b"] * 32))
     keras.utils.set_random_seed(0)
     nets.functional(compiled=True).save(root / "compiled.keras")
     lam = keras.Sequential([keras.Input((6,)), keras.layers.Lambda(lambda t: t * 2),
@@ -66,6 +70,7 @@ def user_runs(user_files):
         "file+npz": [f"--model={root}/compiled.keras", f"--data={root}/with_eval.npz"],
         "zero_weights": ["--model=userpkg.nets:functional", '--model_args={"compiled": true}',
                          "--data=userpkg.feed:weighted"],
+        "custom_parts": ["--model=userpkg.nets:custom_parts", "--data=userpkg.feed:make"],
         "reference+npz": ["--model=mlp", "--model_args=hidden=[16]", "--learning_rate=0.01",
                           f"--data={root}/with_eval.npz"],
         # --learning_rate replaces the compiled SGD's 0.1: the run diverges, and stops
@@ -79,7 +84,7 @@ def user_runs(user_files):
 
 
 @pytest.mark.parametrize("name", ["uncompiled+npz_eval", "compiled+function", "subclassed+npz",
-                                  "file+npz", "reference+npz"])
+                                  "file+npz", "reference+npz", "custom_parts"])
 def test_user_models_and_data_learn_through_the_binary(user_runs, name):
     code, stderr, out, run = user_runs[name]
     assert code == 0, stderr[-3000:]
@@ -96,6 +101,8 @@ def test_a_compiled_model_keeps_its_loss_metrics_and_optimizer(user_runs):
     assert code == 0, stderr[-3000:]
     assert "optimizer SGD (the model's compile())" in stderr
     assert summary(run)["strategy"] == "MirroredStrategy" and summary(run)["replicas"] == 2
+    kept = keras.models.load_model(run / "model.keras").optimizer.inner_optimizer.get_config()
+    assert (kept["momentum"], kept["learning_rate"]) == pytest.approx((0.9, 0.1))  # the model's
     assert "sparse_categorical_accuracy" in summary(run)["final_train_metrics"]
     assert summary(run)["eval_metrics"]  # the function's (train, eval) pair
     _, stderr, _, run = user_runs["subclassed+npz"]
@@ -140,10 +147,14 @@ BAD = [
     (["--model=userpkg.nets:not_a_model", "--loss=mse"], "returned a int, not a Keras model"),
     (["--model=userpkg.nets:functional", "--model_args=depth=3", "--loss=mse"],
      "unexpected keyword argument 'depth'"),
+    (["--model=userpkg.nets:raises", "--loss=mse"],
+     "--model=userpkg.nets:raises failed: RuntimeError: out of memory building the model"),
+    (["--model=mlp", "--model_args=bogus=1"], "--model=mlp with --model_args {{'bogus': 1}} failed: "
+     "TypeError"),
     (["--model=userpkg.nets:functional", "--model_args=oops"], "'oops' is not key=value"),
     (["--model=nothing_like_it"], "--model='nothing_like_it' is not accepted: give mlp, cnn, "
      "transformer, package.module:function"),
-    (["--model=/no/such/model.keras"], "--model=/no/such/model.keras does not exist"),
+    (["--model=/no/such/model.keras"], "--model='/no/such/model.keras' does not exist"),
     (["--model={root}/lambda.keras"], "safe mode does not run"),
     (["--model={root}/compiled.keras", "--model_args=width=3"], "takes none"),
     (["--model=userpkg.nets:functional"], "is not compiled: give --loss"),
@@ -151,10 +162,20 @@ BAD = [
     (["--model=mlp", "--metrics=accuracy,nope"], "--metrics: 'nope' is not a Keras metrics"),
     (["--optimizer=adamx"], "--optimizer='adamx' is not a Keras optimizer: give one of adadelta"),
     (["--data=userpkg.feed:not_a_dataset"], "returned a list as its training data"),
+    (["--model={root}/compiled.keras", "--data=userpkg.feed:empty_eval"],
+     "--data=userpkg.feed:empty_eval returned an empty evaluation dataset"),
+    (["--model={root}/compiled.keras", "--data={root}/eval_wrong_width.npz"],
+     "eval_wrong_width.npz's inputs do not fit the model"),
+    (["--model={root}/compiled.keras", "--data={root}/string_labels.npz"],
+     "string_labels.npz's training labels do not fit the model's outputs, loss or metrics"),
+    (["--model={root}/compiled.keras", "--data=userpkg.feed:make", "--metrics=auc"],
+     "userpkg.feed:make's training labels do not fit the model's outputs, loss or metrics"),
+    (["--model=userpkg.nets:two_heads", "--data=userpkg.feed:two_targets", "--precision=tune"],
+     "--precision=tune measures one loss"),
     (["--model=userpkg.nets:functional", "--loss=mse", "--data=userpkg.feed:unbatched"],
      "inputs do not fit the model"),
     (["--model={root}/compiled.keras", "--data=userpkg.feed:endless"],
-     "is not known (an endless or filtered dataset): give --steps_per_epoch"),
+     "is not known (an endless dataset, TFRecord files, a filter): give --steps_per_epoch"),
     (["--model={root}/compiled.keras", "--data={root}/wrong_width.npz"],
      "inputs do not fit the model"),
     (["--model={root}/compiled.keras", "--data={root}/no_y.npz"], "give arrays x and y"),
@@ -175,11 +196,14 @@ def test_bad_user_input_is_one_line_and_exit_2(user_files):
 
 
 def test_a_user_model_resumes_after_sigkill_to_the_uninterrupted_weights(user_files, tmp_path):
-    """The subclassed model on .npz data (its order seeded per pass): killed after its second
-    epoch's backup, rerun, it ends with the weights of a run never interrupted."""
+    """The subclassed model on the user's data function, its order drawn from the seed and
+    the pass (`shuffled_passes`): killed after its second epoch's backup, rerun, it ends with
+    the weights of a run never interrupted. (A pipeline that reshuffles every pass with
+    `shuffle(seed=...)` is replayed in another order under a distribution strategy: the
+    README says so.)"""
     args = ["-m", "tools.train", "--model=userpkg.nets:subclassed", "--model_args=width=12",
             "--loss=sparse_categorical_crossentropy", "--optimizer=sgd", "--learning_rate=0.05",
-            f"--data={user_files}/train_only.npz", "--epochs=3", "--steps_per_epoch=40",
+            "--data=userpkg.feed:make_resumable", "--epochs=3", "--steps_per_epoch=40",
             "--batch_size=32", "--precision=fp32"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **USER)
     full, killed = tmp_path / "full", tmp_path / "killed"

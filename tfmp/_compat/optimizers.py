@@ -235,3 +235,11 @@ def applies_own_weight_decay(optimizer: Any) -> bool:
     with relying_on("TFOptimizer._apply_weight_decay"):
         return type(optimizer)._apply_weight_decay is not (
             keras.optimizers.Optimizer._apply_weight_decay)
+
+
+def learning_rate_schedule(optimizer: Any) -> Any:
+    """The optimizer's `LearningRateSchedule` object (`BaseOptimizer._learning_rate`; the
+    public `learning_rate` is its value at the current step), or None for a fixed rate."""
+    with relying_on("BaseOptimizer._learning_rate"):
+        rate = optimizer._learning_rate
+    return rate if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule) else None

@@ -136,3 +136,10 @@ def compile_arguments(model: Any) -> dict:
         return {}
     with relying_on("Trainer._compile_config"):
         return dict(model._compile_config.config)
+
+
+def forget_compilation(model: Any) -> None:
+    """Marks a model not compiled (`Trainer.compiled`), so that cloning it (`clone_model`,
+    which recompiles a compiled model from its serialized compile config) does not need the
+    user's loss, metrics or optimizer to be registered; the caller compiles the result."""
+    model.compiled = False

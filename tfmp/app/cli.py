@@ -9,11 +9,11 @@ import sys
 import warnings
 from typing import Callable, NoReturn, Sequence
 
-import keras
 from absl import app, logging
 
 import tfmp  # noqa: F401  (registers tfmp's layers and optimizer for load_model)
 from tfmp._messages import TfmpWarning, first_line
+from tfmp.app.sources import SourceError, load_file
 from tfmp.atomic import save_model_atomically
 
 EXIT_FINDINGS = 1
@@ -128,18 +128,10 @@ def load_keras_model(path: str, modules: Sequence[str] = ()):
         pass
 
     import_modules(modules)
-    if not os.path.exists(path):
-        fail(f"--model_path={path!r} does not exist")
-    if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        fail(f"--model_path={path!r} is not a readable file")
     try:
-        return keras.models.load_model(path)
-    except Exception as e:  # noqa: BLE001 (Keras raises many kinds)
-        first = first_line(e)
-        hint = (" (a custom class: name its module with --import_modules)"
-                if "register_keras_serializable" in str(e) or "Could not locate" in str(e) else "")
-        fail(f"--model_path={path!r} is not a loadable .keras model ({type(e).__name__}: "
-             f"{first}){hint}")
+        return load_file(path, "model_path")
+    except SourceError as e:
+        fail(str(e))
 
 
 def save_keras_model_atomically(model, path: str) -> None:

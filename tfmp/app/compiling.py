@@ -10,7 +10,7 @@ learning rate replaced by `--learning_rate` if given), else Adam.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import keras
 import numpy as np
@@ -20,6 +20,7 @@ from tfmp._compat import compile_arguments
 from tfmp._messages import first_line
 from tfmp.app.config import DEFAULT_LEARNING_RATE, ConfigError, TrainConfig, optimizer_class
 from tfmp.app.data import Data, DatasetError
+from tfmp.compensation.factory import plain_copy
 from tfmp.scaling import DynamicLossScaleOptimizer
 
 CHECKED_BATCHES = 8  # the batches whose labels are checked against the model's outputs
@@ -86,18 +87,27 @@ def compilation(model: keras.Model, config: TrainConfig, reference: bool) -> Com
 
 def _optimizer_factory(config: TrainConfig,
                        own: Any) -> Callable[[], keras.optimizers.Optimizer]:
-    accumulate = {"gradient_accumulation_steps": config.grad_accum_steps
-                  if config.grad_accum_steps > 1 else None}
-    rate = {} if config.learning_rate is None else {"learning_rate": config.learning_rate}
+    overrides = {} if config.learning_rate is None else {"learning_rate": config.learning_rate}
+    if config.grad_accum_steps > 1:  # else a compiled optimizer keeps its own accumulation
+        overrides["gradient_accumulation_steps"] = config.grad_accum_steps
     if config.optimizer or own is None:
         cls = optimizer_class(config.optimizer or "adam")
-        return lambda: cls(**{"learning_rate": DEFAULT_LEARNING_RATE, **rate, **accumulate})
+        return lambda: cls(**{"learning_rate": DEFAULT_LEARNING_RATE, **overrides})
     if isinstance(own, str):
         own = keras.optimizers.get(own)
     while isinstance(own, (keras.optimizers.LossScaleOptimizer, DynamicLossScaleOptimizer)):
         own = own.inner_optimizer  # tfmp.prepare wraps it as the run's policy needs
-    cls, settings = type(own), own.get_config()
-    return lambda: cls.from_config({**settings, **rate, **accumulate})
+
+    def copy() -> keras.optimizers.Optimizer:
+        try:
+            return plain_copy(own, **overrides)
+        except Exception as e:  # noqa: BLE001 (a class of the user's own may raise anything)
+            raise ConfigError(f"the model's optimizer {type(own).__name__} cannot be copied for "
+                              f"this run ({type(e).__name__}: {first_line(e)}): give "
+                              "--optimizer") from None
+
+    copy()  # refused now, before anything is built
+    return copy
 
 
 def build_on(model: keras.Model, data: Data) -> None:
@@ -115,53 +125,80 @@ def first_batch_through(model: keras.Model, data: Data) -> Any:
     """The model's output on the data's first training batch (inference mode).
 
     Raises:
-        DatasetError: the model fails on it (the inputs do not fit), in one line.
+        DatasetError: the data yields no batch, or the model fails on it, in one line.
     """
-    x = next(iter(data.train.take(1)))[0]
+    return _run(model, data.name, _first(data.train, data.name, "training"))
+
+
+def _first(ds: Any, name: str, which: str) -> tuple:
+    for batch in ds.take(1):
+        return batch
+    raise DatasetError(f"{name}'s {which} dataset yields no batch")
+
+
+def _run(model: keras.Model, name: str, batch: tuple) -> Any:
     try:
-        return model(x, training=False)
+        return model(batch[0], training=False)
     except Exception as e:  # noqa: BLE001 (the model's own code may raise anything)
-        raise DatasetError(f"{data.name}'s inputs do not fit the model: {type(e).__name__}: "
+        raise DatasetError(f"{name}'s inputs do not fit the model: {type(e).__name__}: "
                            f"{first_line(e)}") from None
 
 
 def check_fit(model: keras.Model, data: Data) -> None:
-    """The data against the compiled model, before training: the first batch's inputs run
-    through the model and its loss is computed (shapes, dtypes, structure), and with a sparse
-    categorical loss the labels of the first `CHECKED_BATCHES` batches are class indices
-    below the number of outputs.
+    """The data against the compiled model, before training: the first training batch and the
+    first evaluation batch run through the model, its loss and its metrics (shapes, dtypes,
+    structure), and with a sparse categorical loss the labels of the first `CHECKED_BATCHES`
+    batches of each are class indices below the number of outputs.
 
     Raises:
         DatasetError: in one line, what does not fit.
     """
-    batches = list(data.train.take(CHECKED_BATCHES))
-    x, y, *weights = batches[0]
-    prediction = first_batch_through(model, data)
-    _check_labels(model, data.name, [b[1] for b in batches], prediction)
-    try:
-        loss = model.compute_loss(x, y, prediction, weights[0] if weights else None)
-    except Exception as e:  # noqa: BLE001
-        raise DatasetError(f"{data.name}'s labels do not fit the model's outputs and loss: "
-                           f"{type(e).__name__}: {first_line(e)}") from None
-    if not np.isfinite(float(loss)):
-        raise DatasetError(f"{data.name}'s first batch gives a non-finite loss ({float(loss)}) "
-                           "with the initial weights: check its inputs and labels for NaN/inf")
+    splits = [("training", data.train)] + ([("evaluation", data.eval)] if data.eval else [])
+    for which, ds in splits:
+        batches = list(ds.take(CHECKED_BATCHES))
+        if not batches:
+            raise DatasetError(f"{data.name}'s {which} dataset yields no batch")
+        x, y, *weights = batches[0]
+        prediction = _run(model, data.name, batches[0])
+        _check_labels(model, f"{data.name}'s {which}", [b[1] for b in batches], prediction)
+        try:
+            loss = model.compute_loss(x, y, prediction, weights[0] if weights else None)
+            model.compute_metrics(x, y, prediction, weights[0] if weights else None)
+        except Exception as e:  # noqa: BLE001
+            raise DatasetError(f"{data.name}'s {which} labels do not fit the model's outputs, "
+                               f"loss or metrics: {type(e).__name__}: {first_line(e)}") from None
+        finally:
+            model.reset_metrics()
+        if not np.isfinite(float(loss)):
+            raise DatasetError(f"{data.name}'s first {which} batch gives a non-finite loss "
+                               f"({float(loss)}) with the initial weights: check its inputs "
+                               "and labels for NaN/inf")
+
+
+def _sparse(loss: Any) -> tuple[bool, Optional[int]]:
+    """Whether a loss takes class indices (sparse categorical cross-entropy in any spelling),
+    and the class it ignores."""
+    if isinstance(loss, keras.losses.SparseCategoricalCrossentropy):
+        return True, loss.ignore_class
+    name = loss if isinstance(loss, str) else getattr(loss, "__name__", "")
+    return name.replace("_", "").lower() == "sparsecategoricalcrossentropy", None
 
 
 def _check_labels(model: keras.Model, name: str, labels: list, prediction: Any) -> None:
-    loss = compile_arguments(model).get("loss")
-    sparse = (isinstance(loss, keras.losses.SparseCategoricalCrossentropy)
-              or (isinstance(loss, str) and "sparse_categorical" in loss))
-    if not sparse or not isinstance(prediction, (tf.Tensor, np.ndarray)) or not labels:
+    sparse, ignored = _sparse(compile_arguments(model).get("loss"))
+    if not sparse or not isinstance(prediction, (tf.Tensor, np.ndarray)):
         return
-    classes = int(prediction.shape[-1])
     values = np.concatenate([np.asarray(y).reshape(-1) for y in labels])
-    low, high = values.min(), values.max()
-    if not np.all(values == np.round(values)) or low < 0 or high >= classes:
-        raise DatasetError(f"{name}'s labels range over [{low:g}, {high:g}], but a sparse "
-                           f"categorical loss takes class indices 0..{classes - 1} for the "
-                           f"model's {classes} outputs: give labels that fit, or a model with "
-                           "as many outputs as classes")
+    if values.dtype.kind not in "iuf":
+        return  # not numbers: the loss itself refuses them (check_fit)
+    values = values[values != ignored] if ignored is not None else values
+    classes = int(prediction.shape[-1])
+    if values.size and (not np.all(values == np.round(values)) or values.min() < 0
+                        or values.max() >= classes):
+        raise DatasetError(f"{name} labels range over [{values.min():g}, {values.max():g}], "
+                           f"but a sparse categorical loss takes class indices 0..{classes - 1} "
+                           f"for the model's {classes} outputs: give labels that fit, or a "
+                           "model with as many outputs as classes")
 
 
 def describe(compiled: Compilation, optimizer: keras.optimizers.Optimizer) -> str:

@@ -151,9 +151,13 @@ def _name(fn: Callable[..., Any]) -> str:
 
 
 def _model_source(config: TrainConfig, build_model: Optional[Callable[[], keras.Model]],
-                  references: Optional[References]) -> ModelSource:
+                  references: Optional[References],
+                  flag_values: flags.FlagValues) -> ModelSource:
     if build_model is not None:
-        return from_callable(build_model, config.model)
+        return from_callable(build_model, config.model, label=f"the model function {config.model}")
+    if "model" not in flag_values:
+        raise ConfigError("this binary defines no --model flag: give tfmp.app.flags.train the "
+                          "function that builds the model (build_model=)")
     if not config.model:
         raise ConfigError("--model is required: give package.module:function (returning a "
                           "Keras model) or a .keras file")
@@ -202,7 +206,7 @@ def train(build_model: Optional[Callable[[], keras.Model]] = None,
         config = config_from_flags(flag_values, **overrides)
         strategy = _strategy(config, flag_values)
         cli.import_modules(config.import_modules)
-        source = _model_source(config, build_model, references)
+        source = _model_source(config, build_model, references, flag_values)
         summary = _run_job(config, source, _data(config, source, make_data, strategy), strategy)
     except ONE_LINE_ERRORS as e:
         cli.fail(first_line(e))
@@ -314,8 +318,10 @@ class Job:
 
     def callbacks(self) -> list[keras.callbacks.Callback]:
         """`LossScaleMonitor` and `NanMonitor`; with `--model_dir`, the backup a rerun resumes
-        from (checked first: a damaged one raises `RunDirError`) and TensorBoard."""
+        from (checked first: a damaged one raises `RunDirError`; removed when `fit` ends, kept
+        after a NaN stop) and TensorBoard."""
         dirs = (write_dirs(self.config.model_dir, run_dir.BACKUP, self.strategy)
                 if self.config.model_dir else None)
         resume = training.check_run_dir(self.config, dirs)
-        return training.job_callbacks(self.config, dirs, resume is not None)[0]
+        return training.job_callbacks(self.config, dirs, resume is not None,
+                                      keep_backup=False)[0]

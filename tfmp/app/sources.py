@@ -148,30 +148,48 @@ def from_function(spec: str, model_args: dict[str, Any]) -> ModelSource:
     return from_callable(lambda: fn(**model_args), spec, model_args)
 
 
-def from_callable(fn: Callable[[], Any], name: str,
-                  model_args: Optional[dict[str, Any]] = None) -> ModelSource:
+def from_callable(fn: Callable[[], Any], name: str, model_args: Optional[dict[str, Any]] = None,
+                  label: Optional[str] = None) -> ModelSource:
     """A `ModelSource` calling `fn()`, which must return a Keras model.
 
     Args:
         fn: Builds the model.
-        name: What it is called in messages and the summary.
+        name: What it is called in the summary.
         model_args: The arguments `fn` passes on, for the message when they do not fit.
+        label: What messages call it (default `--model=<name>`).
 
     Returns:
-        The `ModelSource` (its `build` raises `SourceError` if `fn` returns no model).
+        The `ModelSource` (its `build` raises `SourceError` if `fn` fails or returns no
+        model: `built`).
     """
-    def build(_: dict[str, Any]) -> keras.Model:
-        try:
-            model = fn()
-        except TypeError as e:  # most often a keyword the function does not take
-            given = f" with --model_args {model_args}" if model_args else ""
-            raise SourceError(f"--model={name}{given}: {first_line(e)}") from None
-        if not isinstance(model, keras.Model):
-            raise SourceError(f"--model={name} returned a {type(model).__name__}, not a Keras "
-                              "model")
-        return model
+    label = label or f"--model={name}"
+    return ModelSource(name, lambda _: built(fn, label, model_args), None, False)
 
-    return ModelSource(name, build, None, False)
+
+def built(fn: Callable[[], Any], label: str, model_args: Optional[dict[str, Any]] = None,
+          ) -> keras.Model:
+    """`fn()`, which must return a Keras model.
+
+    Args:
+        fn: Builds the model.
+        label: What messages call it (`--model=...`).
+        model_args: The arguments it passes on (named in the message when it fails).
+
+    Returns:
+        The model.
+
+    Raises:
+        SourceError: it raises (its error's first line) or returns something else.
+    """
+    try:
+        model = fn()
+    except Exception as e:  # noqa: BLE001 (the user's code may raise anything)
+        given = f" with --model_args {model_args}" if model_args else ""
+        raise SourceError(f"{label}{given} failed: {type(e).__name__}: "
+                          f"{first_line(e)}") from None
+    if not isinstance(model, keras.Model):
+        raise SourceError(f"{label} returned a {type(model).__name__}, not a Keras model")
+    return model
 
 
 def from_file(path: str, model_args: dict[str, Any]) -> ModelSource:
@@ -183,25 +201,45 @@ def from_file(path: str, model_args: dict[str, Any]) -> ModelSource:
     if model_args:
         raise SourceError(f"--model_args is for a function or a reference model; --model={path} "
                           "is a saved model and takes none")
+    check_file(path, "model")
+    return ModelSource(path, lambda _: load_file(path, "model"), None, False)
+
+
+def check_file(path: str, flag: str) -> None:
+    """Raises `SourceError` naming `--<flag>=path` when it is missing or unreadable."""
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         what = "does not exist" if not os.path.exists(path) else "is not a readable file"
-        raise SourceError(f"--model={path} {what}")
+        raise SourceError(f"--{flag}={path!r} {what}")
 
-    def build(_: dict[str, Any]) -> keras.Model:
-        try:
-            return keras.models.load_model(path, safe_mode=True)
-        except Exception as e:  # noqa: BLE001 (Keras raises many kinds)
-            text = str(e)
-            hint = ""
-            if "safe_mode" in text or "lambda" in text.lower():
-                hint = (" (it holds code, which safe mode does not run: rebuild the layer as a "
-                        "registered class, or give the function that builds the model)")
-            elif "register_keras_serializable" in text or "Could not locate" in text:
-                hint = " (a custom class: name its module with --import_modules)"
-            raise SourceError(f"--model={path} is not a loadable .keras model "
-                              f"({type(e).__name__}: {first_line(e)}){hint}") from None
 
-    return ModelSource(path, build, None, False)
+def load_file(path: str, flag: str) -> keras.Model:
+    """A `.keras` file loaded in safe mode (no code from the file runs).
+
+    Args:
+        path: The file.
+        flag: The flag that named it (`model`, `model_path`), for the message.
+
+    Returns:
+        The model.
+
+    Raises:
+        SourceError: not a loadable `.keras` model, in one line (a custom class: name its
+            module with `--import_modules`; code in the file: safe mode does not run it).
+    """
+    check_file(path, flag)
+    try:
+        return keras.models.load_model(path, safe_mode=True)
+    except Exception as e:  # noqa: BLE001 (Keras raises many kinds)
+        text = str(e)
+        hint = ""
+        if "safe_mode" in text or "lambda" in text.lower():
+            hint = (" (it holds code, which safe mode does not run: rebuild the layer as a "
+                    "registered class, or give the function that builds the model)")
+        elif "register_keras_serializable" in text or "Could not locate" in text:
+            hint = " (a custom class: name its module with --import_modules)"
+        reason = first_line(e).split(" Make sure custom classes")[0]  # not Keras' whole config
+        raise SourceError(f"--{flag}={path!r} is not a loadable .keras model "
+                          f"({type(e).__name__}: {reason}){hint}") from None
 
 
 References = dict[str, tuple[Callable[..., keras.Model], str]]
@@ -223,7 +261,8 @@ def resolve_model(value: str, model_args: dict[str, Any], references: References
     """
     if value in references:
         builder, kind = references[value]
-        return ModelSource(value, lambda kwargs: builder(**{**kwargs, **model_args}), kind, True)
+        return ModelSource(value, lambda kwargs: built(lambda: builder(**{**kwargs, **model_args}),
+                                                       f"--model={value}", model_args), kind, True)
     if value.endswith(".keras"):
         return from_file(value, model_args)
     if is_callable_spec(value):

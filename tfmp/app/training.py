@@ -15,6 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfmp import callbacks as tfmp_callbacks
+from tfmp._compat import forget_compilation
 from tfmp.app.compiling import Compilation, build_on, check_fit, compilation, describe
 from tfmp.app.config import (ConfigError, TrainConfig, check_cluster_config, check_config,
                              weights_fit)
@@ -63,8 +64,8 @@ class _Throughput(keras.callbacks.Callback):
         return sum(n for _, n in steady) * self.global_batch / seconds if seconds else 0.0
 
 
-def job_callbacks(config: TrainConfig, dirs: Optional[WriteDirs],
-                  resume: bool) -> tuple[list, Any, Any]:
+def job_callbacks(config: TrainConfig, dirs: Optional[WriteDirs], resume: bool,
+                  keep_backup: bool = True) -> tuple[list, Any, Any]:
     """The run's callbacks: `LossScaleMonitor` and `NanMonitor`, and with a run directory
     `SafeBackupAndRestore` (restoring first, so the monitors start from the restored state)
     and TensorBoard.
@@ -73,6 +74,8 @@ def job_callbacks(config: TrainConfig, dirs: Optional[WriteDirs],
         config: The run's configuration (`nan_policy`, `model_dir`).
         dirs: Where this process writes (`tfmp.distribute.write_dirs`), or None.
         resume: Whether the backup is restored (`checked_backup` found one).
+        keep_backup: Keep the backup when training ends (the job removes it once
+            `model.keras` is written); else Keras removes it (not after a NaN stop).
 
     Returns:
         `(callbacks, the LossScaleMonitor, the NanMonitor)`.
@@ -83,7 +86,7 @@ def job_callbacks(config: TrainConfig, dirs: Optional[WriteDirs],
     if dirs:
         # Kept when training ends: removed once model.keras and summary.json are written.
         backup = tfmp_callbacks.SafeBackupAndRestore(dirs.backup_dir, restore_dir=dirs.restore_dir,
-                                                     restore=resume, delete_checkpoint=False)
+                                                     restore=resume, delete_checkpoint=not keep_backup)
         protect.append(backup)
         callbacks += [backup, keras.callbacks.TensorBoard(
             os.path.join(dirs.model_dir, TENSORBOARD), update_freq="epoch")]
@@ -113,6 +116,7 @@ def _build_compiled(config: TrainConfig, source: Any, data: Data,
         keras.utils.set_random_seed(config.seed)
         model = source.build(data.model_kwargs())
         compiled = compilation(model, config, source.reference)
+        forget_compilation(model)  # prepare may clone it: compiled below with `compiled`
         build_on(model, data)
         # guard=True: under bf16/fp32 too, a non-finite step is skipped, never applied.
         layers = config.float32_layer_list()
@@ -200,8 +204,12 @@ def _choose_policy(config: TrainConfig, source: ModelSource, data: Data, hardwar
     if tuned is not None:
         return PolicyChoice(tuned["policy"], f"kept from {saved}: {tuned['reason']}", "tune"), tuned
     keras.utils.set_random_seed(config.seed)
+    compiled: Compilation = compilation(source.build(data.model_kwargs()), config,
+                                        source.reference)
     build = lambda: _built(source, data)  # noqa: E731
-    compiled: Compilation = compilation(build(), config, source.reference)
+    if isinstance(compiled.loss, (dict, list, tuple)):
+        raise ConfigError("--precision=tune measures one loss; this model has one per output "
+                          "(a dict or list of losses): give a policy instead")
     result = tune(build, data.train, steps=config.tune_steps, seed=config.seed,
                   hardware=hardware, loss=compiled.loss, optimizer=compiled.optimizer,
                   strategy=strategy, xla=XLA_ONLY if config.jit_compile else True)
@@ -214,6 +222,7 @@ def _choose_policy(config: TrainConfig, source: ModelSource, data: Data, hardwar
 
 def _built(source: ModelSource, data: Data) -> keras.Model:
     model = source.build(data.model_kwargs())
+    forget_compilation(model)  # tune compiles each copy with the run's loss
     build_on(model, data)
     return model
 
@@ -249,7 +258,8 @@ def train(config: TrainConfig, source: Any, data: Data,
     steps = config.steps_per_epoch or data.steps(config.batch_size)
     if steps is None:
         raise ConfigError(f"--steps_per_epoch: the size of {data.name}'s training data is not "
-                          "known (an endless or filtered dataset): give --steps_per_epoch")
+                          "known (an endless dataset, TFRecord files, a filter): give "
+                          "--steps_per_epoch")
     cluster = read_tf_config() if in_multi_worker_mode(strategy) else None
     check_cluster_config(config.precision, cluster, config.weights_dtype)
     dirs = write_dirs(config.model_dir, BACKUP, strategy) if config.model_dir else None

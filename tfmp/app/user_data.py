@@ -105,22 +105,25 @@ def from_function(spec: Union[str, Callable[..., Any]], batch_size: int,
         DatasetError: it does not import, fails, or returns no dataset of `(x, y)` or
             `(x, y, sample_weight)`, or an empty one.
     """
-    if callable(spec):
+    if callable(spec):  # a binary's own function: no --data flag to name
         fn, spec = spec, f"{spec.__module__}:{getattr(spec, '__qualname__', 'data')}"
+        what = f"the data function {spec}"
     else:
+        what = f"--data={spec}"
         try:
             fn = import_callable(spec, "data")
         except SourceError as e:
             raise DatasetError(str(e)) from None
-    train, evaluation = _call(fn, spec, batch_size, None)
+    train, evaluation = _call(fn, what, batch_size, None)
     steps = int(train.cardinality())
-    if steps == 0:
-        raise DatasetError(f"--data={spec} returned an empty training dataset")
+    for which, ds in (("training", train), ("evaluation", evaluation)):
+        if ds is not None and int(ds.cardinality()) == 0:
+            raise DatasetError(f"{what} returned an empty {which} dataset")
     x_spec = train.element_spec[0]
     shape = tuple(x_spec.shape[1:]) if isinstance(x_spec, tf.TensorSpec) else None
     per_worker = None
     if several_workers and "input_context" in _parameters(fn):
-        per_worker = lambda context: _repeat(_call(fn, spec, batch_size, context)[0])  # noqa: E731
+        per_worker = lambda context: _repeat(_call(fn, what, batch_size, context)[0])  # noqa: E731
     return Data(_repeat(train), evaluation, shape, None, None, None, spec,
                 steps_per_pass=steps if steps > 0 else None, per_worker=per_worker)
 
@@ -135,7 +138,7 @@ def _parameters(fn: Callable[..., Any]) -> set[str]:
     return {p.name for p in params}
 
 
-def _call(fn: Callable[..., Any], spec: str, batch_size: int,
+def _call(fn: Callable[..., Any], what: str, batch_size: int,
           context: Optional[tf.distribute.InputContext]) -> tuple[tf.data.Dataset, Any]:
     names = _parameters(fn)
     kwargs = {k: v for k, v in (("batch_size", batch_size), ("input_context", context))
@@ -143,17 +146,17 @@ def _call(fn: Callable[..., Any], spec: str, batch_size: int,
     try:
         result = fn(**kwargs)
     except Exception as e:  # noqa: BLE001 (the user's code may raise anything)
-        raise DatasetError(f"--data={spec} failed: {type(e).__name__}: {first_line(e)}") from None
+        raise DatasetError(f"{what} failed: {type(e).__name__}: {first_line(e)}") from None
     train, evaluation = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
     for which, ds in (("training", train), ("evaluation", evaluation)):
         if which == "evaluation" and ds is None:
             continue
         if not isinstance(ds, tf.data.Dataset):
-            raise DatasetError(f"--data={spec} returned a {type(ds).__name__} as its {which} "
+            raise DatasetError(f"{what} returned a {type(ds).__name__} as its {which} "
                                "data: return a tf.data.Dataset, or a (train, eval) pair of them")
         element = ds.element_spec
         if not isinstance(element, tuple) or len(element) not in (2, 3):
-            raise DatasetError(f"--data={spec}: its {which} dataset yields {_describe(element)}; "
+            raise DatasetError(f"{what}: its {which} dataset yields {_describe(element)}; "
                                "yield (x, y) or (x, y, sample_weight) batches")
     return train, evaluation
 

@@ -9,7 +9,8 @@ import keras
 
 from tfmp import _compat
 from tfmp.compensation.optimizer import (DEFAULT_LOST_UPDATES_EVERY, DEFAULT_ROUNDING,
-                                         DEFAULT_SLOTS_DTYPE, CompensatedOptimizer, checked_seed)
+                                         DEFAULT_SLOTS_DTYPE, OPTIONS, CompensatedOptimizer,
+                                         checked_seed)
 
 _CLASSES: dict[type, type] = {}
 
@@ -89,3 +90,28 @@ def compensate(optimizer: Union[str, keras.optimizers.Optimizer], *,
     target.__class__ = cls
     target.init_compensation(rounding, slots_dtype, lost_updates_every, seed)
     return optimizer
+
+
+def plain_copy(optimizer: keras.optimizers.Optimizer,
+               **overrides: object) -> keras.optimizers.Optimizer:
+    """A new, unbuilt optimizer of the class `optimizer` compensates (its own class if it is
+    not compensated), with its settings but not the compensation's.
+
+    Args:
+        optimizer: A Keras optimizer, compensated or not.
+        **overrides: Settings that replace its own (`learning_rate=...`).
+
+    Returns:
+        The copy (`from_config` of the plain class; a learning-rate schedule is shared, not
+        serialized, so a schedule of the user's own need not be registered).
+
+    Raises:
+        Exception: what the class's `from_config` raises on its own config.
+    """
+    cls = next(c for c in type(optimizer).__mro__ if issubclass(c, keras.optimizers.Optimizer)
+               and not issubclass(c, CompensatedOptimizer))
+    config = {k: v for k, v in optimizer.get_config().items() if k not in OPTIONS}
+    schedule = _compat.learning_rate_schedule(optimizer)
+    if schedule is not None:
+        config["learning_rate"] = schedule
+    return cls.from_config({**config, **overrides})

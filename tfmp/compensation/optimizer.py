@@ -32,7 +32,7 @@ DEFAULT_SLOTS_DTYPE = "bfloat16"
 DEFAULT_LOST_UPDATES_EVERY = 50
 SAMPLED_ELEMENTS = 4096  # per weight and sample: the lost share is a statistic, not a census
 _FLOAT32_SLOTS = ("gradient_accumulator", "average")  # sums and averages: kept in float32
-_OPTIONS = ("rounding", "slots_dtype", "lost_updates_every", "seed")
+OPTIONS = ("rounding", "slots_dtype", "lost_updates_every", "seed")
 
 
 def is_half(variable: Any) -> bool:
@@ -363,7 +363,7 @@ class CompensatedOptimizer(_compat.ViewedUpdates):
     def get_config(self) -> dict[str, Any]:
         """The wrapped class's config plus the compensation options."""
         config = super().get_config()
-        config.update({name: getattr(self, name) for name in _OPTIONS})
+        config.update({name: getattr(self, name) for name in OPTIONS})
         return config
 
 

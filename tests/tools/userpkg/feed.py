@@ -63,3 +63,25 @@ def loud(batch_size):
     """Inputs 20000 times larger: the hidden layer's outputs pass float16's 65504."""
     x, y = arrays(512)
     return tf.data.Dataset.from_tensor_slices((x * 2e4, y)).batch(batch_size, drop_remainder=True)
+
+
+def empty_eval(batch_size):
+    train, evaluation = make(batch_size)
+    return train, evaluation.take(0)
+
+
+def two_targets(batch_size):
+    x, y = arrays(512)
+    targets = {"a": y, "b": x.sum(axis=1, keepdims=True)}
+    return tf.data.Dataset.from_tensor_slices((x, targets)).batch(batch_size, drop_remainder=True)
+
+
+def make_resumable(batch_size):
+    """`make`'s training data in an order drawn from the seed and the pass alone
+    (tfmp.app.data.shuffled_passes: endless, so give --steps_per_epoch), which a resumed
+    run replays exactly."""
+    from tfmp.app.data import shuffled_passes
+
+    x, y = arrays(1024)
+    passes = shuffled_passes(tf.data.Dataset.from_tensor_slices((x, y)), seed=0)
+    return passes.batch(batch_size, drop_remainder=True)

@@ -42,3 +42,43 @@ def subclassed(width=16):
 
 def not_a_model():
     return 3
+
+
+def top_loss(y_true, y_pred):
+    """A loss of the user's own, not registered with Keras."""
+    return keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
+
+
+class Halving(keras.optimizers.schedules.LearningRateSchedule):
+    """A learning-rate schedule of the user's own, not registered with Keras."""
+
+    def __init__(self, rate):
+        self.rate = rate
+
+    def __call__(self, step):
+        return self.rate * 0.5 ** (keras.ops.cast(step, "float32") / 1000.0)
+
+    def get_config(self):
+        return {"rate": self.rate}
+
+
+def custom_parts():
+    """Compiled with an unregistered loss function and learning-rate schedule."""
+    model = functional()
+    model.compile(keras.optimizers.Adam(Halving(0.01)), top_loss, metrics=["accuracy"])
+    return model
+
+
+def two_heads():
+    """Two outputs, a loss per output."""
+    inputs = keras.Input((FEATURES,))
+    hidden = keras.layers.Dense(8, activation="relu")(inputs)
+    model = keras.Model(inputs, {"a": keras.layers.Dense(CLASSES, name="a")(hidden),
+                                 "b": keras.layers.Dense(1, name="b")(hidden)})
+    model.compile("adam", {"a": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                           "b": "mse"})
+    return model
+
+
+def raises():
+    raise RuntimeError("out of memory building the model")
