@@ -4,7 +4,7 @@
   python -m tools.export --model_path=m.keras --quantization=full_int8 --calibration_steps=20 --output_dir=export_int8
   python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=0.02 --overwrite  # a looser gate
   python -m tools.export --model_dir=runs/mlp --max_accuracy_drop=inf --overwrite     # no gate
-  python -m tools.export --model_dir=runs/a --import_modules=my_project.models --data=arrays.npz
+  python -m tools.export --model_dir=runs/a   # a run on your model and data: its --data and modules
 
 --data (alias --dataset) is what tools/train takes: synthetic, a tensorflow-datasets name, an
 .npz file or package.module:function (tfmp.app.user_data); default: the --model_dir run's, else
@@ -32,13 +32,15 @@ import numpy as np
 from absl import flags, logging
 
 from tfmp.app import cli, data, outputs, run_dir, user_data
+from tfmp.app.sources import run_modules
 from tfmp.atomic import write_json_atomically
 from tfmp.litert import (QUANTIZATIONS, ExportError, array_batches, calibration_batches,
                          export_all, export_filename, format_reports, gate_failures)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "The .keras model to export.")
-flags.DEFINE_list("import_modules", [], cli.IMPORT_MODULES_HELP)
+flags.DEFINE_list("import_modules", [], cli.IMPORT_MODULES_HELP + " Default with --model_dir: "
+                  "the run's --import_modules and the module of its --model function.")
 flags.DEFINE_string("model_dir", None, "A tools/train --model_dir (its model.keras; its "
                     "dataset, data_dir and seed are the defaults here).")
 flags.DEFINE_list("quantization", list(QUANTIZATIONS),
@@ -157,7 +159,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         value = (user_data.data_flag(FLAGS.data, FLAGS.dataset) or trained_with.get("dataset")
                  or data.SYNTHETIC)
-        model = cli.load_keras_model(path, FLAGS.import_modules)
+        model = cli.load_keras_model(path, FLAGS.import_modules or run_modules(trained_with))
         d = user_data.for_model(value, model, FLAGS.batch_size,
                                 FLAGS.data_dir or trained_with.get("data_dir"), seed)
         reports, failures = _export(model, path, seed, d, output_dir)

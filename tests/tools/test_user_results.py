@@ -37,7 +37,8 @@ def results(tmp_path_factory):
     export = ["--import_modules=userpkg.nets", "--quantization=float32,float16", "--eval_steps=2",
               "--max_accuracy_drop=0.05"]
     exports = helpers.run_tool_cases("export", [
-        [f"--model_dir={run}", *export, f"--data={npz}"],
+        # the run's data and the module of its --model function, from its summary.json
+        [f"--model_dir={run}", *export[1:]],
         [f"--model_dir={run}", *export, f"--data={narrow}", f"--output_dir={tmp}/bad_export"],
         [f"--model_dir={run}", *export, f"--data={npz}", "--dataset=mnist",
          f"--output_dir={tmp}/bad_export"],

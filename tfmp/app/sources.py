@@ -270,3 +270,20 @@ def resolve_model(value: str, model_args: dict[str, Any], references: References
     names = ", ".join(references)
     raise SourceError(f"--model={value!r} is not accepted: give {names + ', ' if names else ''}"
                       "package.module:function (returning a Keras model) or a .keras file")
+
+
+def run_modules(flags: dict[str, Any]) -> list[str]:
+    """The modules a run's `model.keras` needs imported (its custom classes): the run's
+    `--import_modules` and the module of its `--model` function (`summary.json`'s flags).
+
+    Args:
+        flags: The run's flags (`summary.json`'s `"flags"`), or {}.
+
+    Returns:
+        Dotted module names.
+    """
+    modules = list(flags.get("import_modules") or ())
+    model = flags.get("model")
+    if isinstance(model, str) and is_callable_spec(model):
+        modules.append(model.partition(":")[0])
+    return modules
