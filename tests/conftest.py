@@ -68,6 +68,7 @@ LONGEST_FIRST = (  # CPU-seconds per module on a 2-core AVX2-only EPYC
     "measure/test_tuning.py",  # ~31: XLA compiles
     "scaling/test_accumulation.py",  # ~27
     "tools/test_train.py",  # ~24: the binary in subprocesses
+    "tools/test_train_user.py",  # ~30 on a Zen 4: the user's models and data, many runs
     "rewrite/test_overflows.py",  # ~21
     "test_models.py",  # ~21
     "scaling/test_replicas.py",
@@ -76,6 +77,7 @@ LONGEST_FIRST = (  # CPU-seconds per module on a 2-core AVX2-only EPYC
     "tools/test_train_run_dir.py",
     "compensation/test_compensating_optimizer.py",  # ~15 on this session's Zen 4
     "tools/test_export.py",
+    "tools/test_user_results.py",  # ~8: a user run trained, exported, compared
     "tools/test_train_weights.py",  # two runs of the binary side by side, one killed
     "scaling/test_optimizer.py",  # ~11
     "weights/test_half.py",  # ~10: last in file order, it ran alone at the end
@@ -83,6 +85,7 @@ LONGEST_FIRST = (  # CPU-seconds per module on a 2-core AVX2-only EPYC
     "rewrite/test_storage.py",
     "test_benchmarks.py",
     "app/test_training.py",
+    "app/test_flags.py",  # ~4: the README's binary as a process
     "scaling/test_state_guard.py",
 )
 
