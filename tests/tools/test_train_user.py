@@ -158,6 +158,8 @@ BAD = [
     (["--model={root}/lambda.keras"], "safe mode does not run"),
     (["--model={root}/compiled.keras", "--model_args=width=3"], "takes none"),
     (["--model=userpkg.nets:functional"], "is not compiled: give --loss"),
+    (["--model=userpkg.nets:subclassed", "--loss=mse"],
+     "--data=synthetic is made for the model's inputs, which cannot be read off it"),
     (["--model=mlp", "--loss=nope"], "--loss: 'nope' is not a Keras loss name"),
     (["--model=mlp", "--metrics=accuracy,nope"], "--metrics: 'nope' is not a Keras metrics"),
     (["--optimizer=adamx"], "--optimizer='adamx' is not a Keras optimizer: give one of adadelta"),

@@ -35,18 +35,18 @@ import keras
 import tensorflow as tf
 from absl import flags
 
-from tfmp.app import cli, flag_table, run_dir, training, user_data
-from tfmp.app.flag_table import AS_IS, LISTS, MODEL_AND_DATA
 from tfmp._messages import first_line
+from tfmp.app import cli, flag_table, run_dir, training, user_data
 from tfmp.app.config import ConfigError, TrainConfig, weights_fit
 from tfmp.app.data import DatasetError, input_kind
+from tfmp.app.flag_table import AS_IS, LISTS, MODEL_AND_DATA
 from tfmp.app.sources import (ModelSource, References, SourceError, from_callable,
                               parse_model_args, resolve_model)
-from tfmp.callbacks import BackupError
+from tfmp.callbacks import BackupError, NonFiniteError
 from tfmp.distribute import get_strategy, in_multi_worker_mode, split_cpu, write_dirs
 from tfmp.precision import detect_hardware, parse_precision, resolve_policy, set_policy
 from tfmp.rewrite import AuditError, prepare
-from tfmp.callbacks import NonFiniteError
+
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, *, model_and_data: bool = False,
                  references: Sequence[str] = (), exclude: Sequence[str] = ()) -> None:
@@ -55,8 +55,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS, *, model_and_data:
     Args:
         flag_values: Where (absl's global `FLAGS` by default).
         model_and_data: Also `--model`, `--model_args`, `--import_modules`, `--data` (alias
-            `--dataset`) and `--data_dir` (tools/train; a binary that builds its own model and
-            data leaves them out).
+            `--dataset`), `--data_dir`, `--train_split` and `--eval_split` (tools/train; a
+            binary that builds its own model and data leaves them out).
         references: Reference model names `--model` accepts (default: none; `--model` then
             has no default).
         exclude: Flags the binary defines itself (e.g. `batch_size`): not defined here; the
@@ -170,9 +170,12 @@ def _data(config: TrainConfig, source: ModelSource, make_data: Optional[Callable
     if make_data is not None:
         return user_data.from_function(make_data, config.batch_size, several)
     kind = source.input_kind
-    if kind is None and not (config.dataset.endswith(".npz")
-                             or user_data.is_callable_spec(config.dataset)):
-        kind = input_kind(source.build({}))  # synthetic or tfds: made for the model's inputs
+    if kind is None and not user_data.is_user_data(config.dataset):
+        try:  # synthetic or tfds data, made for the kind of input the user's model takes
+            kind = input_kind(source.build({}))
+        except DatasetError as e:
+            raise DatasetError(f"--data={config.dataset} is made for the model's inputs, which "
+                               f"cannot be read off it ({e}): give --data") from None
     return user_data.load_data(config.dataset, kind, config.batch_size, config.data_dir,
                                config.seed, several, (config.train_split, config.eval_split))
 
