@@ -200,15 +200,26 @@ def test_bf16_accumulation_on_two_workers_matches_one_process_on_the_same_batche
 
 
 TRAIN_FLAGS = ["--strategy=multi_worker_mirrored", "--epochs=2",  # precision: auto on this CPU
-               "--steps_per_epoch=20", "--batch_size=64"]
+               "--steps_per_epoch=20", "--batch_size=64",
+               # the user's data function (tests/tools/userpkg), in an order a resume replays
+               "--data=userpkg.feed:make_resumable"]
+USERPKG = os.path.join(helpers.ROOT, "tests", "tools")
 
 
-def _launch_train(model_dir):
-    """`python -m tools.launch_local ... -- <TRAIN_FLAGS>`, the binary, in a child process."""
+def _user_env(shards):
+    """userpkg importable; each worker's data function records its input context in `shards`."""
+    shards.mkdir(parents=True, exist_ok=True)
+    path = os.pathsep.join(p for p in (USERPKG, os.environ.get("PYTHONPATH")) if p)
+    return {"PYTHONPATH": path, "USERPKG_SHARDS": str(shards)}
+
+
+def _launch_train(model_dir, **env):
+    """`python -m tools.launch_local ... -- <TRAIN_FLAGS>`, the binary, in a child process
+    (its workers: fresh processes with this environment, `env` added)."""
     return subprocess.Popen(
         [sys.executable, "-m", "tools.launch_local", "--num_workers=2", "--stop_grace=0.5", "--",
          *TRAIN_FLAGS, f"--model_dir={model_dir}"],
-        cwd=helpers.ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        cwd=helpers.ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -224,12 +235,25 @@ def _children(pid):
         return [int(p) for p in f.read().split()]
 
 
+def _each_worker_got_its_input_context(shards):
+    """Each worker called the data function with its own input context: its own shard,
+    batched per replica (64 / 2 workers)."""
+    records = {p.name: json.loads(p.read_text()) for p in shards.iterdir()}
+    assert sorted(records) == ["0.json", "1.json"]
+    assert all(r["pipelines"] == 2 and r["batch"] == 32 for r in records.values())
+    assert records["0.json"]["first_x"] != records["1.json"]["first_x"]
+
+
 def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tmp_path):
+    """On the user's data function (`userpkg.feed:make_resumable`, sharded by each worker's
+    input context): each worker gets its own context, and a relaunch after worker 1 is
+    killed mid-second-epoch ends with the uninterrupted run's weights, bit for bit."""
     full = tmp_path / "uninterrupted"
     train = ["-m", "tools.train", *TRAIN_FLAGS]
-    uninterrupted = _start_cluster([*train, f"--model_dir={full}"])  # never killed, alongside
-    tmp_path = tmp_path / "killed"
-    launcher = _launch_train(tmp_path)
+    uninterrupted = _start_cluster([*train, f"--model_dir={full}"],  # never killed, alongside
+                                   **_user_env(tmp_path / "shards_uninterrupted"))
+    tmp_path, shards = tmp_path / "killed", tmp_path / "shards_killed"
+    launcher = _launch_train(tmp_path, **_user_env(shards))
     try:
         deadline = time.monotonic() + 90
         while (_backup_epoch(tmp_path / "backup") < 1 and launcher.poll() is None
@@ -249,15 +273,22 @@ def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tm
     # two cores once starved a worker past the coordination service's heartbeat timeout.
     straight_runs = [worker.wait(timeout=120) for worker in uninterrupted]
 
-    relaunch = _start_cluster([*train, f"--model_dir={tmp_path}"])  # on the killed run's dir
+    _each_worker_got_its_input_context(shards)  # the launched, fresh processes
+    for record in shards.iterdir():
+        record.unlink()  # the relaunch records its own
+    relaunch = _start_cluster([*train, f"--model_dir={tmp_path}"],  # on the killed run's dir
+                              **_user_env(shards))
     for worker in [worker.wait(timeout=120) for worker in relaunch]:
         assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
         assert "epochs 2 of 2 (resumed after epoch 1)" in worker.stdout + worker.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["resumed_from_epoch"] == 1 and summary["cluster"]["workers"] == 2
+    assert np.isfinite(summary["final_train_metrics"]["loss"])
     assert sorted(os.listdir(tmp_path)) == ["model.keras", "summary.json", "tensorboard"]
+    _each_worker_got_its_input_context(shards)
     for worker in straight_runs:
         assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
+    _each_worker_got_its_input_context(full.parent / "shards_uninterrupted")
     import keras
 
     import tfmp  # noqa: F401  (registers tfmp's classes for load_model)
@@ -266,25 +297,3 @@ def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tm
     straight = keras.models.load_model(full / "model.keras").get_weights()
     for a, b in zip(resumed, straight):  # same batches, same state: the same final weights
         np.testing.assert_array_equal(a, b)
-
-
-def test_user_data_function_gets_each_workers_input_context_on_two_workers(tmp_path):
-    shards = tmp_path / "shards"
-    shards.mkdir()
-    model_dir = tmp_path / "run"
-    cluster = _start_cluster(
-        ["-m", "tools.train", "--strategy=multi_worker_mirrored",
-         "--model=userpkg.nets:functional", '--model_args={"compiled": true}',
-         "--data=userpkg.feed:make", "--epochs=2", "--steps_per_epoch=10", "--batch_size=32",
-         "--precision=fp32", f"--model_dir={model_dir}"],
-        PYTHONPATH=os.path.join(helpers.ROOT, "tests", "tools"), USERPKG_SHARDS=str(shards))
-    for worker in [worker.wait(timeout=120) for worker in cluster]:
-        assert worker.returncode == 0, (worker.stdout + worker.stderr)[-3000:]
-    # each worker called `make` with its own input context: its shard, batched per replica
-    records = {p.name: json.loads(p.read_text()) for p in shards.iterdir()}
-    assert sorted(records) == ["0.json", "1.json"]
-    assert all(r["pipelines"] == 2 and r["batch"] == 16 for r in records.values())
-    assert records["0.json"]["first_x"] != records["1.json"]["first_x"]
-    summary = json.loads((model_dir / "summary.json").read_text())
-    assert summary["cluster"]["workers"] == 2 and summary["epochs_completed"] == [0, 1]
-    assert np.isfinite(summary["final_train_metrics"]["loss"])

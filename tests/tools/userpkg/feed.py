@@ -23,6 +23,17 @@ def write_npz(path, n=512, eval_n=0, **extra):
     np.savez(path, x=x, y=y, **more, **extra)
 
 
+def _record_shard(train, input_context, batch_size):
+    """The shard `input_context` gives (its first example) and the per-replica batch, in
+    $USERPKG_SHARDS/<pipeline>.json when that is set (overwritten by a later call)."""
+    if "USERPKG_SHARDS" not in os.environ:
+        return
+    record = os.path.join(os.environ["USERPKG_SHARDS"], f"{input_context.input_pipeline_id}.json")
+    with open(record, "w") as f:
+        json.dump({"pipelines": input_context.num_input_pipelines, "batch": batch_size,
+                   "first_x": float(next(iter(train))[0][0])}, f)
+
+
 def make(batch_size, input_context=None):
     """(train, eval), batched; sharded by the input context when there is one (its shard
     and the per-replica batch recorded in $USERPKG_SHARDS/<pipeline>.json)."""
@@ -31,10 +42,7 @@ def make(batch_size, input_context=None):
     if input_context is not None:
         train = train.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         batch_size = input_context.get_per_replica_batch_size(batch_size)
-        record = os.path.join(os.environ["USERPKG_SHARDS"], f"{input_context.input_pipeline_id}.json")
-        with open(record, "w") as f:
-            json.dump({"pipelines": input_context.num_input_pipelines, "batch": batch_size,
-                       "first_x": float(next(iter(train))[0][0])}, f)
+        _record_shard(train, input_context, batch_size)
     ex, ey = arrays(256, seed=1)
     evaluation = tf.data.Dataset.from_tensor_slices((ex, ey)).batch(batch_size)
     return train.shuffle(1024, seed=0).batch(batch_size, drop_remainder=True), evaluation
@@ -76,12 +84,17 @@ def two_targets(batch_size):
     return tf.data.Dataset.from_tensor_slices((x, targets)).batch(batch_size, drop_remainder=True)
 
 
-def make_resumable(batch_size):
+def make_resumable(batch_size, input_context=None):
     """`make`'s training data in an order drawn from the seed and the pass alone
     (tfmp.app.data.shuffled_passes: endless, so give --steps_per_epoch), which a resumed
-    run replays exactly."""
+    run replays exactly; with an input context, its shard (taken before the passes are
+    shuffled) batched per replica, recorded as `make` records it."""
     from tfmp.app.data import shuffled_passes
 
     x, y = arrays(1024)
-    passes = shuffled_passes(tf.data.Dataset.from_tensor_slices((x, y)), seed=0)
-    return passes.batch(batch_size, drop_remainder=True)
+    train = tf.data.Dataset.from_tensor_slices((x, y))
+    if input_context is not None:
+        train = train.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+        batch_size = input_context.get_per_replica_batch_size(batch_size)
+        _record_shard(train, input_context, batch_size)
+    return shuffled_passes(train, seed=0).batch(batch_size, drop_remainder=True)
