@@ -37,7 +37,10 @@ def test_prepare_computes_what_was_asked_and_trains(name):
     # MobileNet fits eagerly, ~0.8 s a step here: 2 steps of 8 (the others 4)
     x, y = corpus.data(kind, n=16 if kind.inputs == "image" else 32)
     steps = len(y if kind.outputs == 1 else y[0]) // 8
-    for policy, half in HALF.items():
+    # MobileNet (~15 s for both policies) under float16 alone, the one with loss scaling: the
+    # same graph converted to bfloat16 is checked by the round trip below.
+    policies = {"mixed_float16": "float16"} if name == "mobilenet_v3" else HALF
+    for policy, half in policies.items():
         keras.config.set_dtype_policy("float32")
         keras.utils.set_random_seed(0)
         model = kind.build()
