@@ -226,7 +226,8 @@ def data_flag(data: Optional[str], dataset: Optional[str]) -> Optional[str]:
 
 def for_model(value: str, model: Any, batch_size: int, data_dir: Optional[str] = None,
               seed: int = 0) -> Data:
-    """What `--data` names, for a model a tool loaded, checked against it (`check_model`).
+    """What `--data` names, for a model a tool loaded, checked against it: the user's data
+    through the model (`check_model`), synthetic or tensorflow-datasets data by shape.
 
     Args:
         value: The flag's value (`load_data`).
@@ -243,7 +244,10 @@ def for_model(value: str, model: Any, batch_size: int, data_dir: Optional[str] =
     """
     kind = None if is_user_data(value) else input_kind(model)
     d = load_data(value, kind, batch_size, data_dir, seed)
-    check_model(model, d)
+    if kind is None:  # the user's data: through the model; else made for its kind of input
+        check_model(model, d)
+    else:
+        check_fits(model, d)
     return d
 
 
