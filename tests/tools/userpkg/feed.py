@@ -34,15 +34,21 @@ def _record_shard(train, input_context, batch_size):
                    "first_x": float(next(iter(train))[0][0])}, f)
 
 
-def make(batch_size, input_context=None):
-    """(train, eval), batched; sharded by the input context when there is one (its shard
-    and the per-replica batch recorded in $USERPKG_SHARDS/<pipeline>.json)."""
-    x, y = arrays(1024)
-    train = tf.data.Dataset.from_tensor_slices((x, y))
+def _shard(batch_size, input_context):
+    """1024 examples, and the batch size; with an input context, its shard (recorded) and
+    the per-replica batch size."""
+    train = tf.data.Dataset.from_tensor_slices(arrays(1024))
     if input_context is not None:
         train = train.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
         batch_size = input_context.get_per_replica_batch_size(batch_size)
         _record_shard(train, input_context, batch_size)
+    return train, batch_size
+
+
+def make(batch_size, input_context=None):
+    """(train, eval), batched; sharded by the input context when there is one (its shard
+    and the per-replica batch recorded in $USERPKG_SHARDS/<pipeline>.json)."""
+    train, batch_size = _shard(batch_size, input_context)
     ex, ey = arrays(256, seed=1)
     evaluation = tf.data.Dataset.from_tensor_slices((ex, ey)).batch(batch_size)
     return train.shuffle(1024, seed=0).batch(batch_size, drop_remainder=True), evaluation
@@ -91,10 +97,5 @@ def make_resumable(batch_size, input_context=None):
     shuffled) batched per replica, recorded as `make` records it."""
     from tfmp.app.data import shuffled_passes
 
-    x, y = arrays(1024)
-    train = tf.data.Dataset.from_tensor_slices((x, y))
-    if input_context is not None:
-        train = train.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
-        batch_size = input_context.get_per_replica_batch_size(batch_size)
-        _record_shard(train, input_context, batch_size)
+    train, batch_size = _shard(batch_size, input_context)
     return shuffled_passes(train, seed=0).batch(batch_size, drop_remainder=True)
