@@ -119,11 +119,16 @@ def test_the_nan_stop_holds_for_a_user_model(user_runs):
     assert summary(run)["stopped_by_nan"] and summary(run)["nan_events"][0]["kind"] == "divergence"
 
 
-def test_sample_weights_reach_the_loss(user_runs):
+def test_sample_weights_reach_the_loss_and_own_batching_is_said(user_runs):
     """Every weight 0: the weighted loss is exactly 0 (ignored weights would leave ~1.1)."""
     code, stderr, _, run = user_runs["zero_weights"]
     assert code == 0, stderr[-3000:]
     assert summary(run)["final_train_metrics"]["loss"] == 0.0
+    # It batches by 16 whatever it is given: said once, before training.
+    assert stderr.count("userpkg.feed:weighted's first training batch holds 16 examples, not "
+                        "--batch_size=32") == 1
+    _, stderr, _, _ = user_runs["compiled+function"]
+    assert "first training batch holds" not in stderr
 
 
 def test_the_user_model_file_round_trips(user_runs):

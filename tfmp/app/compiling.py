@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 import keras
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from tfmp._compat import compile_arguments
 from tfmp._messages import first_line
@@ -144,11 +145,17 @@ def _run(model: keras.Model, name: str, batch: tuple) -> Any:
                            f"{first_line(e)}") from None
 
 
-def check_fit(model: keras.Model, data: Data) -> None:
+def check_fit(model: keras.Model, data: Data, batch_size: Optional[int] = None) -> None:
     """The data against the compiled model, before training: the first training batch and the
     first evaluation batch run through the model, its loss and its metrics (shapes, dtypes,
     structure), and with a sparse categorical loss the labels of the first `CHECKED_BATCHES`
     batches of each are class indices below the number of outputs.
+
+    Args:
+        model: The compiled model.
+        data: The data.
+        batch_size: The global batch size the run counts with: a warning when the first
+            training batch holds another number of examples.
 
     Raises:
         DatasetError: in one line, what does not fit.
@@ -159,6 +166,12 @@ def check_fit(model: keras.Model, data: Data) -> None:
         if not batches:
             raise DatasetError(f"{data.name}'s {which} dataset yields no batch")
         x, y, *weights = batches[0]
+        held = keras.tree.flatten(x)[0].shape[0]
+        if which == "training" and batch_size and held != batch_size:
+            logging.warning("tfmp: %s's first training batch holds %s examples, not "
+                            "--batch_size=%d: it batches on its own, and the summary's "
+                            "samples/s and global batch count %d per step", data.name, held,
+                            batch_size, batch_size)
         prediction = _run(model, data.name, batches[0])
         _check_labels(model, f"{data.name}'s {which}", [b[1] for b in batches], prediction)
         try:

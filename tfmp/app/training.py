@@ -132,7 +132,7 @@ def _build_compiled(config: TrainConfig, source: Any, data: Data,
     compiled.compile(model, optimizer, jit_compile)
     logging.info("tfmp: %s", describe(compiled, optimizer))
     if not (source.reference and data.name == SYNTHETIC):  # else made for each other
-        check_fit(model, data)
+        check_fit(model, data, config.batch_size)
     return model, optimizer
 
 

@@ -55,10 +55,11 @@ def make(batch_size, input_context=None):
 
 
 def weighted(batch_size, weight=0.0):
-    """(x, y, sample_weight) batches, every weight `weight`; no evaluation data."""
+    """(x, y, sample_weight) batches, every weight `weight`; no evaluation data. Batches of 16
+    whatever `batch_size` is: a function that batches on its own."""
     x, y = arrays(512)
     w = np.full(len(x), weight, "float32")
-    return tf.data.Dataset.from_tensor_slices((x, y, w)).batch(batch_size, drop_remainder=True)
+    return tf.data.Dataset.from_tensor_slices((x, y, w)).batch(16, drop_remainder=True)
 
 
 def endless(batch_size):
