@@ -128,13 +128,15 @@ def first_batch_through(model: keras.Model, data: Data) -> Any:
     Raises:
         DatasetError: the data yields no batch, or the model fails on it, in one line.
     """
-    return _run(model, data.name, _first(data.train, data.name, "training"))
+    return _run(model, data.name, _batches(data.train, data.name, "training", 1)[0])
 
 
-def _first(ds: Any, name: str, which: str) -> tuple:
-    for batch in ds.take(1):
-        return batch
-    raise DatasetError(f"{name}'s {which} dataset yields no batch")
+def _batches(ds: Any, name: str, which: str, count: int) -> list:
+    """The first `count` batches of `ds` (at least one, else `DatasetError`)."""
+    batches = list(ds.take(count))
+    if not batches:
+        raise DatasetError(f"{name}'s {which} dataset yields no batch")
+    return batches
 
 
 def _run(model: keras.Model, name: str, batch: tuple) -> Any:
@@ -162,9 +164,7 @@ def check_fit(model: keras.Model, data: Data, batch_size: Optional[int] = None) 
     """
     splits = [("training", data.train)] + ([("evaluation", data.eval)] if data.eval else [])
     for which, ds in splits:
-        batches = list(ds.take(CHECKED_BATCHES))
-        if not batches:
-            raise DatasetError(f"{data.name}'s {which} dataset yields no batch")
+        batches = _batches(ds, data.name, which, CHECKED_BATCHES)
         x, y, *weights = batches[0]
         held = keras.tree.flatten(x)[0].shape[0]
         if which == "training" and batch_size and held != batch_size:
