@@ -1,0 +1,125 @@
+"""Runs the examples of README.md and docs/*.md as tests, with Sybil.
+
+Each document runs in order, in a temporary directory of its own (its working directory), in
+one pytest worker (TensorFlow is already imported there):
+
+- a ```python block runs as written; a block whose first line is `# file: NAME` is written to
+  NAME in that directory instead (a program a later command runs);
+- a ```console block runs its `$ ` commands (a line ending in `\\` goes on) in that
+  directory, with this checkout on PYTHONPATH: `python ...` in a process forked from the
+  worker's zygote (tests/helpers.py), anything else through the shell. A command must exit 0,
+  or with the code its trailing comment names (`$ python -m tools.train --dtype=x  # exits 2`),
+  in which case it must say one error line and no traceback. Output shown under a command is not compared;
+- ```bash blocks are shown, not run: set-up commands (pip) and commands for hardware or
+  clusters this machine does not have;
+- `<!-- skip: next -->` before a block skips it (Sybil's own skip directive); say why beside it.
+
+The global Keras state a document leaves (dtype policy, session) is reset after it.
+"""
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+
+from sybil import Sybil
+from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipParser
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+_FILE = re.compile(r"\A# file: (\S+)\n")
+_EXIT = re.compile(r"\s+#\s*exits (\d+)\s*\Z")
+# `python script.py args` in the zygote, which runs `-m` and `-c`: the script as __main__
+_RUN_SCRIPT = ("import runpy, sys; sys.argv = sys.argv[1:]; sys.path[0] = ''; "
+               "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+class _PythonOrFile(PythonCodeBlockParser):
+    """Python blocks, except that one starting `# file: NAME` is written to NAME."""
+
+    def __call__(self, document):
+        for region in super().__call__(document):
+            source = str(region.parsed)
+            match = _FILE.match(source)
+            if match:
+                region.evaluator = _writer(match.group(1), source)
+            yield region
+
+
+def _writer(name, source):
+    def write(example):
+        with open(os.path.join(example.namespace["__docdir__"], name), "w") as f:
+            f.write(source)
+    return write
+
+
+def _commands(source):
+    """The `$ ` commands of a console block, continuation lines joined."""
+    commands, current = [], None
+    for line in source.splitlines():
+        if current is not None:
+            current += " " + line.strip()
+        elif line.startswith("$ "):
+            current = line[2:].strip()
+        else:
+            continue
+        if current.endswith("\\"):
+            current = current[:-1].rstrip()
+        else:
+            commands.append(current)
+            current = None
+    return commands
+
+
+def _run_console(example):
+    cwd = example.namespace["__docdir__"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    env.pop("TFMP_PRECISION", None)
+    for command in _commands(str(example.parsed)):
+        expected = 0
+        match = _EXIT.search(command)
+        if match:
+            expected, command = int(match.group(1)), command[:match.start()]
+        argv = shlex.split(command)
+        if argv[0] == "python":
+            from helpers import zygote  # tests/helpers.py: TensorFlow imported once per worker
+
+            args = argv[1:]
+            if args[0] not in ("-m", "-c"):
+                args = ["-c", _RUN_SCRIPT, *args]
+            proc = zygote().run(args, env=env, cwd=cwd, timeout=300)
+        else:
+            proc = subprocess.run(command, shell=True, cwd=cwd, env=env, text=True,
+                                  capture_output=True, timeout=300)
+        detail = f"$ {command}\nexit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+        assert proc.returncode == expected, detail
+        if expected:  # one error line (log lines may precede it), no traceback
+            errors = [l for l in proc.stderr.splitlines() if "error:" in l]
+            assert len(errors) == 1 and "Traceback" not in proc.stderr, detail
+
+
+def _setup(namespace):
+    namespace["__docdir__"] = tempfile.mkdtemp(prefix="tfmp-docs-")
+    namespace["__cwd__"] = os.getcwd()
+    os.chdir(namespace["__docdir__"])
+
+
+def _teardown(namespace):
+    os.chdir(namespace["__cwd__"])
+    shutil.rmtree(namespace["__docdir__"], ignore_errors=True)
+    if "keras" in sys.modules:
+        import keras
+
+        keras.mixed_precision.set_global_policy("float32")
+        keras.backend.clear_session()
+
+
+pytest_collect_file = Sybil(
+    parsers=[_PythonOrFile(), CodeBlockParser("console", _run_console), SkipParser()],
+    patterns=["README.md", "docs/*.md"],
+    setup=_setup,
+    teardown=_teardown,
+).pytest()
