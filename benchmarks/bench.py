@@ -64,7 +64,8 @@ def computes_in(variant: str, hardware: Any) -> str:
 def emulated(variant: str, hardware: Any) -> Optional[str]:
     """Why a variant's 16-bit arithmetic is emulated on `hardware` (slow: labelled so in the
     table, its blocks cut to as few steps as the timing needs), else None."""
-    from tfmp.precision import BF16_CPU_FEATURES, trap_warnings
+    from tfmp.precision.hardware import BF16_CPU_FEATURES
+    from tfmp.precision.policy import trap_warnings
 
     dtype = computes_in(variant, hardware)
     if dtype == "float32":
@@ -103,7 +104,7 @@ def peak_device_memory(hardware: Any, read: Optional[Callable[[str], dict]] = No
 
 def skip_reason(variant: str, hardware: Any) -> Optional[str]:
     """Why a variant is not run on `hardware` (float16 where it is a trap), else None."""
-    from tfmp.precision import trap_warnings
+    from tfmp.precision.policy import trap_warnings
 
     if variant == "keras_fp16":
         traps = trap_warnings("mixed_float16", hardware)

@@ -28,7 +28,8 @@ def main(argv: Sequence[str]) -> None:
     import tfmp
     import models
     from tfmp.app import data
-    from tfmp.litert import QUANTIZATIONS, export_all, export_filename
+    from tfmp.litert import export_all
+    from tfmp.litert.conversion import QUANTIZATIONS, export_filename
 
     build, kind = models.get(FLAGS.model)
     d = data.synthetic(kind, 64, seed=0, train_examples=1024, eval_examples=256)

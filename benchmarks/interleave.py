@@ -101,7 +101,7 @@ def interleaved(blocks: dict[str, Callable[[], float]], rounds: int,
 
 def ratio_summary(numerator: Sequence[float], denominator: Sequence[float]) -> tuple[float, ...]:
     """Median and quartiles of the per-round ratios `numerator[i] / denominator[i]`."""
-    from tfmp.measure import quartiles  # the same statistics compare_precision reports
+    from tfmp.measure.stats import quartiles
 
     q1, median, q3 = quartiles([a / b for a, b in zip(numerator, denominator)])
     return median, q1, q3

@@ -26,8 +26,8 @@ from tfmp.distribute import get_strategy, split_cpu
 from tfmp.litert import export
 from tfmp.measure import compare_precision, tune
 from tfmp.precision import HardwareInfo, detect_hardware, policy_scope, resolve_policy, set_policy
-from tfmp.rewrite import (AuditError, audit, convert_policy, enforce_float32, locate_overflows,
-                          prepare)
+from tfmp.preparation import AuditError, prepare
+from tfmp.rewrite import audit, convert_policy, enforce_float32, locate_overflows
 from tfmp.scaling import (DynamicLossScaleOptimizer, get_unscaled_gradients, guard_model_state,
                           wrap_optimizer)
 from tfmp.weights import load_weights, save_weights

@@ -14,6 +14,9 @@ from keras import ops
 
 from tfmp import _compat
 
+__all__ = ["Float32Dense", "Float32Output", "StableLayerNorm", "StableMultiHeadAttention",
+           "StableSoftmax"]
+
 _PACKAGE = "tfmp"
 
 

@@ -31,7 +31,8 @@ import models
 from tfmp.app import cli, data, outputs, user_data
 from tfmp.atomic import write_json_atomically
 from tfmp.measure import compare_precision, plot_comparison
-from tfmp.rewrite import AuditError, is_copyable
+from tfmp.preparation import AuditError
+from tfmp.rewrite.inplace import is_copyable
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("model", None, tuple(models.REGISTRY),

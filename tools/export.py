@@ -34,8 +34,10 @@ from absl import flags, logging
 from tfmp.app import cli, data, outputs, run_dir, user_data
 from tfmp.app.sources import run_modules
 from tfmp.atomic import write_json_atomically
-from tfmp.litert import (QUANTIZATIONS, ExportError, array_batches, calibration_batches,
-                         export_all, export_filename, format_reports, gate_failures)
+from tfmp.litert import ExportError, export_all
+from tfmp.litert.conversion import QUANTIZATIONS, calibration_batches, export_filename
+from tfmp.litert.gate import gate_failures
+from tfmp.litert.report import array_batches, format_reports
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model_path", None, "The .keras model to export.")

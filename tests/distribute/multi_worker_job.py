@@ -28,7 +28,7 @@ from tfmp import distribute
 out, *scenarios = sys.argv[1:]
 single = scenarios[0] == "single"  # one process, no cluster: both workers' rows in each batch
 scenarios = scenarios[1:] if single else scenarios
-index = 0 if single else distribute.read_tf_config().task_index
+index = 0 if single else distribute.cluster.read_tf_config().task_index
 strategy = tf.distribute.get_strategy() if single else distribute.connect(60)
 
 

@@ -30,9 +30,9 @@ def _start_cluster(argv, **env):
     worker): what `launch` starts, for the runs that are not about the launcher (the
     launcher itself: the launch test and the `launch_local` run below). `env`: more
     environment variables for both. Not waited for."""
-    ports = distribute.free_ports(2)
+    ports = distribute.launcher.free_ports(2)
     return [helpers.zygote().start(argv, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env,
-                                                  TF_CONFIG=distribute.tf_config(ports, i)))
+                                                  TF_CONFIG=distribute.launcher.tf_config(ports, i)))
             for i in (0, 1)]
 
 
@@ -126,21 +126,21 @@ def test_bad_tf_config_is_one_line(value, fragment, monkeypatch):
     monkeypatch.setenv("TF_CONFIG", value)
     with pytest.raises(ValueError, match="^" + fragment.replace("(", r"\(").replace(")", r"\)")
                        .replace("{", r"\{").replace("[", r"\[")):
-        distribute.read_tf_config()
+        distribute.cluster.read_tf_config()
 
 
 def test_cluster_roles(monkeypatch):
-    monkeypatch.setenv("TF_CONFIG", distribute.tf_config([5000, 5001], 1))
-    two = distribute.read_tf_config()
+    monkeypatch.setenv("TF_CONFIG", distribute.launcher.tf_config([5000, 5001], 1))
+    two = distribute.cluster.read_tf_config()
     assert (two.num_workers, two.address, two.name) == (2, "127.0.0.1:5001", "worker:1")
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"chief": ["c:1"], "worker": ["a:2", "b:3"]},
                                                 "task": {"type": "worker", "index": 1}}))
-    chief_first = distribute.read_tf_config()
+    chief_first = distribute.cluster.read_tf_config()
     assert (chief_first.addresses, chief_first.address, chief_first.num_workers) == (
         ("c:1", "a:2", "b:3"), "b:3", 3)
     monkeypatch.delenv("TF_CONFIG")
-    assert distribute.read_tf_config() is None
-    assert distribute.describe_exit(-9) == "signal SIGKILL" and distribute.describe_exit(2) == "exit code 2"
+    assert distribute.cluster.read_tf_config() is None
+    assert distribute.launcher.describe_exit(-9) == "signal SIGKILL" and distribute.launcher.describe_exit(2) == "exit code 2"
 
 
 def test_binary_bad_cluster_input_is_one_line():
@@ -151,12 +151,12 @@ def test_binary_bad_cluster_input_is_one_line():
     mw = ["--strategy=multi_worker_mirrored", "--epochs=1"]
     cases = [
         {"argv": mw, "env": {"TF_CONFIG": "{not json"}},
-        {"argv": mw, "env": {"TF_CONFIG": distribute.tf_config([1, 2], 0).replace('"index": 0',
+        {"argv": mw, "env": {"TF_CONFIG": distribute.launcher.tf_config([1, 2], 0).replace('"index": 0',
                                                                              '"index": 5')}},
-        {"argv": [*mw, "--precision=tune"], "env": {"TF_CONFIG": distribute.tf_config([1, 2], 1)}},
+        {"argv": [*mw, "--precision=tune"], "env": {"TF_CONFIG": distribute.launcher.tf_config([1, 2], 1)}},
         {"argv": [*mw, "--precision=bf16", "--weights_dtype=bfloat16"],
-         "env": {"TF_CONFIG": distribute.tf_config([1, 2], 1)}},
-        {"argv": mw, "env": {"TF_CONFIG": distribute.tf_config([port, port + 1], 0)}},  # in use
+         "env": {"TF_CONFIG": distribute.launcher.tf_config([1, 2], 1)}},
+        {"argv": mw, "env": {"TF_CONFIG": distribute.launcher.tf_config([port, port + 1], 0)}},  # in use
     ]
     runs = helpers.run_tool_cases("train", cases)
     busy.close()
@@ -173,7 +173,7 @@ def test_binary_bad_cluster_input_is_one_line():
 def test_a_worker_that_cannot_reach_the_others_gives_up_after_the_timeout():
     start = time.monotonic()
     proc = helpers.run_tool("train", "--strategy=multi_worker_mirrored", "--cluster_timeout=2",
-                            TF_CONFIG=distribute.tf_config(distribute.free_ports(2), 0), timeout=120)
+                            TF_CONFIG=distribute.launcher.tf_config(distribute.launcher.free_ports(2), 0), timeout=120)
     # Exit 2 as every bad input, though TensorFlow's wait holds the interpreter and ignores
     # SIGTERM (the watchdog's SIGINT meets the C library's _exit, not a Python handler).
     assert proc.returncode == 2, proc.stderr[-2000:]

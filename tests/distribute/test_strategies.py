@@ -5,7 +5,7 @@ import tensorflow as tf
 
 import tfmp
 from tfmp.precision import HardwareInfo
-from tfmp.distribute import choose_strategy
+from tfmp.distribute.strategies import choose_strategy
 
 
 @pytest.mark.parametrize("hw, tpu, expected", [
@@ -23,7 +23,7 @@ def test_auto_decision(hw, tpu, expected):
     ("auto", "auto"), ("off", "default"), ("MIRRORED", "mirrored"),
     ("multi_worker", "multi_worker_mirrored"), ("tpu", "tpu")])
 def test_names(name, canonical):
-    assert tfmp.distribute.parse_strategy(name) == canonical
+    assert tfmp.distribute.strategies.parse_strategy(name) == canonical
 
 
 def test_bad_name_lists_accepted():

@@ -12,10 +12,11 @@ import helpers
 import tfmp
 from tfmp.app import data
 from tfmp.rewrite import islands
-from tfmp.litert import (LITERT_MODES, QUANTIZATIONS, ExportError, SavedModelConverter,
-                         calibration_batches, converter_settings, export_all, export_filename,
-                         float32_model)
+from tfmp.litert import ExportError, export_all
 from tfmp.litert import conversion
+from tfmp.litert.conversion import (QUANTIZATIONS, calibration_batches, export_filename,
+                                    float32_model)
+from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
 from tfmp.litert.report import Inference
 
 import models

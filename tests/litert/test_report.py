@@ -5,9 +5,9 @@ import itertools
 import numpy as np
 import pytest
 
-from tfmp.litert import ExportReport, format_reports, gate_failures
-from tfmp.litert.gate import input_statistics
-from tfmp.litert.gate import CAUSES
+from tfmp.litert import ExportReport
+from tfmp.litert.gate import CAUSES, gate_failures, input_statistics
+from tfmp.litert.report import format_reports
 
 
 def _report(quantization, keras_metric=None, exported_metric=None, **kw):

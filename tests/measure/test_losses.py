@@ -9,7 +9,7 @@ import tensorflow as tf
 
 import tfmp
 from tfmp._messages import TfmpWarning
-from tfmp.measure import choose_loss
+from tfmp.measure.losses import choose_loss
 from tfmp.precision import HardwareInfo
 
 CPU = HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))

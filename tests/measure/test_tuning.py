@@ -14,7 +14,7 @@ import tfmp
 from tfmp.app import data, training
 from tfmp.measure import Comparison, Verdict
 from tfmp.precision import HardwareInfo
-from tfmp.measure import choose
+from tfmp.measure.tuning import choose
 
 CPU = HardwareInfo("cpu")  # bfloat16 emulated: no bf16w candidate by default
 CPU_BF16 = HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))
@@ -64,7 +64,7 @@ def test_where_the_hardware_has_bfloat16_bfloat16_weights_are_a_candidate():
     d = data.synthetic("vector", 32, train_examples=128, eval_examples=32)
     build = functools.partial(models.get("mlp")[0], hidden=(16,), **d.model_kwargs())
     result = tfmp.tune(build, d.train, steps=3, hardware=CPU_BF16, tolerance=0.5, xla=False)
-    assert list(result.speedups) == ["mixed_bfloat16", tfmp.measure.BF16_WEIGHTS]
+    assert list(result.speedups) == ["mixed_bfloat16", tfmp.measure.tuning.BF16_WEIGHTS]
     assert [(r.policy, r.weights_dtype) for r in result.comparison.runs] == [
         ("float32", None), ("mixed_bfloat16", None), ("mixed_bfloat16", "bfloat16")]
     chosen = choose(_timed(mixed_bfloat16=(1.2, True), bf16w=(1.4, True)), {})
@@ -146,7 +146,7 @@ def test_an_error_that_is_not_xla_is_raised_with_the_policy_that_hit_it():
 
 
 def test_xla_refusal_names_multi_replica_strategies_only():
-    from tfmp.distribute import xla_refusal
+    from tfmp.distribute.strategies import xla_refusal
 
     assert xla_refusal(tf.distribute.MirroredStrategy(["/cpu:0"])) is None  # one replica
     assert xla_refusal(tf.distribute.get_strategy()) is None and xla_refusal(None) is None

@@ -6,7 +6,8 @@ import pytest
 import tensorflow as tf
 
 import tfmp
-from tfmp.precision import HardwareInfo, read_cpu_features, recommend_policy
+from tfmp.precision import HardwareInfo
+from tfmp.precision.hardware import read_cpu_features, recommend_policy
 
 
 @pytest.mark.parametrize(

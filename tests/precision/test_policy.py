@@ -11,8 +11,8 @@ import pytest
 
 import helpers
 import tfmp
-from tfmp.precision import policy as policy_lib
 from tfmp.precision import HardwareInfo
+from tfmp.precision import policy as policy_lib
 
 CPU_BF16 = HardwareInfo("cpu", (), (), frozenset({"avx512_bf16"}))
 CPU_PLAIN = HardwareInfo("cpu")
@@ -47,7 +47,7 @@ def test_names_and_aliases(name, canonical):
         warnings.simplefilter("ignore")
         assert tfmp.set_policy(name, hardware=A100) == canonical
     assert keras.config.dtype_policy().name == canonical
-    assert tfmp.precision.global_policy_name() == canonical
+    assert tfmp.precision.policy.global_policy_name() == canonical
 
 
 @pytest.mark.parametrize("bad", ["fp8", "mixed_float32", "", "float64", None, 16])
@@ -56,7 +56,7 @@ def test_bad_name_lists_every_accepted_name(bad):
         tfmp.set_policy(bad, hardware=CPU_BF16)
     message = str(err.value)
     assert repr(bad) in message
-    for accepted in tfmp.precision.ACCEPTED_NAMES:
+    for accepted in tfmp.precision.policy.ACCEPTED_NAMES:
         assert accepted in message
     assert keras.config.dtype_policy().name == "float32"  # unchanged
 
@@ -123,7 +123,7 @@ def test_no_warning_when_not_a_trap(name, hw):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         set_to = tfmp.set_policy(name, hardware=hw)
-    assert set_to == tfmp.precision.parse_precision(name)  # it did set what was asked
+    assert set_to == tfmp.precision.policy.parse_precision(name)  # it did set what was asked
     assert keras.config.dtype_policy().name == set_to
 
 
@@ -131,27 +131,27 @@ def test_policy_scope_restores_on_exit_and_on_exception():
     keras.config.set_dtype_policy("float32")
     with tfmp.policy_scope("bf16", hardware=CPU_BF16) as name:
         assert name == "mixed_bfloat16"
-        assert tfmp.precision.global_policy_name() == "mixed_bfloat16"
-    assert tfmp.precision.global_policy_name() == "float32"
+        assert tfmp.precision.policy.global_policy_name() == "mixed_bfloat16"
+    assert tfmp.precision.policy.global_policy_name() == "float32"
 
     with pytest.raises(RuntimeError, match="boom"):
         with tfmp.policy_scope("bf16", hardware=CPU_BF16):
             raise RuntimeError("boom")
-    assert tfmp.precision.global_policy_name() == "float32"
+    assert tfmp.precision.policy.global_policy_name() == "float32"
 
     with pytest.raises(ValueError):
         with tfmp.policy_scope("nope"):
             pass
-    assert tfmp.precision.global_policy_name() == "float32"
+    assert tfmp.precision.policy.global_policy_name() == "float32"
 
     # Nested scopes unwind in order.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with tfmp.policy_scope("bf16", hardware=CPU_BF16):
             with tfmp.policy_scope("fp16", hardware=V100):
-                assert tfmp.precision.global_policy_name() == "mixed_float16"
-            assert tfmp.precision.global_policy_name() == "mixed_bfloat16"
-    assert tfmp.precision.global_policy_name() == "float32"
+                assert tfmp.precision.policy.global_policy_name() == "mixed_float16"
+            assert tfmp.precision.policy.global_policy_name() == "mixed_bfloat16"
+    assert tfmp.precision.policy.global_policy_name() == "float32"
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ X = np.random.RandomState(0).rand(8, 12).astype("float32")
 
 
 def _policies(model):
-    from tfmp.rewrite import iter_layers
+    from tfmp.rewrite.classify import iter_layers
     return {path: layer.dtype_policy.name for path, layer in iter_layers(model)}
 
 

@@ -149,7 +149,7 @@ def test_an_error_after_the_weights_were_stored_gives_everything_back(monkeypatc
         assert isinstance(opt, CompensatedOptimizer)
         raise RuntimeError("the audit failed")
 
-    monkeypatch.setattr(tfmp.rewrite.preparation, "audit", failing_audit)
+    monkeypatch.setattr(tfmp.preparation, "audit", failing_audit)
     with pytest.raises(RuntimeError, match="the audit failed"):
         tfmp.prepare(model, optimizer, "mixed_bfloat16", hardware=HW,
                      weights_dtype="bfloat16")

@@ -70,7 +70,7 @@ def test_a_scale_that_reads_zero_never_applies_a_step():
 
 
 def test_unscaling_that_overflows_is_skipped():
-    tiny = tfmp.scaling.FLOAT32_MIN_NORMAL  # accepted: the smallest normal scale
+    tiny = tfmp.scaling.arguments.FLOAT32_MIN_NORMAL  # accepted: the smallest normal scale
     v = _vars()
     opt = DLSO(keras.optimizers.SGD(0.1), initial_scale=tiny, dynamic=False)
     assert opt.min_scale == tiny

@@ -93,5 +93,5 @@ def test_mirrored_nan_on_one_replica_leaves_state_unchanged():
 def test_frozen_layers_are_not_copied():
     model = _cnn()
     model.get_layer("stem_bn").trainable = False
-    guarded = {v.path for v in tfmp.scaling.forward_state(model)}
+    guarded = {v.path for v in tfmp.scaling.state_guard.forward_state(model)}
     assert guarded and not any(p.startswith("cnn/stem_bn") or "stem_bn" in p for p in guarded)

@@ -14,8 +14,8 @@ from keras import ops
 import helpers
 from rewrite import corpus
 from tfmp.app import data, training
-from tfmp.litert import export_filename
-from tfmp.rewrite import model_policy
+from tfmp.litert.conversion import export_filename
+from tfmp.rewrite.classify import model_policy
 
 import models
 

@@ -222,7 +222,7 @@ def test_a_keras_archive_with_16_bit_weights_loads_with_keras_without_a_warning(
         loaded = keras.models.load_model(tmp_path / "release.keras")
     said = [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
     assert not [m for m in said if "optimizer" in m or "Skipping" in m], said
-    assert not loaded.compiled and tfmp.rewrite.model_policy(loaded) == "mixed_bfloat16"
+    assert not loaded.compiled and tfmp.rewrite.classify.model_policy(loaded) == "mixed_bfloat16"
     for a, b in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_array_equal(a, b)
     x = np.random.RandomState(0).rand(8, *model.input_shape[1:]).astype("float32")

@@ -15,11 +15,14 @@ from typing import Any, Optional
 import keras
 import tensorflow as tf
 
-from tfmp.distribute import Cluster, parse_strategy, read_tf_config, xla_refusal
-from tfmp.precision import ENV_VAR, parse_precision
+from tfmp.distribute.cluster import Cluster, read_tf_config
+from tfmp.distribute.strategies import parse_strategy, xla_refusal
+from tfmp.precision.policy import ENV_VAR, parse_precision
+from tfmp.precision.ranges import HALF_DTYPES
 from tfmp.scaling.half_weights import SEVERAL_WORKERS, checked_weights_dtype
-from tfmp.scaling import (DEFAULT_INITIAL_SCALE, DEFAULT_MIN_SCALE, FLOAT32_MAX,
-                          FLOAT32_MIN_NORMAL, parse_loss_scale)
+from tfmp.scaling.arguments import (DEFAULT_INITIAL_SCALE, DEFAULT_MIN_SCALE, FLOAT32_MAX,
+                                    FLOAT32_MIN_NORMAL)
+from tfmp.scaling.wrapping import parse_loss_scale
 
 
 class ConfigError(ValueError):
@@ -134,7 +137,7 @@ class TrainConfig:
         value = self.weights_dtype
         if value is None:
             return
-        if value not in WEIGHTS_DTYPES:
+        if value not in HALF_DTYPES:
             raise ConfigError(f"--weights_dtype={value!r} is not accepted: {WEIGHTS_HELP}")
         if self.precision == "tune":
             raise ConfigError(f"--weights_dtype={value} with --precision=tune: tune chooses the "
@@ -185,7 +188,6 @@ def optimizer_class(name: str) -> type:
     return classes[name.lower()]
 
 
-WEIGHTS_DTYPES = ("bfloat16", "float16")
 WEIGHTS_HELP = ("bfloat16 with --precision=bf16 (mixed_bfloat16), float16 with --precision=fp16 "
                 "(mixed_float16), or leave it out for float32 weights")
 

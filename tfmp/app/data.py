@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfmp._messages import first_line
-from tfmp.rewrite import first_input_spec
+from tfmp.rewrite.tracing import first_input_spec
 
 INPUT_KINDS = ("vector", "image", "tokens")
 SYNTHETIC = "synthetic"

@@ -7,9 +7,9 @@ from typing import Callable, Sequence
 from absl import flags
 
 from tfmp.app import cli
-from tfmp.callbacks import NAN_POLICIES
-from tfmp.distribute import STRATEGIES as _CANONICAL_STRATEGIES
-from tfmp.precision import ACCEPTED_NAMES
+from tfmp.callbacks.monitors import NAN_POLICIES
+from tfmp.distribute.strategies import STRATEGIES as _CANONICAL_STRATEGIES
+from tfmp.precision.policy import ACCEPTED_NAMES
 
 STRATEGIES = (*_CANONICAL_STRATEGIES, "off")  # Model Garden's name for default
 PRECISIONS = (*ACCEPTED_NAMES, "tune")

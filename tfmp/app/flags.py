@@ -43,9 +43,14 @@ from tfmp.app.flag_table import AS_IS, LISTS, MODEL_AND_DATA
 from tfmp.app.sources import (ModelSource, References, SourceError, from_callable,
                               parse_model_args, resolve_model)
 from tfmp.callbacks import BackupError, NonFiniteError
-from tfmp.distribute import get_strategy, in_multi_worker_mode, split_cpu, write_dirs
-from tfmp.precision import detect_hardware, parse_precision, resolve_policy, set_policy
-from tfmp.rewrite import AuditError, prepare
+from tfmp.distribute import get_strategy, split_cpu
+from tfmp.distribute.cluster import write_dirs
+from tfmp.distribute.multi_worker import in_multi_worker_mode
+from tfmp.precision import detect_hardware, resolve_policy, set_policy
+from tfmp.precision.policy import parse_precision
+from tfmp.preparation import AuditError, prepare
+
+__all__ = ["Job", "config_from_flags", "define_flags", "run", "train"]
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, *, model_and_data: bool = False,

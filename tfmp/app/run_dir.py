@@ -21,7 +21,7 @@ from absl import logging
 from tfmp.atomic import temporary_target
 from tfmp.callbacks.backup import (BackupError, Checkpoint, error_line, inspect_backup,
                                    interrupted_first_save, other_accumulation)
-from tfmp.precision import POLICIES
+from tfmp.precision.policy import POLICIES
 
 BACKUP, TENSORBOARD, FINAL_MODEL, SUMMARY = "backup", "tensorboard", "model.keras", "summary.json"
 TUNED = "tune.json"  # the policy --precision=tune chose, kept so that a resumed run keeps it

@@ -9,8 +9,9 @@ import keras
 import numpy as np
 
 from tfmp.app.data import DatasetError, check_fits, input_kind, synthetic
-from tfmp.rewrite import (AuditReport, OverflowReport, audit, enforce_float32, is_copyable,
-                          locate_overflows, model_policy)
+from tfmp.rewrite import AuditReport, OverflowReport, audit, enforce_float32, locate_overflows
+from tfmp.rewrite.classify import model_policy
+from tfmp.rewrite.inplace import is_copyable
 
 
 def audit_saved(model: keras.Model) -> AuditReport:

@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfmp import callbacks as tfmp_callbacks
-from tfmp._compat import forget_compilation
+from tfmp._compat.trainers import forget_compilation
 from tfmp.app.compiling import Compilation, build_on, check_fit, compilation, describe
 from tfmp.app.config import (ConfigError, TrainConfig, check_cluster_config, check_config,
                              weights_fit)
@@ -26,12 +26,16 @@ from tfmp.app.run_dir import (BACKUP, FINAL_MODEL, SUMMARY, TENSORBOARD, TUNED, 
                               read_tuned, remove_leftovers, restart)
 from tfmp.atomic import atomic_path, write_json, write_json_atomically
 from tfmp.callbacks.backup import Checkpoint
-from tfmp.distribute import (WriteDirs, in_multi_worker_mode, read_tf_config, write_dirs,
-                             xla_refusal)
-from tfmp.measure import XLA_ONLY, tune
-from tfmp.precision import (MIXED_FLOAT16, HardwareInfo, PolicyChoice, detect_hardware,
-                            resolve_policy, set_policy)
-from tfmp.rewrite import kept_float32, layer_matcher, prepare
+from tfmp.distribute.cluster import WriteDirs, read_tf_config, write_dirs
+from tfmp.distribute.multi_worker import in_multi_worker_mode
+from tfmp.distribute.strategies import xla_refusal
+from tfmp.measure import tune
+from tfmp.measure.tuning import XLA_ONLY
+from tfmp.precision import HardwareInfo, PolicyChoice, detect_hardware, resolve_policy, set_policy
+from tfmp.precision.policy import MIXED_FLOAT16
+from tfmp.preparation import prepare
+from tfmp.rewrite import kept_float32
+from tfmp.rewrite.enforcement import layer_matcher
 
 SCALE_FLAGS = ("initial_scale", "growth_interval", "min_scale")
 CALIBRATION_BATCHES = 8  # what --float32_layers=auto runs tfmp.locate_overflows on
@@ -72,7 +76,7 @@ def job_callbacks(config: TrainConfig, dirs: Optional[WriteDirs], resume: bool,
 
     Args:
         config: The run's configuration (`nan_policy`, `model_dir`).
-        dirs: Where this process writes (`tfmp.distribute.write_dirs`), or None.
+        dirs: Where this process writes (`tfmp.distribute.cluster.write_dirs`), or None.
         resume: Whether the backup is restored (`checked_backup` found one).
         keep_backup: Keep the backup when training ends (the job removes it once
             `model.keras` is written); else Keras removes it (not after a NaN stop).

@@ -11,10 +11,8 @@ weights.
 
 from tfmp.callbacks.backup import BackupError, Checkpoint, SafeBackupAndRestore, inspect_backup
 from tfmp.callbacks.checkpoint import HalfPrecisionCheckpoint
-from tfmp.callbacks.counters import ScaleCounters, ScaleState, read_scale_state
 from tfmp.callbacks.events import NanEvent, NonFiniteError
-from tfmp.callbacks.monitors import NAN_POLICIES, LossScaleMonitor, NanMonitor
+from tfmp.callbacks.monitors import LossScaleMonitor, NanMonitor
 
-__all__ = ["BackupError", "Checkpoint", "HalfPrecisionCheckpoint", "LossScaleMonitor", "NAN_POLICIES", "NanEvent",
-           "NanMonitor", "NonFiniteError", "SafeBackupAndRestore", "ScaleCounters", "ScaleState",
-           "inspect_backup", "read_scale_state"]
+__all__ = ["BackupError", "Checkpoint", "HalfPrecisionCheckpoint", "LossScaleMonitor", "NanEvent",
+           "NanMonitor", "NonFiniteError", "SafeBackupAndRestore", "inspect_backup"]

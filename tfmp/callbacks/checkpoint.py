@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import keras
 
-from tfmp.weights import check_arguments, check_destination, write_weights
+from tfmp.weights.half import check_arguments, check_destination, write_weights
 
 
 class _HalfWeightsWriter:

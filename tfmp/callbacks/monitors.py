@@ -1,10 +1,9 @@
 """`model.fit` callbacks: `LossScaleMonitor` and `NanMonitor`.
 
-Both attach a `ScaleCounters` metric to the model, so every train step returns
-`loss_scale`, `skipped_steps` and `nan_losses` in its logs, fetched with the
-values Keras already syncs every batch: no extra device round trip and no
-extra gradient check. The progress bar, `History`, `CSVLogger` and the stock
-`TensorBoard` callback show them with no extra code.
+Both attach a `ScaleCounters` metric to the model, so every train step returns `loss_scale`,
+`skipped_steps` and `nan_losses` in its logs, fetched with the values Keras already syncs every
+batch: no extra device round trip and no extra gradient check. The progress bar, `History`,
+`CSVLogger` and the stock `TensorBoard` callback show them with no extra code.
 """
 
 from __future__ import annotations
@@ -43,7 +42,8 @@ from tfmp.callbacks.lost_updates import (DEFAULT_LOST_WARN, lost_updates_warning
                                          uncompensated_half_weights)
 from tfmp.callbacks.summaries import ScalarWriter
 from tfmp.compensation.optimizer import compensated_part
-from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
+from tfmp.precision import HardwareInfo, detect_hardware
+from tfmp.precision.policy import global_policy_name
 from tfmp.rewrite.replay import half_dtypes
 from tfmp.scaling import build_optimizer, guard_model_state
 

@@ -23,8 +23,8 @@ from keras import ops
 from tfmp import _compat
 from tfmp.compensation import rounding as rounding_lib
 from tfmp.compensation.tf_ops import random_bits, several_replicas
+from tfmp.precision.ranges import HALF_DTYPES
 
-HALF_DTYPES = ("bfloat16", "float16")
 ROUNDINGS = ("stochastic", "kahan", "nearest")
 SLOT_DTYPES = ("bfloat16", "float32")
 DEFAULT_ROUNDING = "stochastic"

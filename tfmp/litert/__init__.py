@@ -9,17 +9,8 @@ metric, output difference, size, latency; `format_reports` for a run of them); `
 instead, judged the same way.
 """
 
-from tfmp.litert.conversion import (QUANTIZATIONS, calibration_batches, check_quantization,
-                                    export, export_all, export_filename, float32_model)
-from tfmp.litert.converter import LITERT_MODES, SavedModelConverter, converter_settings
-from tfmp.litert.gate import gate_failures
-from tfmp.litert.release import KERAS_MODES, KerasRunner, export_keras
-from tfmp.litert.report import (ExportError, ExportReport, array_batches, checked_batch,
-                                format_reports)
-from tfmp.litert.runner import RUNTIMES, Runner
+from tfmp.litert.conversion import export, export_all
+from tfmp.litert.report import ExportError, ExportReport
+from tfmp.litert.runner import Runner
 
-__all__ = ["ExportError", "ExportReport", "KERAS_MODES", "KerasRunner", "LITERT_MODES",
-           "QUANTIZATIONS", "RUNTIMES", "Runner", "SavedModelConverter", "array_batches",
-           "calibration_batches", "check_quantization", "checked_batch", "converter_settings",
-           "export", "export_all", "export_filename", "export_keras", "float32_model",
-           "format_reports", "gate_failures"]
+__all__ = ["ExportError", "ExportReport", "Runner", "export", "export_all"]

@@ -32,8 +32,12 @@ from tfmp.litert.report import (ExportError, ExportReport, Inference, array_batc
                                 checked_batch, eval_batches, evaluate, inputs_of, log_evaluation)
 from tfmp.litert.runner import RUNTIMES, Runner
 from tfmp.precision import policy_scope
-from tfmp.rewrite import (HALF_DTYPES, clone_with_dtypes, example_inputs, is_copyable, iter_layers,
-                          model_policy, run_model, set_policies)
+from tfmp.precision.ranges import HALF_DTYPES
+from tfmp.rewrite import run_model
+from tfmp.rewrite.classify import iter_layers, model_policy
+from tfmp.rewrite.cloning import clone_with_dtypes
+from tfmp.rewrite.inplace import is_copyable, set_policies
+from tfmp.rewrite.tracing import example_inputs
 
 # The .keras file with 16-bit weights (tfmp.weights), judged beside the LiteRT files.
 QUANTIZATIONS = LITERT_MODES + KERAS_MODES
@@ -359,7 +363,7 @@ def export_all(
     Example:
     >>> reports = tfmp.litert.export_all(model, "export", calibration_data=train_ds.take(10),
     ...                                  eval_data=eval_ds)
-    >>> print(tfmp.litert.format_reports(reports))
+    >>> print(tfmp.litert.report.format_reports(reports))
     """
     if isinstance(quantizations, str):  # one mode, not its letters
         quantizations = [quantizations]

@@ -123,7 +123,7 @@ class SavedModelConverter:
 
     Args:
         network: A built Keras model with one input, every layer computing in float32
-            (`tfmp.litert.float32_model`).
+            (`tfmp.litert.conversion.float32_model`).
 
     Example:
     >>> with SavedModelConverter(float32_model(model)) as source:

@@ -14,7 +14,7 @@ from absl import logging
 from tfmp.atomic import atomic_path
 from tfmp.litert.report import (ExportError, ExportReport, Inference, eval_batches, evaluate,
                                 log_evaluation)
-from tfmp.rewrite import model_policy
+from tfmp.rewrite.classify import model_policy
 from tfmp.weights import WeightsFileError, save_model
 
 KERAS_MODES = ("keras_bfloat16", "keras_float16")

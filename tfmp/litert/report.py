@@ -19,9 +19,8 @@ import tensorflow as tf
 from absl import logging
 
 from tfmp.litert.runner import Runner
-from tfmp.measure import quartiles
-from tfmp.measure.stats import batches_phrase
-from tfmp.rewrite import first_input_spec
+from tfmp.measure.stats import batches_phrase, quartiles
+from tfmp.rewrite.tracing import first_input_spec
 
 ARRAY_BATCH = 32  # examples per batch when data comes as arrays
 

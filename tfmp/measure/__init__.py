@@ -7,13 +7,9 @@ fastest policy whose numerics pass; both train with the loss `choose_loss` picks
 measured side by side; `plot_comparison` draws a comparison (matplotlib).
 """
 
-from tfmp.measure.comparison import WARMUP_STEPS, Comparison, PolicyRun, Verdict, compare_precision
-from tfmp.measure.losses import ChosenLoss, choose_loss
+from tfmp.measure.comparison import Comparison, PolicyRun, Verdict, compare_precision
 from tfmp.measure.plot import plot_comparison
-from tfmp.measure.stats import quartiles
-from tfmp.measure.tuning import (BF16_WEIGHTS, CANDIDATES, DEFAULT_MIN_SPEEDUP, XLA_ONLY, TuneResult, choose,
-                                 tune)
+from tfmp.measure.tuning import TuneResult, tune
 
-__all__ = ["BF16_WEIGHTS", "CANDIDATES", "ChosenLoss", "Comparison", "DEFAULT_MIN_SPEEDUP", "PolicyRun",
-           "TuneResult", "Verdict", "WARMUP_STEPS", "XLA_ONLY", "choose", "choose_loss",
-           "compare_precision", "plot_comparison", "quartiles", "tune"]
+__all__ = ["Comparison", "PolicyRun", "TuneResult", "Verdict", "compare_precision",
+           "plot_comparison", "tune"]

@@ -19,9 +19,9 @@ from absl import logging
 from tfmp.measure.losses import choose_loss
 from tfmp.measure.stats import batches_phrase, quartiles
 from tfmp.measure.steps import train_step
-from tfmp.precision import (FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16, HardwareInfo, detect_hardware,
-                            policy_scope, resolve_policy)
-from tfmp.rewrite import prepare
+from tfmp.precision import HardwareInfo, detect_hardware, policy_scope, resolve_policy
+from tfmp.precision.policy import FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16
+from tfmp.preparation import prepare
 
 WARMUP_STEPS = 2  # tracing (and XLA's compilation) happens here: not timed
 XLA_SUFFIX = "+xla"  # `float32+xla`: the policy with the train step compiled by XLA

@@ -20,7 +20,8 @@ import keras
 
 from tfmp import layers as tfmp_layers
 from tfmp._messages import first_line, warn
-from tfmp.rewrite import output_layers, run_model
+from tfmp.rewrite import run_model
+from tfmp.rewrite.classify import output_layers
 from tfmp.rewrite.tracing import split_batch
 
 PROBABILITY_OPS = {"Softmax": "softmax", "Sigmoid": "sigmoid"}  # op type -> activation

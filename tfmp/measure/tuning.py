@@ -19,11 +19,12 @@ from typing import Any, Callable, Optional, Sequence, Union
 import keras
 import tensorflow as tf
 
-from tfmp.distribute import xla_refusal
+from tfmp.distribute.strategies import xla_refusal
 from tfmp.measure.comparison import (FAILED_ARM, XLA_SUFFIX, Comparison, compare_precision,
                                      parse_variant, weights_variant)
-from tfmp.precision import (FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16, HardwareInfo, detect_hardware,
-                            parse_precision, trap_warnings)
+from tfmp.precision import HardwareInfo, detect_hardware
+from tfmp.precision.policy import (FLOAT32, MIXED_BFLOAT16, MIXED_FLOAT16, parse_precision,
+                                   trap_warnings)
 
 DEFAULT_MIN_SPEEDUP = 1.05  # below this, the measured gain is within a noisy machine's drift
 CANDIDATES = (MIXED_BFLOAT16, MIXED_FLOAT16)  # traps on the hardware at hand are skipped
@@ -152,7 +153,7 @@ def tune(
             `"only"`: with XLA only (training will compile with XLA whatever tune picks).
             XLA's compilation happens in the untimed warm-up steps.
         strategy: The strategy the chosen configuration will train under (XLA is not
-            measured where it cannot run there: `tfmp.distribute.xla_refusal`).
+            measured where it cannot run there: `tfmp.distribute.strategies.xla_refusal`).
 
     Returns:
         A `TuneResult`: `.policy`, `.jit_compile` and `.weights_dtype` to train with,

@@ -82,7 +82,7 @@ def resolve_policy(
     """Resolves a precision name (possibly `auto`) to a `PolicyChoice`.
 
     `auto` is overridden by the `TFMP_PRECISION` environment variable when it is
-    set; otherwise it follows the hardware (`tfmp.precision.AUTO_RULES`).
+    set; otherwise it follows the hardware (`tfmp.precision.hardware.AUTO_RULES`).
 
     Args:
         name: Any name `parse_precision` accepts (default `auto`).

@@ -3,6 +3,8 @@
 import ml_dtypes
 import numpy as np
 
+# The 16-bit floating-point dtypes, for compute and for storage (bfloat16 first: `auto` prefers it).
+HALF_DTYPES = ("bfloat16", "float16")
 # The largest finite value of each 16-bit compute dtype (float16: 65504; bfloat16: 3.39e38).
 HALF_MAX = {"float16": float(np.finfo(np.float16).max),
             "bfloat16": float(ml_dtypes.finfo(ml_dtypes.bfloat16).max)}

@@ -10,19 +10,13 @@ import keras
 from tfmp import _compat
 from tfmp._messages import first_line
 from tfmp.compensation.optimizer import compensated_part
-from tfmp.precision import HardwareInfo, detect_hardware, global_policy_name
+from tfmp.precision import HardwareInfo, detect_hardware
+from tfmp.precision.policy import global_policy_name
 from tfmp.rewrite.audit_report import SEVERITIES, AuditReport, Finding, LayerSummary
-from tfmp.rewrite.classify import (
-    HALF_DTYPES,
-    UPCASTING_NORMALIZATION,
-    expected_to_differ,
-    is_normalization,
-    kept_float32,
-    is_plain_model,
-    is_softmax,
-    iter_layers,
-    output_layers,
-)
+from tfmp.precision.ranges import HALF_DTYPES
+from tfmp.rewrite.classify import (UPCASTING_NORMALIZATION, expected_to_differ, is_normalization,
+                                   is_plain_model, is_softmax, iter_layers, kept_float32,
+                                   output_layers)
 from tfmp.rewrite.tracing import (EXP_LOG_OPS, HEAVY_OPS, SOFTMAX_OPS, SUM_OPS, ModelRun,
                                   run_model)
 
@@ -282,7 +276,7 @@ def audit(
             16-bit variables and slots from errors into one info finding.
         hardware: The hardware to judge for; detected when omitted.
         policy: The policy the model is meant to run under (layers under another one
-            are reported); default Keras' global policy. `tfmp.rewrite.model_policy(model)`
+            are reported); default Keras' global policy. `tfmp.rewrite.classify.model_policy(model)`
             audits a saved model against the policy it was built with.
         data: A batch to run the model on (an array, a structure of arrays, `(x, y)` or
             a `tf.data.Dataset`); default: the model's input shapes. A model that cannot

@@ -13,8 +13,8 @@ import keras
 
 from tfmp import _compat
 from tfmp import layers as tfmp_layers
+from tfmp.precision.ranges import HALF_DTYPES
 
-HALF_DTYPES = ("float16", "bfloat16")
 KNOWN_POLICIES = ("float32", "mixed_float16", "mixed_bfloat16", "float16", "bfloat16")
 NORMALIZATION_LAYERS: tuple[type, ...] = (
     keras.layers.BatchNormalization,

@@ -13,7 +13,8 @@ import keras
 from tfmp import _compat
 from tfmp import layers as tfmp_layers
 from tfmp._messages import first_line
-from tfmp.rewrite.classify import FLOAT32_BY_CONSTRUCTION, HALF_DTYPES, is_plain_model, iter_layers
+from tfmp.precision.ranges import HALF_DTYPES
+from tfmp.rewrite.classify import FLOAT32_BY_CONSTRUCTION, is_plain_model, iter_layers
 
 
 class ConfigRoundTripError(ValueError):

@@ -8,7 +8,8 @@ import keras
 from absl import logging
 
 from tfmp.precision import resolve_policy
-from tfmp.rewrite.classify import HALF_DTYPES, is_normalization, iter_layers, model_policy
+from tfmp.precision.ranges import HALF_DTYPES
+from tfmp.rewrite.classify import is_normalization, iter_layers, model_policy
 from tfmp.rewrite.cloning import policy_rule
 from tfmp.rewrite.enforcement import (LayerSpec, convert, float32_selector, layer_matcher,
                                       normalizations_feeding)
@@ -95,7 +96,7 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None,
         model: A built Keras model of any kind.
         policy: `float32`, `mixed_float16` or `mixed_bfloat16` (any spelling
             `tfmp.parse_precision` accepts; `auto` resolves from the hardware).
-        data: A batch to run a model converted in place on (`tfmp.rewrite.example_inputs`:
+        data: A batch to run a model converted in place on (`tfmp.rewrite.tracing.example_inputs`:
             an array, a structure, `(x, y)` or a dataset); needed for a subclassed model
             that takes integer ids or inputs other than those it was built from;
             default: its input shapes.

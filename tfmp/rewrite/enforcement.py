@@ -26,7 +26,7 @@ LayerSpec = Union[str, type]
 def layer_matcher(model: keras.Model, specs: Iterable[LayerSpec], *,
                   check: bool = True) -> Callable[[keras.layers.Layer], bool]:
     """A predicate for the layers `specs` name: a class, or a string that is a layer's
-    name, its path in `model` (`outer/inner`, as `tfmp.rewrite.iter_layers` and
+    name, its path in `model` (`outer/inner`, as `tfmp.rewrite.classify.iter_layers` and
     `tfmp.locate_overflows` give it) or its Keras `layer.path`.
 
     Args:
@@ -151,7 +151,7 @@ def enforce_float32(
         normalization: Make normalization layers float32.
         softmax: Make softmax layers (and layers with a softmax activation) float32.
         extra_layers: More layers to make float32, by name, path or class.
-        data: A batch to run a model changed in place on (`tfmp.rewrite.example_inputs`):
+        data: A batch to run a model changed in place on (`tfmp.rewrite.tracing.example_inputs`):
             needed for a subclassed model built from inputs of another kind than float32
             arrays; default: its input shapes.
 

@@ -28,7 +28,8 @@ from keras import ops
 
 from tfmp import _compat
 from tfmp._messages import first_line
-from tfmp.rewrite.classify import HALF_DTYPES, iter_layers
+from tfmp.precision.ranges import HALF_DTYPES
+from tfmp.rewrite.classify import iter_layers
 from tfmp.rewrite.tracing import MODEL_PATH, ModelRun, run_model
 
 _FLOAT32_OUTPUTS = "_tfmp_float32_outputs"
@@ -43,7 +44,7 @@ def is_copyable(model: keras.Model) -> bool:
         model: A Keras model.
 
     Returns:
-        Whether `tfmp.rewrite.clone_with_dtypes` can copy it.
+        Whether `tfmp.rewrite.cloning.clone_with_dtypes` can copy it.
     """
     plain = (keras.Sequential, _compat.functional_class())
     nested = [layer for _, layer in iter_layers(model) if isinstance(layer, keras.Model)]
@@ -188,7 +189,7 @@ def convert_in_place(
         dtype_for: The policy name for each layer, or None to keep its own.
         float32: The layers to compute in float32 where the model's code allows it.
         outputs: Make every output float32.
-        data: A batch to run the model on (`tfmp.rewrite.example_inputs`); default: its
+        data: A batch to run the model on (`tfmp.rewrite.tracing.example_inputs`); default: its
             input shapes.
 
     Returns:

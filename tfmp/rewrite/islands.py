@@ -27,7 +27,8 @@ import keras
 from keras import ops
 
 from tfmp import _compat
-from tfmp.precision import MIXED_BFLOAT16, HardwareInfo, parse_precision
+from tfmp.precision import HardwareInfo
+from tfmp.precision.policy import MIXED_BFLOAT16, parse_precision
 
 
 def in_float32(activation: Callable) -> Callable:

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import keras
 
-from tfmp.precision import HALF_MAX
+from tfmp.precision.ranges import HALF_MAX
 
 MODEL_OWN = "<model>"  # tracing.MODEL_PATH: the model's own ops (its `call`)
 

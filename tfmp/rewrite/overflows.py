@@ -29,15 +29,16 @@ import tensorflow as tf
 from absl import logging
 
 from tfmp import _compat
-from tfmp.precision import FLOAT16_TINY, HALF_MAX, resolve_policy
+from tfmp.precision import resolve_policy
+from tfmp.precision.ranges import FLOAT16_TINY, HALF_DTYPES, HALF_MAX
 from tfmp.rewrite.calls import CallRecorder
-from tfmp.rewrite.classify import HALF_DTYPES, iter_layers, model_policy
+from tfmp.rewrite.classify import iter_layers, model_policy
 from tfmp.rewrite.conversion import convert_policy
 from tfmp.rewrite.enforcement import LayerSpec
 from tfmp.rewrite.inplace import policies_of, restore_policies
 from tfmp.rewrite.overflow_report import LayerOverflow, OverflowReport
 from tfmp.rewrite.tracing import MODEL_PATH, split_batch
-from tfmp.scaling import DEFAULT_INITIAL_SCALE
+from tfmp.scaling.arguments import DEFAULT_INITIAL_SCALE
 
 DEFAULT_MARGIN = 0.5
 MAX_ROUNDS = 4

@@ -23,7 +23,7 @@ import keras
 import tensorflow as tf
 
 from tfmp import _compat
-from tfmp.rewrite.classify import HALF_DTYPES
+from tfmp.precision.ranges import HALF_DTYPES
 from tfmp.rewrite.inplace import policies_of, restore_policies, set_policies
 from tfmp.rewrite.overflows import Probe, compiled_loss, holds_nonfinite, non_trainable_state_kept
 from tfmp.rewrite.tracing import split_batch

@@ -27,7 +27,8 @@ import tensorflow as tf
 
 from tfmp import _compat
 from tfmp.rewrite.calls import CallRecorder
-from tfmp.rewrite.classify import HALF_DTYPES, iter_layers
+from tfmp.precision.ranges import HALF_DTYPES
+from tfmp.rewrite.classify import iter_layers
 
 MATMUL_OPS = ("MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum")
 CONV_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput",

@@ -9,25 +9,10 @@ compensated optimizer 16-bit weights need). The scale's rules are
 TensorFlow-specific part, is in `replicas`.
 """
 
-from tfmp.scaling.arguments import (
-    DEFAULT_GROWTH_INTERVAL,
-    DEFAULT_INITIAL_SCALE,
-    DEFAULT_MAX_SCALE,
-    DEFAULT_MIN_SCALE,
-    FLOAT32_MAX,
-    FLOAT32_MIN_NORMAL,
-    ScaleRule,
-    check_scale,
-)
 from tfmp.scaling.building import build_optimizer
 from tfmp.scaling.optimizer import DynamicLossScaleOptimizer
-from tfmp.scaling.state_guard import forward_state, guard_model_state
-from tfmp.scaling.wrapping import (SCALE_ARGS, LossScale, get_unscaled_gradients,
-                                   parse_loss_scale, wrap_optimizer)
+from tfmp.scaling.state_guard import guard_model_state
+from tfmp.scaling.wrapping import get_unscaled_gradients, wrap_optimizer
 
-__all__ = [
-    "DEFAULT_GROWTH_INTERVAL", "DEFAULT_INITIAL_SCALE", "DEFAULT_MAX_SCALE", "DEFAULT_MIN_SCALE",
-    "DynamicLossScaleOptimizer", "FLOAT32_MAX", "FLOAT32_MIN_NORMAL", "LossScale", "SCALE_ARGS",
-    "ScaleRule", "build_optimizer", "check_scale", "forward_state",
-    "get_unscaled_gradients", "guard_model_state", "parse_loss_scale", "wrap_optimizer",
-]
+__all__ = ["DynamicLossScaleOptimizer", "build_optimizer", "get_unscaled_gradients",
+           "guard_model_state", "wrap_optimizer"]

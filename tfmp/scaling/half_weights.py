@@ -16,7 +16,8 @@ import tensorflow as tf
 from tfmp import _compat
 
 from tfmp.compensation import compensate
-from tfmp.compensation.optimizer import DEFAULT_ROUNDING, HALF_DTYPES, compensated_part
+from tfmp.compensation.optimizer import DEFAULT_ROUNDING, compensated_part
+from tfmp.precision.ranges import HALF_DTYPES
 
 SEVERAL_WORKERS = (
     "TensorFlow's MultiWorkerMirroredStrategy cannot create bfloat16 variables (it broadcasts "

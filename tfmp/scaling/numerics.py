@@ -12,9 +12,8 @@ from typing import Any, Sequence
 from keras import ops
 from keras.backend import standardize_dtype
 
+from tfmp.precision.ranges import HALF_DTYPES
 from tfmp.scaling.arguments import ScaleRule
-
-HALF = ("float16", "bfloat16")
 
 
 def all_finite(grads: Sequence[Any]) -> Any:
@@ -36,7 +35,7 @@ def all_finite(grads: Sequence[Any]) -> Any:
     # A sparse gradient (an embedding's IndexedSlices) is checked on its values: summing it
     # whole would first scatter it into a dense tensor of the embedding's size.
     values = [getattr(g, "values", g) for g in grads if g is not None]
-    sums = [ops.sum(ops.cast(v, "float32") if standardize_dtype(v.dtype) in HALF else v)
+    sums = [ops.sum(ops.cast(v, "float32") if standardize_dtype(v.dtype) in HALF_DTYPES else v)
             for v in values]
     if not sums:
         return ops.convert_to_tensor(True)

@@ -3,8 +3,6 @@ bfloat16 or float16 HDF5 types that read back as float32 under any policy), and
 `save_model` (a `.keras` archive holding them)."""
 
 from tfmp.weights.archive import save_model
-from tfmp.weights.half import (DTYPES, HalfWeightsReport, WeightsFileError, check_arguments,
-                               check_destination, load_weights, save_weights, write_weights)
+from tfmp.weights.half import HalfWeightsReport, WeightsFileError, load_weights, save_weights
 
-__all__ = ["DTYPES", "HalfWeightsReport", "WeightsFileError", "check_arguments",
-           "check_destination", "load_weights", "save_model", "save_weights", "write_weights"]
+__all__ = ["HalfWeightsReport", "WeightsFileError", "load_weights", "save_model", "save_weights"]

@@ -34,10 +34,10 @@ import keras
 import numpy as np
 
 from tfmp.atomic import atomic_path
+from tfmp.precision.ranges import HALF_DTYPES
 from tfmp.weights.layout import (LIBVER, checksum, datasets, float16_problem, variables_of,
                                  write_release)
 
-DTYPES = ("bfloat16", "float16")
 DTYPE_ATTR = "tfmp_half_dtype"
 KEPT_ATTR = "tfmp_kept_float32"
 CHECKSUM_ATTR = "tfmp_sha256"
@@ -103,8 +103,8 @@ def check_arguments(dtype: str, keep_float32: Optional[str], float32: bool = Fal
     Raises:
         WeightsFileError: either is not accepted.
     """
-    if dtype not in DTYPES + (("float32",) if float32 else ()):
-        raise WeightsFileError(f"dtype={dtype!r} is not accepted; use one of {', '.join(DTYPES)}")
+    if dtype not in HALF_DTYPES + (("float32",) if float32 else ()):
+        raise WeightsFileError(f"dtype={dtype!r} is not accepted; use one of {', '.join(HALF_DTYPES)}")
     if keep_float32 not in KEEP_CHOICES:
         raise WeightsFileError(f"keep_float32={keep_float32!r} is not accepted; use None or "
                                "'overflow'")

@@ -18,8 +18,8 @@ import ml_dtypes
 import numpy as np
 
 from tfmp import _compat
-from tfmp.precision import FLOAT16_TINY, HALF_MAX
-from tfmp.rewrite import iter_layers
+from tfmp.precision.ranges import FLOAT16_TINY, HALF_MAX
+from tfmp.rewrite.classify import iter_layers
 
 OPTIMIZER_GROUP = "optimizer"  # where Keras' save_weights puts a compiled model's optimizer
 VARS_GROUP = "vars"

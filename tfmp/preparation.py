@@ -9,8 +9,10 @@ from absl import logging
 
 from tfmp.distribute import enable_multi_worker_fit
 from tfmp.precision import HardwareInfo, detect_hardware, set_policy
-from tfmp.rewrite.auditing import AuditReport, audit
-from tfmp.rewrite.classify import HALF_DTYPES, KEPT_FLOAT32, iter_layers, kept_float32
+from tfmp.precision.ranges import HALF_DTYPES
+from tfmp.rewrite.audit_report import AuditReport
+from tfmp.rewrite.auditing import audit
+from tfmp.rewrite.classify import KEPT_FLOAT32, iter_layers, kept_float32
 from tfmp.rewrite.conversion import convert_with_trace
 from tfmp.rewrite.enforcement import LayerSpec, layer_matcher
 from tfmp.rewrite.inplace import policies_of, restore_policies
@@ -18,9 +20,9 @@ from tfmp.rewrite.islands import apply_islands
 from tfmp.rewrite.overflow_report import MODEL_OWN, OverflowReport
 from tfmp.rewrite.overflows import locate_overflows
 from tfmp.rewrite.storage import restore_storage, store_weights
-from tfmp.scaling import LossScale, build_optimizer, guard_model_state, wrap_optimizer
+from tfmp.scaling import build_optimizer, guard_model_state, wrap_optimizer
+from tfmp.scaling.wrapping import LossScale, check_keywords
 from tfmp.scaling.half_weights import checked_weights_dtype
-from tfmp.scaling.wrapping import check_keywords
 
 
 class AuditError(ValueError):

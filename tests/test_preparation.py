@@ -52,7 +52,7 @@ def test_prepare_float32_keeps_model_and_only_enforces():
     prepared, opt = tfmp.prepare(model, "adam", "bf16", hardware=GPU)
     assert [l.compute_dtype for l in prepared.layers] == ["bfloat16", "float32"]
     assert isinstance(opt, keras.optimizers.Adam)
-    assert tfmp.precision.global_policy_name() == "mixed_bfloat16"
+    assert tfmp.precision.policy.global_policy_name() == "mixed_bfloat16"
 
 
 @pytest.mark.parametrize("precision", ["mixed_float16", "mixed_bfloat16", "float32"])
@@ -129,7 +129,7 @@ def test_convert_policy_round_trip_keeps_weights_bit_identical_and_outputs_float
     model = original
     for policy in ("bf16", "mixed_float16", "float32"):
         model = tfmp.convert_policy(model, policy)
-        canonical = tfmp.precision.parse_precision(policy)
+        canonical = tfmp.precision.policy.parse_precision(policy)
         assert all(o.dtype == "float32" for o in model.outputs), policy
         convs = [l for l in model.layers if isinstance(l, keras.layers.Conv2D)]
         assert {l.dtype_policy.name for l in convs} == {canonical}, policy
