@@ -179,5 +179,5 @@ def test_every_namespace_exports_what_exists():
         for name in getattr(namespace, "__all__", []):
             assert hasattr(namespace, name), f"{namespace.__name__}.{name}"
     for module in ("tfmp.app.config", "tfmp.app.training", "tfmp.app.data", "tfmp.app.run_dir",
-                   "tfmp.app.saved_models", "tfmp.app.cli"):
+                   "tfmp.app.saved_models", "tfmp.app.exporting", "tfmp.app.cli"):
         importlib.import_module(module)
