@@ -209,7 +209,9 @@ def worker(conn: Any, spec: Spec) -> None:
                              else activation_bytes(model, spec.batch_size),
                              "imported_rss": imported}))
     except Exception as e:  # reported by the parent as one line
-        conn.send(("error", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+        from tfmp.app.cli import first_line  # (importable: the parent imported it)
+
+        conn.send(("error", f"{type(e).__name__}: {first_line(e)}"))
         return
     while conn.recv() == "run":
         conn.send(block(steps))

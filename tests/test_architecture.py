@@ -23,7 +23,7 @@ import tfmp
 
 PACKAGE = os.path.join(helpers.ROOT, "tfmp")
 LIBRARY = ("precision", "scaling", "layers", "rewrite", "callbacks", "measure", "distribute",
-           "litert", "weights", "compensation", "atomic", "_compat")
+           "litert", "weights", "compensation", "atomic", "_compat", "_messages", "_tf_check")
 MAX_LINES = 400
 
 
@@ -44,10 +44,13 @@ def test_the_import_contracts_hold():
     ("tfmp/scaling/numerics.py", "from tfmp.app import training", "import downwards only"),
     ("tfmp/precision/hardware.py", "from tfmp.precision import policy", "no circle"),
     ("tools/audit.py", "from tfmp import _compat", "Keras' internals"),
+    ("benchmarks/bench.py", "from tfmp._messages import first_line", "Keras' internals"),
+    ("tfmp/weights/half.py", "from benchmarks import interleave", "does not reach into"),
+    ("tfmp/_messages.py", "import tools.audit", "does not reach into"),
 ])
 def test_the_contracts_catch_an_upward_import_a_circle_and_a_breach_of_the_fence(
         tmp_path, module, line, contract):
-    for name in ("tfmp", "tools", "models"):
+    for name in ("tfmp", "tools", "models", "benchmarks"):
         shutil.copytree(os.path.join(helpers.ROOT, name), tmp_path / name,
                         ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(os.path.join(helpers.ROOT, "setup.cfg"), tmp_path)
@@ -179,5 +182,5 @@ def test_every_namespace_exports_what_exists():
         for name in getattr(namespace, "__all__", []):
             assert hasattr(namespace, name), f"{namespace.__name__}.{name}"
     for module in ("tfmp.app.config", "tfmp.app.training", "tfmp.app.data", "tfmp.app.run_dir",
-                   "tfmp.app.saved_models", "tfmp.app.cli"):
+                   "tfmp.app.saved_models", "tfmp.app.exporting", "tfmp.app.cli"):
         importlib.import_module(module)

@@ -13,3 +13,13 @@ from tfmp._messages import first_line
 ])
 def test_the_first_line_of_the_message_or_the_class_name(error, line):
     assert first_line(error) == line
+
+
+def test_several_lines_are_joined_into_one():
+    # Keras' load_weights error: what does not fit is said on the line after the first
+    error = ValueError("A total of 1 objects could not be loaded. Example error message for "
+                       "object <Dense>:\n\nThe shapes must match.\n [[0.1 0.2]]\n\nList of objects")
+    assert first_line(error, lines=2) == ("A total of 1 objects could not be loaded. Example "
+                                          "error message for object <Dense>: The shapes must match.")
+    assert first_line(error) == first_line(error, lines=1)
+    assert first_line(KeyError(), lines=3) == "KeyError"

@@ -19,18 +19,21 @@ def warn(message: str, stacklevel: int = 2) -> None:
     warnings.warn(message, TfmpWarning, stacklevel=stacklevel + 1)
 
 
-def first_line(e: BaseException) -> str:
+def first_line(e: BaseException, lines: int = 1) -> str:
     """The first line of an exception's message (its class name if the message is empty).
 
     Args:
         e: The exception, often from Keras, TensorFlow or a model's own code, whose
             message may run over many lines.
+        lines: How many non-blank lines to keep, joined by a space (Keras' "could not be
+            loaded" says why on the line after the first).
 
     Returns:
-        The message's first non-blank line, stripped.
+        The message's first non-blank line (or `lines` of them), stripped: one line.
 
     Example:
         >>> first_line(ValueError("bad shape\\n  at layer dense"))
         'bad shape'
     """
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = [line.strip() for line in str(e).splitlines() if line.strip()][:lines]
+    return " ".join(text) if text else type(e).__name__

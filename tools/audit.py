@@ -45,7 +45,7 @@ def _locate(model) -> int:
         report = saved_models.locate_saved(model, data, policy=FLAGS.policy, steps=FLAGS.steps,
                                            batch_size=FLAGS.batch_size)
     except (ValueError, tf.errors.OpError) as e:  # DatasetError; data that do not fit the model
-        cli.fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
+        cli.fail(cli.first_line(e))
     print(json.dumps(report.to_dict(), indent=2) if FLAGS.json else report)
     return 0 if report.ok else cli.EXIT_FINDINGS
 
@@ -65,7 +65,7 @@ def main(argv: Sequence[str]) -> int:
     try:
         fixed = saved_models.fixed_copy(model)
     except ValueError as e:
-        cli.fail(str(e).splitlines()[0])
+        cli.fail(cli.first_line(e))
     cli.save_keras_model_atomically(fixed, FLAGS.output_path)
     fixed_report = saved_models.audit_saved(fixed)
     print(f"\nwrote {FLAGS.output_path}; audit of the fixed model:")

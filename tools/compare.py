@@ -88,7 +88,7 @@ def main(argv: Sequence[str]) -> int:
             optimizer=lambda: keras.optimizers.Adam(FLAGS.learning_rate),
             tolerance=FLAGS.tolerance, eval_data=d.eval, metrics=["accuracy"])
     except (data.DatasetError, AuditError, ValueError) as e:  # compare_precision's checks
-        cli.fail(str(e).splitlines()[0])
+        cli.fail(cli.first_line(e))
     json_path, png_path = (os.path.join(FLAGS.output_dir, n) for n in (JSON_NAME, PNG_NAME))
     with outputs.new_result(FLAGS.output_dir, (JSON_NAME, PNG_NAME), JSON_NAME) as staging:
         logging.info("writing %s", json_path)

@@ -3,5 +3,5 @@ binaries' helpers. `tools/*.py` are thin absl shells over it; `import tfmp` does
 
 `config` (TrainConfig and every check), `training` (the job), `data` (synthetic tasks and
 tensorflow-datasets), `run_dir` (what a run leaves on disk), `saved_models` (tools/audit's work),
-`cli` (one line and an exit code per bad input).
+`exporting` (tools/export's work), `cli` (one line and an exit code per bad input).
 """

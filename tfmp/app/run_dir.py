@@ -18,8 +18,9 @@ from typing import Any, Optional
 
 from absl import logging
 
+from tfmp._messages import first_line
 from tfmp.atomic import temporary_target
-from tfmp.callbacks.backup import (BackupError, Checkpoint, error_line, inspect_backup,
+from tfmp.callbacks.backup import (BackupError, Checkpoint, inspect_backup,
                                    interrupted_first_save, other_accumulation)
 from tfmp.precision.policy import POLICIES
 
@@ -42,7 +43,7 @@ def _read_json(path: str) -> dict[str, Any]:
         with open(path) as f:
             payload = json.load(f)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RunDirError(f"{path} is damaged ({error_line(e)})") from None
+        raise RunDirError(f"{path} is damaged ({type(e).__name__}: {first_line(e)})") from None
     if not isinstance(payload, dict):
         raise RunDirError(f"{path} is damaged (a JSON {type(payload).__name__}, not an object)")
     return payload

@@ -42,6 +42,7 @@ import keras
 from absl import logging
 
 from tfmp import _compat
+from tfmp._messages import first_line
 from tfmp.atomic import atomic_path, write_json_atomically
 from tfmp.weights.layout import optimizer_variables
 
@@ -88,20 +89,6 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def error_line(error: BaseException, lines: int = 1) -> str:
-    """`Type: message` on one line: the first `lines` non-empty lines of the message, joined.
-
-    Args:
-        error: The exception.
-        lines: How many lines of its message to keep.
-
-    Returns:
-        One line.
-    """
-    text = [line.strip() for line in str(error).splitlines() if line.strip()][:lines]
-    return f"{type(error).__name__}: {' '.join(text)}" if text else type(error).__name__
-
-
 def _count(name: str, value: Any, least: int) -> None:
     """Raises `ValueError` unless `value` is an int (not a bool) of at least `least`."""
     if not isinstance(value, int) or isinstance(value, bool) or value < least:
@@ -120,14 +107,15 @@ def _problem(weights: str, metadata: str) -> tuple[Optional[str], dict[str, Any]
         if meta.get(ACCUMULATION) is not None:
             _count(ACCUMULATION, meta[ACCUMULATION], 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{name_m} is unreadable ({error_line(e)})", {}
+        return f"{name_m} is unreadable ({type(e).__name__}: {first_line(e)})", {}
     if not os.path.isfile(weights):
         return f"{name_w} is missing", meta
     if SHA256 not in meta:  # written by Keras' own BackupAndRestore: can HDF5 open it?
         try:
             h5py.File(weights, "r").close()
         except OSError as e:
-            return f"{name_w} is not a readable HDF5 file ({error_line(e)})", meta
+            return (f"{name_w} is not a readable HDF5 file ({type(e).__name__}: {first_line(e)})",
+                    meta)
         return None, meta
     size = os.path.getsize(weights)
     if size != meta.get(SIZE):
@@ -326,7 +314,7 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         except (OSError, ValueError) as e:
             _assign(before)
             raise BackupError(f"{where} does not fit this model "
-                              f"({error_line(e, lines=3)})") from None
+                              f"({type(e).__name__}: {first_line(e, lines=3)})") from None
         if mismatch:  # raised after the load: a model of another architecture is named as such
             _assign(before)
             raise BackupError(f"{where} does not fit this model's optimizer: {mismatch}; "

@@ -10,7 +10,9 @@ instead, judged the same way.
 """
 
 from tfmp.litert.conversion import export, export_all
-from tfmp.litert.report import ExportError, ExportReport
+from tfmp.litert.gate import gate_failures
+from tfmp.litert.report import ExportError, ExportReport, format_reports
 from tfmp.litert.runner import Runner
 
-__all__ = ["ExportError", "ExportReport", "Runner", "export", "export_all"]
+__all__ = ["ExportError", "ExportReport", "Runner", "export", "export_all", "format_reports",
+           "gate_failures"]

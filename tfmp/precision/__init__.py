@@ -6,8 +6,8 @@ table `AUTO_RULES`; `trap_warnings` says when a policy works but is slow there.
 The only global state is the one Keras keeps (`keras.config.dtype_policy()`).
 """
 
-from tfmp.precision.hardware import HardwareInfo, detect_hardware
+from tfmp.precision.hardware import AUTO_RULES, HardwareInfo, detect_hardware
 from tfmp.precision.policy import PolicyChoice, policy_scope, resolve_policy, set_policy
 
-__all__ = ["HardwareInfo", "PolicyChoice", "detect_hardware", "policy_scope", "resolve_policy",
-           "set_policy"]
+__all__ = ["AUTO_RULES", "HardwareInfo", "PolicyChoice", "detect_hardware", "policy_scope",
+           "resolve_policy", "set_policy"]

@@ -33,6 +33,7 @@ import h5py
 import keras
 import numpy as np
 
+from tfmp._messages import first_line
 from tfmp.atomic import atomic_path
 from tfmp.precision.ranges import HALF_DTYPES
 from tfmp.weights.layout import (LIBVER, checksum, datasets, float16_problem, variables_of,
@@ -261,7 +262,7 @@ def load_weights(model: keras.Model, path: str) -> str:
                 found = _shapes(f)
         except OSError as e:
             raise WeightsFileError(f"{path!r} is not a readable weights file "
-                                   f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+                                   f"({first_line(e)})") from None
         with h5py.File(_keras_weights(model, scratch), "r") as reference:
             expected = _shapes(reference)
             names = variables_of(model, reference)
