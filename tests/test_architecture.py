@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import pkgutil
+import re
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,61 @@ def test_no_module_over_400_lines():
                     with open(os.path.join(path, f)) as text:
                         lines = len(text.readlines())
                     assert lines <= MAX_LINES, f"{os.path.join(path, f)}: {lines} lines"
+
+
+MAX_PUBLIC_NAMES = 90
+USER_MODULES = ("tfmp.app.flags",)  # public modules `import tfmp` does not load
+
+
+def _public_names():
+    """`{(namespace, name): object}` for every name of an `__all__` users see (modules aside)."""
+    modules = [*_namespaces(), *(importlib.import_module(m) for m in USER_MODULES)]
+    return {(m.__name__, n): getattr(m, n) for m in modules for n in m.__all__
+            if not inspect.ismodule(getattr(m, n))}
+
+
+def _docs_text():
+    paths = [os.path.join(helpers.ROOT, "README.md")]
+    docs = os.path.join(helpers.ROOT, "docs")
+    paths += [os.path.join(docs, f) for f in sorted(os.listdir(docs)) if f.endswith(".md")]
+    return "\n".join(open(p).read() for p in paths)
+
+
+def _user_facing_test_text():
+    """The tests' imports and attribute paths that go through a public namespace."""
+    found = []
+    for root, _, files in os.walk(os.path.join(helpers.ROOT, "tests")):
+        for f in files:
+            if f.endswith(".py"):
+                tree = ast.parse(open(os.path.join(root, f)).read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.ImportFrom) and node.module:
+                        found += [f"{node.module}.{a.name}" for a in node.names]
+                    elif isinstance(node, ast.Attribute):
+                        found.append(ast.unparse(node))
+    return found
+
+
+def test_the_public_surface_is_small_and_every_name_is_shown_to_users():
+    # `__all__` is what users call and the types they receive; the library imports its
+    # helpers by module path. A public name no guide shows and no test calls the way a user
+    # would (through its namespace) is not public.
+    names = _public_names()
+    assert len({id(obj) for obj in names.values()}) <= MAX_PUBLIC_NAMES, sorted(names)
+    docs, tests = _docs_text(), set(_user_facing_test_text())
+    unseen = [f"{ns}.{name}" for (ns, name) in names
+              if not re.search(rf"\b{name}\b", docs) and f"{ns}.{name}" not in tests]
+    assert not unseen, unseen
+
+
+def test_a_namespace_holds_only_its_public_names():
+    # A helper imported into a namespace's __init__ would be reachable as if public.
+    for namespace in _namespaces():
+        if namespace is tfmp or not hasattr(namespace, "__path__"):
+            continue
+        extra = [n for n, v in vars(namespace).items() if not n.startswith("_")
+                 and not inspect.ismodule(v) and n not in namespace.__all__]
+        assert not extra, f"{namespace.__name__}: {extra}"
 
 
 def test_every_namespace_exports_what_exists():
