@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 
+import keras
 import pytest
 
 import helpers
@@ -71,6 +72,75 @@ def _library_modules():
                 yield from (os.path.join(root, f) for f in files if f.endswith(".py"))
         else:
             yield path + ".py"
+
+
+FENCED = ("keras.src", ".compat.v1", "tf.compat", "tensorflow.compat")
+
+
+def _breaches_of_the_fence(root):
+    """`path:line: code` for every use of Keras' private modules or TensorFlow's v1 API
+    outside `tfmp/_compat` (imports, and attribute chains such as `tf.compat.v1.x`)."""
+    found = []
+    for top in ("tfmp", "tools", "models", "benchmarks"):
+        for path, _, files in os.walk(os.path.join(root, top)):
+            if os.path.join("tfmp", "_compat") in path:
+                continue
+            for f in (f for f in files if f.endswith(".py")):
+                tree = ast.parse(open(os.path.join(path, f)).read())
+                for node in ast.walk(tree):
+                    if isinstance(node, ast.Import):
+                        names = [a.name for a in node.names]
+                    elif isinstance(node, ast.ImportFrom):
+                        names = [node.module or ""]
+                    elif isinstance(node, ast.Attribute):
+                        names = [ast.unparse(node)]
+                    else:
+                        continue
+                    found += [f"{os.path.join(path, f)}:{node.lineno}: {n}" for n in names
+                              if any(n.startswith(x) or x in n for x in FENCED)]
+    return found
+
+
+def _private_overrides(classes):
+    """`Class.method` for every method that overrides a private (`_x`) method of a Keras or
+    TensorFlow class: a hook Keras calls on itself, which only `tfmp._compat` may rely on."""
+    found = []
+    for cls in classes:
+        if cls.__module__.startswith("tfmp._compat"):
+            continue
+        theirs = [b for b in cls.__mro__[1:] if b.__module__.split(".")[0] in ("keras", "tensorflow")]
+        for name in vars(cls):
+            if name.startswith("_") and not name.startswith("__") and any(
+                    name in vars(b) for b in theirs):
+                found.append(f"{cls.__module__}.{cls.__qualname__}.{name}")
+    return found
+
+
+def _tfmp_classes():
+    for info in pkgutil.walk_packages(tfmp.__path__, "tfmp."):
+        module = importlib.import_module(info.name)
+        yield from (obj for obj in vars(module).values()
+                    if inspect.isclass(obj) and obj.__module__ == info.name)
+
+
+def test_only_the_fence_touches_keras_internals_and_tensorflow_v1():
+    assert not _breaches_of_the_fence(helpers.ROOT)
+    assert not _private_overrides(_tfmp_classes())
+
+
+def test_the_fence_check_catches_a_private_module_a_v1_call_and_a_private_hook(tmp_path):
+    planted = tmp_path / "tfmp" / "rewrite"
+    planted.mkdir(parents=True)
+    (planted / "bad.py").write_text("import tensorflow as tf\nfrom keras.src import ops\n"
+                                    "graph = tf.compat.v1.get_default_graph()\n")
+    assert [b.split(": ")[1] for b in _breaches_of_the_fence(tmp_path)] == [
+        "keras.src", "tf.compat.v1.get_default_graph", "tf.compat.v1", "tf.compat"]
+
+    class Backup(keras.callbacks.BackupAndRestore):
+        def _save_model(self):  # Keras' private save hook
+            pass
+
+    assert _private_overrides([Backup]) == [f"{__name__}.{Backup.__qualname__}._save_model"]
 
 
 def test_the_library_never_imports_the_package_root():

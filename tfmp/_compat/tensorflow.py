@@ -9,6 +9,13 @@ import tensorflow as tf
 
 from tfmp._compat.base import KerasInternalsChanged, relying_on
 
+def current_graph() -> Any:
+    """The graph being built (in a `tf.function` trace: that trace's), whose ops so far
+    `get_operations()` lists: TensorFlow's v1 `get_default_graph`, which TF2 has no other
+    name for."""
+    return tf.compat.v1.get_default_graph()
+
+
 def supports_no_merge_call() -> bool:
     """`tf.__internal__.distribute.strategy_supports_no_merge_call()`: the current strategy
     runs updates without `merge_call` (all-GPU mirrored strategies inside XLA)."""

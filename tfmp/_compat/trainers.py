@@ -112,6 +112,25 @@ def backup_progress(callback: Any) -> tuple[int, int]:
         return callback._current_epoch, callback._last_batch_seen
 
 
+class BackupWithOwnSave(keras.callbacks.BackupAndRestore):
+    """A `BackupAndRestore` whose every save is its `save_backup` (Keras calls the private hook
+    `BACKUP_SAVE_HOOK` from `on_epoch_end` and `on_train_batch_end`); an epoch end that does not
+    reach it (Keras renamed the hook) raises `KerasInternalsChanged` instead of saving Keras'
+    way unnoticed."""
+
+    def save_backup(self) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _save_model(self) -> None:  # BACKUP_SAVE_HOOK
+        self._backup_saved = True
+        self.save_backup()
+
+    def on_epoch_end(self, epoch, logs=None) -> None:
+        self._backup_saved = False
+        super().on_epoch_end(epoch, logs)
+        check_backup_saved(self, self._backup_saved)
+
+
 def check_backup_saved(callback: Any, saved: bool) -> None:
     """Raises if an epoch-end of a `BackupAndRestore` subclass did not reach its override
     of `BACKUP_SAVE_HOOK` (Keras renamed the hook: the save would not be the subclass's)."""

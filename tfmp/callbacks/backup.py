@@ -233,7 +233,7 @@ def _link_or_copy(source: str, target: str) -> None:
             shutil.copyfile(source, tmp)
 
 
-class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
+class SafeBackupAndRestore(_compat.BackupWithOwnSave):
     """`keras.callbacks.BackupAndRestore` whose saves survive a crash or a full disk, and
     whose restore checks the files and says what it restored.
 
@@ -282,7 +282,6 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
         self.restore_dir = restore_dir or backup_dir
         self.restore = restore
         self.restored: Optional[Checkpoint] = None
-        self._saved_this_epoch = False
         self._saved: Optional[tuple[str, tuple[int, ...]]] = None  # the last save's SHA, _identity
 
     def on_train_begin(self, logs=None) -> None:
@@ -321,14 +320,8 @@ class SafeBackupAndRestore(keras.callbacks.BackupAndRestore):
                               "Keras would restore the weights alone")
         _compat.resume_after_epoch(self.model, checkpoint.epoch)
 
-    def on_epoch_end(self, epoch, logs=None) -> None:
-        self._saved_this_epoch = False
-        super().on_epoch_end(epoch, logs)
-        _compat.check_backup_saved(self, self._saved_this_epoch)
-
-    def _save_model(self) -> None:
-        """Keras' save hook (`_compat.BACKUP_SAVE_HOOK`; `on_epoch_end` checks it is called)."""
-        self._saved_this_epoch = True
+    def save_backup(self) -> None:
+        """Every save Keras makes (`_compat.BackupWithOwnSave`): the weights, then their metadata."""
         (weights, metadata), (previous_weights, previous_metadata) = _files(self.backup_dir)
         os.makedirs(self.backup_dir, exist_ok=True)
         with atomic_path(weights, ".weights.h5") as tmp:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import keras
-import tensorflow as tf
 
 from tfmp import _compat
 
@@ -66,7 +65,7 @@ class CallRecorder:
 
     def _wrap(self, layer: Any, call: Any) -> Any:
         def traced_call(*args: Any, **kwargs: Any) -> Any:
-            graph = tf.compat.v1.get_default_graph()
+            graph = _compat.current_graph()
             start, began = len(graph.get_operations()), self._began
             self._began += 1
             if layer not in self.order:

@@ -129,7 +129,7 @@ class Probe:
             scaled = (None if self.loss is None or y is None
                       else tf.cast(self.loss(y, outputs), tf.float32) * self.scale)
         _compat.clear_losses(self.model)
-        graph = tf.compat.v1.get_default_graph()
+        graph = _compat.current_graph()
         owned = _casts_to_their_consumer(self.recorder.owned_ops())
         finite_of: dict[Any, Any] = {}
 
