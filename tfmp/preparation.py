@@ -81,6 +81,21 @@ def _optimizer_classes(optimizer: Any) -> list[tuple[Any, type]]:
     return [(t, type(t)) for t in targets if isinstance(t, keras.optimizers.Optimizer)]
 
 
+def _audited(model: keras.Model, optimizer: keras.optimizers.Optimizer, hw: HardwareInfo,
+             data: Any, run: Any) -> AuditReport:
+    """The audit of the prepared model (judging `run`, the conversion's trace, when it is still
+    the model's: one trace, not two), and the optimizer built on it.
+
+    Raises:
+        AuditError: the audit found errors.
+    """
+    report = audit(model, optimizer, hw, data=data, run=run)
+    if not report.ok:
+        raise AuditError(report)
+    build_optimizer(model, optimizer)  # now, not in the first traced step: one trace, not two
+    return report
+
+
 def prepare(
     model: keras.Model,
     optimizer: Union[str, keras.optimizers.Optimizer],
@@ -190,10 +205,7 @@ def prepare(
         opt = wrap_optimizer(optimizer, policy, loss_scale=loss_scale, guard=guard,
                              weights_dtype=weights, **scale_args)
         _record_kept(converted, kept)
-        report = audit(converted, opt, hw, data=data, run=run)  # one trace, not two
-        if not report.ok:
-            raise AuditError(report)
-        build_optimizer(converted, opt)  # now, not in the first traced step: one trace, not two
+        report = _audited(converted, opt, hw, data, run)
     except BaseException:  # nothing changed: Keras' policy and a model converted in place
         keras.config.set_dtype_policy(previous)
         restore_storage(stored)

@@ -315,6 +315,22 @@ def locate_overflows(
     >>> print(report)
     >>> model, opt = tfmp.prepare(model, "adam", "fp16", float32_layers=report.paths)
     """
+    target, half = _checked_arguments(model, policy, steps, margin)
+    scale = float(loss_scale if loss_scale is not None
+                  else DEFAULT_INITIAL_SCALE if half == "float16" else 1.0)
+    batches = [split_batch(model, b) for b in _batches(data, steps, batch_size)]
+    rows = _search(model, target, half, batches, scale, margin * HALF_MAX[half])
+    fn = compiled_loss(model, loss)
+    if fn is not None and half == "float16" and all(y is not None for _, y in batches):
+        _measure_underflow(model, rows, batches, fn, scale)
+    original = dict(iter_layers(model))
+    bad_inputs = tuple(i for i, (x, _) in enumerate(batches) if holds_nonfinite(x))
+    return OverflowReport(target, len(batches), scale, margin, tuple(rows.values()), bad_inputs,
+                          {p: original[p].path for p in rows if getattr(original.get(p), "path", None)})
+
+
+def _checked_arguments(model: keras.Model, policy: str, steps: Any, margin: Any) -> tuple[str, str]:
+    """`(policy name, its 16-bit compute dtype)`, or the ValueError `locate_overflows` raises."""
     target = resolve_policy(policy).name
     half = keras.dtype_policies.get(target).compute_dtype
     if half not in HALF_DTYPES:
@@ -326,21 +342,23 @@ def locate_overflows(
         raise ValueError(f"locate_overflows: margin must be in (0, 1]; got margin={margin!r}")
     if not model.built:
         raise ValueError(f"locate_overflows: {model.name!r} is not built; call it on a batch first")
-    scale = float(loss_scale if loss_scale is not None
-                  else DEFAULT_INITIAL_SCALE if half == "float16" else 1.0)
-    batches = [split_batch(model, b) for b in _batches(data, steps, batch_size)]
-    x0 = batches[0][0]
-    limit = margin * HALF_MAX[half]
+    return target, half
+
+
+def _search(model: keras.Model, target: str, half: str, batches: list, scale: float,
+            limit: float) -> dict[str, LayerOverflow]:
+    """Every layer's row, in model order: rounds under `target`, each with the layers condemned
+    so far in float32, until a round condemns none (at most `MAX_ROUNDS`)."""
     found: dict[str, LayerOverflow] = {}
     rows: dict[str, LayerOverflow] = {}
-    bad_inputs = [i for i, (x, _) in enumerate(batches) if holds_nonfinite(x)]
     for _ in range(MAX_ROUNDS):
         def probe16(converted: keras.Model) -> tuple[Any, list]:
             p = Probe(converted, (half,), None, scale)
             return p, p.run([(x, None) for x, _ in batches])
 
         try:
-            p, stats = _under(model, target, [k for k in found if k != MODEL_PATH], x0, probe16)
+            p, stats = _under(model, target, [k for k in found if k != MODEL_PATH],
+                              batches[0][0], probe16)
         except ValueError as e:  # a found layer no policy can reach (see convert_policy)
             if not found:
                 raise
@@ -362,19 +380,19 @@ def locate_overflows(
         logging.warning("tfmp.locate_overflows: still finding layers after %d rounds (%s); "
                         "run it again with those in float32 to check the rest", MAX_ROUNDS,
                         ", ".join(found))
-    order = list(rows)
-    fn = compiled_loss(model, loss)
-    if fn is not None and half == "float16" and all(y is not None for _, y in batches):
-        def probe32(converted: keras.Model) -> list:
-            return Probe(converted, (), fn, scale).run(batches)
+    return rows
 
-        grad_stats = _under(model, "float32", [], x0, probe32)
-        for path in order:
-            nonzero = sum(float(s[path]["nonzero"]) for s in grad_stats if path in s)
-            tiny = sum(float(s[path]["tiny"]) for s in grad_stats if path in s)
-            if nonzero:
-                rows[path] = rows[path].with_underflow(tiny / nonzero)
-    original = dict(iter_layers(model))
-    return OverflowReport(target, len(batches), scale, margin, tuple(rows[p] for p in order),
-                          tuple(bad_inputs),
-                          {p: original[p].path for p in order if getattr(original.get(p), "path", None)})
+
+def _measure_underflow(model: keras.Model, rows: dict[str, LayerOverflow], batches: list,
+                       loss: Any, scale: float) -> None:
+    """Adds to each row the share of its activation gradients that underflow float16 at
+    `scale`, measured forward and backward in float32 on the same batches."""
+    def probe32(converted: keras.Model) -> list:
+        return Probe(converted, (), loss, scale).run(batches)
+
+    grad_stats = _under(model, "float32", [], batches[0][0], probe32)
+    for path in rows:
+        nonzero = sum(float(s[path]["nonzero"]) for s in grad_stats if path in s)
+        tiny = sum(float(s[path]["tiny"]) for s in grad_stats if path in s)
+        if nonzero:
+            rows[path] = rows[path].with_underflow(tiny / nonzero)
