@@ -5,7 +5,7 @@ the models' tensor shapes and dtypes (`benchmarks.bench.activation_bytes`): no t
 so the figures are the same on every machine. Columns, as multiples of float32's:
 stock Keras built under the policy; `tfmp.prepare(float32 model, policy)`; and that
 prepared model with every normalization layer made float32 (what tfmp.prepare did
-before issue 19). The hardware is described as a GPU, so that the policy is not
+in its first releases). The hardware is described as a GPU, so that the policy is not
 refused as a trap on a CPU (nothing is run).
 
   python -m benchmarks.activation_memory --policy=mixed_bfloat16 --batch_size=128

@@ -1,4 +1,4 @@
-"""16-bit weights that still learn (issue 36): what `tfmp.compensate` buys and costs.
+"""16-bit weights that still learn: what `tfmp.compensate` buys and costs.
 
 Variants (`VARIANTS`): `float32`; `mixed_bfloat16` (float32 weights and Adam state);
 `bfloat16` (stock Keras: weights, gradients and Adam's moments in bfloat16, plain Adam);

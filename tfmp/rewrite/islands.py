@@ -5,17 +5,9 @@ element-wise activations are slower in bfloat16 than in float32 (they are
 computed through float32 internally, with extra conversions). For those, the
 activation of a layer is replaced by the same function computed in float32 and
 cast back to the layer's compute dtype: the model computes the same thing, at
-the activation's precision, faster. `ISLANDS` holds what was measured;
-`tfmp.prepare` applies it (`apply_islands`) to the model it returns.
-
-Measured on this project's machine (2-core Sapphire Rapids, avx512_bf16, no AMX;
-TensorFlow 2.21 CPU, oneDNN on): forward and backward over a 4096x1024 tensor,
-interleaved with float32, median time as a multiple of float32's:
-gelu bfloat16 1.64x, in float32 and cast back 1.13x; sigmoid 1.95x vs 1.47x;
-selu 2.03x vs 1.44x. (relu and tanh are faster in bfloat16 and stay there;
-silu, elu and softplus gain less than 10% and are left alone.) On the reference
-transformer (GELU feed-forward), dim 64: stock bfloat16 0.95x float32,
-with the island 1.01x; dim 256: 1.24x and 1.29x.
+the activation's precision, faster. `ISLANDS` holds what was measured (the figures, and
+the machine: BENCHMARKS.md, "Float32 islands"); `tfmp.prepare` applies it (`apply_islands`)
+to the model it returns.
 """
 
 from __future__ import annotations

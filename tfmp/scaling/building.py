@@ -6,8 +6,7 @@ first traced train step (`_maybe_symbolic_build` in Keras' TensorFlow trainer:
 variables are then created inside that trace, and TensorFlow traces a function
 that created variables on its first call a second time. Building the optimizer
 beforehand, on the variables Keras would give it, saves that second trace, with the
-same variables and the same steps (on this project's test suite: 461 s of CPU time in
-its in-process tests before, 383 s after). Under a strategy Keras builds it before fit itself.
+same variables and the same steps. Under a strategy Keras builds it before fit itself.
 
 A `DynamicLossScaleOptimizer` that Keras builds inside the traced step (no callback,
 no `prepare`) creates its variables out of the trace (`outside_the_trace`), so that
