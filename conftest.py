@@ -10,8 +10,10 @@ one pytest worker (TensorFlow is already imported there):
   worker's zygote (tests/helpers.py), anything else through the shell. A command must exit 0,
   or with the code its trailing comment names (`$ python -m tools.train --dtype=x  # exits 2`),
   in which case it must say one error line and no traceback. Output shown under a command is not compared;
-- ```bash blocks are shown, not run: set-up commands (pip) and commands for hardware or
-  clusters this machine does not have;
+- ```bash blocks are shown, not run (set-up commands, commands for hardware or clusters this
+  machine does not have, and runs too long for the suite, each saying which test runs it); their
+  `python -m tools.<name>` commands are checked against that binary's flags, so a renamed or
+  removed flag fails here too;
 - `<!-- skip: next -->` before a block skips it (Sybil's own skip directive); say why beside it.
 
 The global Keras state a document leaves (dtype policy, session) is reset after it.
@@ -55,14 +57,14 @@ def _writer(name, source):
     return write
 
 
-def _commands(source):
-    """The `$ ` commands of a console block, continuation lines joined."""
+def _commands(source, prompt="$ "):
+    """The commands of a block (lines starting with `prompt`), continuation lines joined."""
     commands, current = [], None
     for line in source.splitlines():
         if current is not None:
             current += " " + line.strip()
-        elif line.startswith("$ "):
-            current = line[2:].strip()
+        elif line.startswith(prompt) and line.strip() and not line.lstrip().startswith("#"):
+            current = line[len(prompt):].strip()
         else:
             continue
         if current.endswith("\\"):
@@ -101,6 +103,44 @@ def _run_console(example):
             assert len(errors) == 1 and "Traceback" not in proc.stderr, detail
 
 
+_TOOL_FLAGS = {}
+
+
+def _tool_flags(module):
+    """The flags `python -m <module>` defines (absl's own included)."""
+    if module not in _TOOL_FLAGS:
+        from helpers import zygote
+
+        code = ("import importlib, sys; from absl import flags; importlib.import_module(sys.argv[1]);"
+                " print(' '.join(flags.FLAGS))")
+        proc = zygote().run(["-c", code, module], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        _TOOL_FLAGS[module] = set(proc.stdout.split())
+    return _TOOL_FLAGS[module]
+
+
+def _check_flags(example):
+    """A block shown, not run: its `python -m tools.<name>` commands use that binary's flags."""
+    for command in _commands(str(example.parsed).replace("\n$ ", "\n"), prompt=""):
+        try:
+            argv = shlex.split(command.removeprefix("$ "), comments=True)
+        except ValueError:  # a quote in a comment
+            argv = command.removeprefix("$ ").split("#")[0].split()
+        while argv and "=" in argv[0] and not argv[0].startswith("-"):
+            argv.pop(0)  # VARIABLE=value before the command
+        if argv[:2] != ["python", "-m"] or not argv[2].startswith("tools."):
+            continue
+        module, args, rest = argv[2], argv[3:], []
+        if "--" in args:  # tools.launch_local: the flags after `--` are its workers' (`--module`)
+            args, rest = args[:args.index("--")], args[args.index("--") + 1:]
+        workers = next((a.split("=", 1)[1] for a in args if a.startswith("--module=")), "tools.train")
+        for binary, flags in ((module, args), (workers, rest)):
+            names = [a[2:].split("=")[0] for a in flags if a.startswith("--")]
+            unknown = [n for n in names if n not in _tool_flags(binary)
+                       and n.removeprefix("no") not in _tool_flags(binary)]
+            assert not unknown, f"{command}: {binary} has no flag {unknown}"
+
+
 def _setup(namespace):
     namespace["__docdir__"] = tempfile.mkdtemp(prefix="tfmp-docs-")
     namespace["__cwd__"] = os.getcwd()
@@ -118,7 +158,8 @@ def _teardown(namespace):
 
 
 pytest_collect_file = Sybil(
-    parsers=[_PythonOrFile(), CodeBlockParser("console", _run_console), SkipParser()],
+    parsers=[_PythonOrFile(), CodeBlockParser("console", _run_console),
+             CodeBlockParser("bash", _check_flags), SkipParser()],
     patterns=["README.md", "docs/*.md"],
     setup=_setup,
     teardown=_teardown,
