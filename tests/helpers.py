@@ -46,14 +46,28 @@ def make_model(seed=1, out_dtype="float32"):
 
 
 class Subclassed(keras.Model):
-    """A subclassed model (Keras cannot clone it): one Dense layer."""
+    """A subclassed model (Keras cannot clone it): `layers` applied in turn (`chain`), by
+    default one Dense layer."""
 
-    def __init__(self):
+    def __init__(self, *layers):
         super().__init__()
-        self.dense = keras.layers.Dense(2)
+        self.chain = list(layers) or [keras.layers.Dense(2)]
 
     def call(self, x):
-        return self.dense(x)
+        for layer in self.chain:
+            x = layer(x)
+        return x
+
+
+class HalfRMSNorm(keras.layers.Layer):
+    """A normalization (by its name) whose statistics run in the compute dtype."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
+
+    def call(self, x):
+        return x * keras.ops.rsqrt(keras.ops.mean(keras.ops.square(x), axis=-1, keepdims=True)
+                                   + 1e-6) * self.scale
 
 
 class CountCalls(keras.layers.Layer):
@@ -85,6 +99,12 @@ def mirrored():
     under MirroredStrategy use this one.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def truncate(path):
+    """Cuts a file (a `pathlib.Path`) to its first half, as a write killed midway leaves it."""
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2])
 
 
 def backup_epoch(backup):
