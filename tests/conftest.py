@@ -58,35 +58,38 @@ def _float32_policy_and_clean_env(monkeypatch):
     gc.freeze()
 
 
-# The longest modules first (measured CPU-seconds), the rest in file order: each module
-# runs on one of the two workers (--dist loadscope), so a long one started last would leave
-# the other worker idle at the end.
-LONGEST_FIRST = (  # CPU-seconds per module on a 2-core AVX2-only EPYC
-    "distribute/test_multi_worker.py",  # ~40 over ~30 s: two-worker clusters
-    "rewrite/test_model_kinds.py",  # ~42
-    "litert/test_conversion.py",  # ~38
-    "measure/test_tuning.py",  # ~31: XLA compiles
-    "scaling/test_accumulation.py",  # ~27
-    "tools/test_train.py",  # ~24: the binary in subprocesses
-    "tools/test_train_user.py",  # ~30 on a Zen 4: the user's models and data, many runs
-    "rewrite/test_overflows.py",  # ~21
+# The longest modules first, the rest in file order: each module runs on one of the two
+# workers (--dist loadscope), so a long one started last would leave the other worker idle at
+# the end. The figures: the seconds of a module's tests added up, in one full run (-n 2) on the
+# 2-core AVX-512 EPYC while other suites ran beside it (about twice the CPU-seconds).
+LONGEST_FIRST = (
+    "rewrite/test_model_kinds.py",  # ~87
+    "distribute/test_multi_worker.py",  # ~50 (~66 with a fresh launcher): two-worker clusters
+    "tools/test_train.py",  # ~43: the binary's runs in one child, a kill and a resume
+    "scaling/test_accumulation.py",  # ~40
+    "tools/test_train_user.py",  # ~40: the user's models and data, many runs
+    "litert/test_conversion.py",  # ~33
+    "rewrite/test_overflows.py",  # ~28
+    "compensation/test_compensating_optimizer.py",  # ~28
+    "tools/test_export.py",  # ~28
+    "callbacks/test_backup.py",  # ~25
+    "measure/test_losses.py",  # ~25
+    "weights/test_half.py",  # ~24
+    "callbacks/test_events.py",  # ~23: NanMonitor's replays, fits of tiny models
+    "measure/test_tuning.py",  # ~23: XLA compiles
+    "measure/test_comparison.py",  # ~20
+    "tools/test_train_run_dir.py",  # ~20
+    "tools/test_user_results.py",  # ~21: a user run trained, exported, compared
     "test_models.py",  # ~21
-    "scaling/test_replicas.py",
-    "measure/test_comparison.py",
-    "callbacks/test_monitors.py",
-    "tools/test_train_run_dir.py",
-    "compensation/test_compensating_optimizer.py",  # ~15 on this session's Zen 4
-    "tools/test_export.py",
-    "tools/test_user_results.py",  # ~8: a user run trained, exported, compared
-    "tools/test_train_weights.py",  # two runs of the binary side by side, one killed
-    "scaling/test_optimizer.py",  # ~11
-    "weights/test_half.py",  # ~10: last in file order, it ran alone at the end
-    "callbacks/test_events.py",  # ~9: NanMonitor's replays, fits of tiny models
-    "rewrite/test_storage.py",
-    "test_benchmarks.py",
-    "app/test_training.py",
-    "app/test_flags.py",  # ~4: the README's binary as a process
-    "scaling/test_state_guard.py",
+    "scaling/test_replicas.py",  # ~19
+    "callbacks/test_monitors.py",  # ~19
+    "scaling/test_state_guard.py",  # ~19
+    "rewrite/test_preparation.py",  # ~16
+    "tools/test_train_weights.py",  # ~16: two runs of the binary side by side, one killed
+    "scaling/test_optimizer.py",  # ~15
+    "test_benchmarks.py",  # ~15
+    "app/test_training.py",  # ~13
+    "app/test_flags.py",  # ~6: the README's binary as a process
 )
 
 
