@@ -60,36 +60,36 @@ def _float32_policy_and_clean_env(monkeypatch):
 
 # The longest modules first, the rest in file order: each module runs on one of the two
 # workers (--dist loadscope), so a long one started last would leave the other worker idle at
-# the end. The figures: the seconds of a module's tests added up, in one full run (-n 2) on the
-# 2-core AVX-512 EPYC while other suites ran beside it (about twice the CPU-seconds).
+# the end. The figures: a module's test seconds added up, the mean of two full -n 2 runs on the
+# 2-core AVX-512 EPYC with other suites beside them (from run to run they vary by half).
 LONGEST_FIRST = (
-    "rewrite/test_model_kinds.py",  # ~87
-    "distribute/test_multi_worker.py",  # ~50 (~66 with a fresh launcher): two-worker clusters
-    "tools/test_train.py",  # ~43: the binary's runs in one child, a kill and a resume
-    "scaling/test_accumulation.py",  # ~40
-    "tools/test_train_user.py",  # ~40: the user's models and data, many runs
-    "litert/test_conversion.py",  # ~33
-    "rewrite/test_overflows.py",  # ~28
-    "compensation/test_compensating_optimizer.py",  # ~28
-    "tools/test_export.py",  # ~28
-    "callbacks/test_backup.py",  # ~25
-    "measure/test_losses.py",  # ~25
-    "weights/test_half.py",  # ~24
-    "callbacks/test_events.py",  # ~23: NanMonitor's replays, fits of tiny models
-    "measure/test_tuning.py",  # ~23: XLA compiles
-    "measure/test_comparison.py",  # ~20
-    "tools/test_train_run_dir.py",  # ~20
-    "tools/test_user_results.py",  # ~21: a user run trained, exported, compared
+    "rewrite/test_model_kinds.py",  # ~68
+    "tools/test_train.py",  # ~39: the binary's runs in one child, a kill and a resume
+    "scaling/test_accumulation.py",  # ~37
+    "distribute/test_multi_worker.py",  # ~33 (one run): two-worker clusters
+    "tools/test_train_user.py",  # ~32: the user's models and data, many runs
+    "measure/test_tuning.py",  # ~29: XLA compiles
+    "litert/test_conversion.py",  # ~29
+    "rewrite/test_overflows.py",  # ~24
     "test_models.py",  # ~21
-    "scaling/test_replicas.py",  # ~19
-    "callbacks/test_monitors.py",  # ~19
-    "scaling/test_state_guard.py",  # ~19
-    "rewrite/test_preparation.py",  # ~16
-    "tools/test_train_weights.py",  # ~16: two runs of the binary side by side, one killed
-    "scaling/test_optimizer.py",  # ~15
-    "test_benchmarks.py",  # ~15
-    "app/test_training.py",  # ~13
-    "app/test_flags.py",  # ~6: the README's binary as a process
+    "compensation/test_compensating_optimizer.py",  # ~21
+    "measure/test_comparison.py",  # ~21
+    "tools/test_train_run_dir.py",  # ~20
+    "tools/test_export.py",  # ~20
+    "callbacks/test_events.py",  # ~20: NanMonitor's replays, fits of tiny models
+    "scaling/test_optimizer.py",  # ~18
+    "weights/test_half.py",  # ~18
+    "tools/test_user_results.py",  # ~17: a user run trained, exported, compared
+    "callbacks/test_monitors.py",  # ~17
+    "scaling/test_replicas.py",  # ~17
+    "callbacks/test_backup.py",  # ~17
+    "test_benchmarks.py",  # ~16
+    "measure/test_losses.py",  # ~16
+    "scaling/test_state_guard.py",  # ~15
+    "rewrite/test_preparation.py",  # ~14
+    "app/test_training.py",  # ~12
+    "tools/test_train_weights.py",  # ~11: two runs of the binary side by side, one killed
+    "app/test_flags.py",  # ~4: the README's binary as a process
 )
 
 
