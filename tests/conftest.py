@@ -58,35 +58,38 @@ def _float32_policy_and_clean_env(monkeypatch):
     gc.freeze()
 
 
-# The longest modules first (measured CPU-seconds), the rest in file order: each module
-# runs on one of the two workers (--dist loadscope), so a long one started last would leave
-# the other worker idle at the end.
-LONGEST_FIRST = (  # CPU-seconds per module on a 2-core AVX2-only EPYC
-    "distribute/test_multi_worker.py",  # ~40 over ~30 s: two-worker clusters
-    "rewrite/test_model_kinds.py",  # ~42
-    "litert/test_conversion.py",  # ~38
-    "measure/test_tuning.py",  # ~31: XLA compiles
-    "scaling/test_accumulation.py",  # ~27
-    "tools/test_train.py",  # ~24: the binary in subprocesses
-    "tools/test_train_user.py",  # ~30 on a Zen 4: the user's models and data, many runs
-    "rewrite/test_overflows.py",  # ~21
+# The longest modules first, the rest in file order: each module runs on one of the two
+# workers (--dist loadscope), so a long one started last would leave the other worker idle at
+# the end. The figures: a module's test seconds added up, the mean of two full -n 2 runs on the
+# 2-core AVX-512 EPYC with other suites beside them (from run to run they vary by half).
+LONGEST_FIRST = (
+    "rewrite/test_model_kinds.py",  # ~68
+    "tools/test_train.py",  # ~39: the binary's runs in one child, a kill and a resume
+    "scaling/test_accumulation.py",  # ~37
+    "distribute/test_multi_worker.py",  # ~33 (one run): two-worker clusters
+    "tools/test_train_user.py",  # ~32: the user's models and data, many runs
+    "measure/test_tuning.py",  # ~29: XLA compiles
+    "litert/test_conversion.py",  # ~29
+    "rewrite/test_overflows.py",  # ~24
     "test_models.py",  # ~21
-    "scaling/test_replicas.py",
-    "measure/test_comparison.py",
-    "callbacks/test_monitors.py",
-    "tools/test_train_run_dir.py",
-    "compensation/test_compensating_optimizer.py",  # ~15 on this session's Zen 4
-    "tools/test_export.py",
-    "tools/test_user_results.py",  # ~8: a user run trained, exported, compared
-    "tools/test_train_weights.py",  # two runs of the binary side by side, one killed
-    "scaling/test_optimizer.py",  # ~11
-    "weights/test_half.py",  # ~10: last in file order, it ran alone at the end
-    "callbacks/test_events.py",  # ~9: NanMonitor's replays, fits of tiny models
-    "rewrite/test_storage.py",
-    "test_benchmarks.py",
-    "app/test_training.py",
+    "compensation/test_compensating_optimizer.py",  # ~21
+    "measure/test_comparison.py",  # ~21
+    "tools/test_train_run_dir.py",  # ~20
+    "tools/test_export.py",  # ~20
+    "callbacks/test_events.py",  # ~20: NanMonitor's replays, fits of tiny models
+    "scaling/test_optimizer.py",  # ~18
+    "weights/test_half.py",  # ~18
+    "tools/test_user_results.py",  # ~17: a user run trained, exported, compared
+    "callbacks/test_monitors.py",  # ~17
+    "scaling/test_replicas.py",  # ~17
+    "callbacks/test_backup.py",  # ~17
+    "test_benchmarks.py",  # ~16
+    "measure/test_losses.py",  # ~16
+    "scaling/test_state_guard.py",  # ~15
+    "rewrite/test_preparation.py",  # ~14
+    "app/test_training.py",  # ~12
+    "tools/test_train_weights.py",  # ~11: two runs of the binary side by side, one killed
     "app/test_flags.py",  # ~4: the README's binary as a process
-    "scaling/test_state_guard.py",
 )
 
 

@@ -46,14 +46,28 @@ def make_model(seed=1, out_dtype="float32"):
 
 
 class Subclassed(keras.Model):
-    """A subclassed model (Keras cannot clone it): one Dense layer."""
+    """A subclassed model (Keras cannot clone it): `layers` applied in turn (`chain`), by
+    default one Dense layer."""
 
-    def __init__(self):
+    def __init__(self, *layers):
         super().__init__()
-        self.dense = keras.layers.Dense(2)
+        self.chain = list(layers) or [keras.layers.Dense(2)]
 
     def call(self, x):
-        return self.dense(x)
+        for layer in self.chain:
+            x = layer(x)
+        return x
+
+
+class HalfRMSNorm(keras.layers.Layer):
+    """A normalization (by its name) whose statistics run in the compute dtype."""
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
+
+    def call(self, x):
+        return x * keras.ops.rsqrt(keras.ops.mean(keras.ops.square(x), axis=-1, keepdims=True)
+                                   + 1e-6) * self.scale
 
 
 class CountCalls(keras.layers.Layer):
@@ -85,6 +99,12 @@ def mirrored():
     under MirroredStrategy use this one.
     """
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+
+
+def truncate(path):
+    """Cuts a file (a `pathlib.Path`) to its first half, as a write killed midway leaves it."""
+    content = path.read_bytes()
+    path.write_bytes(content[:len(content) // 2])
 
 
 def backup_epoch(backup):
@@ -135,50 +155,8 @@ def run_tool(tool, *args, timeout=300, **extra_env):
     return zygote().run(["-m", f"tools.{tool}", *args], env=env, timeout=timeout)
 
 
-_CASES_DRIVER = """
-import contextlib, io, json, resource, sys
-from absl import flags, logging as absl_logging
-import importlib
-name = sys.argv[1]
-tool = importlib.import_module("tools." + name)  # its flags are defined once
-from tfmp.app import cli
-results = []
-import os
-# absl.app.run sets logging up (its handler, INFO) in a process's first run only; unparsing
-# the flags then puts --verbosity back to -1 (WARNING): each later case gets the first's.
-verbosity = None
-for case in json.loads(sys.argv[2]):
-    case = {"argv": case} if isinstance(case, list) else case
-    argv, env = case["argv"], case.get("env", {})
-    os.environ.update(env)
-    flags.FLAGS.unparse_flags()  # every case starts from the defaults
-    if verbosity is not None:
-        absl_logging.set_verbosity(verbosity)
-    sys.argv = [name + ".py", *argv]
-    err, out = io.StringIO(), io.StringIO()
-    mock = contextlib.nullcontext()
-    if "mock_data" in case:  # tensorflow-datasets' mock data for every dataset
-        import tensorflow_datasets as tfds
-        mock = tfds.testing.mock_data(num_examples=case["mock_data"])
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    if "file_size_limit" in case:  # a full disk; Python ignores SIGXFSZ: writes fail (EFBIG)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (case["file_size_limit"], limit[1]))
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), mock:
-        absl_logging.get_absl_handler().python_handler.stream = err  # bound once, at import
-        try:
-            cli.run(tool.main)
-            code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else 1
-        finally:
-            resource.setrlimit(resource.RLIMIT_FSIZE, limit)
-    verbosity = absl_logging.get_verbosity() if verbosity is None else verbosity
-    results.append([code, err.getvalue(), out.getvalue()])
-    for key in env:
-        del os.environ[key]
-sys.argv = sys.argv[:1]
-sys.stdout.write("CASES=" + json.dumps(results) + "\\n")
-"""
+CASE_DRIVER = os.path.join(ROOT, "tests", "case_driver.py")  # run_tool_cases' child
+ZYGOTE_SERVER = os.path.join(ROOT, "tests", "zygote_server.py")  # the Zygote's process
 
 
 def run_tool_cases(tool, cases, timeout=300, stdout=False, **extra_env):
@@ -191,93 +169,17 @@ def run_tool_cases(tool, cases, timeout=300, stdout=False, **extra_env):
     Each case goes through the binary's own entry point (`cli.run(main)`, absl
     flag parsing included) from default flag values; TensorFlow is imported
     once instead of once per case. For cases that end before anything is
-    built (bad input), or for several runs of a binary in a row. Returns
+    built (bad input), or for several runs of a binary in a row (tests/case_driver.py). Returns
     `[(exit_code, stderr), ...]`, or `[(exit_code, stderr, stdout), ...]` with `stdout=True`.
     """
     import json
 
     env = {k: v for k, v in os.environ.items() if k != "TFMP_PRECISION"}  # cases set their own
     env.update(TF_CPP_MIN_LOG_LEVEL="3", **extra_env)
-    proc = zygote().run(["-c", _CASES_DRIVER, tool, json.dumps(cases)], env=env, timeout=timeout)
+    proc = zygote().run([CASE_DRIVER, tool, json.dumps(cases)], env=env, timeout=timeout)
     line = [l for l in proc.stdout.splitlines() if l.startswith("CASES=")]
     assert proc.returncode == 0 and line, proc.stderr[-3000:]
     return [tuple(r) if stdout else tuple(r[:2]) for r in json.loads(line[0][len("CASES="):])]
-
-
-_ZYGOTE = r"""
-import atexit, json, os, runpy, select, sys, traceback
-import absl.app, keras, tensorflow, tfmp, tfmp.app  # noqa: F401  (once, before any fork)
-
-
-def reply(message):
-    os.write(1, json.dumps(message).encode() + b"\n")
-
-
-def child(request):  # what `python <argv>` would run, with its own stdio and cwd; never returns
-    code = 1
-    try:
-        os.chdir(request["cwd"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        import tempfile
-        tempfile.tempdir = None  # from TMPDIR as a fresh interpreter would, not the zygote's
-        for fd, path, mode in ((0, os.devnull, os.O_RDONLY),
-                               (1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
-                               (2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)):
-            new = os.open(path, mode, 0o644)
-            os.dup2(new, fd)
-            os.close(new)
-        sys.stdin = open(os.devnull)
-        argv = request["argv"]
-        # sys.path as the interpreter starts it: the script's place, then PYTHONPATH
-        extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
-        try:
-            if argv[0] == "-m":
-                sys.argv = argv[1:]
-                sys.path[0:0] = [request["cwd"], *extra]
-                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-            else:  # -c CODE ARGS...
-                sys.argv = ["-c", *argv[2:]]
-                sys.path[0:0] = ["", *extra]
-                exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
-            code = 0
-        except SystemExit as e:
-            if e.code is None or isinstance(e.code, int):
-                code = e.code or 0
-            else:
-                print(e.code, file=sys.stderr)
-        except BaseException:
-            traceback.print_exc()
-        atexit._run_exitfuncs()
-    finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-
-os.write(1, b"ready\n")
-pending, running = b"", set()
-while True:  # requests on stdin (one JSON line each); while children run, polled every 20 ms
-    if select.select([0], [], [], 0.02 if running else None)[0]:
-        data = os.read(0, 1 << 16)
-        if not data:
-            break
-        pending += data
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            pid = os.fork()
-            if pid == 0:
-                child(json.loads(line))
-            running.add(pid)
-            reply({"pid": pid})
-    for pid in list(running):
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            running.discard(pid)
-            reply({"pid": pid, "code": os.waitstatus_to_exitcode(status)})
-"""
 
 
 class Zygote:
@@ -291,7 +193,7 @@ class Zygote:
     starts in each child (so `--num_cpu_devices` and cluster set-ups still come first
     there). A child can be killed like any process (`Child.pid`). Runs that are about the
     interpreter itself (a fresh import) or the launcher (`launch` starts its workers as
-    fresh processes) use `subprocess` directly.
+    fresh processes) use `subprocess` directly. The zygote's program: tests/zygote_server.py.
     """
 
     def __init__(self):
@@ -299,7 +201,7 @@ class Zygote:
         import select
 
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _ZYGOTE], cwd=ROOT, stdin=subprocess.PIPE,
+            [sys.executable, ZYGOTE_SERVER], cwd=ROOT, stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, bufsize=0, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         started = select.select([self.proc.stdout], [], [], 120)[0]
         assert started and self.proc.stdout.readline() == b"ready\n", "the zygote did not start"
@@ -324,7 +226,8 @@ class Zygote:
                 self._done.notify_all()
 
     def start(self, argv, env, cwd=ROOT) -> "Child":
-        """`python *argv` as a child, not waited for (`Child.wait`)."""
+        """`python *argv` as a child, not waited for (`Child.wait`). argv: `-m MODULE ARGS`,
+        `-c CODE ARGS` or `SCRIPT ARGS`."""
         import json
         import tempfile
 

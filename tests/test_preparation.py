@@ -158,17 +158,6 @@ def test_convert_policy_reaches_sublayers_a_custom_layer_makes(built_under, targ
     keras.config.set_dtype_policy("float32")
 
 
-class HalfRMSNorm(keras.layers.Layer):
-    """A normalization (by its name) whose statistics run in the compute dtype."""
-
-    def build(self, input_shape):
-        self.scale = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="scale")
-
-    def call(self, x):
-        return x * keras.ops.rsqrt(keras.ops.mean(keras.ops.square(x), axis=-1, keepdims=True)
-                                   + 1e-6) * self.scale
-
-
 class NormNet(keras.Model):
     """Subclassed: a LayerNormalization, a 16-bit-statistics norm, a head."""
 
@@ -176,7 +165,7 @@ class NormNet(keras.Model):
         super().__init__(**kwargs)
         self.hidden = keras.layers.Dense(16, name="d1")
         self.ln = keras.layers.LayerNormalization(name="ln")
-        self.half = HalfRMSNorm(name="half_norm")
+        self.half = helpers.HalfRMSNorm(name="half_norm")
         self.head = keras.layers.Dense(2, name="head")
 
     def call(self, x):
@@ -189,7 +178,7 @@ def _norms_model():
     x = inputs = keras.Input((16,))
     x = keras.layers.LayerNormalization(name="ln")(keras.layers.Dense(16, name="d1")(x))
     x = keras.layers.BatchNormalization(name="bn")(keras.layers.Dense(16, name="d2")(x))
-    x = HalfRMSNorm(name="half_norm")(keras.layers.Dense(16, name="d3")(x))
+    x = helpers.HalfRMSNorm(name="half_norm")(keras.layers.Dense(16, name="d3")(x))
     x = keras.layers.UnitNormalization(name="unit")(keras.layers.Dense(16, name="d4")(x))
     x = keras.layers.LayerNormalization(name="ln_before_head")(keras.layers.Dense(16, name="d5")(x))
     return keras.Model(inputs, keras.layers.Dense(2, name="head")(x))
@@ -209,7 +198,7 @@ def test_prepare_traces_the_model_it_returns_once_unless_it_changed_after(case, 
     x = keras.layers.Dense(16, activation="gelu" if case == "island" else "relu")(x)
     x = keras.layers.LayerNormalization()(helpers.CountCalls(name="count")(x))
     if case == "converted twice":
-        x = HalfRMSNorm()(x)
+        x = helpers.HalfRMSNorm()(x)
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Dense(16)(x)))
     hardware = CPU_BF16 if case == "island" else GPU
     prepared, opt = tfmp.prepare(model, keras.optimizers.Adam(), "bf16", hardware=hardware)

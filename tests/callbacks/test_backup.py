@@ -12,6 +12,7 @@ import keras
 import numpy as np
 import pytest
 
+from helpers import truncate
 from tfmp import _compat
 from tfmp.callbacks import BackupError, SafeBackupAndRestore, inspect_backup
 from tfmp.callbacks import backup as backup_module
@@ -38,11 +39,6 @@ def _fit(backup_dir, epochs, model=None, **kwargs):
 
 def _bytes(directory):
     return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
-
-
-def _truncate(path):
-    data = path.read_bytes()
-    path.write_bytes(data[:len(data) // 2])
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +122,7 @@ def test_a_resume_restores_weights_optimizer_and_epoch(two_epochs, tmp_path):
 
 def _damage(directory, damage):
     if damage == "truncated weights":
-        _truncate(directory / LATEST_W)
+        truncate(directory / LATEST_W)
     elif damage == "metadata missing":
         (directory / LATEST_M).unlink()
     elif damage == "weights missing":
@@ -170,7 +166,7 @@ def test_no_complete_checkpoint_is_one_line_naming_the_files(two_epochs, tmp_pat
     directory = _copy(two_epochs, tmp_path)
     if damage == "both truncated":
         for name in os.listdir(directory):
-            _truncate(directory / name)
+            truncate(directory / name)
     else:
         for name in (LATEST_M, PREV_W, PREV_M):
             (directory / name).unlink()
@@ -248,7 +244,7 @@ def test_a_backup_keras_itself_wrote_is_restored_and_its_damage_found(tmp_path):
     shutil.copytree(tmp_path / "k", tmp_path / "damaged")
     _, history, _ = _fit(tmp_path / "k", 3)  # rewrites it with checksums from epoch 3 on
     assert history.epoch == [2] and "weights_sha256" in (tmp_path / "k" / LATEST_M).read_text()
-    _truncate(tmp_path / "damaged" / LATEST_W)  # no checksum to compare: HDF5 cannot open it
+    truncate(tmp_path / "damaged" / LATEST_W)  # no checksum to compare: HDF5 cannot open it
     checkpoint = inspect_backup(str(tmp_path / "damaged"))
     assert checkpoint.previous and "not a readable HDF5 file" in checkpoint.problem
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 from keras import ops
 
 import tfmp
+from helpers import Subclassed
 from rewrite.overflow_models import Energy, chain, functional, task
 from tfmp.callbacks import NanMonitor
 from tfmp.callbacks import culprit as culprit_module
@@ -180,22 +181,11 @@ def test_an_op_outside_its_domain_is_not_blamed_on_precision(precision):
     assert "float32_layers" not in event.fix and "bfloat16" not in event.fix
 
 
-class Subclassed(keras.Model):
-    """A subclassed model (converted in place by prepare, and by the float32 replay)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.d1 = keras.layers.Dense(8, name="d1")
-        self.odd = LogOneMinus(name="log_one_minus")
-        self.head = keras.layers.Dense(2, name="head")
-
-    def call(self, x):
-        return self.head(ops.concatenate([self.d1(x), self.odd(x)], axis=-1))
-
-
 def test_a_subclassed_model_goes_on_training_after_its_events_are_replayed():
     keras.utils.set_random_seed(0)
-    model = Subclassed()
+    # converted in place by prepare, and by the float32 replay
+    odd = LogOneMinus(name="log_one_minus")
+    model = Subclassed(odd, keras.layers.Dense(2, name="head"))
     model(task(4)[0])
     model, opt = tfmp.prepare(model, "adam", "bf16", guard=True, hardware=BF16_CPU)
     model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))
@@ -205,7 +195,7 @@ def test_a_subclassed_model_goes_on_training_after_its_events_are_replayed():
     # the traced step, put back after each replay's in-place float32 switch, ran on
     assert hist.epoch == [0, 1] and len(nan.events) == 8
     assert {(e.kind, e.first_nonfinite_layer) for e in nan.events} == {(PRECISION, "log_one_minus")}
-    assert model.odd.dtype_policy.name == "mixed_bfloat16"
+    assert odd.dtype_policy.name == "mixed_bfloat16"
 
 
 def test_a_16_bit_layer_among_float32_ones_is_replayed_in_float32():

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import tfmp
-from helpers import mirrored
+from helpers import make_data, mirrored
 from tfmp.callbacks import LossScaleMonitor, NanMonitor
 
 
@@ -53,12 +53,6 @@ class Recorder(keras.callbacks.Callback):
         self.summary = (logs or {}).get("tfmp_summary")
 
 
-def make_data(n=128, seed=0):
-    rng = np.random.RandomState(seed)
-    x = rng.rand(n, 8).astype("float32")
-    return x, x.sum(axis=1, keepdims=True)
-
-
 def make_model(spikes=()):
     keras.utils.set_random_seed(0)
     return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
@@ -74,7 +68,7 @@ def compile_fp16(model, **scale_args):
 
 def test_injected_overflow_is_counted_logged_and_recovered(tmp_path):
     keras.config.set_dtype_policy("mixed_float16")
-    x, y = make_data()
+    x, y = make_data(128)
     model = make_model(spikes={2, 3, 9})
     opt = compile_fp16(model, growth_interval=3)
     csv_path, tb_dir = str(tmp_path / "log.csv"), str(tmp_path / "tb")

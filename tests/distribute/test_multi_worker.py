@@ -4,7 +4,6 @@ import io
 import json
 import os
 import socket
-import subprocess
 import sys
 import time
 
@@ -17,11 +16,6 @@ from tfmp import _compat, distribute
 from tfmp.scaling.half_weights import SEVERAL_WORKERS
 
 JOB = os.path.join(helpers.ROOT, "tests", "distribute", "multi_worker_job.py")
-
-
-# `python SCRIPT ARGS...` in a zygote child: `["-c", RUN_SCRIPT, SCRIPT, *ARGS]`
-RUN_SCRIPT = ("import runpy, sys; sys.argv = sys.argv[1:]; "
-              "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 def _start_cluster(argv, **env):
@@ -58,9 +52,9 @@ def two_worker_runs(tmp_path_factory):
     single = tmp / "single"
     single.mkdir()
     alongside = helpers.zygote().start(  # `python JOB ...`, forked from this worker's zygote
-        ["-c", RUN_SCRIPT, JOB, str(single), "single", BF16_ACCUM],
+        [JOB, str(single), "single", BF16_ACCUM],
         env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
-    cluster = _start_cluster(["-c", RUN_SCRIPT, JOB, str(tmp), FP16_INJECT, BF16_ACCUM,
+    cluster = _start_cluster([JOB, str(tmp), FP16_INJECT, BF16_ACCUM,
                               BF16_WEIGHTS, NO_FIX])
     workers = [worker.wait(timeout=300) for worker in cluster]
     single_run = alongside.wait(timeout=150)
@@ -214,20 +208,13 @@ def _user_env(shards):
 
 
 def _launch_train(model_dir, **env):
-    """`python -m tools.launch_local ... -- <TRAIN_FLAGS>`, the binary, in a child process
-    (its workers: fresh processes with this environment, `env` added)."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "tools.launch_local", "--num_workers=2", "--stop_grace=0.5", "--",
+    """`python -m tools.launch_local ... -- <TRAIN_FLAGS>`, the binary, in a process forked
+    from this worker's zygote (its workers: fresh processes with this environment, `env`
+    added, as `launch` starts them). Not waited for."""
+    return helpers.zygote().start(
+        ["-m", "tools.launch_local", "--num_workers=2", "--stop_grace=0.5", "--",
          *TRAIN_FLAGS, f"--model_dir={model_dir}"],
-        cwd=helpers.ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env),
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _backup_epoch(backup_dir):
-    try:
-        return json.loads((backup_dir / "training_metadata.json").read_text())["epoch"]
-    except (OSError, ValueError):
-        return 0
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", **env))
 
 
 def _children(pid):
@@ -253,19 +240,21 @@ def test_sigkill_one_worker_then_relaunch_resumes_to_the_uninterrupted_result(tm
     uninterrupted = _start_cluster([*train, f"--model_dir={full}"],  # never killed, alongside
                                    **_user_env(tmp_path / "shards_uninterrupted"))
     tmp_path, shards = tmp_path / "killed", tmp_path / "shards_killed"
-    launcher = _launch_train(tmp_path, **_user_env(shards))
+    launcher, launched = _launch_train(tmp_path, **_user_env(shards)), None
     try:
         deadline = time.monotonic() + 90
-        while (_backup_epoch(tmp_path / "backup") < 1 and launcher.poll() is None
+        while (helpers.backup_epoch(tmp_path / "backup") < 1 and launcher.poll() is None
                and time.monotonic() < deadline):
             time.sleep(0.01)
-        assert _backup_epoch(tmp_path / "backup") == 1, "never completed an epoch"
+        assert helpers.backup_epoch(tmp_path / "backup") == 1, "never completed an epoch"
         assert launcher.poll() is None, "finished before it could be killed"
         os.kill(_children(launcher.pid)[1], 9)  # worker 1, inside the second epoch
-        out, _ = launcher.communicate(timeout=60)
+        launched = launcher.wait(timeout=60)  # killed past the timeout
     finally:
-        launcher.kill()
-    assert launcher.returncode == 1, out[-3000:]
+        if launched is None and launcher.poll() is None:  # a check above failed: not left running
+            os.kill(launcher.pid, 9)
+    out = launched.stdout + launched.stderr
+    assert launched.returncode == 1, out[-3000:]
     assert "launch_local: worker 1 failed (signal SIGKILL); stopping the others" in out
     assert "[worker 0] " in out and "[worker 1] " in out  # the binary's launcher prefixed them
     assert not (tmp_path / "model.keras").exists()

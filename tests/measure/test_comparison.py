@@ -108,8 +108,9 @@ def test_bad_arguments(task, kwargs, fragment):
 TOOL_BAD_INPUT = [
     (["--policies=fp32,fp17"], "Unknown precision 'fp17'"),  # the library's check, one line
     (["--model=mlp", "--model_path=x.keras"], "give --model or --model_path, not both"),
-    (["--model_path={tmp}/cnn.keras"], "the model takes inputs of shape (8, 8, 3); dataset "
-                                       "'synthetic' has (32, 32, 3)"),
+    # a vector model (synthetic image data is 8192 images to make: ~2 s for a refusal)
+    (["--model_path={tmp}/narrow.keras"], "the model takes inputs of shape (16,); dataset "
+                                          "'synthetic' has (64,)"),
 ]
 
 
@@ -122,7 +123,7 @@ def tool_runs(tmp_path_factory):
     compiled = _tiny()
     compiled.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     compiled.save(tmp / "m.keras")
-    models.get("cnn")[0](input_shape=(8, 8, 3), width=8, stages=1).save(tmp / "cnn.keras")
+    models.get("mlp")[0](input_shape=(16,), num_classes=10, hidden=(8,)).save(tmp / "narrow.keras")
     subclassed = corpus.SubclassedNet(classes=10, name="net")
     subclassed(np.zeros((1, data.VECTOR_DIM), "float32"))
     subclassed.save(tmp / "sub.keras")

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import tfmp
+from helpers import Subclassed
 
 X = np.random.RandomState(0).rand(8, 12).astype("float32")
 
@@ -81,30 +82,21 @@ def test_nested_model_output():
     _check_clone(model, fixed, atol=2e-2)
 
 
-class Subclassed(keras.Model):
-    def __init__(self):
-        super().__init__()
-        self.dense = keras.layers.Dense(8)
-        self.norm = keras.layers.LayerNormalization()
-        self.out = keras.layers.Dense(2, activation="softmax")
-
-    def call(self, x):
-        return self.out(self.norm(self.dense(x)))
-
-
 def test_a_subclassed_model_is_changed_in_place_and_checked_by_running_it():
     keras.config.set_dtype_policy("mixed_bfloat16")
-    model = Subclassed()
+    model = Subclassed(keras.layers.Dense(8), keras.layers.LayerNormalization(),
+                       keras.layers.Dense(2, activation="softmax"))
+    dense, norm, head = model.chain
     before = np.asarray(model(X), "float32")
     weights = model.get_weights()
     fixed = tfmp.enforce_float32(model)
     assert fixed is model  # Keras cannot rebuild it layer by layer: changed in place
-    assert (model.dense.dtype_policy.name, model.norm.dtype_policy.name,
-            model.out.dtype_policy.name) == ("mixed_bfloat16", "float32", "float32")
+    assert (dense.dtype_policy.name, norm.dtype_policy.name,
+            head.dtype_policy.name) == ("mixed_bfloat16", "float32", "float32")
     run = tfmp.rewrite.run_model(model)  # what executed, not what the configs say
-    assert run.layer(model.dense.name).ops[0].dtype == "bfloat16"
-    assert run.layer(model.out.name).ops[0].dtype == "float32"  # the head, found by running it
-    assert run.output_dtypes == ("float32",) and run.output_producers == (model.out.name,)
+    assert run.layer(dense.name).ops[0].dtype == "bfloat16"
+    assert run.layer(head.name).ops[0].dtype == "float32"  # the head, found by running it
+    assert run.output_dtypes == ("float32",) and run.output_producers == (head.name,)
     out = model(X)
     assert out.dtype == "float32"
     np.testing.assert_allclose(np.asarray(out), before, atol=2e-2)

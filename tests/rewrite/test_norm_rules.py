@@ -2,21 +2,12 @@
 it came, nested models, float32-by-construction consumers, a 16-bit policy given on purpose."""
 import keras
 import numpy as np
-import pytest
 
 import tfmp
+from helpers import HalfRMSNorm
 from rewrite import corpus
 
 L = keras.layers
-
-
-class HalfRMSNorm(L.Layer):
-    def build(self, s):
-        self.scale = self.add_weight(shape=(s[-1],), initializer="ones", name="scale")
-
-    def call(self, x):
-        return x * keras.ops.rsqrt(keras.ops.mean(keras.ops.square(x), axis=-1, keepdims=True)
-                                   + 1e-6) * self.scale
 
 
 def _compute(model):
