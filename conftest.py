@@ -33,9 +33,6 @@ from sybil.parsers.markdown import CodeBlockParser, PythonCodeBlockParser, SkipP
 ROOT = os.path.dirname(os.path.abspath(__file__))
 _FILE = re.compile(r"\A# file: (\S+)\n")
 _EXIT = re.compile(r"\s+#\s*exits (\d+)\s*\Z")
-# `python script.py args` in the zygote, which runs `-m` and `-c`: the script as __main__
-_RUN_SCRIPT = ("import runpy, sys; sys.argv = sys.argv[1:]; sys.path[0] = ''; "
-               "runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
 class _PythonOrFile(PythonCodeBlockParser):
@@ -85,14 +82,11 @@ def _run_console(example):
         match = _EXIT.search(command)
         if match:
             expected, command = int(match.group(1)), command[:match.start()]
-        argv = shlex.split(command)
+        argv = shlex.split(command, comments=True)
         if argv[0] == "python":
             from helpers import zygote  # tests/helpers.py: TensorFlow imported once per worker
 
-            args = argv[1:]
-            if args[0] not in ("-m", "-c"):
-                args = ["-c", _RUN_SCRIPT, *args]
-            proc = zygote().run(args, env=env, cwd=cwd, timeout=300)
+            proc = zygote().run(argv[1:], env=env, cwd=cwd, timeout=300)
         else:
             proc = subprocess.run(command, shell=True, cwd=cwd, env=env, text=True,
                                   capture_output=True, timeout=300)

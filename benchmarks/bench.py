@@ -211,7 +211,7 @@ def worker(conn: Any, spec: Spec) -> None:
     except Exception as e:  # reported by the parent as one line
         from tfmp.app.cli import first_line  # (importable: the parent imported it)
 
-        conn.send(("error", f"{type(e).__name__}: {first_line(e)}"))
+        conn.send(("error", f"{first_line(e, typed=True)}"))
         return
     while conn.recv() == "run":
         conn.send(block(steps))

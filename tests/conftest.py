@@ -50,46 +50,47 @@ def _float32_policy_and_clean_env(monkeypatch):
     # here and what survives is frozen (never scanned again), so this collection and Python's
     # own ones scan only the objects made since the last test (a few ms). And the tf.data
     # iterators a test leaves in reference cycles die at its end: left to Python's collector,
-    # one died minutes later in another test, and its destructor (`~RootDataset::Iterator`,
-    # native stack in issue 17's note) waited 14-40 s, the CPU idle, for tf.data's
-    # autotuning thread, whose sleep between runs grows with the iterator's age (to 60 s).
+    # one died minutes later in another test, and its destructor (`~RootDataset::Iterator`)
+    # waited tens of seconds, the CPU idle, for tf.data's autotuning thread, whose sleep
+    # between runs grows with the iterator's age (to 60 s).
     keras.backend.clear_session(free_memory=False)
     gc.collect()
     gc.freeze()
 
 
-# The longest modules first, the rest in file order: each module runs on one of the two
-# workers (--dist loadscope), so a long one started last would leave the other worker idle at
-# the end. The figures: a module's test seconds added up, the mean of two full -n 2 runs on the
-# 2-core AVX-512 EPYC with other suites beside them (from run to run they vary by half).
+# The longest modules first (measured: their test seconds added up, `pytest --durations=0`;
+# measure again when a module grows), the rest in file order: each module runs on one of the
+# two workers (--dist loadscope), so a long one started last would leave the other worker
+# idle at the end. The guides' examples (conftest.py at the root) are modules too.
 LONGEST_FIRST = (
-    "rewrite/test_model_kinds.py",  # ~68
-    "tools/test_train.py",  # ~39: the binary's runs in one child, a kill and a resume
-    "scaling/test_accumulation.py",  # ~37
-    "distribute/test_multi_worker.py",  # ~33 (one run): two-worker clusters
-    "tools/test_train_user.py",  # ~32: the user's models and data, many runs
-    "measure/test_tuning.py",  # ~29: XLA compiles
-    "litert/test_conversion.py",  # ~29
-    "rewrite/test_overflows.py",  # ~24
-    "test_models.py",  # ~21
-    "compensation/test_compensating_optimizer.py",  # ~21
-    "measure/test_comparison.py",  # ~21
-    "tools/test_train_run_dir.py",  # ~20
-    "tools/test_export.py",  # ~20
-    "callbacks/test_events.py",  # ~20: NanMonitor's replays, fits of tiny models
-    "scaling/test_optimizer.py",  # ~18
-    "weights/test_half.py",  # ~18
-    "tools/test_user_results.py",  # ~17: a user run trained, exported, compared
-    "callbacks/test_monitors.py",  # ~17
-    "scaling/test_replicas.py",  # ~17
-    "callbacks/test_backup.py",  # ~17
-    "test_benchmarks.py",  # ~16
-    "measure/test_losses.py",  # ~16
-    "scaling/test_state_guard.py",  # ~15
-    "rewrite/test_preparation.py",  # ~14
-    "app/test_training.py",  # ~12
-    "tools/test_train_weights.py",  # ~11: two runs of the binary side by side, one killed
-    "app/test_flags.py",  # ~4: the README's binary as a process
+    "rewrite/test_model_kinds.py",
+    "tools/test_train.py",  # the binary's runs in one child, a kill and a resume
+    "scaling/test_accumulation.py",
+    "distribute/test_multi_worker.py",  # two-worker clusters
+    "tools/test_train_user.py",  # the user's models and data, many runs
+    "measure/test_tuning.py",  # XLA compiles
+    "litert/test_conversion.py",
+    "rewrite/test_overflows.py",
+    "test_models.py",
+    "compensation/test_compensating_optimizer.py",
+    "measure/test_comparison.py",
+    "docs/binaries.md",  # the binary's runs, a user model and data, my_train.py
+    "tools/test_train_run_dir.py",
+    "tools/test_export.py",
+    "callbacks/test_events.py",  # NanMonitor's replays, fits of tiny models
+    "scaling/test_optimizer.py",
+    "weights/test_half.py",
+    "tools/test_user_results.py",  # a user run trained, exported, compared
+    "callbacks/test_monitors.py",
+    "scaling/test_replicas.py",
+    "callbacks/test_backup.py",
+    "test_benchmarks.py",
+    "measure/test_losses.py",
+    "scaling/test_state_guard.py",
+    "test_preparation.py",
+    "app/test_training.py",
+    "tools/test_train_weights.py",  # two runs of the binary side by side, one killed
+    "app/test_flags.py",  # the guide's binary as a process
 )
 
 

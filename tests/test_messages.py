@@ -23,3 +23,8 @@ def test_several_lines_are_joined_into_one():
                                           "error message for object <Dense>: The shapes must match.")
     assert first_line(error) == first_line(error, lines=1)
     assert first_line(KeyError(), lines=3) == "KeyError"
+
+
+def test_typed_starts_with_the_class_name_once():
+    assert first_line(OSError("no such file\nat /x"), typed=True) == "OSError: no such file"
+    assert first_line(KeyError(), typed=True) == "KeyError"  # not "KeyError: KeyError"

@@ -19,7 +19,7 @@ def warn(message: str, stacklevel: int = 2) -> None:
     warnings.warn(message, TfmpWarning, stacklevel=stacklevel + 1)
 
 
-def first_line(e: BaseException, lines: int = 1) -> str:
+def first_line(e: BaseException, lines: int = 1, typed: bool = False) -> str:
     """The first line of an exception's message (its class name if the message is empty).
 
     Args:
@@ -27,6 +27,8 @@ def first_line(e: BaseException, lines: int = 1) -> str:
             message may run over many lines.
         lines: How many non-blank lines to keep, joined by a space (Keras' "could not be
             loaded" says why on the line after the first).
+        typed: Start with the exception's class name (`"KeyError: 'x'"`; `"KeyError"`
+            alone for an empty message).
 
     Returns:
         The message's first non-blank line (or `lines` of them), stripped: one line.
@@ -34,6 +36,10 @@ def first_line(e: BaseException, lines: int = 1) -> str:
     Example:
         >>> first_line(ValueError("bad shape\\n  at layer dense"))
         'bad shape'
+        >>> first_line(OSError("no such file"), typed=True)
+        'OSError: no such file'
     """
     text = [line.strip() for line in str(e).splitlines() if line.strip()][:lines]
-    return " ".join(text) if text else type(e).__name__
+    if not text:
+        return type(e).__name__
+    return f"{type(e).__name__}: {' '.join(text)}" if typed else " ".join(text)

@@ -104,7 +104,7 @@ def _optimizer_factory(config: TrainConfig,
             return plain_copy(own, **overrides)
         except Exception as e:  # noqa: BLE001 (a class of the user's own may raise anything)
             raise ConfigError(f"the model's optimizer {type(own).__name__} cannot be copied for "
-                              f"this run ({type(e).__name__}: {first_line(e)}): give "
+                              f"this run ({first_line(e, typed=True)}): give "
                               "--optimizer") from None
 
     copy()  # refused now, before anything is built
@@ -179,7 +179,7 @@ def check_fit(model: keras.Model, data: Data, batch_size: Optional[int] = None) 
             model.compute_metrics(x, y, prediction, weights[0] if weights else None)
         except Exception as e:  # noqa: BLE001
             raise DatasetError(f"{data.name}'s {which} labels do not fit the model's outputs, "
-                               f"loss or metrics: {type(e).__name__}: {first_line(e)}") from None
+                               f"loss or metrics: {first_line(e, typed=True)}") from None
         finally:
             model.reset_metrics()
         if not np.isfinite(float(loss)):

@@ -31,7 +31,13 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run is parameterized by (the binary's flags; see tools/train)."""
+    """Everything a training run is parameterized by: the binary's flags, checked (`check`).
+
+    Attributes:
+        One per `tools.train` flag, of the same name (`--dataset` is `dataset`, Model
+        Garden's aliases resolved), with the flag's default: docs/binaries.md lists them,
+        `tfmp.app.flag_table` defines them. `dataclasses.replace(config, ...)` changes one.
+    """
 
     model: str = "mlp"  # a reference name, package.module:function or a .keras file
     model_args: Optional[str] = None  # JSON or key=value,...

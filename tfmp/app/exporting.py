@@ -40,7 +40,7 @@ class ExportConfig:
         model_dir: A `tools/train --model_dir`: its `model.keras`, and its data, data_dir,
             seed and modules are the defaults here.
         import_modules: Modules to import before loading the model (its custom classes).
-        quantization: The modes, each once (`tfmp.litert.QUANTIZATIONS`).
+        quantization: The modes, each once (`tfmp.litert.conversion.QUANTIZATIONS`).
         output_dir: Where the files and `export.json` go (default `<model_dir>/export`,
             or `export`).
         overwrite: Move a previous export in `output_dir` aside instead of refusing.

@@ -50,7 +50,7 @@ from tfmp.precision import detect_hardware, resolve_policy, set_policy
 from tfmp.precision.policy import parse_precision
 from tfmp.preparation import AuditError, prepare
 
-__all__ = ["Job", "config_from_flags", "define_flags", "run", "train"]
+__all__ = ["Job", "TrainConfig", "config_from_flags", "define_flags", "run", "train"]
 
 
 def define_flags(flag_values: flags.FlagValues = flags.FLAGS, *, model_and_data: bool = False,

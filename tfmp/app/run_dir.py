@@ -43,7 +43,7 @@ def _read_json(path: str) -> dict[str, Any]:
         with open(path) as f:
             payload = json.load(f)
     except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise RunDirError(f"{path} is damaged ({type(e).__name__}: {first_line(e)})") from None
+        raise RunDirError(f"{path} is damaged ({first_line(e, typed=True)})") from None
     if not isinstance(payload, dict):
         raise RunDirError(f"{path} is damaged (a JSON {type(payload).__name__}, not an object)")
     return payload

@@ -48,7 +48,7 @@ def import_callable(spec: str, flag: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except Exception as e:  # noqa: BLE001 (a module may raise anything on import)
         raise SourceError(f"--{flag}={spec}: cannot import {module_name!r} "
-                          f"({type(e).__name__}: {first_line(e)})") from None
+                          f"({first_line(e, typed=True)})") from None
     fn = getattr(module, name, None)
     if not callable(fn):
         what = "is not callable" if hasattr(module, name) else "is not defined there"

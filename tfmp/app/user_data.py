@@ -146,7 +146,7 @@ def _call(fn: Callable[..., Any], what: str, batch_size: int,
     try:
         result = fn(**kwargs)
     except Exception as e:  # noqa: BLE001 (the user's code may raise anything)
-        raise DatasetError(f"{what} failed: {type(e).__name__}: {first_line(e)}") from None
+        raise DatasetError(f"{what} failed: {first_line(e, typed=True)}") from None
     train, evaluation = result if isinstance(result, tuple) and len(result) == 2 else (result, None)
     for which, ds in (("training", train), ("evaluation", evaluation)):
         if which == "evaluation" and ds is None:

@@ -107,14 +107,14 @@ def _problem(weights: str, metadata: str) -> tuple[Optional[str], dict[str, Any]
         if meta.get(ACCUMULATION) is not None:
             _count(ACCUMULATION, meta[ACCUMULATION], 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{name_m} is unreadable ({type(e).__name__}: {first_line(e)})", {}
+        return f"{name_m} is unreadable ({first_line(e, typed=True)})", {}
     if not os.path.isfile(weights):
         return f"{name_w} is missing", meta
     if SHA256 not in meta:  # written by Keras' own BackupAndRestore: can HDF5 open it?
         try:
             h5py.File(weights, "r").close()
         except OSError as e:
-            return (f"{name_w} is not a readable HDF5 file ({type(e).__name__}: {first_line(e)})",
+            return (f"{name_w} is not a readable HDF5 file ({first_line(e, typed=True)})",
                     meta)
         return None, meta
     size = os.path.getsize(weights)
@@ -313,7 +313,7 @@ class SafeBackupAndRestore(_compat.BackupWithOwnSave):
         except (OSError, ValueError) as e:
             _assign(before)
             raise BackupError(f"{where} does not fit this model "
-                              f"({type(e).__name__}: {first_line(e, lines=3)})") from None
+                              f"({first_line(e, lines=3, typed=True)})") from None
         if mismatch:  # raised after the load: a model of another architecture is named as such
             _assign(before)
             raise BackupError(f"{where} does not fit this model's optimizer: {mismatch}; "

@@ -2,8 +2,8 @@
 
 `compare_precision` trains one model under several policies from identical weights
 on identical batches, the policies taking turns step by step; `tune` picks the
-fastest policy whose numerics pass; both train with the loss `choose_loss` picks
-(given, compiled, or one matching the model's output); `quartiles` summarizes ratios
+fastest policy whose numerics pass; both train with the loss `losses.choose_loss` picks
+(given, compiled, or one matching the model's output); `stats.quartiles` summarizes ratios
 measured side by side; `plot_comparison` draws a comparison (matplotlib).
 """
 

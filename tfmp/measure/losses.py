@@ -106,7 +106,7 @@ def read_outputs(model: keras.Model, data: Any) -> tuple[Outputs, str]:
     try:
         run = run_model(model, data)
     except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)
-        error = f"{type(e).__name__}: {first_line(e)}"
+        error = f"{first_line(e, typed=True)}"
     else:
         return tuple((path, PROBABILITY_OPS.get(op)) for op, path in run.output_sources), ""
     return tuple((layer.name, _activation(layer)) for layer in output_layers(model)), error

@@ -2,7 +2,7 @@
 
 `set_policy` / `policy_scope` set Keras' global dtype policy from any accepted
 name; `auto` is decided from a `HardwareInfo` (`detect_hardware`) by the rule
-table `AUTO_RULES`; `trap_warnings` says when a policy works but is slow there.
+table `AUTO_RULES`; `policy.trap_warnings` says when a policy works but is slow there.
 The only global state is the one Keras keeps (`keras.config.dtype_policy()`).
 """
 

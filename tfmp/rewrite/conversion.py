@@ -95,7 +95,7 @@ def convert_policy(model: keras.Model, policy: str, *, data: Any = None,
     Args:
         model: A built Keras model of any kind.
         policy: `float32`, `mixed_float16` or `mixed_bfloat16` (any spelling
-            `tfmp.parse_precision` accepts; `auto` resolves from the hardware).
+            `tfmp.set_policy` accepts; `auto` resolves from the hardware).
         data: A batch to run a model converted in place on (`tfmp.rewrite.tracing.example_inputs`:
             an array, a structure, `(x, y)` or a dataset); needed for a subclassed model
             that takes integer ids or inputs other than those it was built from;

@@ -219,7 +219,7 @@ def convert_in_place(
             restore_policies(model, before)
             changes = set_policies(model, dtype_for) + [
                 f"{MODEL_PATH}: no layer made float32: the model fails with them "
-                f"({type(e).__name__}: {first_line(e)})"]
+                f"({first_line(e, typed=True)})"]
             run = _run(model, "once converted", data)
         if outputs and any(d in HALF_DTYPES for d in run.output_dtypes):
             cast_outputs_to_float32(model)
@@ -240,4 +240,4 @@ def _run(model: keras.Model, when: str, data: Any) -> ModelRun:
         raise
     except Exception as e:  # noqa: BLE001 (a model's own code raises anything when traced)
         raise ValueError(f"cannot run {model.name!r} ({type(model).__name__}) {when}: "
-                         f"{type(e).__name__}: {first_line(e)}") from None
+                         f"{first_line(e, typed=True)}") from None

@@ -292,7 +292,7 @@ def locate_overflows(
             arrays (`x` or `(x, y)`) cut into `batch_size` batches.
         steps: Batches to run (at least 1).
         policy: The 16-bit policy to check (`mixed_float16`, `mixed_bfloat16`, or any
-            spelling `tfmp.parse_precision` accepts).
+            spelling `tfmp.set_policy` accepts).
         margin: A layer computing more than `margin` x the 16-bit maximum (65504 for
             float16) is condemned too; in (0, 1].
         loss: A Keras loss (name or object) for the backward pass; default the model's
