@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import keras
 import pytest
@@ -242,6 +243,37 @@ def _parameters(fn):
     return [p for p in signature.parameters.values() if p.name not in ("self", "cls")]
 
 
+def _returns_a_value(fn):
+    """Whether `fn`'s own body (not a nested function's) returns something other than None."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError):
+        return False
+    nodes = list(ast.iter_child_nodes(tree.body[0]))
+    while nodes:
+        node = nodes.pop()
+        if isinstance(node, ast.Return) and node.value is not None and not (
+                isinstance(node.value, ast.Constant) and node.value.value is None):
+            return True
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            nodes.extend(ast.iter_child_nodes(node))
+    return False
+
+
+def test_a_value_returned_without_an_annotation_is_seen():
+    def returns(x):
+        if x:
+            return None
+        return x + 1
+
+    def returns_nothing(x):
+        def inner():
+            return 1
+        return None
+
+    assert _returns_a_value(returns) and not _returns_a_value(returns_nothing)
+
+
 def test_every_public_function_says_its_args_returns_and_raises():
     missing = []
     for path, obj in _public_callables():
@@ -255,7 +287,7 @@ def test_every_public_function_says_its_args_returns_and_raises():
         if _parameters(obj) and "Args:" not in doc:
             missing.append(f"{path}: no Args:")
         returns = inspect.signature(obj).return_annotation
-        if returns not in (None, "None", inspect.Signature.empty) and not any(
+        if (returns not in (None, "None", inspect.Signature.empty) or _returns_a_value(obj)) and not any(
                 k in doc for k in ("Returns:", "Yields:")):
             missing.append(f"{path}: no Returns:")
         if "raise " in inspect.getsource(obj) and "Raises:" not in doc:
