@@ -7,9 +7,10 @@ one pytest worker (TensorFlow is already imported there):
   NAME in that directory instead (a program a later command runs);
 - a ```console block runs its `$ ` commands (a line ending in `\\` goes on) in that
   directory, with this checkout on PYTHONPATH: `python ...` in a process forked from the
-  worker's zygote (tests/helpers.py), anything else through the shell. A command must exit 0,
-  or with the code its trailing comment names (`$ python -m tools.train --dtype=x  # exits 2`),
-  in which case it must say one error line and no traceback. Output shown under a command is not compared;
+  worker's zygote (tests/helpers.py), anything else (or with pipes, redirections, variables)
+  through the shell. A command must exit 0, or with the code its trailing comment names
+  (`$ python -m tools.train --data=x.npz  # exits 2`), in which case it must say one error
+  line and no traceback. Output shown under a command is not compared;
 - ```bash blocks are shown, not run (set-up commands, commands for hardware or clusters this
   machine does not have, and runs too long for the suite, each saying which test runs it); their
   `python -m tools.<name>` commands are checked against that binary's flags, so a renamed or
@@ -83,7 +84,7 @@ def _run_console(example):
         if match:
             expected, command = int(match.group(1)), command[:match.start()]
         argv = shlex.split(command, comments=True)
-        if argv[0] == "python":
+        if argv[0] == "python" and not re.search(r"[|&;<>$`~*]", command):
             from helpers import zygote  # tests/helpers.py: TensorFlow imported once per worker
 
             proc = zygote().run(argv[1:], env=env, cwd=cwd, timeout=300)
@@ -106,10 +107,10 @@ def _tool_flags(module):
         from helpers import zygote
 
         code = ("import importlib, sys; from absl import flags; importlib.import_module(sys.argv[1]);"
-                " print(' '.join(flags.FLAGS))")
+                " print(' '.join(n + '?' * f.boolean for n, f in flags.FLAGS._flags().items()))")
         proc = zygote().run(["-c", code, module], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
         assert proc.returncode == 0, proc.stderr[-2000:]
-        _TOOL_FLAGS[module] = set(proc.stdout.split())
+        _TOOL_FLAGS[module] = {n.rstrip("?"): n.endswith("?") for n in proc.stdout.split()}
     return _TOOL_FLAGS[module]
 
 
@@ -130,19 +131,23 @@ def _check_flags(example):
         workers = next((a.split("=", 1)[1] for a in args if a.startswith("--module=")), "tools.train")
         for binary, flags in ((module, args), (workers, rest)):
             names = [a[2:].split("=")[0] for a in flags if a.startswith("--")]
-            unknown = [n for n in names if n not in _tool_flags(binary)
-                       and n.removeprefix("no") not in _tool_flags(binary)]
+            defined = _tool_flags(binary)  # name: whether it is boolean (--noname)
+            unknown = [n for n in names if n not in defined
+                       and not defined.get(n.removeprefix("no"), False)]
             assert not unknown, f"{command}: {binary} has no flag {unknown}"
 
 
 def _setup(namespace):
     namespace["__docdir__"] = tempfile.mkdtemp(prefix="tfmp-docs-")
     namespace["__cwd__"] = os.getcwd()
+    namespace["__precision__"] = os.environ.pop("TFMP_PRECISION", None)  # "auto" as documented
     os.chdir(namespace["__docdir__"])
 
 
 def _teardown(namespace):
     os.chdir(namespace["__cwd__"])
+    if namespace["__precision__"] is not None:
+        os.environ["TFMP_PRECISION"] = namespace["__precision__"]
     shutil.rmtree(namespace["__docdir__"], ignore_errors=True)
     if "keras" in sys.modules:
         import keras

@@ -16,6 +16,7 @@ import json
 import os
 import resource
 import sys
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # the checkout's tools/ and tfmp, from wherever this is started
@@ -28,6 +29,7 @@ def _run_case(tool, name, case, verbosity):
     from tfmp.app import cli
 
     argv, env = case["argv"], case.get("env", {})
+    before = {key: os.environ.get(key) for key in env}
     os.environ.update(env)
     flags.FLAGS.unparse_flags()  # every case starts from the defaults
     if verbosity is not None:
@@ -41,19 +43,28 @@ def _run_case(tool, name, case, verbosity):
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)
     if "file_size_limit" in case:  # a full disk; Python ignores SIGXFSZ: writes fail (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (case["file_size_limit"], limit[1]))
+    # Each case sees its warnings as a process of its own would: not hidden because an
+    # earlier case already showed them (the "default" action shows one once per place).
+    warnings.onceregistry.clear()
     try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), mock:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), mock, \
+                warnings.catch_warnings():  # new filters: every module's registry starts empty
             absl_logging.get_absl_handler().python_handler.stream = err  # bound once, at import
             try:
                 cli.run(tool.main)
                 code = 0
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else 1
+            except SystemExit as e:  # as the interpreter maps sys.exit's argument
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=err)
             finally:
                 resource.setrlimit(resource.RLIMIT_FSIZE, limit)
     finally:
-        for key in env:
-            del os.environ[key]
+        for key, value in before.items():  # the environment as it was before the case
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return [code, err.getvalue(), out.getvalue()]
 
 

@@ -18,7 +18,9 @@ import os
 import runpy
 import select
 import sys
+import threading
 import traceback
+import types
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[0] = ROOT  # tfmp from the checkout, as `python -c` started in it would have it
@@ -51,7 +53,8 @@ def _run(argv, cwd, extra):
     elif argv[0] == "-c":  # -c CODE ARGS...
         sys.argv = ["-c", *argv[2:]]
         sys.path[0:1] = ["", *extra]
-        exec(compile(argv[1], "<string>", "exec"), {"__name__": "__main__"})
+        main = sys.modules["__main__"] = types.ModuleType("__main__")  # not this server
+        exec(compile(argv[1], "<string>", "exec"), main.__dict__)
     else:  # SCRIPT ARGS...
         sys.argv = list(argv)
         sys.path[0:1] = [os.path.dirname(os.path.abspath(argv[0])), *extra]
@@ -67,6 +70,10 @@ def child(request):
         os.environ.update(request["env"])
         import tempfile
         tempfile.tempdir = None  # from TMPDIR as a fresh interpreter would, not the zygote's
+        import random
+        import numpy as np
+        random.seed()  # a fresh interpreter's seeds, not the ones every child would share
+        np.random.seed()
         _redirect_stdio(request)
         extra = [p for p in request["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
         try:
@@ -79,6 +86,7 @@ def child(request):
                 print(e.code, file=sys.stderr)
         except BaseException:
             traceback.print_exc()
+        threading._shutdown()  # non-daemon threads joined, as at an interpreter's exit
         atexit._run_exitfuncs()
     finally:
         try:

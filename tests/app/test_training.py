@@ -42,6 +42,9 @@ def test_tfds_mock_data_end_to_end(tmp_path):
     assert not (tmp_path / training.BACKUP).exists()  # finished: the backup is gone
     text = training.human_summary(summary)
     assert "mixed_bfloat16" in text and "samples/s" in text and "eval_accuracy" in text
+    assert "(epochs after the first)" in text  # the second epoch alone, without tracing
+    one = training.human_summary({**summary, "epochs_completed": [0]})
+    assert "(one epoch, tracing included)" in one
 
 
 def test_remat_recomputes_the_layers_calls(monkeypatch):

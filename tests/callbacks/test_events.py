@@ -8,7 +8,6 @@ import tensorflow as tf
 from keras import ops
 
 import tfmp
-from helpers import Subclassed
 from rewrite.overflow_models import Energy, chain, functional, task
 from tfmp.callbacks import NanMonitor
 from tfmp.callbacks import culprit as culprit_module
@@ -181,11 +180,24 @@ def test_an_op_outside_its_domain_is_not_blamed_on_precision(precision):
     assert "float32_layers" not in event.fix and "bfloat16" not in event.fix
 
 
+class TwoBranches(keras.Model):
+    """A subclassed model (converted in place by prepare, and by the float32 replay) with a
+    16-bit layer beside the one that overflows: the replay must blame the right one."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.d1 = keras.layers.Dense(8, name="d1")
+        self.odd = LogOneMinus(name="log_one_minus")
+        self.head = keras.layers.Dense(2, name="head")
+
+    def call(self, x):
+        return self.head(ops.concatenate([self.d1(x), self.odd(x)], axis=-1))
+
+
 def test_a_subclassed_model_goes_on_training_after_its_events_are_replayed():
     keras.utils.set_random_seed(0)
-    # converted in place by prepare, and by the float32 replay
-    odd = LogOneMinus(name="log_one_minus")
-    model = Subclassed(odd, keras.layers.Dense(2, name="head"))
+    model = TwoBranches()
+    odd = model.odd
     model(task(4)[0])
     model, opt = tfmp.prepare(model, "adam", "bf16", guard=True, hardware=BF16_CPU)
     model.compile(opt, keras.losses.SparseCategoricalCrossentropy(from_logits=True))

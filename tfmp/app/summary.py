@@ -44,7 +44,8 @@ def human_summary(summary: dict[str, Any]) -> str:
            f"{_share(summary.get('lost_updates'))})"] if summary.get("weights_dtype") else []),
         *[f"kept in float32: {path} ({why})"
           for path, why in summary.get("float32_layers", {}).items()],
-        f"throughput {summary['samples_per_sec']} samples/s (epochs after the first)",
+        f"throughput {summary['samples_per_sec']} samples/s ("
+        f"{'epochs after the first' if len(summary['epochs_completed']) > 1 else 'one epoch, tracing included'})",
         f"metrics: {shown}",
         f"loss scale start={scale['loss_scale_start']:g} end={scale['loss_scale_end']:g} "
         f"min={scale['loss_scale_min']:g}; overflow steps skipped="
