@@ -29,12 +29,12 @@ from tfmp._compat.optimizers import (applies_own_weight_decay, apply_decided, bu
                                      overwrites_with_gradient, reading_dtype,
                                      learning_rate_schedule, uses_weight_decay,
                                      variable_index, ViewedUpdates)
-from tfmp._compat.tensorflow import (current_graph, export_input_signature, first_batch, in_multi_worker_mode,
-                                     interpreter_ops,
+from tfmp._compat.tensorflow import (current_graph, export_input_signature, first_batch,
+                                     in_multi_worker_mode, interpreter_ops,
                                      keras_reduces_scalar_logs_along_axis_0,
                                      supports_no_merge_call, symbolic_build, wrap_symbolic_build)
-from tfmp._compat.trainers import (BACKUP_SAVE_HOOK, BackupFiles, BackupWithOwnSave, attach_metric, backup_files,
-                                   compile_arguments, forget_compilation,
+from tfmp._compat.trainers import (BACKUP_SAVE_HOOK, BackupFiles, BackupWithOwnSave, attach_metric,
+                                   backup_files, compile_arguments, forget_compilation,
                                    backup_progress, forget_traced_functions,
                                    forget_train_function, model_metrics,
                                    restore_traced_functions, resume_after_epoch,

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from tfmp._compat.base import KerasInternalsChanged, relying_on
 
+
 def current_graph() -> Any:
     """The graph being built (in a `tf.function` trace: that trace's), whose ops so far
     `get_operations()` lists: TensorFlow's v1 `get_default_graph`, which TF2 has no other

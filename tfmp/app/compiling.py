@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmp._compat.trainers import compile_arguments
+from tfmp._compat import compile_arguments
 from tfmp._messages import first_line
 from tfmp.app.config import DEFAULT_LEARNING_RATE, ConfigError, TrainConfig, optimizer_class
 from tfmp.app.data import Data, DatasetError

@@ -15,7 +15,7 @@ import tensorflow as tf
 from absl import logging
 
 from tfmp import callbacks as tfmp_callbacks
-from tfmp._compat.trainers import forget_compilation
+from tfmp._compat import forget_compilation
 from tfmp.app.compiling import Compilation, build_on, check_fit, compilation, describe
 from tfmp.app.config import (ConfigError, TrainConfig, check_cluster_config, check_config,
                              weights_fit)

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from tfmp._compat.trainers import compile_arguments
+from tfmp._compat import compile_arguments
 from tfmp._messages import first_line
 from tfmp.app.compiling import check_fit, first_batch_through
 from tfmp.app.data import Data, DatasetError, batched, check_fits, input_kind, load
