@@ -44,8 +44,12 @@ def _run_case(tool, name, case, verbosity):
     if "file_size_limit" in case:  # a full disk; Python ignores SIGXFSZ: writes fail (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (case["file_size_limit"], limit[1]))
     # Each case sees its warnings as a process of its own would: not hidden because an
-    # earlier case already showed them (the "default" action shows one once per place).
+    # earlier case already showed them (the "default" action shows one once per place, and
+    # tfmp says a policy's trap once per process).
+    from tfmp.precision import policy
+
     warnings.onceregistry.clear()
+    policy._warn_once.cache_clear()
     try:
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out), mock, \
                 warnings.catch_warnings():  # new filters: every module's registry starts empty

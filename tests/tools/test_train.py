@@ -137,6 +137,7 @@ def test_float32_layers_by_name_are_kept_and_recorded(fit_runs):
 
 BAD_INPUT = [
     (["--precision=fp8"], "flag --precision=fp8: value should be one of", 1),
+    (["--dtype=fp16", "--float32_layers=nonexistent"], "no layer of 'mlp' is named 'nonexistent'", 2),
     (["--batch_size=0"], "flag --batch_size=0: 0 is not a positive integer", 1),
     (["--loss_scale=-3"], "--loss_scale='-3' is not accepted; use 'dynamic' or a positive", 2),
     (["--dtype=fp16", "--precision=bf16"], "--precision=bf16 and --dtype=fp16 disagree", 2),
@@ -222,6 +223,13 @@ def test_bad_input_is_one_line(bad_input_runs, case):
     assert fragment in stderr
     assert "Traceback" not in stderr
     assert len([l for l in stderr.splitlines() if "error:" in l]) == 1
+
+
+def test_each_case_of_the_shared_child_warns_as_a_process_of_its_own(bad_input_runs):
+    # The float16 fit ran earlier in the same child and was told the trap; this case, refused
+    # after its policy is set, is told again (tfmp says it once per process).
+    _, stderr = bad_input_runs[1]
+    assert "mixed_float16 on a CPU-only host is a trap" in stderr
 
 
 def test_bad_tfmp_precision_in_the_environment_is_one_line(bad_input_runs):
