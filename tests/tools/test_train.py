@@ -53,8 +53,9 @@ def _auto():
 
 STRATEGY_CASES = [  # MirroredStrategy first: the CPU is split before TensorFlow initializes
     (["--distribution_strategy=mirrored", "--num_cpu_devices=2"], "MirroredStrategy", 2, None),
-    (["--strategy=default", "--precision=BF16"], "_DefaultDistributionStrategy", 1,
-     "mixed_bfloat16"),  # any case; bf16 on every CPU (the model is tiny)
+    (["--strategy=default", "--precision=BF16", "--float32_layers=dense_0"],
+     "_DefaultDistributionStrategy", 1, "mixed_bfloat16"),  # any case; bf16 on every CPU (the
+    # model is tiny); a layer kept in float32 by name (test_float32_layers_by_name_...)
     (["--strategy=one_device"], "OneDeviceStrategy", 1, None),
 ]
 
@@ -69,7 +70,7 @@ def _check_strategy_run(model_dir, strategy, replicas, policy=None):
 
 @pytest.fixture(scope="module")
 def fit_runs(child_runs):
-    """The three strategies, float16 with accumulation, a NaN stop (see `child_runs`)."""
+    """The four strategies, float16 with accumulation, a NaN stop (see `child_runs`)."""
     return child_runs["fit"]
 
 
@@ -85,12 +86,12 @@ def test_strategies(fit_runs):
     assert [s["flags"][k] for k in ("initial_scale", "growth_interval", "min_scale")] == [None] * 3
 
 
-def test_single_worker_multi_worker_strategy(tmp_path):
-    proc = train("--strategy=multi_worker_mirrored", "--epochs=2", "--steps_per_epoch=20",
-                 f"--model_dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    _check_strategy_run(tmp_path, "CollectiveAllReduceStrategy", 1)  # the MWMS class
-    assert summary(tmp_path)["cluster"] is None  # no TF_CONFIG: this host alone
+def test_single_worker_multi_worker_strategy(fit_runs):
+    tmp, runs = fit_runs
+    code, stderr = runs["mwms"]  # after the other strategies' runs in the shared child
+    assert code == 0, stderr[-2000:]
+    _check_strategy_run(tmp / "mwms", "CollectiveAllReduceStrategy", 1)  # the MWMS class
+    assert summary(tmp / "mwms")["cluster"] is None  # no TF_CONFIG: this host alone
 
 
 def test_fp16_accumulation_remat_and_model_garden_flags(fit_runs):
@@ -126,11 +127,11 @@ def test_fp16_accumulation_remat_and_model_garden_flags(fit_runs):
 
 def test_float32_layers_by_name_are_kept_and_recorded(fit_runs):
     tmp, runs = fit_runs
-    code, stderr = runs["kept"]
+    code, stderr = runs["strategies"][1]  # --precision=BF16 --float32_layers=dense_0
     assert code == 0, stderr[-2000:]
-    s = summary(tmp / "kept")
+    s = summary(tmp / "1")
     assert s["float32_layers"] == {"dense_0": "given in float32_layers"}
-    model = keras.models.load_model(os.path.join(tmp / "kept", "model.keras"))
+    model = keras.models.load_model(os.path.join(tmp / "1", "model.keras"))
     policies = {layer.name: layer.dtype_policy.name for layer in model.layers}
     assert policies["dense_0"] == "float32" and policies["dense_1"] == "mixed_bfloat16"
 
@@ -184,14 +185,14 @@ def bad_input_runs(child_runs):
 def child_runs(tmp_path_factory):
     """Every run of this module that needs no process of its own, through the binary's entry
     point in one child process (TensorFlow imported once): training runs (no flag at all,
-    three strategies, float16 with accumulation, a NaN stop) and the bad-input cases. Those with
+    four strategies, float16 with accumulation, a NaN stop) and the bad-input cases. Those with
     MirroredStrategy first: the CPU is split before anything initializes TensorFlow."""
     tmp = tmp_path_factory.mktemp("runs")
     (tmp / "file").write_text("not a directory")
     fits = [[*args, "--epochs=2", "--steps_per_epoch=20", f"--model_dir={tmp / str(i)}"]
             for i, (args, _, _, _) in enumerate(STRATEGY_CASES)]
-    fits.append(["--dtype=bf16", "--float32_layers=dense_0", "--epochs=1", "--steps_per_epoch=5",
-                 f"--model_dir={tmp / 'kept'}"])
+    fits.append(["--strategy=multi_worker_mirrored", "--epochs=2", "--steps_per_epoch=20",
+                 f"--model_dir={tmp / 'mwms'}"])  # single-worker: MWMS without TF_CONFIG
     fits.append(["--dtype=fp16", "--grad_accum_steps=2", "--remat", "--initial_scale=256",
                  "--growth_interval=5", "--epochs=2", "--steps_per_epoch=20",
                  "--float32_layers=auto", f"--model_dir={tmp / 'fp16'}"])
@@ -209,7 +210,7 @@ def child_runs(tmp_path_factory):
     n_fit, n_bad = len(fits), len(BAD_INPUT)
     fit = [results["fit", i] for i in range(n_fit)]
     return {"default": results["default", 0],
-            "fit": (tmp, {"strategies": fit[:len(STRATEGY_CASES)], "kept": fit[-3],
+            "fit": (tmp, {"strategies": fit[:len(STRATEGY_CASES)], "mwms": fit[-3],
                           "fp16": fit[-2], "nan": fit[-1]}),
             "bad": {**{i: results["bad", i] for i in range(n_bad)},
                     "env": results["bad", n_bad], "tfds": results["bad", n_bad + 1]}}
