@@ -68,8 +68,8 @@ LONGEST_FIRST = (
     "scaling/test_accumulation.py",
     "distribute/test_multi_worker.py",  # two-worker clusters
     "tools/test_train_user.py",  # the user's models and data, many runs
-    "measure/test_tuning.py",  # XLA compiles
     "litert/test_conversion.py",
+    "measure/test_tuning.py",  # XLA compiles
     "rewrite/test_overflows.py",
     "test_models.py",
     "compensation/test_compensating_optimizer.py",

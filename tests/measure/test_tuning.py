@@ -63,10 +63,14 @@ def test_choose_picks_the_policy_and_xla_together(timings, chosen):
 def test_where_the_hardware_has_bfloat16_bfloat16_weights_are_a_candidate():
     d = data.synthetic("vector", 32, train_examples=128, eval_examples=32)
     build = functools.partial(models.get("mlp")[0], hidden=(16,), **d.model_kwargs())
-    result = tfmp.tune(build, d.train, steps=3, hardware=CPU_BF16, tolerance=0.5, xla=False)
+    # min_speedup reaches the decision: no candidate is a million times faster.
+    result = tfmp.tune(build, d.train, steps=3, hardware=CPU_BF16, tolerance=0.5, xla=False,
+                       min_speedup=1e6)
     assert list(result.speedups) == ["mixed_bfloat16", tfmp.measure.tuning.BF16_WEIGHTS]
     assert [(r.policy, r.weights_dtype) for r in result.comparison.runs] == [
         ("float32", None), ("mixed_bfloat16", None), ("mixed_bfloat16", "bfloat16")]
+    assert not any(r.jit_compile for r in result.comparison.runs) and not result.jit_compile
+    assert result.policy == "float32" and "reached 1e+06x" in result.reason
     chosen = choose(_timed(mixed_bfloat16=(1.2, True), bf16w=(1.4, True)), {})
     assert (chosen.policy, chosen.weights_dtype) == ("mixed_bfloat16", "bfloat16")
     assert chosen.to_dict()["weights_dtype"] == "bfloat16"
@@ -79,10 +83,8 @@ def test_choose_respects_min_speedup_and_names_skipped_candidates():
     assert result.policy == "float32" and "a trap here" in result.reason
 
 
-def test_tune_measures_on_the_model_and_skips_traps():
-    d = data.synthetic("vector", 32, train_examples=256, eval_examples=32)
-    build = functools.partial(models.get("mlp")[0], hidden=(16,), **d.model_kwargs())
-    result = tfmp.tune(build, d.train, steps=6, hardware=CPU, tolerance=0.5)
+def _measured_on_the_model_skipping_traps(result):
+    """tfmp.tune's choice on a CPU (by default, with XLA): every arm measured but float16's."""
     assert list(result.skipped) == ["mixed_float16"]  # emulated on a CPU: not run
     assert "trap" in result.skipped["mixed_float16"]
     labels = ["float32+xla", "mixed_bfloat16", "mixed_bfloat16+xla"]
@@ -93,13 +95,14 @@ def test_tune_measures_on_the_model_and_skips_traps():
     assert [(r.policy, r.jit_compile) for r in runs] == [
         ("float32", False), ("float32", True), ("mixed_bfloat16", False), ("mixed_bfloat16", True)]
     json.dumps(result.to_dict())
-    # min_speedup reaches the decision: no candidate is a million times faster.
-    plain = tfmp.tune(build, d.train, steps=4, hardware=CPU, tolerance=0.5, xla=False,
-                      min_speedup=1e6)
-    assert list(plain.speedups) == ["mixed_bfloat16"] and not plain.jit_compile
-    assert plain.policy == "float32" and "reached 1e+06x" in plain.reason
-    only = tfmp.tune(build, d.train, steps=4, hardware=CPU, tolerance=0.5, xla="only")
-    assert list(only.speedups) == ["float32+xla", "mixed_bfloat16+xla"]
+
+
+def test_tune_refuses_auto_and_a_bad_xla():
+    # What tune measures (every arm, float16 skipped as a trap): on the run of
+    # test_train_with_precision_tune_..., _measured_on_the_model_skipping_traps; xla=False
+    # and min_speedup: test_where_the_hardware_has_bfloat16_...; xla="only": --jit_compile's.
+    d = data.synthetic("vector", 32, train_examples=128, eval_examples=32)
+    build = functools.partial(models.get("mlp")[0], hidden=(16,), **d.model_kwargs())
     with pytest.raises(ValueError, match="candidates"):
         tfmp.tune(build, d.train, candidates=("auto",), hardware=CPU)
     with pytest.raises(ValueError, match="xla='yes' must be True, False or 'only'"):
@@ -165,11 +168,20 @@ def test_a_tuned_xla_choice_is_dropped_where_the_strategy_cannot_run_it():
 def test_train_with_precision_tune_records_and_keeps_the_choice(tmp_path, monkeypatch):
     # bfloat16 emulated: no bf16w arms (test_where_the_hardware_has_bfloat16_... measures them)
     monkeypatch.setattr(training, "detect_hardware", lambda strategy=None: CPU)
+    tuned, tune = [], training.tune  # what tfmp.tune gave the binary, each run's
+
+    def recorded(*args, **kwargs):
+        tuned.append(tune(*args, **kwargs))
+        return tuned[-1]
+
+    monkeypatch.setattr(training, "tune", recorded)
     d = data.synthetic("vector", 32, train_examples=256, eval_examples=32)
     build = functools.partial(models.get("mlp")[0], hidden=(16,))
     config = training.TrainConfig(precision="tune", tune_steps=5, epochs=1, steps_per_epoch=2,
                                   batch_size=32, model_dir=str(tmp_path))
     summary = training.train(config, build, d, tf.distribute.get_strategy())
+    assert len(tuned) == 1 and summary["tune"] == tuned[0].to_dict()
+    _measured_on_the_model_skipping_traps(tuned[0])
     assert summary["policy_source"] == "tune"
     assert summary["policy"] == summary["tune"]["policy"]
     assert summary["jit_compile"] == summary["tune"]["jit_compile"] == _compiled_with_xla(tmp_path)
@@ -187,10 +199,15 @@ def test_train_with_precision_tune_records_and_keeps_the_choice(tmp_path, monkey
     assert again["policy"] == saved["policy"] and "kept from" in again["policy_reason"]
     assert again["weights_dtype"] == "bfloat16"
     assert again["jit_compile"] == saved["jit_compile"] == _compiled_with_xla(tmp_path)
-    # --jit_compile compiles with XLA whatever tune picks: tune measures XLA arms only.
+    assert len(tuned) == 1  # nothing measured again
+    # --jit_compile compiles with XLA whatever tune picks: tune measures XLA arms only
+    # (tune(xla="only"): float32+xla and each candidate that is no trap here, with XLA).
     forced = dataclasses.replace(config, jit_compile=True, model_dir=str(tmp_path / "xla"))
     summary = training.train(forced, build, d, tf.distribute.get_strategy())
-    assert all(label.endswith("+xla") for label in summary["tune"]["speedups"]), summary["tune"]
+    assert list(summary["tune"]["speedups"]) == ["float32+xla", "mixed_bfloat16+xla"], (
+        summary["tune"])
+    assert [(r.policy, r.jit_compile) for r in tuned[1].comparison.runs] == [
+        ("float32", False), ("float32", True), ("mixed_bfloat16", True)]
     assert summary["jit_compile"] and _compiled_with_xla(tmp_path / "xla")
     keras.config.set_dtype_policy("float32")
 

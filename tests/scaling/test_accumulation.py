@@ -70,10 +70,11 @@ def _fit(strategy, feature, accumulation, eager=False):
         opt = tfmp.wrap_optimizer(cls(gradient_accumulation_steps=accumulation, **kwargs),
                                   "float32", guard=True)
         model.compile(opt, "mse", run_eagerly=eager)
-    # Two passes over the data as one epoch (shuffle=False: the same batches as epochs=2);
-    # under MirroredStrategy every epoch builds its per-replica iterators again (~0.2 s).
-    model.fit(np.tile(x, (2, 1)), np.tile(y, (2, 1)), epochs=1, batch_size=16, shuffle=False,
-              verbose=0)
+    # Two passes over the data as one epoch (the same batches as epochs=2): under
+    # MirroredStrategy every epoch builds its per-replica iterators again (~0.1 s each), and
+    # an epoch of a dataset of known length builds them once more at its end, for the next.
+    batches = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()  # length unknown
+    model.fit(batches, epochs=1, steps_per_epoch=2 * len(x) // 16, shuffle=False, verbose=0)
     return model, opt
 
 
